@@ -1,0 +1,356 @@
+"""`kvd bench datapath`: kvd's store/load against the limits, measured in one run.
+
+Every figure comes from this run on this machine:
+- ``memcpy_gbps``: copying the same blocks between two pre-faulted buffers (the DRAM limit);
+- ``disk_write_gbps``/``disk_read_gbps``: raw O_DIRECT writes (then fdatasync) and reads of
+  the same blocks in the NVMe directory (the NVMe limit; the best of 1 and 4 threads);
+- ``redis_gbps``: pipelined SET then GET of the same blocks on a loopback redis-server, when
+  one is on PATH (null otherwise);
+- ``kvd.*``: a real `kvd serve` process and the Python client over its unix socket and
+  shared-memory arena: DRAM store/load, store until durable on NVMe, load of NVMe-only blocks;
+- ``lookup_10k_ms_p50``: median latency of a Lookup of a 10,000-hash held prefix.
+
+GB/s are 10^9 bytes per second. Targets are reported with the ratio measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvd.client import Client
+
+GB = 1e9
+
+
+def _filled(nbytes: int, seed: int = 0) -> mmap.mmap:
+    """A page-aligned, pre-faulted buffer of random bytes."""
+    buf = mmap.mmap(-1, nbytes)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    arr[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    return buf
+
+
+def _timed(fn, repeat: int = 3) -> float:
+    """Best-of-``repeat`` seconds of fn()."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_memcpy(src: mmap.mmap, block: int) -> float:
+    dst = mmap.mmap(-1, len(src))
+    dst.write(b"\0" * len(src))  # fault the pages in first: the limit copies, it does not fault
+    s, d = memoryview(src), memoryview(dst)
+
+    def copy():
+        for off in range(0, len(src), block):
+            d[off : off + block] = s[off : off + block]
+
+    seconds = _timed(copy)
+    s.release()
+    d.release()
+    dst.close()
+    return len(src) / seconds / GB
+
+
+def _direct_io(path: Path, src: mmap.mmap, block: int, threads: int) -> tuple[float, float]:
+    total = len(src)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, total)
+        view = memoryview(src)
+        offsets = list(range(0, total, block))
+        chunks = [offsets[i::threads] for i in range(threads)]
+
+        def run(op):
+            def worker(mine):
+                for off in mine:
+                    op(off)
+
+            ts = [threading.Thread(target=worker, args=(c,)) for c in chunks]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+
+        def write_all():
+            run(lambda off: os.pwrite(fd, view[off : off + block], off))
+            os.fdatasync(fd)
+
+        out = mmap.mmap(-1, total)
+        oview = memoryview(out)
+
+        def read_all():
+            run(lambda off: os.preadv(fd, [oview[off : off + block]], off))
+
+        w = total / _timed(write_all) / GB
+        r = total / _timed(read_all) / GB
+        if oview[:block] != view[:block]:
+            raise RuntimeError("raw direct I/O read back different bytes")
+        oview.release()
+        view.release()
+        out.close()
+        return w, r
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
+def bench_disk(directory: Path, src: mmap.mmap, block: int) -> dict:
+    results = {t: _direct_io(directory / f"raw-{t}.dat", src, block, t) for t in (1, 4)}
+    return {
+        "disk_write_gbps": max(w for w, _ in results.values()),
+        "disk_read_gbps": max(r for _, r in results.values()),
+        "disk_by_threads": {str(t): {"write_gbps": w, "read_gbps": r} for t, (w, r) in results.items()},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_redis(src: mmap.mmap, block: int) -> dict | None:
+    server = shutil.which("redis-server")
+    if server is None:
+        return None
+    import redis
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        r = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # polling while redis-server starts
+        view = memoryview(src)
+        offsets = list(range(0, len(src), block))
+        batch = 64
+
+        def set_all():
+            for i in range(0, len(offsets), batch):
+                pipe = r.pipeline(transaction=False)
+                for off in offsets[i : i + batch]:
+                    pipe.set(f"b{off}", view[off : off + block])
+                pipe.execute()
+
+        def get_all():
+            for i in range(0, len(offsets), batch):
+                pipe = r.pipeline(transaction=False)
+                for off in offsets[i : i + batch]:
+                    pipe.get(f"b{off}")
+                pipe.execute()
+
+        t_set = _timed(set_all, 1)
+        t_get = _timed(get_all, 1)
+        if r.get(f"b{offsets[0]}") != bytes(view[:block]):
+            raise RuntimeError("redis returned different bytes")
+        view.release()
+        total = len(src)
+        return {
+            "redis_set_gbps": total / t_set / GB,
+            "redis_get_gbps": total / t_get / GB,
+            "redis_gbps": 2 * total / (t_set + t_get) / GB,
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class _Daemon:
+    def __init__(self, root: Path, dram: int, nvme: int, nvme_dir: Path) -> None:
+        self.socket = root / "kvd.sock"
+        args = [
+            sys.executable, "-m", "kvd.cli.kvd_main", "serve",
+            "--socket", str(self.socket),
+            "--dram-bytes", str(dram),
+            "--nvme-dir", str(nvme_dir),
+            "--nvme-bytes", str(nvme),
+            "--log-level", "WARNING",
+        ]
+        self.log = open(root / "kvd.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.address = f"unix://{self.socket}"
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kvd serve did not start; see {root / 'kvd.log'}")
+            time.sleep(0.05)  # polling while the daemon starts
+        Client(self.address).wait_ready(30)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def bench_kvd(directory: Path, src: mmap.mmap, block: int, lookups: int) -> dict:
+    total = len(src)
+    nblocks = total // block
+    root = Path(tempfile.mkdtemp(prefix="kvd-bench-"))
+    nvme_dir = directory / "kvd-nvme"
+    shutil.rmtree(nvme_dir, ignore_errors=True)
+    daemon = _Daemon(root, dram=total + (64 << 20), nvme=2 * total + (64 << 20), nvme_dir=nvme_dir)
+    try:
+        client = Client(daemon.address, shared_memory=True)
+        client.register_namespace("bench", 16, block)
+        view = memoryview(src)
+        blocks = [view[i * block : (i + 1) * block] for i in range(nblocks)]
+        first = list(range(1, nblocks + 1))
+        second = list(range(nblocks + 1, 2 * nblocks + 1))
+        out = mmap.mmap(-1, total)
+        out.write(b"\0" * total)
+        oview = memoryview(out)
+        outs = [oview[i * block : (i + 1) * block] for i in range(nblocks)]
+
+        t0 = time.perf_counter()
+        stored = client.store("bench", first, blocks)
+        t_dram_store = time.perf_counter() - t0
+        if stored != nblocks:
+            raise RuntimeError(f"stored {stored} of {nblocks} blocks")
+        t0 = time.perf_counter()
+        t_sync = client.sync(600)
+        t_until_durable = t_dram_store + (time.perf_counter() - t0)
+        if t_sync:
+            raise RuntimeError(f"{t_sync} blocks still not durable")
+
+        t0 = time.perf_counter()
+        found = client.load_into("bench", first, outs)
+        t_dram_load = time.perf_counter() - t0
+        if not all(found) or oview[-block:] != view[-block:] or oview[:block] != view[:block]:
+            raise RuntimeError("DRAM load returned missing or different bytes")
+        t0 = time.perf_counter()
+        loaded = client.load("bench", first)
+        t_dram_load_bytes = time.perf_counter() - t0
+        if loaded[7] != bytes(blocks[7]):
+            raise RuntimeError("DRAM load() returned different bytes")
+        del loaded
+
+        # Push the first set out of DRAM: it stays on NVMe only.
+        client.store("bench", second, blocks)
+        client.sync(600)
+        tiers = client.lookup("bench", first)
+        if tiers != ["nvme"] * nblocks:
+            raise RuntimeError(f"expected the first set NVMe-only, lookup says {set(tiers)}")
+        oview[:] = b"\0" * total
+        t0 = time.perf_counter()
+        found = client.load_into("bench", first, outs)
+        t_nvme_load = time.perf_counter() - t0
+        if not all(found) or oview[:block] != view[:block] or oview[-block:] != view[-block:]:
+            raise RuntimeError("NVMe load returned missing or different bytes")
+
+        # Lookup of a 10,000-block held prefix, from this (separate) process.
+        client.register_namespace("lookup", 16, 4096)
+        page = bytes(4096)
+        hashes = list(range(10**6, 10**6 + 10_000))
+        client.store("lookup", hashes, [page] * len(hashes))
+        if len(client.lookup("lookup", hashes)) != len(hashes):
+            raise RuntimeError("lookup did not see the whole prefix")
+        times = []
+        for _ in range(lookups):
+            t0 = time.perf_counter()
+            client.lookup("lookup", hashes)
+            times.append(time.perf_counter() - t0)
+        problems = client.check()
+        client.close()
+        for v in outs + blocks:
+            v.release()
+        oview.release()
+        view.release()
+        out.close()
+        return {
+            "kvd": {
+                "dram_store_gbps": total / t_dram_store / GB,
+                "dram_load_gbps": total / t_dram_load / GB,
+                "dram_load_bytes_gbps": total / t_dram_load_bytes / GB,
+                "nvme_store_gbps": total / t_until_durable / GB,
+                "nvme_load_gbps": total / t_nvme_load / GB,
+                "check_problems": problems,
+            },
+            "lookup_10k_ms_p50": statistics.median(times) * 1000,
+            "lookup_10k_ms_p90": sorted(times)[int(0.9 * len(times))] * 1000,
+        }
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(nvme_dir, ignore_errors=True)
+
+
+def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int) -> dict:
+    if block_bytes % 4096 or total_bytes < block_bytes:
+        raise ValueError("--block-bytes must be a multiple of 4096 and at most --total-bytes")
+    total = total_bytes - total_bytes % block_bytes
+    directory.mkdir(parents=True, exist_ok=True)
+    src = _filled(total)
+    result: dict = {
+        "block_bytes": block_bytes,
+        "total_bytes": total,
+        "memcpy_gbps": bench_memcpy(src, block_bytes),
+    }
+    result.update(bench_disk(directory, src, block_bytes))
+    redis_result = bench_redis(src, block_bytes)
+    result["redis_gbps"] = redis_result["redis_gbps"] if redis_result else None
+    result["redis"] = redis_result
+    result.update(bench_kvd(directory, src, block_bytes, lookups))
+    k = result["kvd"]
+    result["ratios"] = {
+        "dram_store_vs_memcpy": k["dram_store_gbps"] / result["memcpy_gbps"],
+        "dram_load_vs_memcpy": k["dram_load_gbps"] / result["memcpy_gbps"],
+        "nvme_store_vs_disk_write": k["nvme_store_gbps"] / result["disk_write_gbps"],
+        "nvme_load_vs_disk_read": k["nvme_load_gbps"] / result["disk_read_gbps"],
+        "dram_vs_redis": (
+            min(k["dram_store_gbps"], k["dram_load_gbps"]) / result["redis_gbps"] if result["redis_gbps"] else None
+        ),
+    }
+    r = result["ratios"]
+    result["targets_met"] = {
+        "dram_store_ge_0.7x_memcpy": r["dram_store_vs_memcpy"] >= 0.7,
+        "dram_load_ge_0.7x_memcpy": r["dram_load_vs_memcpy"] >= 0.7,
+        "nvme_store_ge_0.7x_disk": r["nvme_store_vs_disk_write"] >= 0.7,
+        "nvme_load_ge_0.7x_disk": r["nvme_load_vs_disk_read"] >= 0.7,
+        "dram_ge_10x_redis": None if r["dram_vs_redis"] is None else r["dram_vs_redis"] >= 10,
+        "lookup_le_2ms": result["lookup_10k_ms_p50"] <= 2.0,
+    }
+    return result
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        result = run(args.dir, args.total_bytes, args.block_bytes, args.lookups)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"kvd bench datapath: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0

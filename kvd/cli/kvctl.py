@@ -1,0 +1,119 @@
+"""`kvctl`: operate a kvd daemon — status, blocks, check.
+
+``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock). Errors print
+one line on stderr and exit non-zero (1: the daemon refused or is unreachable; 2: usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from kvd.cli.sizes import format_size
+from kvd.client import Client, ClientError, default_address
+
+
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The same options before or after the subcommand (a subcommand's copy must not reset them)."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--addr", default=default(None), help="unix:///path or host:port (default: $KVD_ADDR, then ./var/kvd.sock)"
+    )
+    parser.add_argument("-o", "--output", choices=["table", "json"], default=default("table"))
+    parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for the daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvctl", description="Operate a kvd daemon.")
+    _add_common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_common(sub.add_parser("status", help="tiers, namespaces, leases"), suppress=True)
+    blocks = sub.add_parser("blocks", help="list held blocks")
+    _add_common(blocks, suppress=True)
+    blocks.add_argument("--namespace", "-n", default=None)
+    blocks.add_argument("--limit", type=int, default=None, help="at most this many blocks")
+    _add_common(sub.add_parser("check", help="validate the daemon's invariants (exit 1 if any fails)"), suppress=True)
+    return parser
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def cmd_status(client: Client, output: str) -> int:
+    st = client.status()
+    if output == "json":
+        data = asdict(st)
+        data["tiers"] = {t["name"]: t for t in data["tiers"]}
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"kvd {st.version}  up {st.uptime_s:.0f}s  policy {st.policy}  leases {st.leases}  "
+          f"write-behind queue {st.write_behind_queue}  recovered {st.recovered_blocks} (dropped {st.dropped_on_recovery})")
+    rows = [
+        [t.name, format_size(t.capacity_bytes), format_size(t.used_bytes),
+         f"{100 * t.used_bytes / t.capacity_bytes:.1f}%" if t.capacity_bytes else "-", t.blocks, t.location]
+        for t in st.tiers
+    ]
+    print(_table(rows, ["TIER", "CAPACITY", "USED", "USE", "BLOCKS", "LOCATION"]))
+    if st.namespaces:
+        print()
+        rows = [[n.name, n.block_tokens, format_size(n.block_bytes), n.blocks] for n in st.namespaces]
+        print(_table(rows, ["NAMESPACE", "BLOCK_TOKENS", "BLOCK_BYTES", "BLOCKS"]))
+    return 0
+
+
+def cmd_blocks(client: Client, output: str, namespace: str | None, limit: int | None) -> int:
+    blocks = []
+    for b in client.list_blocks(namespace):
+        if limit is not None and len(blocks) >= limit:
+            break
+        blocks.append(b)
+    if output == "json":
+        print(json.dumps([asdict(b) for b in blocks], indent=2))
+        return 0
+    rows = [[b.namespace, f"{b.hash:016x}", "-" if b.parent is None else f"{b.parent:016x}", b.nbytes, ",".join(b.tiers)]
+            for b in blocks]
+    print(_table(rows, ["NAMESPACE", "HASH", "PARENT", "BYTES", "TIERS"]))
+    return 0
+
+
+def cmd_check(client: Client, output: str) -> int:
+    problems = client.check()
+    if output == "json":
+        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
+    elif problems:
+        print("\n".join(problems))
+    else:
+        print("ok")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    address = args.addr or default_address()
+    try:
+        with Client(address, shared_memory=False, timeout=args.timeout) as client:
+            client.wait_ready(args.timeout)
+            if args.command == "status":
+                return cmd_status(client, args.output)
+            if args.command == "blocks":
+                return cmd_blocks(client, args.output, args.namespace, args.limit)
+            return cmd_check(client, args.output)
+    except ClientError as exc:
+        print(f"kvctl: {exc.code.name.lower()}: {exc.details}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"kvctl: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

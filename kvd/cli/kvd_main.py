@@ -1,0 +1,97 @@
+"""The `kvd` command: `kvd serve` runs the daemon; `kvd bench datapath` measures it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kvd.cli.sizes import parse_size
+from kvd.server.config import ServeConfig
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvd", description="Session-aware KV-cache manager daemon.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = ServeConfig()
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--socket", type=Path, default=d.socket, help=f"unix socket (default {d.socket})")
+    serve.add_argument("--dram-bytes", type=_size, default=d.dram_bytes, metavar="SIZE", help="DRAM arena (default 1GiB)")
+    serve.add_argument("--nvme-dir", type=Path, default=d.nvme_dir, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
+    serve.add_argument("--nvme-bytes", type=_size, default=d.nvme_bytes, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
+    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
+    serve.add_argument("--shm-dir", type=Path, default=d.shm_dir, metavar="DIR", help=f"where the arena file lives (default {d.shm_dir})")
+    serve.add_argument("--policy", default=d.policy, help=f"retention policy (default {d.policy})")
+    serve.add_argument("--lease-seconds", type=float, default=d.lease_seconds, help="default lease of a prepare (default 30)")
+    serve.add_argument("--slab-bytes", type=_size, default=d.slab_bytes, metavar="SIZE", help="size of one NVMe slab file (default 1GiB)")
+    serve.add_argument("--io-threads", type=int, default=d.io_threads, help="worker threads for disk I/O (default 8)")
+    serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
+    serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    dp = bench_sub.add_parser("datapath", help="kvd store/load vs memcpy, raw direct I/O and Redis")
+    dp.add_argument("--json", action="store_true", help="print one JSON object")
+    dp.add_argument("--total-bytes", type=_size, default=1 << 30, metavar="SIZE", help="bytes moved per measurement (default 1GiB)")
+    dp.add_argument("--block-bytes", type=_size, default=256 << 10, metavar="SIZE", help="block size (default 256KiB)")
+    dp.add_argument("--dir", type=Path, default=Path("var/bench"), help="scratch directory on the NVMe filesystem")
+    dp.add_argument("--lookups", type=int, default=200, help="lookups of a 10,000-hash prefix to time")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "bench" and args.bench == "datapath":
+        from kvd.bench.datapath import run_cli
+
+        return run_cli(args)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(
+        socket=args.socket,
+        dram_bytes=args.dram_bytes,
+        nvme_dir=args.nvme_dir,
+        nvme_bytes=args.nvme_bytes,
+        tcp=args.tcp,
+        shm_dir=args.shm_dir,
+        policy=args.policy,
+        lease_seconds=args.lease_seconds,
+        slab_bytes=args.slab_bytes,
+        io_threads=args.io_threads,
+        write_behind=not args.no_write_behind,
+        verify_on_start=not args.no_verify_on_start,
+    )
+    try:
+        config.validate()
+        from kvd.policies import make_policy
+
+        make_policy(config.policy)
+    except ValueError as exc:
+        print(f"kvd serve: {exc}", file=sys.stderr)
+        return 2
+    from kvd.server.daemon import serve
+
+    try:
+        serve(config)
+    except OSError as exc:
+        print(f"kvd serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

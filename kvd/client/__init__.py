@@ -1,0 +1,5 @@
+"""The Python client of a kvd daemon: ``kvd.client.Client(address)``."""
+
+from kvd.client.client import BlockInfo, Client, ClientError, NamespaceInfo, Status, TierInfo, default_address
+
+__all__ = ["BlockInfo", "Client", "ClientError", "NamespaceInfo", "Status", "TierInfo", "default_address"]

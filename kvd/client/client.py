@@ -1,0 +1,371 @@
+"""kvd.client.Client: the Python client of a kvd daemon.
+
+Local clients map the daemon's shared-memory arena and copy block bytes straight into and
+out of its slots; only slot offsets and leases travel over gRPC. When the arena cannot be
+mapped (another host, another container without the shm mount, permissions) the client
+sends the bytes inline over gRPC streams instead. ``Client.shared_memory`` says which.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from kvd.tiers.dram import ArenaMapping, open_arena
+from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2
+
+DEFAULT_SOCKET = "var/kvd.sock"
+MAX_MESSAGE_BYTES = 256 << 20
+TIER_NAME = {types_pb2.TIER_HBM: "hbm", types_pb2.TIER_DRAM: "dram", types_pb2.TIER_NVME: "nvme"}
+_CHAIN = object()  # parents omitted: each block's parent is the previous hash in the list
+
+
+class ClientError(Exception):
+    """A daemon call failed: ``code`` is the gRPC status code, ``details`` its message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class TierInfo:
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+    location: str
+    direct_io: bool
+
+
+@dataclass(frozen=True)
+class NamespaceInfo:
+    name: str
+    block_tokens: int
+    block_bytes: int
+    blocks: int
+
+
+@dataclass(frozen=True)
+class Status:
+    version: str
+    uptime_s: float
+    policy: str
+    tiers: list[TierInfo]
+    namespaces: list[NamespaceInfo]
+    leases: int
+    write_behind_queue: int
+    recovered_blocks: int
+    dropped_on_recovery: int
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    namespace: str
+    hash: int
+    parent: int | None
+    nbytes: int
+    tiers: list[str]
+
+
+def default_address() -> str:
+    """``KVD_ADDR`` if set, else the default socket of `make serve` (./var/kvd.sock)."""
+    return os.environ.get("KVD_ADDR") or f"unix://{os.path.abspath(DEFAULT_SOCKET)}"
+
+
+def grpc_target(address: str) -> str:
+    """``unix:///abs/path``, ``unix:rel/path``, a bare path, or ``host:port`` -> a gRPC target."""
+    if address.startswith("unix:"):
+        return address
+    if address.startswith(("/", "./", "../")):
+        return f"unix://{os.path.abspath(address)}"
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is neither unix:///path nor host:port")
+    return address
+
+
+def _u64(values: Sequence[int], what: str) -> list[int]:
+    out = list(values)
+    for v in out:
+        if not isinstance(v, int) or not 0 <= v < 1 << 64:
+            raise ValueError(f"{what} must be 64-bit unsigned integers, got {v!r}")
+    return out
+
+
+class Client:
+    """A connection to one kvd daemon. Thread-safe for concurrent calls; close() when done."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        shared_memory: bool | None = None,
+        timeout: float = 60.0,
+        batch_bytes: int = 64 << 20,
+    ) -> None:
+        """``shared_memory``: None tries the arena and falls back to inline; True requires it."""
+        self.address = address or default_address()
+        self.timeout = timeout
+        self.batch_bytes = batch_bytes
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channel = grpc.insecure_channel(grpc_target(self.address), options=options)
+        self._engine = engine_pb2_grpc.EngineStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._want_shm = shared_memory
+        self._arena: ArenaMapping | None = None
+        self._shm_checked = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the daemon answers; ClientError(UNAVAILABLE) after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ClientError(grpc.StatusCode.UNAVAILABLE, f"no kvd daemon answers at {self.address}") from None
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether block bytes go through the mapped arena (True) or inline over gRPC."""
+        self._ensure_arena()
+        return self._arena is not None
+
+    # -- engine API -----------------------------------------------------------------------
+    def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
+        """Register a namespace's geometry; True when it is new."""
+        req = engine_pb2.RegisterNamespaceRequest(namespace=name, block_tokens=block_tokens, block_bytes=block_bytes)
+        return self._call(self._engine.RegisterNamespace, req).created
+
+    def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
+        """Tier names (``"dram"``/``"nvme"``) of the longest held prefix; [] if the first is missing."""
+        req = engine_pb2.LookupRequest(namespace=namespace, hashes=hashes)
+        return [TIER_NAME[t] for t in self._call(self._engine.Lookup, req).tiers]
+
+    def store(
+        self,
+        namespace: str,
+        hashes: Sequence[int],
+        blocks: Sequence[bytes | bytearray | memoryview],
+        parents: Sequence[int | None] | None = None,
+        session_id: str | None = None,
+    ) -> int:
+        """Store blocks; returns how many were written (the rest were already held).
+
+        ``parents``: each block's parent hash (None for a chain's first block); omitted, each
+        block's parent is the previous hash in the list.
+        """
+        hashes = _u64(hashes, "hashes")
+        if len(blocks) != len(hashes):
+            raise ValueError(f"{len(hashes)} hashes but {len(blocks)} blocks")
+        if parents is None:
+            parents = [None, *hashes[:-1]]
+        elif len(parents) != len(hashes):
+            raise ValueError(f"{len(hashes)} hashes but {len(parents)} parents")
+        specs = []
+        for h, p, b in zip(hashes, parents, blocks):
+            spec = types_pb2.BlockSpec(hash=h, nbytes=memoryview(b).nbytes)
+            if p is not None:
+                spec.parent = _u64([p], "parents")[0]
+            specs.append(spec)
+        written = 0
+        for lo, hi in self._batches([s.nbytes for s in specs]):
+            if self._ensure_arena():
+                written += self._store_shm(namespace, specs[lo:hi], blocks[lo:hi], session_id)
+            else:
+                written += self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id)
+        return written
+
+    def load(self, namespace: str, hashes: Sequence[int]) -> list[bytes | None]:
+        """Each block's bytes, or None where the daemon does not hold it (or it failed its checksum)."""
+        hashes = _u64(hashes, "hashes")
+        out: list[bytes | None] = []
+        for lo, hi in self._batches(None, len(hashes)):
+            if self._ensure_arena():
+                out += self._load_shm(namespace, hashes[lo:hi], None)
+            else:
+                out += self._load_inline(namespace, hashes[lo:hi])
+        return out
+
+    def load_into(self, namespace: str, hashes: Sequence[int], outs: Sequence[memoryview | bytearray]) -> list[bool]:
+        """Copy each block into the matching writable buffer; True where it was found."""
+        hashes = _u64(hashes, "hashes")
+        if len(outs) != len(hashes):
+            raise ValueError(f"{len(hashes)} hashes but {len(outs)} buffers")
+        found: list[bool] = []
+        for lo, hi in self._batches([memoryview(o).nbytes for o in outs]):
+            if self._ensure_arena():
+                found += self._load_shm(namespace, hashes[lo:hi], outs[lo:hi])
+            else:
+                for data, buf in zip(self._load_inline(namespace, hashes[lo:hi]), outs[lo:hi]):
+                    if data is not None:
+                        memoryview(buf)[: len(data)] = data
+                    found.append(data is not None)
+        return found
+
+    # -- admin API ------------------------------------------------------------------------
+    def status(self) -> Status:
+        r = self._call(self._admin.Status, admin_pb2.StatusRequest())
+        return Status(
+            version=r.version,
+            uptime_s=r.uptime_s,
+            policy=r.policy,
+            tiers=[
+                TierInfo(TIER_NAME[t.tier], t.capacity_bytes, t.used_bytes, t.blocks, t.location, t.direct_io)
+                for t in r.tiers
+            ],
+            namespaces=[NamespaceInfo(n.namespace, n.block_tokens, n.block_bytes, n.blocks) for n in r.namespaces],
+            leases=r.leases,
+            write_behind_queue=r.write_behind_queue,
+            recovered_blocks=r.recovered_blocks,
+            dropped_on_recovery=r.dropped_on_recovery,
+        )
+
+    def list_blocks(self, namespace: str | None = None, page_size: int = 1000) -> Iterator[BlockInfo]:
+        token = ""
+        while True:
+            req = admin_pb2.ListBlocksRequest(namespace=namespace or "", page_size=page_size, page_token=token)
+            r = self._call(self._admin.ListBlocks, req)
+            for b in r.blocks:
+                parent = b.parent if b.HasField("parent") else None
+                yield BlockInfo(b.namespace, b.hash, parent, b.nbytes, [TIER_NAME[t] for t in b.tiers])
+            token = r.next_page_token
+            if not token:
+                return
+
+    def check(self) -> list[str]:
+        """The daemon's invariant violations; empty when healthy."""
+        return list(self._call(self._admin.Check, admin_pb2.CheckRequest()).problems)
+
+    def sync(self, timeout_s: float = 60.0) -> int:
+        """Wait until every committed block has a durable NVMe copy; returns blocks still pending."""
+        req = admin_pb2.SyncRequest(timeout_s=timeout_s)
+        return self._call(self._admin.Sync, req, timeout=timeout_s + self.timeout).pending
+
+    # -- internals ------------------------------------------------------------------------
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code(), exc.details() or "") from None
+
+    def _batches(self, sizes: list[int] | None, count: int = 0) -> Iterator[tuple[int, int]]:
+        """Index ranges whose bytes stay under batch_bytes (at least one block each)."""
+        n = len(sizes) if sizes is not None else count
+        if sizes is None:
+            step = 4096
+            for lo in range(0, n, step):
+                yield lo, min(n, lo + step)
+            return
+        lo, acc = 0, 0
+        for i, size in enumerate(sizes):
+            if i > lo and acc + size > self.batch_bytes:
+                yield lo, i
+                lo, acc = i, 0
+            acc += size
+        if lo < n:
+            yield lo, n
+
+    def _ensure_arena(self, arena_id: bytes | None = None) -> bool:
+        """Map the daemon's arena if we can (and it is the one ``arena_id`` names)."""
+        if self._arena is not None and (arena_id is None or self._arena.arena_id == arena_id):
+            return True
+        if self._shm_checked and self._arena is None and arena_id is None:
+            return False
+        self._shm_checked = True
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+        if self._want_shm is False:
+            return False
+        info = self._call(self._engine.GetArena, engine_pb2.GetArenaRequest())
+        try:
+            self._arena = open_arena(info.path, expected_arena_id=info.arena_id)
+        except (OSError, ValueError) as exc:
+            if self._want_shm:
+                raise ClientError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot map the arena: {exc}") from None
+            return False
+        return arena_id is None or self._arena.arena_id == arena_id
+
+    def _store_shm(self, namespace, specs, blocks, session_id) -> int:
+        req = engine_pb2.PrepareStoreRequest(namespace=namespace, blocks=specs, session_id=session_id or "")
+        grant = self._call(self._engine.PrepareStore, req)
+        try:
+            if not self._ensure_arena(grant.arena_id):
+                raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
+            arena = self._arena
+            for slot, block in zip(grant.slots, blocks):
+                if slot.write:
+                    view = memoryview(block).cast("B")
+                    arena.view(slot.slot.offset, view.nbytes)[:] = view
+        except BaseException:
+            self._call(self._engine.CommitStore, engine_pb2.CommitStoreRequest(lease_id=grant.lease_id, abort=True))
+            raise
+        return self._call(self._engine.CommitStore, engine_pb2.CommitStoreRequest(lease_id=grant.lease_id)).committed
+
+    def _load_shm(self, namespace, hashes, outs) -> list:
+        req = engine_pb2.PrepareLoadRequest(namespace=namespace, hashes=hashes)
+        grant = self._call(self._engine.PrepareLoad, req)
+        try:
+            if not self._ensure_arena(grant.arena_id):
+                raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
+            arena = self._arena
+            result: list = []
+            for i, slot in enumerate(grant.slots):
+                if not slot.found:
+                    result.append(None if outs is None else False)
+                    continue
+                src = arena.view(slot.slot.offset, slot.nbytes)
+                if outs is None:
+                    result.append(bytes(src))
+                else:
+                    memoryview(outs[i]).cast("B")[: slot.nbytes] = src
+                    result.append(True)
+        finally:
+            self._call(self._engine.CompleteLoad, engine_pb2.CompleteLoadRequest(lease_id=grant.lease_id))
+        return result
+
+    def _store_inline(self, namespace, specs, blocks, session_id) -> int:
+        chunk = 1 << 20
+
+        def requests():
+            header = engine_pb2.StoreInlineHeader(namespace=namespace, blocks=specs, session_id=session_id or "")
+            yield engine_pb2.StoreInlineRequest(header=header)
+            for index, block in enumerate(blocks):
+                data = memoryview(block).cast("B")
+                for offset in range(0, data.nbytes, chunk):
+                    part = engine_pb2.BlockChunk(index=index, offset=offset, data=bytes(data[offset : offset + chunk]))
+                    yield engine_pb2.StoreInlineRequest(chunk=part)
+
+        return self._call(self._engine.StoreInline, requests()).stored
+
+    def _load_inline(self, namespace, hashes) -> list[bytes | None]:
+        req = engine_pb2.LoadInlineRequest(namespace=namespace, hashes=hashes)
+        parts: list[list[bytes] | None] = [None] * len(hashes)
+        try:
+            for msg in self._engine.LoadInline(req, timeout=self.timeout):
+                if msg.found:
+                    if parts[msg.index] is None:
+                        parts[msg.index] = []
+                    parts[msg.index].append(msg.data)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code(), exc.details() or "") from None
+        return [b"".join(p) if p is not None else None for p in parts]

@@ -1,0 +1,67 @@
+"""The catalog: namespaces and their blocks, each block's parent and per-tier copies.
+
+A block is ``(namespace, hash)``. Caching is inclusive: a block may have a copy in several
+tiers. A copy is *ready* when its bytes are valid; only ready copies are visible to lookups.
+A copy with ``readers > 0`` is being read (a load lease pins it, or a transfer copies from
+it) and must not be freed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvd.tiers import TIER_NAMES, Slot
+
+
+@dataclass(slots=True, eq=False)
+class Copy:
+    """One tier's copy of a block: its slot, whether its bytes are valid, and who reads it."""
+
+    slot: Slot
+    ready: bool = False
+    readers: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class BlockRecord:
+    namespace: str
+    hash: int
+    parent: int | None
+    nbytes: int
+    copies: dict[str, Copy] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.namespace, self.hash)
+
+    def fastest_ready(self) -> str | None:
+        for tier in TIER_NAMES:
+            copy = self.copies.get(tier)
+            if copy is not None and copy.ready:
+                return tier
+        return None
+
+    def ready_tiers(self) -> list[str]:
+        return [t for t in TIER_NAMES if (c := self.copies.get(t)) is not None and c.ready]
+
+
+@dataclass(slots=True, eq=False)
+class Namespace:
+    """A namespace's geometry and blocks.
+
+    ``visible`` maps hash -> the fastest tier holding a ready copy; it holds exactly the
+    blocks a lookup can see, so a lookup is one dict probe per hash.
+    """
+
+    name: str
+    block_tokens: int
+    block_bytes: int
+    blocks: dict[int, BlockRecord] = field(default_factory=dict)
+    visible: dict[int, str] = field(default_factory=dict)
+
+    def refresh(self, record: BlockRecord) -> None:
+        tier = record.fastest_ready()
+        if tier is None:
+            self.visible.pop(record.hash, None)
+        else:
+            self.visible[record.hash] = tier

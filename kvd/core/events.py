@@ -1,0 +1,71 @@
+"""Events: every change of what the node holds, appended in order, drained by take_events().
+
+Events out, not callbacks: the daemon drains the list after each core call and feeds the
+NVMe manifest, metrics and (later) the Watch stream from it. ``seq`` increases by one per
+event over the life of a core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """A copy of a block became readable in ``tier``."""
+
+    seq: int
+    namespace: str
+    hash: int
+    parent: int | None
+    tier: str
+    nbytes: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """A tier's copy of a block is gone. ``reason``: evicted, demoted, corrupt, lost."""
+
+    seq: int
+    namespace: str
+    hash: int
+    tier: str
+    reason: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceRegistered:
+    seq: int
+    namespace: str
+    block_tokens: int
+    block_bytes: int
+    ts: float
+
+
+Event = BlockStored | BlockRemoved | NamespaceRegistered
+
+
+@dataclass
+class EventLog:
+    """An append-only list with a running sequence number."""
+
+    next_seq: int = 1
+    _pending: list[Event] = field(default_factory=list)
+
+    def stored(self, ns: str, h: int, parent: int | None, tier: str, nbytes: int, ts: float) -> None:
+        self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts))
+        self.next_seq += 1
+
+    def removed(self, ns: str, h: int, tier: str, reason: str, ts: float) -> None:
+        self._pending.append(BlockRemoved(self.next_seq, ns, h, tier, reason, ts))
+        self.next_seq += 1
+
+    def registered(self, ns: str, block_tokens: int, block_bytes: int, ts: float) -> None:
+        self._pending.append(NamespaceRegistered(self.next_seq, ns, block_tokens, block_bytes, ts))
+        self.next_seq += 1
+
+    def take(self) -> list[Event]:
+        events, self._pending = self._pending, []
+        return events

@@ -1,0 +1,658 @@
+"""KvCore: the daemon's state machine — catalog, leases, capacity, eviction plan, events.
+
+No I/O and no asyncio: every method is a synchronous state transition over in-memory state,
+with time from an injected clock. The daemon runs it over real tiers (bytes move in worker
+threads between calls); ``kvd replay`` runs the same object over capacity-only spaces.
+
+Capacity: each tier is an :class:`~kvd.tiers.ExtentAllocator`-like *space* (allocate/free,
+pure bookkeeping). When a space is full the policy names victims; a victim whose block has a
+ready copy one tier down (or that sits in the last tier) is dropped at once; otherwise it is
+*demoted*: the core plans a :class:`Transfer` to the tier below and the copy stays pinned
+until the mover reports the transfer done. A request that needs the room comes back
+:class:`Wait` and retries after the mover ran.
+
+Invariants (checked by :meth:`check`):
+- every copy's slot is allocated in its tier's space, no two copies share a slot, and the
+  bytes of all copies in a tier equal the space's ``used_bytes``;
+- a copy's ``readers`` equals the load leases pinning it plus the transfers reading it;
+- a namespace's ``visible`` map holds exactly its blocks with a ready copy, at the fastest;
+- the policy tracks exactly the ready copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvd.core.catalog import BlockRecord, Copy, Namespace
+from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
+from kvd.core.events import Event, EventLog
+from kvd.policies import Policy
+from kvd.tiers import TIER_NAMES, Slot
+
+MAX_UINT64 = (1 << 64) - 1
+
+
+class Space(Protocol):
+    """What the core needs of a tier: pure slot bookkeeping (ExtentAllocator has it)."""
+
+    capacity_bytes: int
+    used_bytes: int
+
+    def allocate(self, nbytes: int) -> Slot | None: ...
+    def free(self, slot: Slot) -> None: ...
+    def is_allocated(self, slot: Slot) -> bool: ...
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """Limits of the core. Seconds for leases; counts for list lengths."""
+
+    lease_seconds: float = 30.0
+    max_lease_seconds: float = 600.0
+    write_behind: bool = True  # copy every committed block down to NVMe in the background
+    max_lookup_hashes: int = 1 << 20
+    max_batch_blocks: int = 1 << 16
+    max_namespace_len: int = 256
+    max_block_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSpec:
+    hash: int
+    parent: int | None
+    nbytes: int
+
+
+@dataclass(slots=True, eq=False)
+class Transfer:
+    """A copy of one block from one tier's slot to another's, planned by the core.
+
+    ``kind``: ``demote`` (free the source when done), ``write_behind`` (keep both),
+    ``promote`` (NVMe -> DRAM for a load).
+    """
+
+    id: int
+    kind: str
+    record: BlockRecord
+    src_tier: str
+    src: Copy
+    dst_tier: str
+    dst: Copy
+
+    @property
+    def nbytes(self) -> int:
+        return self.record.nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Room is being made by planned demotions: run the mover, then retry the request."""
+
+    demotions: int
+
+
+@dataclass(slots=True)
+class StoreLease:
+    id: str
+    namespace: str
+    expires_at: float
+    # One entry per requested block: (record, new DRAM copy) to write, or None (held).
+    items: list[tuple[BlockRecord, Copy] | None]
+
+
+@dataclass(slots=True)
+class LoadLease:
+    id: str
+    namespace: str
+    expires_at: float
+    # One entry per requested hash: (record, pinned DRAM copy), or None (not held).
+    items: list[tuple[BlockRecord, Copy] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreGrant:
+    lease_id: str
+    expires_at: float
+    slots: list[Slot | None]  # None: already held, nothing to write
+
+
+@dataclass(frozen=True, slots=True)
+class LoadGrant:
+    lease_id: str
+    expires_at: float
+    promotions: list[Transfer]  # to run (NVMe -> DRAM) before load_slots() is read
+
+
+@dataclass
+class TierUsage:
+    tier: str
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+
+
+@dataclass
+class CoreStats:
+    tiers: list[TierUsage]
+    namespaces: list[tuple[Namespace, int]] = field(default_factory=list)
+    leases: int = 0
+    write_behind_pending: int = 0
+
+
+class KvCore:
+    """The node's KV catalog and its decisions. Single-threaded: call from one thread."""
+
+    def __init__(
+        self,
+        spaces: dict[str, Space],
+        policy: Policy,
+        clock: Callable[[], float],
+        config: CoreConfig | None = None,
+        lease_prefix: str = "",
+    ) -> None:
+        unknown = set(spaces) - set(TIER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown tiers {sorted(unknown)}")
+        if "dram" not in spaces:
+            raise ValueError("the core needs a dram space (stores land there)")
+        self.tiers = [t for t in TIER_NAMES if t in spaces]  # fastest first
+        self.spaces = spaces
+        self.policy = policy
+        self.clock = clock
+        self.config = config or CoreConfig()
+        self.events = EventLog()
+        self._namespaces: dict[str, Namespace] = {}
+        self._store_leases: dict[str, StoreLease] = {}
+        self._load_leases: dict[str, LoadLease] = {}
+        self._lease_ids = itertools.count(1)
+        self._lease_prefix = lease_prefix
+        self._transfer_ids = itertools.count(1)
+        self._demotions: deque[Transfer] = deque()
+        self._inflight: dict[int, Transfer] = {}
+        self._write_behind: deque[BlockRecord] = deque()
+
+    # -- namespaces -----------------------------------------------------------------------
+    def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
+        """Register ``name``; True when new. GeometryConflict when known with another geometry."""
+        if not name or len(name) > self.config.max_namespace_len:
+            raise InvalidArgument(f"namespace must be 1..{self.config.max_namespace_len} characters")
+        if block_tokens <= 0:
+            raise InvalidArgument("block_tokens must be positive")
+        if not 0 < block_bytes <= self.config.max_block_bytes:
+            raise InvalidArgument(f"block_bytes must be in 1..{self.config.max_block_bytes}")
+        existing = self._namespaces.get(name)
+        if existing is not None:
+            if (existing.block_tokens, existing.block_bytes) != (block_tokens, block_bytes):
+                raise GeometryConflict(
+                    f"namespace {name!r} is registered with {existing.block_tokens} tokens and "
+                    f"{existing.block_bytes} bytes per block, not {block_tokens} and {block_bytes}"
+                )
+            return False
+        self._namespaces[name] = Namespace(name, block_tokens, block_bytes)
+        self.events.registered(name, block_tokens, block_bytes, self.clock())
+        return True
+
+    def namespace(self, name: str) -> Namespace:
+        ns = self._namespaces.get(name)
+        if ns is None:
+            raise UnknownNamespace(f"namespace {name!r} is not registered")
+        return ns
+
+    def namespaces(self) -> list[Namespace]:
+        return [self._namespaces[n] for n in sorted(self._namespaces)]
+
+    # -- lookup ---------------------------------------------------------------------------
+    def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
+        """Fastest tier of each block of the longest held prefix of ``hashes``.
+
+        No side effects (an engine may ask again and again; a router may score).
+        """
+        if len(hashes) > self.config.max_lookup_hashes:
+            raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per lookup")
+        tiers = list(map(self.namespace(namespace).visible.get, hashes))
+        try:
+            return tiers[: tiers.index(None)]  # type: ignore[return-value]
+        except ValueError:
+            return tiers  # type: ignore[return-value]
+
+    # -- store ----------------------------------------------------------------------------
+    def prepare_store(
+        self, namespace: str, blocks: Sequence[BlockSpec], lease_seconds: float = 0
+    ) -> StoreGrant | Wait:
+        """Phase 1: DRAM slots for the blocks not yet held, under a lease (all or nothing).
+
+        Raises InvalidArgument (sizes, duplicates), UnknownNamespace, NoSpace.
+        """
+        ns = self.namespace(namespace)
+        self._validate_blocks(ns, blocks)
+        now = self.clock()
+        items: list[tuple[BlockRecord, Copy] | None] = []
+        for spec in blocks:
+            record = ns.blocks.get(spec.hash)
+            if record is not None and record.copies:
+                items.append(None)  # held, or being written under another lease
+                continue
+            room = self._make_room("dram", spec.nbytes)
+            if not isinstance(room, Slot):
+                self._undo_store_items(ns, items)
+                if isinstance(room, Wait):
+                    return room
+                raise NoSpace(
+                    f"no room for {len(blocks)} blocks of {spec.nbytes} bytes: every tier is full "
+                    "of blocks protected by leases"
+                )
+            record = BlockRecord(namespace, spec.hash, spec.parent, spec.nbytes)
+            copy = Copy(room)
+            record.copies["dram"] = copy
+            ns.blocks[spec.hash] = record
+            items.append((record, copy))
+        lease = StoreLease(self._new_lease_id("s"), namespace, now + self._lease_s(lease_seconds), items)
+        self._store_leases[lease.id] = lease
+        return StoreGrant(lease.id, lease.expires_at, [i[1].slot if i else None for i in items])
+
+    def commit_store(self, lease_id: str, failed: Iterable[int] = (), abort: bool = False) -> int:
+        """Phase 2: make the written blocks visible; discard ``failed`` ones. Returns committed."""
+        lease = self._store_leases.get(lease_id)
+        if lease is None:
+            raise UnknownLease(f"store lease {lease_id!r} is unknown or expired")
+        failed = set(failed)
+        bad = [i for i in failed if not 0 <= i < len(lease.items)]
+        if bad:
+            raise InvalidArgument(f"failed indexes {bad} are outside the lease's {len(lease.items)} blocks")
+        del self._store_leases[lease_id]
+        ns = self._namespaces[lease.namespace]
+        now = self.clock()
+        committed: list[BlockRecord] = []
+        for i, item in enumerate(lease.items):
+            if item is None:
+                continue
+            record, copy = item
+            if abort or i in failed:
+                self._drop_copy(ns, record, "dram", copy, reason=None)
+                continue
+            copy.ready = True
+            ns.refresh(record)
+            committed.append(record)
+            self.events.stored(ns.name, record.hash, record.parent, "dram", record.nbytes, now)
+            if self.config.write_behind and "nvme" in self.spaces:
+                self._write_behind.append(record)
+        self.policy.on_stored("dram", [r.key for r in committed], now)
+        return len(committed)
+
+    # -- load -----------------------------------------------------------------------------
+    def prepare_load(self, namespace: str, hashes: Sequence[int], lease_seconds: float = 0) -> LoadGrant | Wait:
+        """Phase 1: pin a DRAM copy of each held block, planning promotions from NVMe.
+
+        The caller runs ``promotions`` (and reports each with complete_transfer) before it
+        reads ``load_slots``. Raises InvalidArgument, UnknownNamespace, NoSpace.
+        """
+        ns = self.namespace(namespace)
+        if len(hashes) > self.config.max_batch_blocks:
+            raise InvalidArgument(f"at most {self.config.max_batch_blocks} hashes per load")
+        now = self.clock()
+        items: list[tuple[BlockRecord, Copy] | None] = []
+        promotions: list[Transfer] = []
+        for h in hashes:
+            record = ns.blocks.get(h)
+            tier = record.fastest_ready() if record is not None else None
+            if record is None or tier is None:
+                items.append(None)
+                continue
+            dram = record.copies.get("dram")
+            if dram is not None and dram.ready:
+                dram.readers += 1
+                items.append((record, dram))
+                continue
+            if dram is not None:  # a DRAM copy is being written (promotion in flight)
+                items.append(None)
+                continue
+            room = self._make_room("dram", record.nbytes)
+            if not isinstance(room, Slot):
+                self._undo_load_items(ns, items, promotions)
+                if isinstance(room, Wait):
+                    return room
+                raise NoSpace(f"no DRAM room to promote {len(hashes)} blocks: all of it is leased")
+            dst = Copy(room, readers=1)  # pinned by this lease from the start
+            record.copies["dram"] = dst
+            promotions.append(self._start_transfer("promote", record, tier, "dram", dst))
+            items.append((record, dst))
+        held = [item[0].key for item in items if item is not None]
+        self.policy.on_accessed(held, now)
+        lease = LoadLease(self._new_lease_id("l"), namespace, now + self._lease_s(lease_seconds), items)
+        self._load_leases[lease.id] = lease
+        return LoadGrant(lease.id, lease.expires_at, promotions)
+
+    def load_slots(self, lease_id: str) -> list[tuple[Slot, int] | None]:
+        """(DRAM slot, nbytes) per hash of a load lease; None where the block is not held."""
+        lease = self._load_leases.get(lease_id)
+        if lease is None:
+            raise UnknownLease(f"load lease {lease_id!r} is unknown or expired")
+        out: list[tuple[Slot, int] | None] = []
+        for item in lease.items:
+            if item is None:
+                out.append(None)
+                continue
+            record, copy = item
+            live = record.copies.get("dram") is copy and copy.ready
+            out.append((copy.slot, record.nbytes) if live else None)
+        return out
+
+    def complete_load(self, lease_id: str) -> None:
+        """Phase 2: the client has read the slots; unpin them."""
+        lease = self._load_leases.pop(lease_id, None)
+        if lease is None:
+            raise UnknownLease(f"load lease {lease_id!r} is unknown or expired")
+        for item in lease.items:
+            if item is not None:
+                item[1].readers -= 1
+
+    # -- leases ---------------------------------------------------------------------------
+    def expire_leases(self) -> int:
+        """Abort store leases and release load leases whose time is up. Returns how many."""
+        now = self.clock()
+        expired = 0
+        for lease_id in [i for i, lease in self._store_leases.items() if lease.expires_at <= now]:
+            self.commit_store(lease_id, abort=True)
+            expired += 1
+        for lease_id in [i for i, lease in self._load_leases.items() if lease.expires_at <= now]:
+            self.complete_load(lease_id)
+            expired += 1
+        return expired
+
+    def next_lease_expiry(self) -> float | None:
+        times = [lease.expires_at for lease in self._store_leases.values()]
+        times += [lease.expires_at for lease in self._load_leases.values()]
+        return min(times, default=None)
+
+    @property
+    def lease_count(self) -> int:
+        return len(self._store_leases) + len(self._load_leases)
+
+    # -- the mover's plan -----------------------------------------------------------------
+    def take_demotions(self) -> list[Transfer]:
+        """Demotions planned to make room; the mover runs them first."""
+        out = list(self._demotions)
+        self._demotions.clear()
+        return out
+
+    def plan_write_behind(self, max_blocks: int) -> list[Transfer]:
+        """Up to ``max_blocks`` transfers copying committed DRAM blocks down to NVMe."""
+        out: list[Transfer] = []
+        if "nvme" not in self.spaces:
+            self._write_behind.clear()
+            return out
+        while self._write_behind and len(out) < max_blocks:
+            record = self._write_behind[0]
+            dram = record.copies.get("dram")
+            ns = self._namespaces.get(record.namespace)
+            if (
+                dram is None
+                or not dram.ready
+                or "nvme" in record.copies
+                or ns is None
+                or ns.blocks.get(record.hash) is not record
+            ):
+                self._write_behind.popleft()  # evicted, already down, or replaced
+                continue
+            room = self._make_room("nvme", record.nbytes)
+            if not isinstance(room, Slot):
+                break  # NVMe is full of blocks in flight; try again after they land
+            self._write_behind.popleft()
+            out.append(self._start_transfer("write_behind", record, "dram", "nvme", Copy(room)))
+        return out
+
+    def complete_transfer(self, transfer: Transfer, ok: bool, corrupt: bool = False) -> None:
+        """The mover ran ``transfer``: on success the destination copy becomes readable.
+
+        ``corrupt``: the source failed its checksum; its copy is dropped too.
+        """
+        if self._inflight.pop(transfer.id, None) is None:
+            raise ValueError(f"transfer {transfer.id} is not in flight")
+        record, now = transfer.record, self.clock()
+        ns = self._namespaces[record.namespace]
+        transfer.src.readers -= 1
+        if ok:
+            transfer.dst.ready = True
+            ns.refresh(record)
+            self.events.stored(ns.name, record.hash, record.parent, transfer.dst_tier, record.nbytes, now)
+            self.policy.on_stored(transfer.dst_tier, [record.key], now)
+            if transfer.kind == "demote":
+                self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="demoted")
+            return
+        if transfer.kind == "promote":
+            transfer.dst.readers -= 1  # the load lease's pin goes with the copy
+        self._drop_copy(ns, record, transfer.dst_tier, transfer.dst, reason=None)
+        if corrupt:
+            self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
+
+    def drop_corrupt(self, namespace: str, h: int, tier: str) -> None:
+        """A copy failed its checksum outside a transfer: forget it."""
+        ns = self.namespace(namespace)
+        record = ns.blocks.get(h)
+        copy = record.copies.get(tier) if record is not None else None
+        if record is not None and copy is not None:
+            self._drop_copy(ns, record, tier, copy, reason="corrupt")
+
+    @property
+    def write_behind_pending(self) -> int:
+        """Blocks queued or in flight for write-behind (may count a since-evicted one)."""
+        inflight = sum(1 for t in self._inflight.values() if t.kind == "write_behind")
+        return len(self._write_behind) + inflight
+
+    @property
+    def has_planned_work(self) -> bool:
+        return bool(self._demotions or self._write_behind)
+
+    # -- warm restart ---------------------------------------------------------------------
+    def restore_block(self, namespace: str, h: int, parent: int | None, nbytes: int, tier: str, slot: Slot) -> None:
+        """Re-enter a block recovered from a persistent tier; ``slot`` is already allocated."""
+        ns = self.namespace(namespace)
+        if h in ns.blocks:
+            raise ValueError(f"block {h} of {namespace!r} restored twice")
+        record = BlockRecord(namespace, h, parent, nbytes)
+        record.copies[tier] = Copy(slot, ready=True)
+        ns.blocks[h] = record
+        ns.refresh(record)
+        now = self.clock()
+        self.events.stored(namespace, h, parent, tier, nbytes, now)
+        self.policy.on_stored(tier, [record.key], now)
+
+    # -- introspection --------------------------------------------------------------------
+    def take_events(self) -> list[Event]:
+        return self.events.take()
+
+    def blocks(self, namespace: str | None = None) -> Iterable[BlockRecord]:
+        names = [namespace] if namespace else sorted(self._namespaces)
+        for name in names:
+            yield from self.namespace(name).blocks.values()
+
+    def stats(self) -> CoreStats:
+        counts = {t: 0 for t in self.tiers}
+        per_ns = []
+        for ns in self._namespaces.values():
+            held = 0
+            for record in ns.blocks.values():
+                for tier in record.ready_tiers():
+                    counts[tier] += 1
+                held += 1 if record.fastest_ready() else 0
+            per_ns.append((ns, held))
+        tiers = [
+            TierUsage(t, self.spaces[t].capacity_bytes, self.spaces[t].used_bytes, counts[t]) for t in self.tiers
+        ]
+        return CoreStats(tiers, sorted(per_ns, key=lambda p: p[0].name), self.lease_count, self.write_behind_pending)
+
+    def check(self) -> list[str]:
+        """Invariant violations of the catalog, leases and policy; empty when healthy."""
+        problems: list[str] = []
+        used = {t: 0 for t in self.tiers}
+        seen: dict[str, set[int]] = {t: set() for t in self.tiers}
+        readers: dict[int, int] = {}
+        held: dict[str, set[tuple[str, int]]] = {t: set() for t in self.tiers}
+        for ns in self._namespaces.values():
+            for h, record in ns.blocks.items():
+                if record.hash != h or record.namespace != ns.name:
+                    problems.append(f"{ns.name}/{h}: filed under the wrong key")
+                if not record.copies:
+                    problems.append(f"{ns.name}/{h}: a block without copies")
+                for tier, copy in record.copies.items():
+                    if tier not in self.spaces:
+                        problems.append(f"{ns.name}/{h}: copy in absent tier {tier}")
+                        continue
+                    if not self.spaces[tier].is_allocated(copy.slot):
+                        problems.append(f"{ns.name}/{h}: {tier} slot {copy.slot} is not allocated")
+                    if copy.slot.offset in seen[tier]:
+                        problems.append(f"{ns.name}/{h}: {tier} slot {copy.slot} is shared")
+                    seen[tier].add(copy.slot.offset)
+                    used[tier] += copy.slot.length
+                    readers[id(copy)] = copy.readers
+                    if copy.readers < 0:
+                        problems.append(f"{ns.name}/{h}: {tier} copy has {copy.readers} readers")
+                    if copy.ready:
+                        held[tier].add(record.key)
+                expect = record.fastest_ready()
+                if ns.visible.get(h) != expect:
+                    problems.append(f"{ns.name}/{h}: visible as {ns.visible.get(h)}, fastest ready is {expect}")
+            stray = set(ns.visible) - set(ns.blocks)
+            if stray:
+                problems.append(f"{ns.name}: {len(stray)} visible hashes without a block")
+        for tier in self.tiers:
+            if used[tier] != self.spaces[tier].used_bytes:
+                problems.append(f"{tier}: copies hold {used[tier]} bytes, the space says {self.spaces[tier].used_bytes}")
+        expected: dict[int, int] = {}
+        for lease in self._load_leases.values():
+            for item in lease.items:
+                if item is not None and item[0].copies.get("dram") is item[1]:
+                    expected[id(item[1])] = expected.get(id(item[1]), 0) + 1
+        for transfer in self._inflight.values():
+            expected[id(transfer.src)] = expected.get(id(transfer.src), 0) + 1
+        for copy_id, count in readers.items():
+            if expected.get(copy_id, 0) != count:
+                problems.append(f"a copy has {count} readers, leases and transfers account for {expected.get(copy_id, 0)}")
+        problems += self.policy.check(held)
+        return problems
+
+    # -- internals ------------------------------------------------------------------------
+    def _validate_blocks(self, ns: Namespace, blocks: Sequence[BlockSpec]) -> None:
+        if not blocks:
+            raise InvalidArgument("no blocks given")
+        if len(blocks) > self.config.max_batch_blocks:
+            raise InvalidArgument(f"at most {self.config.max_batch_blocks} blocks per store")
+        seen: set[int] = set()
+        for i, spec in enumerate(blocks):
+            if spec.nbytes != ns.block_bytes:
+                raise InvalidArgument(
+                    f"block {i} has {spec.nbytes} bytes; namespace {ns.name!r} stores blocks of {ns.block_bytes}"
+                )
+            if not 0 <= spec.hash <= MAX_UINT64:
+                raise InvalidArgument(f"block {i}: hash {spec.hash} is not a 64-bit unsigned integer")
+            if spec.hash in seen:
+                raise InvalidArgument(f"block {i}: hash {spec.hash} appears twice")
+            if spec.parent == spec.hash:
+                raise InvalidArgument(f"block {i}: a block cannot be its own parent")
+            seen.add(spec.hash)
+
+    def _lease_s(self, requested: float) -> float:
+        if requested < 0:
+            raise InvalidArgument("lease_seconds must not be negative")
+        return min(requested or self.config.lease_seconds, self.config.max_lease_seconds)
+
+    def _new_lease_id(self, kind: str) -> str:
+        return f"{self._lease_prefix}{kind}{next(self._lease_ids)}"
+
+    def _start_transfer(self, kind: str, record: BlockRecord, src_tier: str, dst_tier: str, dst: Copy) -> Transfer:
+        src = record.copies[src_tier]
+        src.readers += 1
+        record.copies[dst_tier] = dst
+        transfer = Transfer(next(self._transfer_ids), kind, record, src_tier, src, dst_tier, dst)
+        self._inflight[transfer.id] = transfer
+        return transfer
+
+    def _lower(self, tier: str) -> str | None:
+        i = self.tiers.index(tier)
+        return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+
+    def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
+        """A slot in ``tier``: free space, else evict (drop or plan demotions).
+
+        Returns the slot, Wait when demotions were planned (retry after the mover), or None
+        when every copy in the tier is protected.
+        """
+        space = self.spaces[tier]
+        slot = space.allocate(nbytes)
+        if slot is not None:
+            return slot
+        lower = self._lower(tier)
+        now = self.clock()
+        pending = 0  # bytes that planned demotions will free
+        while True:
+            if pending >= nbytes:
+                return Wait(pending)
+            victims = []
+            room = pending
+            for key in self.policy.victims(tier, now):
+                record = self._record(key)
+                copy = record.copies.get(tier) if record is not None else None
+                if record is None or copy is None or not copy.ready or copy.readers:
+                    continue
+                victims.append((record, copy))
+                room += copy.slot.length
+                if room >= nbytes:
+                    break
+            if not victims:
+                return Wait(pending) if pending else None
+            for record, copy in victims:
+                ns = self._namespaces[record.namespace]
+                below = record.copies.get(lower) if lower else None
+                if lower is None or (below is not None and below.ready):
+                    self._drop_copy(ns, record, tier, copy, reason="evicted")
+                    continue
+                dst_room = self._make_room(lower, record.nbytes) if below is None else None
+                if isinstance(dst_room, Slot):
+                    self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(dst_room)))
+                    pending += copy.slot.length
+                elif isinstance(dst_room, Wait):
+                    pending += copy.slot.length
+                else:  # nothing below can take it: the last resort is to drop it
+                    self._drop_copy(ns, record, tier, copy, reason="evicted")
+            slot = space.allocate(nbytes)
+            if slot is not None:
+                return slot
+
+    def _record(self, key: tuple[str, int]) -> BlockRecord | None:
+        ns = self._namespaces.get(key[0])
+        return ns.blocks.get(key[1]) if ns is not None else None
+
+    def _drop_copy(self, ns: Namespace, record: BlockRecord, tier: str, copy: Copy, reason: str | None) -> None:
+        """Free one copy. ``reason`` None: the copy was never readable (no event)."""
+        if record.copies.get(tier) is not copy:
+            return
+        del record.copies[tier]
+        self.spaces[tier].free(copy.slot)
+        if copy.ready:
+            self.policy.on_removed(tier, record.key)
+            self.events.removed(ns.name, record.hash, tier, reason or "discarded", self.clock())
+        if not record.copies:
+            del ns.blocks[record.hash]
+        ns.refresh(record)
+
+    def _undo_store_items(self, ns: Namespace, items: list[tuple[BlockRecord, Copy] | None]) -> None:
+        for item in items:
+            if item is not None:
+                self._drop_copy(ns, item[0], "dram", item[1], reason=None)
+
+    def _undo_load_items(
+        self, ns: Namespace, items: list[tuple[BlockRecord, Copy] | None], promotions: list[Transfer]
+    ) -> None:
+        promoted = {id(t.dst) for t in promotions}
+        for item in items:
+            if item is not None and id(item[1]) not in promoted:
+                item[1].readers -= 1
+        for transfer in promotions:
+            del self._inflight[transfer.id]
+            transfer.src.readers -= 1
+            transfer.dst.readers -= 1
+            self._drop_copy(ns, transfer.record, transfer.dst_tier, transfer.dst, reason=None)

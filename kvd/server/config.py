@@ -1,0 +1,50 @@
+"""The daemon's configuration: one typed dataclass, filled from `kvd serve` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `kvd serve` needs. Sizes are bytes, times seconds."""
+
+    socket: Path = Path("var/kvd.sock")
+    dram_bytes: int = 1 * GiB
+    nvme_dir: Path = Path("var/kvd")
+    nvme_bytes: int = 4 * GiB
+    tcp: str | None = None  # HOST:PORT, off unless asked for
+    shm_dir: Path = Path("/dev/shm")  # where the DRAM arena file lives
+    policy: str = "lru"
+    lease_seconds: float = 30.0
+    write_behind: bool = True
+    page_bytes: int = 4096
+    slab_bytes: int = 1 * GiB
+    io_threads: int = 8
+    verify_on_start: bool = True  # read every recovered NVMe block and check its checksum
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting."""
+        if self.dram_bytes < self.page_bytes:
+            raise ValueError(f"--dram-bytes must be at least one page ({self.page_bytes} bytes)")
+        if self.nvme_bytes and self.nvme_bytes < self.page_bytes:
+            raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or at least {self.page_bytes} bytes")
+        if self.lease_seconds <= 0:
+            raise ValueError("--lease-seconds must be positive")
+        if self.io_threads <= 0:
+            raise ValueError("--io-threads must be positive")
+        if self.tcp is not None:
+            host, sep, port = self.tcp.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--tcp must be HOST:PORT, got {self.tcp!r}")
+
+    @property
+    def arena_path(self) -> Path:
+        """One arena file per socket, so a restarted daemon replaces its own and no other's."""
+        import hashlib
+
+        digest = hashlib.sha256(str(self.socket.resolve()).encode()).hexdigest()[:12]
+        return self.shm_dir / f"kvd-arena-{digest}"

@@ -1,0 +1,192 @@
+"""`kvd serve`: build the tiers and the core, recover NVMe, and serve gRPC until a signal.
+
+Start-up order: NVMe recovery (manifest + checksums) -> core rebuilt from it -> a fresh DRAM
+arena -> gRPC on the unix socket (mode 0660) and optionally TCP, with health checking and
+server reflection -> background tasks (mover, lease reaper). SIGTERM/SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvd.core.manager import CoreConfig, KvCore
+from kvd.policies import make_policy
+from kvd.server.admin import AdminService
+from kvd.server.codec import NAMESPACE_PREFIX, parse_block_key, parse_block_meta, parse_namespace
+from kvd.server.config import ServeConfig
+from kvd.server.engine import EngineService
+from kvd.server.mover import Mover
+from kvd.server.state import DaemonState
+from kvd.tiers.dram import DramArena
+from kvd.tiers.nvme import NvmeStore
+from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc
+
+log = logging.getLogger("kvd.daemon")
+
+MAX_MESSAGE_BYTES = 256 << 20
+SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin")
+REAP_INTERVAL_S = 0.5
+
+
+def build_state(config: ServeConfig) -> DaemonState:
+    """Tiers, policy and core, with the NVMe tier's surviving blocks re-entered."""
+    config.validate()
+    clock = time.monotonic
+    nvme = None
+    if config.nvme_bytes:
+        config.nvme_dir.mkdir(parents=True, exist_ok=True)
+        nvme = NvmeStore(config.nvme_dir, config.nvme_bytes, slab_bytes=config.slab_bytes, page_bytes=config.page_bytes)
+    config.shm_dir.mkdir(parents=True, exist_ok=True)
+    arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
+    spaces = {"dram": arena.space}
+    if nvme is not None:
+        spaces["nvme"] = nvme.space
+    core = KvCore(
+        spaces,
+        make_policy(config.policy),
+        clock,
+        CoreConfig(lease_seconds=config.lease_seconds, write_behind=config.write_behind),
+        lease_prefix=secrets.token_hex(4) + "-",
+    )
+    state = DaemonState(core, arena, nvme, clock, config.policy, started_at=clock())
+    if nvme is not None:
+        recover(state, verify=config.verify_on_start)
+    return state
+
+
+def recover(state: DaemonState, verify: bool) -> None:
+    """Re-enter every NVMe block whose manifest entry and checksum are intact."""
+    nvme, core = state.nvme, state.core
+    for key, value in nvme.meta_items(NAMESPACE_PREFIX):
+        name, block_tokens, block_bytes = parse_namespace(key, value)
+        core.register_namespace(name, block_tokens, block_bytes)
+    before = nvme.manifest_size()
+    entries = nvme.recover(verify=verify)
+    orphans = []
+    for entry in entries:
+        namespace, h = parse_block_key(entry.key)
+        try:
+            core.restore_block(namespace, h, parse_block_meta(entry.meta), entry.nbytes, "nvme", entry.slot)
+        except (KeyError, ValueError, LookupError) as exc:
+            log.warning("dropping manifest entry %r: %s", entry.key, exc)
+            orphans.append(entry)
+    if orphans:
+        nvme.forget([e.key for e in orphans])
+        for e in orphans:
+            nvme.free(e.slot)
+    core.take_events()
+    state.recovered_blocks = len(entries) - len(orphans)
+    state.dropped_on_recovery = before - state.recovered_blocks
+    log.info("recovered %d blocks from NVMe (%d dropped)", state.recovered_blocks, state.dropped_on_recovery)
+
+
+class Daemon:
+    """The running daemon: state + gRPC server + background tasks."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.state = build_state(config)
+        self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvd-io")
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        state = self.state
+        state.mover = Mover(state.core, state.arena, state.nvme, self.executor, state.after_core)
+        state.mover.start()
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        server = grpc.aio.server(options=options)
+        engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (
+            engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        socket = self.config.socket
+        socket.parent.mkdir(parents=True, exist_ok=True)
+        if socket.exists() or socket.is_symlink():
+            socket.unlink()  # a stale socket of a killed daemon
+        if server.add_insecure_port(f"unix:{socket.resolve()}") == 0:
+            raise OSError(f"cannot listen on unix socket {socket}")
+        if self.config.tcp:
+            if server.add_insecure_port(self.config.tcp) == 0:
+                raise OSError(f"cannot listen on tcp {self.config.tcp}")
+        await server.start()
+        os.chmod(socket, 0o660)
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.server = server
+        self._tasks.append(asyncio.get_running_loop().create_task(self._reap_leases(), name="kvd-reaper"))
+        state.mover.wake()  # blocks restored from NVMe need nothing, but a queue may exist
+        log.info(
+            "kvd serving on unix:%s%s (dram %d bytes at %s, nvme %d bytes at %s, policy %s)",
+            socket,
+            f" and tcp {self.config.tcp}" if self.config.tcp else "",
+            self.config.dram_bytes,
+            state.arena.path,
+            self.config.nvme_bytes,
+            self.config.nvme_dir,
+            self.config.policy,
+        )
+
+    async def _reap_leases(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            if self.state.core.expire_leases():
+                self.state.after_core()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.state.mover is not None:
+            await self.state.mover.stop()
+        self.executor.shutdown(wait=True)
+        self.close()
+
+    def close(self) -> None:
+        self.state.arena.close()
+        if self.state.nvme is not None:
+            self.state.nvme.close()
+        try:
+            self.config.socket.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def serve_async(config: ServeConfig) -> None:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.start()
+    await stop.wait()
+    log.info("stopping")
+    await daemon.stop()
+
+
+def serve(config: ServeConfig) -> None:
+    asyncio.run(serve_async(config))

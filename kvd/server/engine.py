@@ -1,0 +1,179 @@
+"""The Engine gRPC service: a thin adapter from kvd.v1 messages to the core and the mover."""
+
+from __future__ import annotations
+
+from kvd.core.errors import InvalidArgument, NoSpace
+from kvd.core.manager import BlockSpec, StoreGrant, Wait
+from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
+from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+
+TIER_CODE = {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}
+WAIT_ROUNDS = 50  # bound on mover rounds one request waits for room
+WAIT_ROUND_S = 5.0
+
+
+def block_specs(blocks) -> list[BlockSpec]:
+    return [BlockSpec(b.hash, b.parent if b.HasField("parent") else None, b.nbytes) for b in blocks]
+
+
+def slot_ref(slot) -> types_pb2.SlotRef:
+    return types_pb2.SlotRef(offset=slot.offset, length=slot.length)
+
+
+class EngineService(engine_pb2_grpc.EngineServicer):
+    def __init__(self, state: DaemonState) -> None:
+        self.s = state
+
+    @unary_rpc
+    async def RegisterNamespace(self, request, context):
+        created = self.s.register_namespace(request.namespace, request.block_tokens, request.block_bytes)
+        return engine_pb2.RegisterNamespaceResponse(created=created)
+
+    async def GetArena(self, request, context):
+        arena = self.s.arena
+        return engine_pb2.GetArenaResponse(
+            path=str(arena.path), arena_id=arena.arena_id, file_bytes=arena.file_bytes, page_bytes=arena.space.page_bytes
+        )
+
+    @unary_rpc
+    async def Lookup(self, request, context):
+        tiers = self.s.core.lookup(request.namespace, request.hashes)
+        return engine_pb2.LookupResponse(tiers=list(map(TIER_CODE.__getitem__, tiers)))
+
+    @unary_rpc
+    async def PrepareStore(self, request, context):
+        grant = await self.prepare_store(request.namespace, block_specs(request.blocks), request.lease_seconds)
+        return engine_pb2.PrepareStoreResponse(
+            lease_id=grant.lease_id,
+            lease_seconds=grant.expires_at - self.s.clock(),
+            arena_id=self.s.arena.arena_id,
+            slots=[
+                engine_pb2.StoreSlot(write=True, slot=slot_ref(s)) if s else engine_pb2.StoreSlot(write=False)
+                for s in grant.slots
+            ],
+        )
+
+    async def prepare_store(self, namespace: str, specs: list[BlockSpec], lease_seconds: float) -> StoreGrant:
+        """PrepareStore, waiting (bounded) while the mover makes room."""
+        for _ in range(WAIT_ROUNDS):
+            seen = self.s.mover.batches_done
+            result = self.s.core.prepare_store(namespace, specs, lease_seconds)
+            self.s.after_core()
+            if not isinstance(result, Wait):
+                return result
+            await self.s.mover.wait_progress(seen, WAIT_ROUND_S)
+        raise NoSpace("timed out waiting for demotions to make room")
+
+    @unary_rpc
+    async def CommitStore(self, request, context):
+        committed = self.s.core.commit_store(request.lease_id, request.failed, request.abort)
+        self.s.after_core()
+        return engine_pb2.CommitStoreResponse(committed=committed)
+
+    @unary_rpc
+    async def PrepareLoad(self, request, context):
+        lease_id, expires_at = await self.prepare_load(request.namespace, request.hashes, request.lease_seconds)
+        slots = self.s.core.load_slots(lease_id)
+        return engine_pb2.PrepareLoadResponse(
+            lease_id=lease_id,
+            lease_seconds=expires_at - self.s.clock(),
+            arena_id=self.s.arena.arena_id,
+            slots=[
+                engine_pb2.LoadSlot(found=True, slot=slot_ref(s[0]), nbytes=s[1]) if s else engine_pb2.LoadSlot()
+                for s in slots
+            ],
+        )
+
+    async def prepare_load(self, namespace: str, hashes, lease_seconds: float) -> tuple[str, float]:
+        """PrepareLoad: pin DRAM copies, promoting NVMe-only blocks first (bounded wait)."""
+        for _ in range(WAIT_ROUNDS):
+            seen = self.s.mover.batches_done
+            grant = self.s.core.prepare_load(namespace, hashes, lease_seconds)
+            self.s.after_core()
+            if isinstance(grant, Wait):
+                await self.s.mover.wait_progress(seen, WAIT_ROUND_S)
+                continue
+            if grant.promotions:
+                await self.s.mover.promote(grant.promotions)
+            return grant.lease_id, grant.expires_at
+        raise NoSpace("timed out waiting for demotions to make room")
+
+    @unary_rpc
+    async def CompleteLoad(self, request, context):
+        self.s.core.complete_load(request.lease_id)
+        self.s.after_core()
+        return engine_pb2.CompleteLoadResponse()
+
+    @unary_rpc
+    async def StoreInline(self, request_iterator, context):
+        header = None
+        grant = None
+        received: list[int] = []
+        try:
+            async for part in request_iterator:
+                if part.HasField("header"):
+                    if header is not None:
+                        raise InvalidArgument("a second header in one StoreInline stream")
+                    header = part.header
+                    specs = block_specs(header.blocks)
+                    grant = await self.prepare_store(header.namespace, specs, 0)
+                    received = [0] * len(specs)
+                    continue
+                if grant is None:
+                    raise InvalidArgument("StoreInline must start with a header")
+                chunk = part.chunk
+                self._write_chunk(grant, specs, received, chunk.index, chunk.offset, chunk.data)
+            if grant is None:
+                raise InvalidArgument("StoreInline stream carried no header")
+            short = [
+                i for i, slot in enumerate(grant.slots) if slot is not None and received[i] != specs[i].nbytes
+            ]
+            if short:
+                raise InvalidArgument(
+                    f"blocks {short[:8]} did not receive exactly their {specs[short[0]].nbytes} bytes"
+                )
+        except BaseException:
+            if grant is not None:
+                self.s.core.commit_store(grant.lease_id, abort=True)
+                self.s.after_core()
+            raise
+        stored = self.s.core.commit_store(grant.lease_id)
+        self.s.after_core()
+        return engine_pb2.StoreInlineResponse(stored=stored, present=sum(1 for s in grant.slots if s is None))
+
+    def _write_chunk(self, grant: StoreGrant, specs, received: list[int], index: int, offset: int, data: bytes):
+        if not 0 <= index < len(specs):
+            raise InvalidArgument(f"chunk for block {index}, but the header has {len(specs)} blocks")
+        slot = grant.slots[index]
+        if offset != received[index]:
+            raise InvalidArgument(f"block {index}: chunk at byte {offset}, expected {received[index]}")
+        if offset + len(data) > specs[index].nbytes:
+            raise InvalidArgument(f"block {index}: more than its {specs[index].nbytes} bytes")
+        received[index] += len(data)
+        if slot is None:
+            return  # already held: the bytes are not needed
+        view = self.s.arena.view(slot)
+        try:
+            view[offset : offset + len(data)] = data
+        finally:
+            view.release()
+
+    @streaming_rpc
+    async def LoadInline(self, request, context):
+        lease_id, _ = await self.prepare_load(request.namespace, request.hashes, 0)
+        try:
+            for index, found in enumerate(self.s.core.load_slots(lease_id)):
+                if found is None:
+                    yield engine_pb2.LoadInlineResponse(index=index, found=False)
+                    continue
+                slot, nbytes = found
+                for offset in range(0, nbytes, self.s.chunk_bytes):
+                    n = min(self.s.chunk_bytes, nbytes - offset)
+                    data = self.s.slot_bytes(slot, offset, n)
+                    yield engine_pb2.LoadInlineResponse(
+                        index=index, found=True, nbytes=nbytes, offset=offset, data=data
+                    )
+        finally:
+            self.s.core.complete_load(lease_id)
+            self.s.after_core()
+

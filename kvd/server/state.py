@@ -1,0 +1,116 @@
+"""What the gRPC services share: the core, the tiers, the mover, and the effects of events.
+
+Every core call happens on the event loop thread. After each one the service calls
+:meth:`DaemonState.after_core`, which drains the core's events and applies their mechanism
+effects (an NVMe copy removed -> its manifest entry deleted) and wakes the mover.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvd.core.errors import KvdError
+from kvd.core.events import BlockRemoved, Event
+from kvd.core.manager import KvCore
+from kvd.server.codec import block_key, namespace_key, namespace_value
+from kvd.tiers import Slot
+from kvd.tiers.dram import DramArena
+from kvd.tiers.nvme import NvmeStore
+
+log = logging.getLogger("kvd.server")
+
+STATUS = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+
+
+@dataclass
+class DaemonState:
+    core: KvCore
+    arena: DramArena
+    nvme: NvmeStore | None
+    clock: Callable[[], float]
+    policy_name: str
+    chunk_bytes: int = 1 << 20  # inline streaming chunk
+    started_at: float = field(default_factory=time.monotonic)
+    recovered_blocks: int = 0
+    dropped_on_recovery: int = 0
+    mover: object = None  # kvd.server.mover.Mover, set once the loop runs
+    on_events: list[Callable[[list[Event]], None]] = field(default_factory=list)
+
+    def after_core(self) -> None:
+        """Apply the mechanism effects of the core's new events, then wake the mover."""
+        events = self.core.take_events()
+        if self.nvme is not None:
+            gone = [
+                block_key(e.namespace, e.hash) for e in events if isinstance(e, BlockRemoved) and e.tier == "nvme"
+            ]
+            if gone:
+                self.nvme.forget(gone)
+        for consumer in self.on_events:
+            consumer(events)
+        if self.mover is not None and self.core.has_planned_work:
+            self.mover.wake()
+
+    def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
+        created = self.core.register_namespace(name, block_tokens, block_bytes)
+        if created and self.nvme is not None:
+            self.nvme.meta_put(namespace_key(name), namespace_value(block_tokens, block_bytes))
+        self.after_core()
+        return created
+
+    def slot_bytes(self, slot: Slot, offset: int, n: int) -> bytes:
+        view = self.arena.view(slot)
+        try:
+            return bytes(view[offset : offset + n])
+        finally:
+            view.release()
+
+
+def _abort_args(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, KvdError):
+        return STATUS[exc.code], str(exc)
+    request_id = uuid.uuid4().hex[:12]
+    log.exception("internal error (request %s)", request_id)
+    return grpc.StatusCode.INTERNAL, f"internal error (request {request_id}): {type(exc).__name__}: {exc}"
+
+
+def unary_rpc(method):
+    """Map the core's errors to gRPC statuses; anything else is INTERNAL and logged."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (KvdError, ValueError, OSError, KeyError, TypeError) as exc:
+            code, details = _abort_args(exc)
+        await context.abort(code, details)
+
+    return wrapper
+
+
+def streaming_rpc(method):
+    """unary_rpc for server-streaming methods (async generators)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+            return
+        except (KvdError, ValueError, OSError, KeyError, TypeError) as exc:
+            code, details = _abort_args(exc)
+        await context.abort(code, details)
+
+    return wrapper

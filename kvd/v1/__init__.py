@@ -1,0 +1,1 @@
+"""The kvd.v1 API: generated protobuf/gRPC stubs (``make proto``) of proto/kvd/v1."""

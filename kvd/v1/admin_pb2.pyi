@@ -1,0 +1,118 @@
+from kvd.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStatus(_message.Message):
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "location", "direct_io")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_IO_FIELD_NUMBER: _ClassVar[int]
+    tier: _types_pb2.Tier
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+    location: str
+    direct_io: bool
+    def __init__(self, tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., location: _Optional[str] = ..., direct_io: _Optional[bool] = ...) -> None: ...
+
+class NamespaceStatus(_message.Message):
+    __slots__ = ("namespace", "block_tokens", "block_bytes", "blocks")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    block_tokens: int
+    block_bytes: int
+    blocks: int
+    def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("version", "uptime_s", "policy", "tiers", "namespaces", "leases", "write_behind_queue", "recovered_blocks", "dropped_on_recovery")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BEHIND_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_ON_RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    uptime_s: float
+    policy: str
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStatus]
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStatus]
+    leases: int
+    write_behind_queue: int
+    recovered_blocks: int
+    dropped_on_recovery: int
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., policy: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStatus, _Mapping]]] = ..., leases: _Optional[int] = ..., write_behind_queue: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., dropped_on_recovery: _Optional[int] = ...) -> None: ...
+
+class ListBlocksRequest(_message.Message):
+    __slots__ = ("namespace", "page_size", "page_token")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    page_size: int
+    page_token: str
+    def __init__(self, namespace: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class BlockInfo(_message.Message):
+    __slots__ = ("namespace", "hash", "parent", "nbytes", "tiers")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hash: int
+    parent: int
+    nbytes: int
+    tiers: _containers.RepeatedScalarFieldContainer[_types_pb2.Tier]
+    def __init__(self, namespace: _Optional[str] = ..., hash: _Optional[int] = ..., parent: _Optional[int] = ..., nbytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_types_pb2.Tier, str]]] = ...) -> None: ...
+
+class ListBlocksResponse(_message.Message):
+    __slots__ = ("blocks", "next_page_token")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
+    next_page_token: str
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("ok", "problems")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ok: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SyncRequest(_message.Message):
+    __slots__ = ("timeout_s",)
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    timeout_s: float
+    def __init__(self, timeout_s: _Optional[float] = ...) -> None: ...
+
+class SyncResponse(_message.Message):
+    __slots__ = ("pending",)
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    pending: int
+    def __init__(self, pending: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,208 @@
+from kvd.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterNamespaceRequest(_message.Message):
+    __slots__ = ("namespace", "block_tokens", "block_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    block_tokens: int
+    block_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
+class RegisterNamespaceResponse(_message.Message):
+    __slots__ = ("created",)
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    def __init__(self, created: _Optional[bool] = ...) -> None: ...
+
+class GetArenaRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetArenaResponse(_message.Message):
+    __slots__ = ("path", "arena_id", "file_bytes", "page_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    arena_id: bytes
+    file_bytes: int
+    page_bytes: int
+    def __init__(self, path: _Optional[str] = ..., arena_id: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., page_bytes: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("namespace", "hashes", "session_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    session_id: str
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("tiers",)
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedScalarFieldContainer[_types_pb2.Tier]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[_types_pb2.Tier, str]]] = ...) -> None: ...
+
+class PrepareStoreRequest(_message.Message):
+    __slots__ = ("namespace", "blocks", "lease_seconds", "session_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.BlockSpec]
+    lease_seconds: int
+    session_id: str
+    def __init__(self, namespace: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockSpec, _Mapping]]] = ..., lease_seconds: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class StoreSlot(_message.Message):
+    __slots__ = ("write", "slot")
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    write: bool
+    slot: _types_pb2.SlotRef
+    def __init__(self, write: _Optional[bool] = ..., slot: _Optional[_Union[_types_pb2.SlotRef, _Mapping]] = ...) -> None: ...
+
+class PrepareStoreResponse(_message.Message):
+    __slots__ = ("lease_id", "slots", "lease_seconds", "arena_id")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    slots: _containers.RepeatedCompositeFieldContainer[StoreSlot]
+    lease_seconds: float
+    arena_id: bytes
+    def __init__(self, lease_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[StoreSlot, _Mapping]]] = ..., lease_seconds: _Optional[float] = ..., arena_id: _Optional[bytes] = ...) -> None: ...
+
+class CommitStoreRequest(_message.Message):
+    __slots__ = ("lease_id", "failed", "abort")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    failed: _containers.RepeatedScalarFieldContainer[int]
+    abort: bool
+    def __init__(self, lease_id: _Optional[str] = ..., failed: _Optional[_Iterable[int]] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class CommitStoreResponse(_message.Message):
+    __slots__ = ("committed",)
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    committed: int
+    def __init__(self, committed: _Optional[int] = ...) -> None: ...
+
+class PrepareLoadRequest(_message.Message):
+    __slots__ = ("namespace", "hashes", "lease_seconds", "session_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    lease_seconds: int
+    session_id: str
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., lease_seconds: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class LoadSlot(_message.Message):
+    __slots__ = ("found", "slot", "nbytes")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    slot: _types_pb2.SlotRef
+    nbytes: int
+    def __init__(self, found: _Optional[bool] = ..., slot: _Optional[_Union[_types_pb2.SlotRef, _Mapping]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class PrepareLoadResponse(_message.Message):
+    __slots__ = ("lease_id", "slots", "lease_seconds", "arena_id")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    slots: _containers.RepeatedCompositeFieldContainer[LoadSlot]
+    lease_seconds: float
+    arena_id: bytes
+    def __init__(self, lease_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[LoadSlot, _Mapping]]] = ..., lease_seconds: _Optional[float] = ..., arena_id: _Optional[bytes] = ...) -> None: ...
+
+class CompleteLoadRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class CompleteLoadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreInlineHeader(_message.Message):
+    __slots__ = ("namespace", "blocks", "session_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.BlockSpec]
+    session_id: str
+    def __init__(self, namespace: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockSpec, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class BlockChunk(_message.Message):
+    __slots__ = ("index", "offset", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    offset: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StoreInlineRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: StoreInlineHeader
+    chunk: BlockChunk
+    def __init__(self, header: _Optional[_Union[StoreInlineHeader, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ...) -> None: ...
+
+class StoreInlineResponse(_message.Message):
+    __slots__ = ("stored", "present")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    present: int
+    def __init__(self, stored: _Optional[int] = ..., present: _Optional[int] = ...) -> None: ...
+
+class LoadInlineRequest(_message.Message):
+    __slots__ = ("namespace", "hashes", "session_id")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    session_id: str
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class LoadInlineResponse(_message.Message):
+    __slots__ = ("index", "found", "nbytes", "offset", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    found: bool
+    nbytes: int
+    offset: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., nbytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,43 @@
+"""Host implementation of gather/scatter over numpy arrays (no GPU needed).
+
+Units: ``cache`` has shape ``(num_blocks, ...)``; a block's bytes are
+``cache[0].nbytes``; every output/input buffer must hold at least that many bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _block_view(cache: np.ndarray, buf) -> np.ndarray:
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    need = cache[0].nbytes
+    if raw.nbytes < need:
+        raise ValueError(f"buffer of {raw.nbytes} bytes is smaller than a block ({need} bytes)")
+    return raw[:need].view(cache.dtype).reshape(cache.shape[1:])
+
+
+def _check(cache: np.ndarray, block_ids: Sequence[int], buffers: Sequence) -> None:
+    if cache.ndim < 1 or not cache.flags.c_contiguous:
+        raise ValueError("cache must be a C-contiguous array with blocks on the first axis")
+    if len(block_ids) != len(buffers):
+        raise ValueError(f"{len(block_ids)} block ids but {len(buffers)} buffers")
+    for b in block_ids:
+        if not 0 <= b < cache.shape[0]:
+            raise ValueError(f"block id {b} is outside the cache's {cache.shape[0]} blocks")
+
+
+def gather_blocks(cache: np.ndarray, block_ids: Sequence[int], outs: Sequence) -> None:
+    """Copy ``cache[block_ids[i]]`` into the writable buffer ``outs[i]``."""
+    _check(cache, block_ids, outs)
+    for b, out in zip(block_ids, outs):
+        _block_view(cache, out)[...] = cache[b]
+
+
+def scatter_blocks(cache: np.ndarray, block_ids: Sequence[int], ins: Sequence) -> None:
+    """Copy the buffer ``ins[i]`` into ``cache[block_ids[i]]``."""
+    _check(cache, block_ids, ins)
+    for b, src in zip(block_ids, ins):
+        cache[b] = _block_view(cache, src)

@@ -1,0 +1,129 @@
+"""Shared fixtures: a real `kvd serve` process per test, on a private socket and directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvd.client import Client
+
+START_TIMEOUT_S = 60.0
+
+
+class DaemonProcess:
+    """`kvd serve` as a child process; the same socket and NVMe directory across restarts."""
+
+    def __init__(self, root: Path, dram: str = "64MiB", nvme: str = "256MiB", extra: list[str] | None = None) -> None:
+        self.root = root
+        self.socket = root / "kvd.sock"
+        self.nvme_dir = root / "nvme"
+        self.shm_dir = root / "shm"
+        self.log_path = root / "kvd.log"
+        self.args = [
+            sys.executable, "-m", "kvd.cli.kvd_main", "serve",
+            "--socket", str(self.socket),
+            "--dram-bytes", dram,
+            "--nvme-dir", str(self.nvme_dir),
+            "--nvme-bytes", nvme,
+            "--shm-dir", str(self.shm_dir),
+            "--slab-bytes", "64MiB",
+            *(extra or []),
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> DaemonProcess:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.wait_serving()
+        return self
+
+    def wait_serving(self) -> None:
+        """Poll the gRPC health service until SERVING (bounded; fails with the daemon's log)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvd exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                with grpc.insecure_channel(self.address) as channel:
+                    try:
+                        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                    except grpc.RpcError:
+                        pass
+            time.sleep(0.05)  # polling interval while the process starts, not a race fix
+        raise RuntimeError(f"kvd did not start within {START_TIMEOUT_S}s:\n{self.log()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def restart(self) -> DaemonProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        return self.start()
+
+    def client(self, **kwargs) -> Client:
+        return Client(self.address, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started: list[DaemonProcess] = []
+
+    def make(**kwargs) -> DaemonProcess:
+        d = DaemonProcess(tmp_path / f"d{len(started)}", **kwargs)
+        d.root.mkdir()
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProcess:
+    return daemon_factory().start()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KVD_GPU") or _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -1,0 +1,264 @@
+"""KvCore unit tests: tiny capacities, a fake clock, exact victims and events."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
+from kvd.core.events import BlockRemoved, BlockStored, NamespaceRegistered
+from kvd.core.manager import BlockSpec, CoreConfig, KvCore, LoadGrant, StoreGrant, Wait
+from kvd.policies import LruPolicy
+from kvd.tiers import ExtentAllocator
+
+PAGE = 4096
+NS = "m"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_core(dram_blocks: int, nvme_blocks: int = 0, write_behind: bool = False) -> tuple[KvCore, FakeClock]:
+    clock = FakeClock()
+    spaces = {"dram": ExtentAllocator([(0, dram_blocks * PAGE)], PAGE)}
+    if nvme_blocks:
+        spaces["nvme"] = ExtentAllocator([(0, nvme_blocks * PAGE)], PAGE)
+    core = KvCore(spaces, LruPolicy(), clock, CoreConfig(write_behind=write_behind, lease_seconds=10))
+    core.register_namespace(NS, 16, PAGE)
+    return core, clock
+
+
+def specs(*hashes: int, parent: int | None = None) -> list[BlockSpec]:
+    out = []
+    for h in hashes:
+        out.append(BlockSpec(h, parent, PAGE))
+        parent = h
+    return out
+
+
+def store(core: KvCore, *hashes: int, parent: int | None = None) -> StoreGrant:
+    grant = core.prepare_store(NS, specs(*hashes, parent=parent))
+    assert isinstance(grant, StoreGrant)
+    core.commit_store(grant.lease_id)
+    assert core.check() == []
+    return grant
+
+
+def run_mover(core: KvCore) -> int:
+    """Complete every planned transfer successfully, as the daemon's mover would."""
+    done = 0
+    while True:
+        transfers = core.take_demotions() or core.plan_write_behind(100)
+        if not transfers:
+            return done
+        for t in transfers:
+            core.complete_transfer(t, ok=True)
+            done += 1
+
+
+def removed(events) -> list[tuple[int, str, str]]:
+    return [(e.hash, e.tier, e.reason) for e in events if isinstance(e, BlockRemoved)]
+
+
+def test_register_namespace_is_idempotent_and_rejects_other_geometry():
+    core, _ = make_core(4)
+    assert core.register_namespace(NS, 16, PAGE) is False
+    with pytest.raises(GeometryConflict):
+        core.register_namespace(NS, 32, PAGE)
+    with pytest.raises(InvalidArgument):
+        core.register_namespace("", 16, PAGE)
+    with pytest.raises(InvalidArgument):
+        core.register_namespace("x", 0, PAGE)
+    assert isinstance(core.take_events()[0], NamespaceRegistered)
+
+
+def test_lookup_longest_prefix_and_unknown_namespace():
+    core, _ = make_core(8)
+    store(core, 1, 2, 3)
+    assert core.lookup(NS, [1, 2, 3, 4]) == ["dram"] * 3
+    assert core.lookup(NS, [1, 9, 3]) == ["dram"]
+    assert core.lookup(NS, [9, 1]) == []
+    assert core.lookup(NS, []) == []
+    with pytest.raises(UnknownNamespace):
+        core.lookup("nope", [1])
+
+
+def test_uncommitted_blocks_are_invisible_and_abort_frees_them():
+    core, _ = make_core(4)
+    grant = core.prepare_store(NS, specs(1, 2))
+    assert core.lookup(NS, [1, 2]) == []
+    assert core.spaces["dram"].used_bytes == 2 * PAGE
+    core.commit_store(grant.lease_id, abort=True)
+    assert core.spaces["dram"].used_bytes == 0
+    assert core.check() == []
+    with pytest.raises(UnknownLease):
+        core.commit_store(grant.lease_id)
+
+
+def test_commit_discards_failed_indexes():
+    core, _ = make_core(4)
+    grant = core.prepare_store(NS, specs(1, 2, 3))
+    assert core.commit_store(grant.lease_id, failed=[1]) == 2
+    assert core.lookup(NS, [1, 2, 3]) == ["dram"]
+    assert core.lookup(NS, [3]) == ["dram"]
+    assert core.check() == []
+
+
+def test_store_of_held_block_asks_for_no_write():
+    core, _ = make_core(4)
+    store(core, 1)
+    grant = core.prepare_store(NS, specs(1, 2, parent=None))
+    assert grant.slots[0] is None and grant.slots[1] is not None
+
+
+def test_bad_block_size_duplicates_and_empty_are_invalid():
+    core, _ = make_core(4)
+    with pytest.raises(InvalidArgument):
+        core.prepare_store(NS, [BlockSpec(1, None, PAGE + 1)])
+    with pytest.raises(InvalidArgument):
+        core.prepare_store(NS, [BlockSpec(1, None, PAGE), BlockSpec(1, None, PAGE)])
+    with pytest.raises(InvalidArgument):
+        core.prepare_store(NS, [])
+    with pytest.raises(InvalidArgument):
+        core.prepare_store(NS, [BlockSpec(1 << 64, None, PAGE)])
+    assert core.check() == []
+
+
+def test_lru_evicts_oldest_chain_tail_first_without_nvme():
+    core, _ = make_core(4)
+    store(core, 1, 2, 3)  # chain 1 <- 2 <- 3: LRU order (oldest first) 3, 2, 1
+    store(core, 10)
+    core.take_events()
+    store(core, 20)  # DRAM full: the victim is 3, the tail of the oldest chain
+    assert removed(core.take_events()) == [(3, "dram", "evicted")]
+    store(core, 30, 31)  # two more: 2, then 1
+    assert removed(core.take_events()) == [(2, "dram", "evicted"), (1, "dram", "evicted")]
+    assert core.lookup(NS, [10]) == ["dram"] and core.lookup(NS, [1]) == []
+
+
+def test_load_touches_and_protects_from_eviction():
+    core, _ = make_core(3)
+    store(core, 1)
+    store(core, 2)
+    store(core, 3)
+    grant = core.prepare_load(NS, [1])  # 1 becomes most recent and is pinned
+    assert isinstance(grant, LoadGrant) and grant.promotions == []
+    core.take_events()
+    store(core, 4)
+    assert removed(core.take_events()) == [(2, "dram", "evicted")]
+    core.complete_load(grant.lease_id)
+    assert core.check() == []
+
+
+def test_all_leased_is_no_space():
+    core, _ = make_core(2)
+    store(core, 1, 2)
+    grant = core.prepare_load(NS, [1, 2])
+    with pytest.raises(NoSpace):
+        core.prepare_store(NS, specs(3))
+    assert core.check() == []
+    core.complete_load(grant.lease_id)
+    store(core, 3)
+
+
+def test_dram_victim_is_demoted_to_nvme_then_freed():
+    core, _ = make_core(2, nvme_blocks=4)
+    store(core, 1)
+    store(core, 2)
+    result = core.prepare_store(NS, specs(3))
+    assert isinstance(result, Wait)
+    demotions = core.take_demotions()
+    assert [(t.record.hash, t.src_tier, t.dst_tier) for t in demotions] == [(1, "dram", "nvme")]
+    assert core.check() == []
+    assert core.lookup(NS, [1]) == ["dram"]  # still readable while it moves
+    core.complete_transfer(demotions[0], ok=True)
+    assert core.lookup(NS, [1]) == ["nvme"]
+    store(core, 3)
+    events = core.take_events()
+    assert [(e.hash, e.tier) for e in events if isinstance(e, BlockStored)][-2:] == [(1, "nvme"), (3, "dram")]
+    assert removed(events) == [(1, "dram", "demoted")]
+
+
+def test_write_behind_makes_dram_eviction_free_and_nvme_drops_last():
+    core, _ = make_core(2, nvme_blocks=2, write_behind=True)
+    store(core, 1)
+    store(core, 2)
+    assert run_mover(core) == 2
+    assert core.write_behind_pending == 0
+    core.take_events()
+    store(core, 3)  # 1 has an NVMe copy: dropping its DRAM copy is immediate
+    assert removed(core.take_events()) == [(1, "dram", "evicted")]
+    assert core.lookup(NS, [1]) == ["nvme"]
+    run_mover(core)  # 3 goes down; NVMe is full, its LRU victim (1) is dropped
+    assert removed(core.take_events()) == [(1, "nvme", "evicted")]
+    assert core.lookup(NS, [1]) == []
+    assert core.check() == []
+
+
+def test_load_promotes_nvme_only_block_through_dram():
+    core, _ = make_core(1, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    run_mover(core)
+    store(core, 2)  # evicts 1 from DRAM
+    run_mover(core)
+    assert core.lookup(NS, [1, 2]) == ["nvme", "dram"]
+    grant = core.prepare_load(NS, [1])
+    assert isinstance(grant, LoadGrant)
+    assert [(t.record.hash, t.src_tier, t.dst_tier) for t in grant.promotions] == [(1, "nvme", "dram")]
+    assert core.load_slots(grant.lease_id) == [None]  # not readable before the read lands
+    core.complete_transfer(grant.promotions[0], ok=True)
+    slots = core.load_slots(grant.lease_id)
+    assert slots[0] is not None and slots[0][1] == PAGE
+    assert core.check() == []
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [1]) == ["dram"]
+    assert core.check() == []
+
+
+def test_corrupt_promotion_drops_the_block():
+    core, _ = make_core(1, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    run_mover(core)
+    store(core, 2)
+    run_mover(core)
+    grant = core.prepare_load(NS, [1])
+    core.take_events()
+    core.complete_transfer(grant.promotions[0], ok=False, corrupt=True)
+    assert core.load_slots(grant.lease_id) == [None]
+    assert removed(core.take_events()) == [(1, "nvme", "corrupt")]
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [1]) == []
+    assert core.check() == []
+
+
+def test_leases_expire_on_the_injected_clock():
+    core, clock = make_core(2)
+    grant = core.prepare_store(NS, specs(1, 2))
+    clock.now += 9.9
+    assert core.expire_leases() == 0
+    clock.now += 0.2
+    assert core.expire_leases() == 1
+    assert core.spaces["dram"].used_bytes == 0
+    with pytest.raises(UnknownLease):
+        core.commit_store(grant.lease_id)
+    store(core, 1, 2)
+    load = core.prepare_load(NS, [1, 2])
+    clock.now += 11
+    assert core.expire_leases() == 1
+    with pytest.raises(UnknownLease):
+        core.complete_load(load.lease_id)
+    assert core.check() == []
+
+
+def test_restore_block_and_check_catches_corruption_of_state():
+    core, _ = make_core(2, nvme_blocks=2)
+    slot = core.spaces["nvme"].allocate(PAGE)
+    core.restore_block(NS, 7, None, PAGE, "nvme", slot)
+    assert core.lookup(NS, [7]) == ["nvme"]
+    assert core.check() == []
+    core.namespace(NS).visible[99] = "dram"  # break an invariant on purpose
+    assert any("visible" in p for p in core.check())

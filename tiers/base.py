@@ -1,0 +1,68 @@
+"""The tier interface: storage mechanism only — bytes at slots, no decisions.
+
+A tier owns an address space (``space``, a pure :class:`ExtentAllocator`) and moves bytes in
+and out of the slots it hands out. It never decides *what* to keep: the core asks the policy
+for victims and calls ``free``. Tiers never import policies or the core.
+
+Units: every size is bytes; slots are page-aligned runs (see :mod:`kvd.tiers.alloc`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from kvd.tiers.alloc import ExtentAllocator, Slot
+
+Buffer = bytes | bytearray | memoryview  # anything exposing the buffer protocol
+
+TIER_NAMES = ("hbm", "dram", "nvme")  # fastest first; demotion goes one step right
+
+
+class CorruptBlockError(Exception):
+    """A slot's bytes do not match the checksum recorded when they were written."""
+
+
+class Tier(ABC):
+    """Bytes at slots. Subclasses: DramArena (shared memory), NvmeStore (slab files)."""
+
+    name: str
+    space: ExtentAllocator
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.space.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.space.used_bytes
+
+    def allocate(self, nbytes: int) -> Slot | None:
+        """A slot for ``nbytes`` or None when full. Pure bookkeeping, no I/O."""
+        return self.space.allocate(nbytes)
+
+    def free(self, slot: Slot) -> None:
+        """Return a slot. Raises ValueError for a slot that is not allocated."""
+        self.space.free(slot)
+
+    @abstractmethod
+    def write(self, slot: Slot, data: Buffer) -> None:
+        """Store ``data`` (at most ``slot.length`` bytes) in ``slot``.
+
+        Durable on return for a persistent tier. Raises ValueError if ``data`` is longer
+        than the slot or the slot is not allocated; OSError when the medium fails.
+        """
+
+    @abstractmethod
+    def read_into(self, slot: Slot, nbytes: int, out: Buffer) -> None:
+        """Copy the first ``nbytes`` of ``slot`` into the writable buffer ``out``.
+
+        Raises CorruptBlockError when the tier keeps checksums and they disagree.
+        """
+
+    @abstractmethod
+    def check(self) -> list[str]:
+        """Invariant violations as human-readable lines; empty when healthy."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release OS resources (mappings, file descriptors, databases)."""
