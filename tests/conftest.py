@@ -112,6 +112,44 @@ def daemon(daemon_factory) -> DaemonProcess:
     return daemon_factory().start()
 
 
+def run_kvctl(address: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """The real `kvctl` CLI in a child process: ``kvctl --addr ADDRESS ARGS...``."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvd.cli.kvctl", "--addr", address, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def kvctl():
+    """``kvctl(daemon_or_address, *args)`` -> CompletedProcess of the real CLI."""
+
+    def run(target, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        address = target.address if isinstance(target, DaemonProcess) else str(target)
+        return run_kvctl(address, *args, timeout=timeout)
+
+    return run
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value (returned); AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)  # polling interval of an observable condition, not a race fix
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture():
+    return wait_until
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("KVD_GPU") or _has_cuda():
         return

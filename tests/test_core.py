@@ -260,5 +260,5 @@ def test_restore_block_and_check_catches_corruption_of_state():
     core.restore_block(NS, 7, None, PAGE, "nvme", slot)
     assert core.lookup(NS, [7]) == ["nvme"]
     assert core.check() == []
-    core.namespace(NS).visible[99] = "dram"  # break an invariant on purpose
+    core.namespace(NS).visible[99] = 2  # break an invariant on purpose
     assert any("visible" in p for p in core.check())

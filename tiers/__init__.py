@@ -1,7 +1,7 @@
 """Storage mechanisms (imported as ``kvd.tiers``): bytes and slots, no decisions."""
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
-from kvd.tiers.base import TIER_NAMES, CorruptBlockError, Tier
+from kvd.tiers.base import TIER_CODES, TIER_NAMES, CorruptBlockError, Tier
 from kvd.tiers.dram import HEADER_BYTES, ArenaHeader, ArenaMapping, DramArena, open_arena
 from kvd.tiers.nvme import ManifestEntry, NvmeStore
 

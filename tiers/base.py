@@ -16,6 +16,8 @@ from kvd.tiers.alloc import ExtentAllocator, Slot
 Buffer = bytes | bytearray | memoryview  # anything exposing the buffer protocol
 
 TIER_NAMES = ("hbm", "dram", "nvme")  # fastest first; demotion goes one step right
+# Wire codes of the tiers (the kvd.v1.Tier enum's values; 0 is "unspecified").
+TIER_CODES = {"hbm": 1, "dram": 2, "nvme": 3}
 
 
 class CorruptBlockError(Exception):

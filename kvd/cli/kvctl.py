@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from kvd.cli.parsing import ArgumentParser
 from kvd.cli.sizes import format_size
 from kvd.client import Client, ClientError, default_address
 
@@ -29,7 +30,7 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvctl", description="Operate a kvd daemon.")
+    parser = ArgumentParser(prog="kvctl", description="Operate a kvd daemon.")
     _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_common(sub.add_parser("status", help="tiers, namespaces, leases"), suppress=True)

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from kvd.cli.parsing import ArgumentParser
 from kvd.cli.sizes import parse_size
 from kvd.server.config import ServeConfig
 
@@ -19,7 +20,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvd", description="Session-aware KV-cache manager daemon.")
+    parser = ArgumentParser(prog="kvd", description="Session-aware KV-cache manager daemon.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = ServeConfig()
     serve = sub.add_parser("serve", help="run the daemon")

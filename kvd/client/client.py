@@ -9,6 +9,7 @@ sends the bytes inline over gRPC streams instead. ``Client.shared_memory`` says 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -106,12 +107,16 @@ class Client:
         *,
         shared_memory: bool | None = None,
         timeout: float = 60.0,
-        batch_bytes: int = 64 << 20,
+        batch_bytes: int = 16 << 20,
+        pipeline_depth: int = 2,
     ) -> None:
         """``shared_memory``: None tries the arena and falls back to inline; True requires it."""
         self.address = address or default_address()
         self.timeout = timeout
         self.batch_bytes = batch_bytes
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
+        self.pipeline_depth = pipeline_depth
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -158,7 +163,10 @@ class Client:
     def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
         """Tier names (``"dram"``/``"nvme"``) of the longest held prefix; [] if the first is missing."""
         req = engine_pb2.LookupRequest(namespace=namespace, hashes=hashes)
-        return [TIER_NAME[t] for t in self._call(self._engine.Lookup, req).tiers]
+        tiers: list[str] = []
+        for run in self._call(self._engine.Lookup, req).runs:
+            tiers += [TIER_NAME[run.tier]] * run.blocks
+        return tiers
 
     def store(
         self,
@@ -186,23 +194,20 @@ class Client:
             if p is not None:
                 spec.parent = _u64([p], "parents")[0]
             specs.append(spec)
-        written = 0
-        for lo, hi in self._batches([s.nbytes for s in specs]):
-            if self._ensure_arena():
-                written += self._store_shm(namespace, specs[lo:hi], blocks[lo:hi], session_id)
-            else:
-                written += self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id)
-        return written
+        ranges = list(self._batches([s.nbytes for s in specs]))
+        if self._ensure_arena():
+            return self._store_shm(namespace, specs, blocks, ranges, session_id)
+        return sum(self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id) for lo, hi in ranges)
 
     def load(self, namespace: str, hashes: Sequence[int]) -> list[bytes | None]:
         """Each block's bytes, or None where the daemon does not hold it (or it failed its checksum)."""
         hashes = _u64(hashes, "hashes")
+        ranges = list(self._batches(None, len(hashes)))
+        if self._ensure_arena():
+            return self._load_shm(namespace, hashes, ranges, None)
         out: list[bytes | None] = []
-        for lo, hi in self._batches(None, len(hashes)):
-            if self._ensure_arena():
-                out += self._load_shm(namespace, hashes[lo:hi], None)
-            else:
-                out += self._load_inline(namespace, hashes[lo:hi])
+        for lo, hi in ranges:
+            out += self._load_inline(namespace, hashes[lo:hi])
         return out
 
     def load_into(self, namespace: str, hashes: Sequence[int], outs: Sequence[memoryview | bytearray]) -> list[bool]:
@@ -210,15 +215,15 @@ class Client:
         hashes = _u64(hashes, "hashes")
         if len(outs) != len(hashes):
             raise ValueError(f"{len(hashes)} hashes but {len(outs)} buffers")
+        ranges = list(self._batches([memoryview(o).nbytes for o in outs]))
+        if self._ensure_arena():
+            return self._load_shm(namespace, hashes, ranges, outs)
         found: list[bool] = []
-        for lo, hi in self._batches([memoryview(o).nbytes for o in outs]):
-            if self._ensure_arena():
-                found += self._load_shm(namespace, hashes[lo:hi], outs[lo:hi])
-            else:
-                for data, buf in zip(self._load_inline(namespace, hashes[lo:hi]), outs[lo:hi]):
-                    if data is not None:
-                        memoryview(buf)[: len(data)] = data
-                    found.append(data is not None)
+        for lo, hi in ranges:
+            for data, buf in zip(self._load_inline(namespace, hashes[lo:hi]), outs[lo:hi]):
+                if data is not None:
+                    memoryview(buf).cast("B")[: len(data)] = data
+                found.append(data is not None)
         return found
 
     # -- admin API ------------------------------------------------------------------------
@@ -305,42 +310,95 @@ class Client:
             return False
         return arena_id is None or self._arena.arena_id == arena_id
 
-    def _store_shm(self, namespace, specs, blocks, session_id) -> int:
-        req = engine_pb2.PrepareStoreRequest(namespace=namespace, blocks=specs, session_id=session_id or "")
-        grant = self._call(self._engine.PrepareStore, req)
+    def _result(self, future):
         try:
-            if not self._ensure_arena(grant.arena_id):
-                raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
-            arena = self._arena
-            for slot, block in zip(grant.slots, blocks):
-                if slot.write:
-                    view = memoryview(block).cast("B")
-                    arena.view(slot.slot.offset, view.nbytes)[:] = view
-        except BaseException:
-            self._call(self._engine.CommitStore, engine_pb2.CommitStoreRequest(lease_id=grant.lease_id, abort=True))
-            raise
-        return self._call(self._engine.CommitStore, engine_pb2.CommitStoreRequest(lease_id=grant.lease_id)).committed
+            return future.result()
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code(), exc.details() or "") from None
 
-    def _load_shm(self, namespace, hashes, outs) -> list:
-        req = engine_pb2.PrepareLoadRequest(namespace=namespace, hashes=hashes)
-        grant = self._call(self._engine.PrepareLoad, req)
+    def _arena_for(self, arena_id: bytes) -> ArenaMapping:
+        if not self._ensure_arena(arena_id):
+            raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
+        return self._arena
+
+    def _store_shm(self, namespace, specs, blocks, ranges, session_id) -> int:
+        """Pipelined: the next ``pipeline_depth`` batches' PrepareStore calls are in flight while
+        this batch's bytes are copied, so the daemon allocates (and evicts) ahead of the copy."""
+
+        def prepare(lo: int, hi: int):
+            req = engine_pb2.PrepareStoreRequest(namespace=namespace, blocks=specs[lo:hi], session_id=session_id or "")
+            return self._engine.PrepareStore.future(req, timeout=self.timeout)
+
+        def commit(lease_id: str, abort: bool = False):
+            req = engine_pb2.CommitStoreRequest(lease_id=lease_id, abort=abort)
+            return self._engine.CommitStore.future(req, timeout=self.timeout)
+
+        commits = []
+        pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
         try:
-            if not self._ensure_arena(grant.arena_id):
-                raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
-            arena = self._arena
-            result: list = []
-            for i, slot in enumerate(grant.slots):
-                if not slot.found:
-                    result.append(None if outs is None else False)
-                    continue
-                src = arena.view(slot.slot.offset, slot.nbytes)
-                if outs is None:
-                    result.append(bytes(src))
-                else:
-                    memoryview(outs[i]).cast("B")[: slot.nbytes] = src
-                    result.append(True)
+            for i, (lo, hi) in enumerate(ranges):
+                grant = self._result(pending.popleft())
+                if i + self.pipeline_depth < len(ranges):
+                    pending.append(prepare(*ranges[i + self.pipeline_depth]))
+                try:
+                    arena = self._arena_for(grant.arena_id)
+                    for slot, block in zip(grant.slots, blocks[lo:hi]):
+                        if slot.write:
+                            view = memoryview(block).cast("B")
+                            arena.view(slot.slot.offset, view.nbytes)[:] = view
+                except BaseException:
+                    commits.append(commit(grant.lease_id, abort=True))
+                    raise
+                commits.append(commit(grant.lease_id))
         finally:
-            self._call(self._engine.CompleteLoad, engine_pb2.CompleteLoadRequest(lease_id=grant.lease_id))
+            for future in pending:  # an error left prepared batches behind: give them back
+                try:
+                    commits.append(commit(self._result(future).lease_id, abort=True))
+                except ClientError:
+                    pass
+            results = [self._result(f) for f in commits]
+        return sum(r.committed for r in results)
+
+    def _load_shm(self, namespace, hashes, ranges, outs) -> list:
+        """Pipelined like _store_shm: the next PrepareLoads (promotions from NVMe) run while this
+        batch is copied."""
+
+        def prepare(lo: int, hi: int):
+            req = engine_pb2.PrepareLoadRequest(namespace=namespace, hashes=hashes[lo:hi])
+            return self._engine.PrepareLoad.future(req, timeout=self.timeout)
+
+        def complete(lease_id: str):
+            req = engine_pb2.CompleteLoadRequest(lease_id=lease_id)
+            return self._engine.CompleteLoad.future(req, timeout=self.timeout)
+
+        result: list = []
+        completes = []
+        pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
+        try:
+            for i, (lo, hi) in enumerate(ranges):
+                grant = self._result(pending.popleft())
+                if i + self.pipeline_depth < len(ranges):
+                    pending.append(prepare(*ranges[i + self.pipeline_depth]))
+                try:
+                    arena = self._arena_for(grant.arena_id)
+                    for j, slot in enumerate(grant.slots, lo):
+                        if not slot.found:
+                            result.append(None if outs is None else False)
+                        elif outs is None:
+                            result.append(bytes(arena.view(slot.slot.offset, slot.nbytes)))
+                        else:
+                            memoryview(outs[j]).cast("B")[: slot.nbytes] = arena.view(slot.slot.offset, slot.nbytes)
+                            result.append(True)
+                finally:
+                    completes.append(complete(grant.lease_id))
+        finally:
+            for future in pending:  # an error left prepared batches behind: release them
+                try:
+                    completes.append(complete(self._result(future).lease_id))
+                except ClientError:
+                    pass
+            for f in completes:
+                self._result(f)
         return result
 
     def _store_inline(self, namespace, specs, blocks, session_id) -> int:

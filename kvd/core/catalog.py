@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvd.tiers import TIER_NAMES, Slot
+from kvd.tiers import TIER_CODES, TIER_NAMES, Slot
 
 
 @dataclass(slots=True, eq=False)
@@ -49,19 +49,20 @@ class BlockRecord:
 class Namespace:
     """A namespace's geometry and blocks.
 
-    ``visible`` maps hash -> the fastest tier holding a ready copy; it holds exactly the
-    blocks a lookup can see, so a lookup is one dict probe per hash.
+    ``visible`` maps hash -> the code (``TIER_CODES``) of the fastest tier holding a ready
+    copy; it holds exactly the blocks a lookup can see, so a lookup is one dict probe per
+    hash and its answer goes on the wire as it is.
     """
 
     name: str
     block_tokens: int
     block_bytes: int
     blocks: dict[int, BlockRecord] = field(default_factory=dict)
-    visible: dict[int, str] = field(default_factory=dict)
+    visible: dict[int, int] = field(default_factory=dict)
 
     def refresh(self, record: BlockRecord) -> None:
         tier = record.fastest_ready()
         if tier is None:
             self.visible.pop(record.hash, None)
         else:
-            self.visible[record.hash] = tier
+            self.visible[record.hash] = TIER_CODES[tier]

@@ -31,7 +31,7 @@ from kvd.core.catalog import BlockRecord, Copy, Namespace
 from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
 from kvd.core.events import Event, EventLog
 from kvd.policies import Policy
-from kvd.tiers import TIER_NAMES, Slot
+from kvd.tiers import TIER_CODES, TIER_NAMES, Slot
 
 MAX_UINT64 = (1 << 64) - 1
 
@@ -211,13 +211,17 @@ class KvCore:
 
         No side effects (an engine may ask again and again; a router may score).
         """
+        return [TIER_NAMES[code - 1] for code in self.lookup_codes(namespace, hashes)]
+
+    def lookup_codes(self, namespace: str, hashes: Sequence[int]) -> list[int]:
+        """:meth:`lookup` with tier codes (``TIER_CODES``) instead of names: the hot path."""
         if len(hashes) > self.config.max_lookup_hashes:
             raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per lookup")
-        tiers = list(map(self.namespace(namespace).visible.get, hashes))
+        codes = list(map(self.namespace(namespace).visible.get, hashes))
         try:
-            return tiers[: tiers.index(None)]  # type: ignore[return-value]
+            return codes[: codes.index(None)]  # type: ignore[return-value]
         except ValueError:
-            return tiers  # type: ignore[return-value]
+            return codes  # type: ignore[return-value]
 
     # -- store ----------------------------------------------------------------------------
     def prepare_store(
@@ -230,6 +234,14 @@ class KvCore:
         ns = self.namespace(namespace)
         self._validate_blocks(ns, blocks)
         now = self.clock()
+        # Refuse a store that cannot fit before evicting anything for it: evicting block by
+        # block and failing on the last one would empty the tier for nothing.
+        need = sum(s.nbytes for s in blocks if not ((r := ns.blocks.get(s.hash)) is not None and r.copies))
+        if need and not self._may_fit("dram", need):
+            raise NoSpace(
+                f"no room for {len(blocks)} blocks of {blocks[0].nbytes} bytes: the DRAM tier is "
+                "smaller, or full of blocks protected by leases"
+            )
         items: list[tuple[BlockRecord, Copy] | None] = []
         for spec in blocks:
             record = ns.blocks.get(spec.hash)
@@ -513,7 +525,8 @@ class KvCore:
                         problems.append(f"{ns.name}/{h}: {tier} copy has {copy.readers} readers")
                     if copy.ready:
                         held[tier].add(record.key)
-                expect = record.fastest_ready()
+                fastest = record.fastest_ready()
+                expect = TIER_CODES[fastest] if fastest else None
                 if ns.visible.get(h) != expect:
                     problems.append(f"{ns.name}/{h}: visible as {ns.visible.get(h)}, fastest ready is {expect}")
             stray = set(ns.visible) - set(ns.blocks)
@@ -574,6 +587,27 @@ class KvCore:
     def _lower(self, tier: str) -> str | None:
         i = self.tiers.index(tier)
         return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+
+    def _may_fit(self, tier: str, nbytes: int) -> bool:
+        """Whether free space plus the ready copies no load lease pins reach ``nbytes``
+        (copies read by a transfer count: they are free to go once it lands). Evicts
+        nothing; walks victims only when free space falls short."""
+        space = self.spaces[tier]
+        room = space.capacity_bytes - space.used_bytes
+        if room >= nbytes:
+            return True
+        moving: dict[int, int] = {}
+        for transfer in self._inflight.values():
+            moving[id(transfer.src)] = moving.get(id(transfer.src), 0) + 1
+        for key in self.policy.victims(tier, self.clock()):
+            record = self._record(key)
+            copy = record.copies.get(tier) if record is not None else None
+            if copy is None or not copy.ready or copy.readers > moving.get(id(copy), 0):
+                continue
+            room += copy.slot.length
+            if room >= nbytes:
+                return True
+        return False
 
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
         """A slot in ``tier``: free space, else evict (drop or plan demotions).

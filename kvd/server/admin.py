@@ -107,6 +107,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             raise InvalidArgument("timeout_s must not be negative")
         deadline = self.s.clock() + (request.timeout_s or 60.0)
         mover = self.s.mover
-        while self.s.core.write_behind_pending and self.s.clock() < deadline:
-            await mover.wait_progress(mover.batches_done, max(0.0, deadline - self.s.clock()))
+        mover.syncs_waiting += 1
+        try:
+            while self.s.core.write_behind_pending and self.s.clock() < deadline:
+                await mover.wait_progress(mover.batches_done, max(0.0, deadline - self.s.clock()))
+        finally:
+            mover.syncs_waiting -= 1
         return admin_pb2.SyncResponse(pending=self.s.core.write_behind_pending)

@@ -17,10 +17,14 @@ def block_key(namespace: str, h: int) -> bytes:
 
 
 def parse_block_key(key: bytes) -> tuple[str, int]:
-    ns, sep, raw = key.rpartition(b"\0")
-    if not sep or len(raw) != 8:
+    # The hash is the last 8 bytes and may itself contain NULs: split by position.
+    if len(key) < 10 or key[-9] != 0:
         raise ValueError(f"malformed block key {key!r}")
-    return ns.decode(), int.from_bytes(raw, "big")
+    try:
+        namespace = key[:-9].decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"malformed block key {key!r}") from None
+    return namespace, int.from_bytes(key[-8:], "big")
 
 
 def block_meta(parent: int | None) -> bytes:

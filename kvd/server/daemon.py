@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvd.core.errors import KvdError
 from kvd.core.manager import CoreConfig, KvCore
 from kvd.policies import make_policy
 from kvd.server.admin import AdminService
@@ -38,6 +39,38 @@ SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin")
 REAP_INTERVAL_S = 0.5
 
 
+class TierSpace:
+    """The core's view of a tier's space whose allocate/free go through the tier itself.
+
+    NvmeStore.free also forgets the slot's recorded checksum (and both take the tier's
+    lock, which the mover's I/O threads hold while they check slots); freeing the bare
+    allocator left stale checksum records behind, which `kvctl check` then reported.
+    """
+
+    __slots__ = ("tier", "space")
+
+    def __init__(self, tier) -> None:
+        self.tier = tier
+        self.space = tier.space
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.space.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.space.used_bytes
+
+    def allocate(self, nbytes: int):
+        return self.tier.allocate(nbytes)
+
+    def free(self, slot) -> None:
+        self.tier.free(slot)
+
+    def is_allocated(self, slot) -> bool:
+        return self.space.is_allocated(slot)
+
+
 def build_state(config: ServeConfig) -> DaemonState:
     """Tiers, policy and core, with the NVMe tier's surviving blocks re-entered."""
     config.validate()
@@ -50,7 +83,7 @@ def build_state(config: ServeConfig) -> DaemonState:
     arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
     spaces = {"dram": arena.space}
     if nvme is not None:
-        spaces["nvme"] = nvme.space
+        spaces["nvme"] = TierSpace(nvme)
     core = KvCore(
         spaces,
         make_policy(config.policy),
@@ -74,10 +107,10 @@ def recover(state: DaemonState, verify: bool) -> None:
     entries = nvme.recover(verify=verify)
     orphans = []
     for entry in entries:
-        namespace, h = parse_block_key(entry.key)
         try:
+            namespace, h = parse_block_key(entry.key)
             core.restore_block(namespace, h, parse_block_meta(entry.meta), entry.nbytes, "nvme", entry.slot)
-        except (KeyError, ValueError, LookupError) as exc:
+        except (KvdError, KeyError, ValueError, LookupError) as exc:
             log.warning("dropping manifest entry %r: %s", entry.key, exc)
             orphans.append(entry)
     if orphans:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
+
 from kvd.core.errors import InvalidArgument, NoSpace
 from kvd.core.manager import BlockSpec, StoreGrant, Wait
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
+from kvd.tiers import TIER_CODES
 from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
 TIER_CODE = {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}
+if TIER_CODE != TIER_CODES:
+    raise ImportError("kvd.tiers.TIER_CODES disagrees with the kvd.v1.Tier enum")
 WAIT_ROUNDS = 50  # bound on mover rounds one request waits for room
 WAIT_ROUND_S = 5.0
+
+
+def tier_runs(codes: list[int]) -> list[tuple[int, int]]:
+    """Run-length encode a held prefix's tier codes: [(code, blocks), ...]."""
+    if not codes:
+        return []
+    if codes.count(codes[0]) == len(codes):  # the common case, at C speed
+        return [(codes[0], len(codes))]
+    return [(code, sum(1 for _ in run)) for code, run in itertools.groupby(codes)]
 
 
 def block_specs(blocks) -> list[BlockSpec]:
@@ -37,8 +51,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     @unary_rpc
     async def Lookup(self, request, context):
-        tiers = self.s.core.lookup(request.namespace, request.hashes)
-        return engine_pb2.LookupResponse(tiers=list(map(TIER_CODE.__getitem__, tiers)))
+        codes = self.s.core.lookup_codes(request.namespace, request.hashes)
+        return engine_pb2.LookupResponse(runs=[engine_pb2.TierRun(tier=t, blocks=n) for t, n in tier_runs(codes)])
 
     @unary_rpc
     async def PrepareStore(self, request, context):
@@ -55,6 +69,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     async def prepare_store(self, namespace: str, specs: list[BlockSpec], lease_seconds: float) -> StoreGrant:
         """PrepareStore, waiting (bounded) while the mover makes room."""
+        self.s.mover.foreground()
         for _ in range(WAIT_ROUNDS):
             seen = self.s.mover.batches_done
             result = self.s.core.prepare_store(namespace, specs, lease_seconds)
@@ -86,6 +101,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     async def prepare_load(self, namespace: str, hashes, lease_seconds: float) -> tuple[str, float]:
         """PrepareLoad: pin DRAM copies, promoting NVMe-only blocks first (bounded wait)."""
+        self.s.mover.foreground()
         for _ in range(WAIT_ROUNDS):
             seen = self.s.mover.batches_done
             grant = self.s.core.prepare_load(namespace, hashes, lease_seconds)

@@ -3,12 +3,18 @@
 Bytes move in worker threads (direct I/O releases the GIL); every core call happens on the
 event loop thread, before or after the I/O, so the core stays single-threaded. Requests that
 got ``Wait`` from the core block on :meth:`wait_progress` until a batch lands.
+
+Write-behind yields to foreground traffic: while stores and loads keep arriving it waits
+until they pause for ``quiet_s``, unless DRAM's free space is under ``urgent_free_fraction``
+(evictions would otherwise have to demote synchronously) or a Sync is waiting. Demotions
+and promotions never wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -29,7 +35,12 @@ class Mover:
         nvme: NvmeStore | None,
         executor: Executor,
         after_core: Callable[[], None],
-        batch_blocks: int = 32,
+        batch_blocks: int = 64,
+        max_inflight: int = 4,
+        read_parallelism: int = 4,
+        quiet_s: float = 0.05,
+        urgent_free_fraction: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.core = core
         self.arena = arena
@@ -37,6 +48,13 @@ class Mover:
         self.executor = executor
         self.after_core = after_core
         self.batch_blocks = batch_blocks
+        self.max_inflight = max_inflight
+        self.read_parallelism = read_parallelism
+        self.quiet_s = quiet_s
+        self.urgent_free_fraction = urgent_free_fraction
+        self.clock = clock
+        self.syncs_waiting = 0
+        self._quiet_at = 0.0
         self.batches_done = 0
         self.errors = 0
         self._wake = asyncio.Event()
@@ -49,13 +67,23 @@ class Mover:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def foreground(self) -> None:
+        """A store or load arrived: hold write-behind back until traffic pauses."""
+        self._quiet_at = self.clock() + self.quiet_s
+
+    def _write_behind_delay(self) -> float:
+        """Seconds write-behind should still wait (0: go now)."""
+        if self.syncs_waiting:
+            return 0.0
+        space = self.core.spaces["dram"]
+        if space.capacity_bytes - space.used_bytes < self.urgent_free_fraction * space.capacity_bytes:
+            return 0.0
+        return max(0.0, self._quiet_at - self.clock())
 
     async def wait_progress(self, seen: int, timeout: float) -> bool:
         """Wait until more than ``seen`` batches are done; False on timeout."""
@@ -68,17 +96,38 @@ class Mover:
         return True
 
     async def _run(self) -> None:
+        """Keep up to ``max_inflight`` batches moving: the disk stays busy while a batch's
+        fdatasync and manifest sync run, and requests waiting for room see each batch land."""
+        inflight: set[asyncio.Task] = set()
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while True:
-                transfers = self.core.take_demotions() or self.core.plan_write_behind(self.batch_blocks)
+            delay = None
+            while len(inflight) < self.max_inflight:
+                transfers = self.core.take_demotions()
                 if not transfers:
+                    delay = self._write_behind_delay()
+                    if delay > 0:
+                        break
+                    transfers = self.core.plan_write_behind(self.batch_blocks)
+                if not transfers:
+                    delay = None
                     break
-                await self.write_down(transfers)
-                async with self._progress:
-                    self.batches_done += 1
-                    self._progress.notify_all()
+                inflight.add(asyncio.create_task(self._land(transfers)))
+            wake = asyncio.create_task(self._wake.wait())
+            timeout = delay if delay and self.core.write_behind_pending else None
+            done, _ = await asyncio.wait(
+                {wake, *inflight}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if wake in done:
+                self._wake.clear()
+            else:
+                wake.cancel()
+            inflight -= done
+
+    async def _land(self, transfers: list[Transfer]) -> None:
+        await self.write_down(transfers)
+        async with self._progress:
+            self.batches_done += 1
+            self._progress.notify_all()
 
     async def write_down(self, transfers: list[Transfer]) -> None:
         """DRAM -> NVMe: write the batch, one fdatasync per slab file, then the manifest."""
@@ -117,29 +166,38 @@ class Mover:
         )
 
     async def promote(self, transfers: list[Transfer]) -> None:
-        """NVMe -> DRAM for a load: read each block straight into its arena slot, verified."""
+        """NVMe -> DRAM for a load: read the blocks straight into their arena slots, in a few
+        parallel batches (adjacent slots coalesce into one large read), each block verified."""
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, self._read_one, t) for t in transfers)
-        )
-        for t, result in zip(transfers, results):
-            if result == "corrupt":
-                log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
-            self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
+        parts = [transfers[i :: self.read_parallelism] for i in range(self.read_parallelism)]
+        parts = [p for p in parts if p]
+        outcomes = await asyncio.gather(*(loop.run_in_executor(self.executor, self._read_batch, p) for p in parts))
+        for part, results in zip(parts, outcomes):
+            for t, result in zip(part, results):
+                if result == "corrupt":
+                    log.warning(
+                        "block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash
+                    )
+                self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
         self.after_core()
 
-    def _read_one(self, t: Transfer) -> str:
+    def _read_batch(self, transfers: list[Transfer]) -> list[str]:
         if self.nvme is None:
-            return "error"
-        view = self.arena.view(t.dst.slot)
+            return ["error"] * len(transfers)
+        views = [self.arena.view(t.dst.slot) for t in transfers]
         try:
-            self.nvme.read_into(t.src.slot, t.nbytes, view)
-            return "ok"
-        except CorruptBlockError:
-            return "corrupt"
-        except OSError as exc:
-            self.errors += 1
-            log.error("reading block %x from NVMe failed: %s", t.record.hash, exc)
-            return "error"
+            errors = self.nvme.read_many([(t.src.slot, t.nbytes, v) for t, v in zip(transfers, views)])
         finally:
-            view.release()
+            for v in views:
+                v.release()
+        out = []
+        for t, err in zip(transfers, errors):
+            if err is None:
+                out.append("ok")
+            elif isinstance(err, CorruptBlockError):
+                out.append("corrupt")
+            else:
+                self.errors += 1
+                log.error("reading block %x from NVMe failed: %s", t.record.hash, err)
+                out.append("error")
+        return out

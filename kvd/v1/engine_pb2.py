@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvd.v1 import types_pb2 as kvd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvd/v1/engine.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"X\n\x18RegisterNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\",\n\x19RegisterNamespaceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x11\n\x0fGetArenaRequest\"Z\n\x10GetArenaResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x61rena_id\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x12\n\npage_bytes\x18\x04 \x01(\r\"F\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"-\n\x0eLookupResponse\x12\x1b\n\x05tiers\x18\x01 \x03(\x0e\x32\x0c.kvd.v1.Tier\"v\n\x13PrepareStoreRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"9\n\tStoreSlot\x12\r\n\x05write\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\"s\n\x14PrepareStoreResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.kvd.v1.StoreSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"E\n\x12\x43ommitStoreRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\r\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"(\n\x13\x43ommitStoreResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\"b\n\x12PrepareLoadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"H\n\x08LoadSlot\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"q\n\x13PrepareLoadResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvd.v1.LoadSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"\'\n\x13\x43ompleteLoadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14\x43ompleteLoadResponse\"]\n\x11StoreInlineHeader\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"9\n\nBlockChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x12StoreInlineRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.kvd.v1.StoreInlineHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvd.v1.BlockChunkH\x00\x42\x06\n\x04part\"6\n\x13StoreInlineResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\"J\n\x11LoadInlineRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"`\n\x12LoadInlineResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x32\x91\x05\n\x06\x45ngine\x12X\n\x11RegisterNamespace\x12 .kvd.v1.RegisterNamespaceRequest\x1a!.kvd.v1.RegisterNamespaceResponse\x12=\n\x08GetArena\x12\x17.kvd.v1.GetArenaRequest\x1a\x18.kvd.v1.GetArenaResponse\x12\x37\n\x06Lookup\x12\x15.kvd.v1.LookupRequest\x1a\x16.kvd.v1.LookupResponse\x12I\n\x0cPrepareStore\x12\x1b.kvd.v1.PrepareStoreRequest\x1a\x1c.kvd.v1.PrepareStoreResponse\x12\x46\n\x0b\x43ommitStore\x12\x1a.kvd.v1.CommitStoreRequest\x1a\x1b.kvd.v1.CommitStoreResponse\x12\x46\n\x0bPrepareLoad\x12\x1a.kvd.v1.PrepareLoadRequest\x1a\x1b.kvd.v1.PrepareLoadResponse\x12I\n\x0c\x43ompleteLoad\x12\x1b.kvd.v1.CompleteLoadRequest\x1a\x1c.kvd.v1.CompleteLoadResponse\x12H\n\x0bStoreInline\x12\x1a.kvd.v1.StoreInlineRequest\x1a\x1b.kvd.v1.StoreInlineResponse(\x01\x12\x45\n\nLoadInline\x12\x19.kvd.v1.LoadInlineRequest\x1a\x1a.kvd.v1.LoadInlineResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvd/v1/engine.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"X\n\x18RegisterNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\",\n\x19RegisterNamespaceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x11\n\x0fGetArenaRequest\"Z\n\x10GetArenaResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x61rena_id\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x12\n\npage_bytes\x18\x04 \x01(\r\"F\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"5\n\x07TierRun\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"/\n\x0eLookupResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.kvd.v1.TierRun\"v\n\x13PrepareStoreRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"9\n\tStoreSlot\x12\r\n\x05write\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\"s\n\x14PrepareStoreResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.kvd.v1.StoreSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"E\n\x12\x43ommitStoreRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\r\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"(\n\x13\x43ommitStoreResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\"b\n\x12PrepareLoadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"H\n\x08LoadSlot\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"q\n\x13PrepareLoadResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvd.v1.LoadSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"\'\n\x13\x43ompleteLoadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14\x43ompleteLoadResponse\"]\n\x11StoreInlineHeader\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"9\n\nBlockChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x12StoreInlineRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.kvd.v1.StoreInlineHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvd.v1.BlockChunkH\x00\x42\x06\n\x04part\"6\n\x13StoreInlineResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\"J\n\x11LoadInlineRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"`\n\x12LoadInlineResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x32\x91\x05\n\x06\x45ngine\x12X\n\x11RegisterNamespace\x12 .kvd.v1.RegisterNamespaceRequest\x1a!.kvd.v1.RegisterNamespaceResponse\x12=\n\x08GetArena\x12\x17.kvd.v1.GetArenaRequest\x1a\x18.kvd.v1.GetArenaResponse\x12\x37\n\x06Lookup\x12\x15.kvd.v1.LookupRequest\x1a\x16.kvd.v1.LookupResponse\x12I\n\x0cPrepareStore\x12\x1b.kvd.v1.PrepareStoreRequest\x1a\x1c.kvd.v1.PrepareStoreResponse\x12\x46\n\x0b\x43ommitStore\x12\x1a.kvd.v1.CommitStoreRequest\x1a\x1b.kvd.v1.CommitStoreResponse\x12\x46\n\x0bPrepareLoad\x12\x1a.kvd.v1.PrepareLoadRequest\x1a\x1b.kvd.v1.PrepareLoadResponse\x12I\n\x0c\x43ompleteLoad\x12\x1b.kvd.v1.CompleteLoadRequest\x1a\x1c.kvd.v1.CompleteLoadResponse\x12H\n\x0bStoreInline\x12\x1a.kvd.v1.StoreInlineRequest\x1a\x1b.kvd.v1.StoreInlineResponse(\x01\x12\x45\n\nLoadInline\x12\x19.kvd.v1.LoadInlineRequest\x1a\x1a.kvd.v1.LoadInlineResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,40 +42,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETARENARESPONSE']._serialized_end=296
   _globals['_LOOKUPREQUEST']._serialized_start=298
   _globals['_LOOKUPREQUEST']._serialized_end=368
-  _globals['_LOOKUPRESPONSE']._serialized_start=370
-  _globals['_LOOKUPRESPONSE']._serialized_end=415
-  _globals['_PREPARESTOREREQUEST']._serialized_start=417
-  _globals['_PREPARESTOREREQUEST']._serialized_end=535
-  _globals['_STORESLOT']._serialized_start=537
-  _globals['_STORESLOT']._serialized_end=594
-  _globals['_PREPARESTORERESPONSE']._serialized_start=596
-  _globals['_PREPARESTORERESPONSE']._serialized_end=711
-  _globals['_COMMITSTOREREQUEST']._serialized_start=713
-  _globals['_COMMITSTOREREQUEST']._serialized_end=782
-  _globals['_COMMITSTORERESPONSE']._serialized_start=784
-  _globals['_COMMITSTORERESPONSE']._serialized_end=824
-  _globals['_PREPARELOADREQUEST']._serialized_start=826
-  _globals['_PREPARELOADREQUEST']._serialized_end=924
-  _globals['_LOADSLOT']._serialized_start=926
-  _globals['_LOADSLOT']._serialized_end=998
-  _globals['_PREPARELOADRESPONSE']._serialized_start=1000
-  _globals['_PREPARELOADRESPONSE']._serialized_end=1113
-  _globals['_COMPLETELOADREQUEST']._serialized_start=1115
-  _globals['_COMPLETELOADREQUEST']._serialized_end=1154
-  _globals['_COMPLETELOADRESPONSE']._serialized_start=1156
-  _globals['_COMPLETELOADRESPONSE']._serialized_end=1178
-  _globals['_STOREINLINEHEADER']._serialized_start=1180
-  _globals['_STOREINLINEHEADER']._serialized_end=1273
-  _globals['_BLOCKCHUNK']._serialized_start=1275
-  _globals['_BLOCKCHUNK']._serialized_end=1332
-  _globals['_STOREINLINEREQUEST']._serialized_start=1334
-  _globals['_STOREINLINEREQUEST']._serialized_end=1444
-  _globals['_STOREINLINERESPONSE']._serialized_start=1446
-  _globals['_STOREINLINERESPONSE']._serialized_end=1500
-  _globals['_LOADINLINEREQUEST']._serialized_start=1502
-  _globals['_LOADINLINEREQUEST']._serialized_end=1576
-  _globals['_LOADINLINERESPONSE']._serialized_start=1578
-  _globals['_LOADINLINERESPONSE']._serialized_end=1674
-  _globals['_ENGINE']._serialized_start=1677
-  _globals['_ENGINE']._serialized_end=2334
+  _globals['_TIERRUN']._serialized_start=370
+  _globals['_TIERRUN']._serialized_end=423
+  _globals['_LOOKUPRESPONSE']._serialized_start=425
+  _globals['_LOOKUPRESPONSE']._serialized_end=472
+  _globals['_PREPARESTOREREQUEST']._serialized_start=474
+  _globals['_PREPARESTOREREQUEST']._serialized_end=592
+  _globals['_STORESLOT']._serialized_start=594
+  _globals['_STORESLOT']._serialized_end=651
+  _globals['_PREPARESTORERESPONSE']._serialized_start=653
+  _globals['_PREPARESTORERESPONSE']._serialized_end=768
+  _globals['_COMMITSTOREREQUEST']._serialized_start=770
+  _globals['_COMMITSTOREREQUEST']._serialized_end=839
+  _globals['_COMMITSTORERESPONSE']._serialized_start=841
+  _globals['_COMMITSTORERESPONSE']._serialized_end=881
+  _globals['_PREPARELOADREQUEST']._serialized_start=883
+  _globals['_PREPARELOADREQUEST']._serialized_end=981
+  _globals['_LOADSLOT']._serialized_start=983
+  _globals['_LOADSLOT']._serialized_end=1055
+  _globals['_PREPARELOADRESPONSE']._serialized_start=1057
+  _globals['_PREPARELOADRESPONSE']._serialized_end=1170
+  _globals['_COMPLETELOADREQUEST']._serialized_start=1172
+  _globals['_COMPLETELOADREQUEST']._serialized_end=1211
+  _globals['_COMPLETELOADRESPONSE']._serialized_start=1213
+  _globals['_COMPLETELOADRESPONSE']._serialized_end=1235
+  _globals['_STOREINLINEHEADER']._serialized_start=1237
+  _globals['_STOREINLINEHEADER']._serialized_end=1330
+  _globals['_BLOCKCHUNK']._serialized_start=1332
+  _globals['_BLOCKCHUNK']._serialized_end=1389
+  _globals['_STOREINLINEREQUEST']._serialized_start=1391
+  _globals['_STOREINLINEREQUEST']._serialized_end=1501
+  _globals['_STOREINLINERESPONSE']._serialized_start=1503
+  _globals['_STOREINLINERESPONSE']._serialized_end=1557
+  _globals['_LOADINLINEREQUEST']._serialized_start=1559
+  _globals['_LOADINLINEREQUEST']._serialized_end=1633
+  _globals['_LOADINLINERESPONSE']._serialized_start=1635
+  _globals['_LOADINLINERESPONSE']._serialized_end=1731
+  _globals['_ENGINE']._serialized_start=1734
+  _globals['_ENGINE']._serialized_end=2391
 # @@protoc_insertion_point(module_scope)

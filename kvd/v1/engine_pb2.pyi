@@ -49,11 +49,19 @@ class LookupRequest(_message.Message):
     session_id: str
     def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
+class TierRun(_message.Message):
+    __slots__ = ("tier", "blocks")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    tier: _types_pb2.Tier
+    blocks: int
+    def __init__(self, tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., blocks: _Optional[int] = ...) -> None: ...
+
 class LookupResponse(_message.Message):
-    __slots__ = ("tiers",)
-    TIERS_FIELD_NUMBER: _ClassVar[int]
-    tiers: _containers.RepeatedScalarFieldContainer[_types_pb2.Tier]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[_types_pb2.Tier, str]]] = ...) -> None: ...
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[TierRun]
+    def __init__(self, runs: _Optional[_Iterable[_Union[TierRun, _Mapping]]] = ...) -> None: ...
 
 class PrepareStoreRequest(_message.Message):
     __slots__ = ("namespace", "blocks", "lease_seconds", "session_id")
