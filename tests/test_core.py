@@ -242,9 +242,15 @@ def test_leases_expire_on_the_injected_clock():
     assert core.expire_leases() == 0
     clock.now += 0.2
     assert core.expire_leases() == 1
-    assert core.spaces["dram"].used_bytes == 0
+    assert core.lookup(NS, [1]) == []
     with pytest.raises(UnknownLease):
         core.commit_store(grant.lease_id)
+    # The slots stay quarantined for one more lease period (a stalled writer may resume).
+    assert core.spaces["dram"].used_bytes == 2 * PAGE
+    assert core.check() == []
+    clock.now += 10
+    core.expire_leases()
+    assert core.spaces["dram"].used_bytes == 0
     store(core, 1, 2)
     load = core.prepare_load(NS, [1, 2])
     clock.now += 11
@@ -262,3 +268,17 @@ def test_restore_block_and_check_catches_corruption_of_state():
     assert core.check() == []
     core.namespace(NS).visible[99] = 2  # break an invariant on purpose
     assert any("visible" in p for p in core.check())
+
+
+def test_failed_promotion_after_its_lease_expired_keeps_counts_sane():
+    core, clock = make_core(1, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    run_mover(core)
+    store(core, 2)
+    run_mover(core)
+    grant = core.prepare_load(NS, [1])
+    clock.now += 11
+    assert core.expire_leases() == 1
+    core.complete_transfer(grant.promotions[0], ok=False)
+    assert core.check() == []
+    assert core.lookup(NS, [1]) == ["nvme"]

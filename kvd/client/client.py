@@ -372,7 +372,7 @@ class Client:
             return self._engine.CompleteLoad.future(req, timeout=self.timeout)
 
         result: list = []
-        completes = []
+        completes: list[tuple[int, int, object]] = []  # (lo, hi, CompleteLoad future)
         pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
         try:
             for i, (lo, hi) in enumerate(ranges):
@@ -390,15 +390,23 @@ class Client:
                             memoryview(outs[j]).cast("B")[: slot.nbytes] = arena.view(slot.slot.offset, slot.nbytes)
                             result.append(True)
                 finally:
-                    completes.append(complete(grant.lease_id))
+                    completes.append((lo, hi, complete(grant.lease_id)))
         finally:
             for future in pending:  # an error left prepared batches behind: release them
                 try:
-                    completes.append(complete(self._result(future).lease_id))
+                    completes.append((0, 0, complete(self._result(future).lease_id)))
                 except ClientError:
                     pass
-            for f in completes:
-                self._result(f)
+            for lo, hi, future in completes:
+                try:
+                    self._result(future)
+                except ClientError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    # The lease expired while we copied: the slots may have been reused, so
+                    # what we read cannot be trusted. Report those blocks as missing.
+                    for j in range(lo, min(hi, len(result))):
+                        result[j] = None if outs is None else False
         return result
 
     def _store_inline(self, namespace, specs, blocks, session_id) -> int:

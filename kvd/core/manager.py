@@ -174,6 +174,7 @@ class KvCore:
         self._demotions: deque[Transfer] = deque()
         self._inflight: dict[int, Transfer] = {}
         self._write_behind: deque[BlockRecord] = deque()
+        self._quarantine: deque[tuple[float, Slot]] = deque()  # (release time, DRAM slot)
 
     # -- namespaces -----------------------------------------------------------------------
     def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
@@ -364,21 +365,31 @@ class KvCore:
 
     # -- leases ---------------------------------------------------------------------------
     def expire_leases(self) -> int:
-        """Abort store leases and release load leases whose time is up. Returns how many."""
+        """Abort store leases and release load leases whose time is up. Returns how many.
+
+        The slots of an expired store lease are quarantined for another lease period
+        before reuse: a client that stalled mid-copy and resumes late then writes into
+        space nobody owns, not into another block.
+        """
         now = self.clock()
         expired = 0
         for lease_id in [i for i, lease in self._store_leases.items() if lease.expires_at <= now]:
-            self.commit_store(lease_id, abort=True)
+            lease = self._store_leases.pop(lease_id)
+            ns = self._namespaces[lease.namespace]
+            for item in lease.items:
+                if item is not None:
+                    record, copy = item
+                    del record.copies["dram"]
+                    if not record.copies:
+                        del ns.blocks[record.hash]
+                    self._quarantine.append((now + self.config.lease_seconds, copy.slot))
             expired += 1
         for lease_id in [i for i, lease in self._load_leases.items() if lease.expires_at <= now]:
             self.complete_load(lease_id)
             expired += 1
+        while self._quarantine and self._quarantine[0][0] <= now:
+            self.spaces["dram"].free(self._quarantine.popleft()[1])
         return expired
-
-    def next_lease_expiry(self) -> float | None:
-        times = [lease.expires_at for lease in self._store_leases.values()]
-        times += [lease.expires_at for lease in self._load_leases.values()]
-        return min(times, default=None)
 
     @property
     def lease_count(self) -> int:
@@ -435,8 +446,8 @@ class KvCore:
             if transfer.kind == "demote":
                 self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="demoted")
             return
-        if transfer.kind == "promote":
-            transfer.dst.readers -= 1  # the load lease's pin goes with the copy
+        # A failed promotion's copy goes away with the load lease's pin still counted on it;
+        # the lease's completion then unpins an orphan, which is harmless.
         self._drop_copy(ns, record, transfer.dst_tier, transfer.dst, reason=None)
         if corrupt:
             self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
@@ -532,6 +543,10 @@ class KvCore:
             stray = set(ns.visible) - set(ns.blocks)
             if stray:
                 problems.append(f"{ns.name}: {len(stray)} visible hashes without a block")
+        for _, slot in self._quarantine:
+            used["dram"] += slot.length
+            if not self.spaces["dram"].is_allocated(slot):
+                problems.append(f"quarantined dram slot {slot} is not allocated")
         for tier in self.tiers:
             if used[tier] != self.spaces[tier].used_bytes:
                 problems.append(f"{tier}: copies hold {used[tier]} bytes, the space says {self.spaces[tier].used_bytes}")
