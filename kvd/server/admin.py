@@ -88,17 +88,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         problems += [f"dram: {p}" for p in self.s.arena.check()]
         if self.s.nvme is not None:
             problems += [f"nvme: {p}" for p in self.s.nvme.check()]
+            # Every readable NVMe copy is in the manifest; every manifest entry is an NVMe
+            # copy, readable or still landing (a batch's manifest write precedes its report).
             durable = {e.key for e in self.s.nvme.entries()}
-            held = {
-                block_key(r.namespace, r.hash)
-                for r in self.s.core.blocks()
-                if (c := r.copies.get("nvme")) is not None and c.ready
-            }
-            if durable != held:
-                problems.append(
-                    f"nvme: manifest and catalog disagree ({len(durable - held)} only in the manifest, "
-                    f"{len(held - durable)} only in the catalog)"
-                )
+            ready, landing = set(), set()
+            for r in self.s.core.blocks():
+                copy = r.copies.get("nvme")
+                if copy is not None:
+                    (ready if copy.ready else landing).add(block_key(r.namespace, r.hash))
+            if ready - durable:
+                problems.append(f"nvme: {len(ready - durable)} readable copies have no manifest entry")
+            if durable - ready - landing:
+                problems.append(f"nvme: {len(durable - ready - landing)} manifest entries name no NVMe copy")
         return admin_pb2.CheckResponse(ok=not problems, problems=problems)
 
     @unary_rpc

@@ -60,14 +60,17 @@ class Mover:
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kvd-mover")
 
     async def stop(self) -> None:
+        """Stop planning new batches; let the batches in flight land (data, then manifest)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._inflight, return_exceptions=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -98,7 +101,7 @@ class Mover:
     async def _run(self) -> None:
         """Keep up to ``max_inflight`` batches moving: the disk stays busy while a batch's
         fdatasync and manifest sync run, and requests waiting for room see each batch land."""
-        inflight: set[asyncio.Task] = set()
+        inflight = self._inflight
         while True:
             delay = None
             while len(inflight) < self.max_inflight:
@@ -108,6 +111,9 @@ class Mover:
                     if delay > 0:
                         break
                     transfers = self.core.plan_write_behind(self.batch_blocks)
+                    # Making room on NVMe may have dropped victims: delete their manifest
+                    # entries now, before their slots are written with other blocks.
+                    self.after_core()
                 if not transfers:
                     delay = None
                     break
