@@ -46,6 +46,9 @@ class Tier(ABC):
         """Return a slot. Raises ValueError for a slot that is not allocated."""
         self.space.free(slot)
 
+    def is_allocated(self, slot: Slot) -> bool:
+        return self.space.is_allocated(slot)
+
     @abstractmethod
     def write(self, slot: Slot, data: Buffer) -> None:
         """Store ``data`` (at most ``slot.length`` bytes) in ``slot``.

@@ -187,7 +187,10 @@ class NvmeStore(Tier):
         capacity_bytes: int,
         slab_bytes: int = DEFAULT_SLAB_BYTES,
         page_bytes: int = 4096,
+        direct_io: bool = True,
     ) -> None:
+        """``direct_io`` False asks for buffered I/O + fdatasync from the start (no warning):
+        for filesystems known to refuse O_DIRECT, and for tests of that path."""
         if page_bytes <= 0 or page_bytes & (page_bytes - 1) or page_bytes % ALIGN:
             raise ValueError(
                 f"page_bytes must be a power of two multiple of {ALIGN}, got {page_bytes}"
@@ -211,7 +214,7 @@ class NvmeStore(Tier):
         self._inodes: list[int] = []
         self._db: Rdict | None = None
         self._recovered = False
-        self.direct_io = True
+        self.direct_io = direct_io
         self.space = ExtentAllocator(
             [(k * slab_bytes, size) for k, size in enumerate(self._slab_sizes)], page_bytes
         )
@@ -357,7 +360,9 @@ class NvmeStore(Tier):
         for i in order:
             slot = items[i][0]
             k, within = self._locate(slot)
-            whole = not self.direct_io or (views[i].nbytes == slot.length and _is_aligned(views[i]))
+            # Only whole slots join a run: the views are filled back to back, so a short
+            # block would shift the next one off its slot.
+            whole = views[i].nbytes == slot.length and (not self.direct_io or _is_aligned(views[i]))
             if whole and runs and end == (k, within) and len(runs[-1][2]) < _IOV_MAX:
                 runs[-1][2].append(i)
             else:
@@ -719,7 +724,9 @@ class NvmeStore(Tier):
         end = None
         for slot, src in sorted(plan, key=lambda item: item[0].offset):
             k, within = self._locate(slot)
-            joinable = not self.direct_io or (src.nbytes == slot.length and _is_aligned(src))
+            # Only whole slots join a run: the views are written back to back, so a short
+            # block would shift the next one off its slot.
+            joinable = src.nbytes == slot.length and (not self.direct_io or _is_aligned(src))
             if joinable and runs and end == (k, within) and len(runs[-1][2]) < _IOV_MAX and runs[-1][3]:
                 runs[-1][2].append(src)
             else:

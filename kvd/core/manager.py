@@ -37,7 +37,7 @@ MAX_UINT64 = (1 << 64) - 1
 
 
 class Space(Protocol):
-    """What the core needs of a tier: pure slot bookkeeping (ExtentAllocator has it)."""
+    """What the core needs of a tier: pure slot bookkeeping (a Tier, or a bare ExtentAllocator)."""
 
     capacity_bytes: int
     used_bytes: int
@@ -627,8 +627,8 @@ class KvCore:
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
         """A slot in ``tier``: free space, else evict (drop or plan demotions).
 
-        Returns the slot, Wait when demotions were planned (retry after the mover), or None
-        when every copy in the tier is protected.
+        Returns the slot, Wait when demotions were planned or copies are being read by
+        transfers (retry after the mover), or None when every copy in the tier is protected.
         """
         space = self.spaces[tier]
         slot = space.allocate(nbytes)
@@ -652,7 +652,11 @@ class KvCore:
                 if room >= nbytes:
                     break
             if not victims:
-                return Wait(pending) if pending else None
+                # Copies a transfer is reading (write-behind, demotion) are evictable once it
+                # lands: wait for the mover rather than fail.
+                if pending or any(t.src_tier == tier for t in self._inflight.values()):
+                    return Wait(pending)
+                return None
             for record, copy in victims:
                 ns = self._namespaces[record.namespace]
                 below = record.copies.get(lower) if lower else None

@@ -39,38 +39,6 @@ SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin")
 REAP_INTERVAL_S = 0.5
 
 
-class TierSpace:
-    """The core's view of a tier's space whose allocate/free go through the tier itself.
-
-    NvmeStore.free also forgets the slot's recorded checksum (and both take the tier's
-    lock, which the mover's I/O threads hold while they check slots); freeing the bare
-    allocator left stale checksum records behind, which `kvctl check` then reported.
-    """
-
-    __slots__ = ("tier", "space")
-
-    def __init__(self, tier) -> None:
-        self.tier = tier
-        self.space = tier.space
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.space.capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self.space.used_bytes
-
-    def allocate(self, nbytes: int):
-        return self.tier.allocate(nbytes)
-
-    def free(self, slot) -> None:
-        self.tier.free(slot)
-
-    def is_allocated(self, slot) -> bool:
-        return self.space.is_allocated(slot)
-
-
 def build_state(config: ServeConfig) -> DaemonState:
     """Tiers, policy and core, with the NVMe tier's surviving blocks re-entered."""
     config.validate()
@@ -81,9 +49,11 @@ def build_state(config: ServeConfig) -> DaemonState:
         nvme = NvmeStore(config.nvme_dir, config.nvme_bytes, slab_bytes=config.slab_bytes, page_bytes=config.page_bytes)
     config.shm_dir.mkdir(parents=True, exist_ok=True)
     arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
-    spaces = {"dram": arena.space}
+    # The core allocates and frees through the tiers themselves (pure bookkeeping), so a
+    # tier's own records follow its slots (NvmeStore forgets a freed slot's checksum).
+    spaces = {"dram": arena}
     if nvme is not None:
-        spaces["nvme"] = TierSpace(nvme)
+        spaces["nvme"] = nvme
     core = KvCore(
         spaces,
         make_policy(config.policy),
