@@ -291,3 +291,21 @@ def test_random_walk_matches_bitmap_model(seed: int) -> None:
         healthy(a)
         assert a.free_bytes == model.free_pages() * P
         assert a.allocated() == [pages(s, n) for s, n in sorted(model.slots.items())]
+
+
+def test_allocate_many_cuts_runs_from_few_extents():
+    alloc = ExtentAllocator([(0, 10 * 4096)], 4096)
+    hole = alloc.allocate(4096)
+    rest = alloc.allocate(9 * 4096)
+    alloc.free(hole)  # free: page 0 alone
+    alloc.free(rest)  # coalesces: all 10 pages free again
+    slots = alloc.allocate_many(8192, 4)
+    assert [s.offset // 4096 for s in slots] == [0, 2, 4, 6]
+    assert alloc.allocate_many(8192, 4) == [Slot(8 * 4096, 8192)]  # fewer when full
+    assert alloc.allocate_many(4096, 1) == []
+    assert alloc.check() == []
+    for s in slots:
+        alloc.free(s)
+    assert alloc.check() == [] and alloc.free_bytes == 8 * 4096
+    with pytest.raises(ValueError):
+        alloc.allocate_many(4096, -1)

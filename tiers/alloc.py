@@ -111,6 +111,30 @@ class ExtentAllocator:
         self._free_pages -= n
         return Slot(start * self.page_bytes, n * self.page_bytes)
 
+    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
+        """Up to ``count`` runs of ``nbytes`` each (fewer when space runs out), cut from as
+        few free extents as possible: one index update per extent, not per run."""
+        if count < 0:
+            raise ValueError(f"count must not be negative, got {count}")
+        n = self.pages_for(nbytes)
+        out: list[Slot] = []
+        pb = self.page_bytes
+        while len(out) < count and self._free_sorted:
+            want = count - len(out)
+            i = self._free_sorted.bisect_left((want * n, -1))
+            length, start = self._free_sorted[min(i, len(self._free_sorted) - 1)]
+            take = min(want, length // n)
+            if take == 0:
+                break  # even the largest free extent is too short
+            self._remove_free(start, length)
+            if length > take * n:
+                self._add_free(start + take * n, length - take * n)
+            for j in range(take):
+                self._allocated[start + j * n] = n
+                out.append(Slot((start + j * n) * pb, n * pb))
+            self._free_pages -= take * n
+        return out
+
     def reserve(self, slot: Slot) -> None:
         """Mark a specific run allocated (warm restart rebuilds the map from a manifest).
 

@@ -42,6 +42,10 @@ class Tier(ABC):
         """A slot for ``nbytes`` or None when full. Pure bookkeeping, no I/O."""
         return self.space.allocate(nbytes)
 
+    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
+        """Up to ``count`` slots of ``nbytes`` (fewer when full). Pure bookkeeping."""
+        return self.space.allocate_many(nbytes, count)
+
     def free(self, slot: Slot) -> None:
         """Return a slot. Raises ValueError for a slot that is not allocated."""
         self.space.free(slot)

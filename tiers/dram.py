@@ -189,6 +189,10 @@ class DramArena(Tier):
         with self._lock:
             return self.space.allocate(nbytes)
 
+    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
+        with self._lock:
+            return self.space.allocate_many(nbytes, count)
+
     def free(self, slot: Slot) -> None:
         with self._lock:
             self.space.free(slot)

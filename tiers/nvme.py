@@ -252,6 +252,10 @@ class NvmeStore(Tier):
         with self._lock:
             return self.space.allocate(nbytes)
 
+    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
+        with self._lock:
+            return self.space.allocate_many(nbytes, count)
+
     def free(self, slot: Slot) -> None:
         """Return ``slot`` and forget its checksum. Its manifest entry, if any, stays (a
         stale entry fails verification once the slot is reused); call :meth:`forget`."""

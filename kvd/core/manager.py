@@ -244,12 +244,14 @@ class KvCore:
                 "smaller, or full of blocks protected by leases"
             )
         items: list[tuple[BlockRecord, Copy] | None] = []
+        # Free space first, in one allocator pass (all blocks of a namespace have one size).
+        free_slots = iter(self.spaces["dram"].allocate_many(ns.block_bytes, need // ns.block_bytes))
         for spec in blocks:
             record = ns.blocks.get(spec.hash)
             if record is not None and record.copies:
                 items.append(None)  # held, or being written under another lease
                 continue
-            room = self._make_room("dram", spec.nbytes)
+            room = next(free_slots, None) or self._make_room("dram", spec.nbytes)
             if not isinstance(room, Slot):
                 self._undo_store_items(ns, items)
                 if isinstance(room, Wait):
