@@ -325,6 +325,7 @@ class ArenaMapping:
             raise
         self._mm = mm
         self._mv = memoryview(mm)
+        self._np: np.ndarray | None = None  # a numpy view for copies, made on first use
         self._size = size
         self._header = header
 
@@ -353,10 +354,32 @@ class ArenaMapping:
             )
         return self._mv[offset : offset + length]
 
+    def copy_in(self, offset: int, data: Buffer) -> None:
+        """Copy ``data`` into the arena at ``offset``. numpy does the copy with the GIL
+        released, so a client's gRPC threads keep the pipeline moving meanwhile."""
+        src = np.frombuffer(data, dtype=np.uint8)
+        self._array(offset, src.size)[:] = src
+
+    def copy_out(self, offset: int, out: Buffer) -> None:
+        """Fill the writable buffer ``out`` from the arena at ``offset`` (GIL released)."""
+        dst = np.frombuffer(out, dtype=np.uint8)
+        dst[:] = self._array(offset, dst.size)
+
+    def _array(self, offset: int, length: int) -> np.ndarray:
+        if length < 0 or offset < HEADER_BYTES or offset + length > self._size:
+            raise ValueError(
+                f"range [{offset}, {offset + length}) is outside the data pages "
+                f"[{HEADER_BYTES}, {self._size})"
+            )
+        if self._np is None:
+            self._np = np.frombuffer(self._mm, dtype=np.uint8)
+        return self._np[offset : offset + length]
+
     def close(self) -> None:
         """Unmap. Raises BufferError while views are alive (they would dangle). Idempotent."""
         if self._mm.closed:
             return
+        self._np = None
         self._mv.release()
         try:
             self._mm.close()

@@ -107,7 +107,7 @@ class Client:
         *,
         shared_memory: bool | None = None,
         timeout: float = 60.0,
-        batch_bytes: int = 16 << 20,
+        batch_bytes: int = 64 << 20,
         pipeline_depth: int = 2,
     ) -> None:
         """``shared_memory``: None tries the arena and falls back to inline; True requires it."""
@@ -344,8 +344,7 @@ class Client:
                     arena = self._arena_for(grant.arena_id)
                     for slot, block in zip(grant.slots, blocks[lo:hi]):
                         if slot.write:
-                            view = memoryview(block).cast("B")
-                            arena.view(slot.slot.offset, view.nbytes)[:] = view
+                            arena.copy_in(slot.slot.offset, block)
                 except BaseException:
                     commits.append(commit(grant.lease_id, abort=True))
                     raise
@@ -387,7 +386,7 @@ class Client:
                         elif outs is None:
                             result.append(bytes(arena.view(slot.slot.offset, slot.nbytes)))
                         else:
-                            memoryview(outs[j]).cast("B")[: slot.nbytes] = arena.view(slot.slot.offset, slot.nbytes)
+                            arena.copy_out(slot.slot.offset, memoryview(outs[j]).cast("B")[: slot.nbytes])
                             result.append(True)
                 finally:
                     completes.append((lo, hi, complete(grant.lease_id)))
