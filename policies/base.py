@@ -24,7 +24,8 @@ class Policy(ABC):
 
     @abstractmethod
     def on_accessed(self, keys: Sequence[BlockKey], now: float) -> None:
-        """``keys`` (a held prefix, root first) were looked up or loaded, in every tier."""
+        """``keys`` (a held prefix, root first) were loaded, in every tier. (Lookups have no
+        side effects: an engine may ask again and again, a router may score.)"""
 
     @abstractmethod
     def on_removed(self, tier: str, key: BlockKey) -> None:

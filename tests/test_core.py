@@ -282,3 +282,76 @@ def test_failed_promotion_after_its_lease_expired_keeps_counts_sane():
     core.complete_transfer(grant.promotions[0], ok=False)
     assert core.check() == []
     assert core.lookup(NS, [1]) == ["nvme"]
+
+
+def test_a_demotion_that_lands_under_a_load_pin_keeps_the_source():
+    core, _ = make_core(2, nvme_blocks=4)
+    store(core, 1)
+    store(core, 2)
+    assert isinstance(core.prepare_store(NS, specs(3)), Wait)
+    (demotion,) = core.take_demotions()
+    load = core.prepare_load(NS, [1])  # pins 1's DRAM copy while it moves down
+    core.complete_transfer(demotion, ok=True)
+    assert core.load_slots(load.lease_id)[0] is not None  # still readable where it was pinned
+    assert core.lookup(NS, [1]) == ["dram"]
+    assert core.check() == []
+    core.complete_load(load.lease_id)
+    assert core.check() == []
+    assert [b.ready_tiers() for b in core.blocks(NS) if b.hash == 1] == [["dram", "nvme"]]
+
+
+def test_a_second_load_waits_for_a_promotion_in_flight():
+    core, _ = make_core(1, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    run_mover(core)
+    store(core, 2)
+    run_mover(core)
+    first = core.prepare_load(NS, [1])
+    second = core.prepare_load(NS, [1, 1])
+    assert second.promotions == [] and second.awaiting == first.promotions * 2
+    assert core.check() == []
+    core.complete_transfer(first.promotions[0], ok=True)
+    assert not core.is_inflight(first.promotions[0])
+    assert core.load_slots(second.lease_id) == core.load_slots(first.lease_id) * 2
+    core.complete_load(first.lease_id)
+    core.complete_load(second.lease_id)
+    assert core.check() == []
+
+
+def test_geometry_that_no_tier_can_hold_is_invalid():
+    core, _ = make_core(2, nvme_blocks=4)
+    with pytest.raises(InvalidArgument, match="do not fit the dram tier"):
+        core.register_namespace("big", 16, 3 * PAGE)
+    assert core.check_geometry("ok", 16, 2 * PAGE) is True
+    assert core.check_geometry(NS, 16, PAGE) is False
+
+
+def test_a_refused_store_evicts_nothing_even_with_page_rounding():
+    clock = FakeClock()
+    core = KvCore({"dram": ExtentAllocator([(0, 4 * PAGE)], PAGE)}, LruPolicy(), clock)
+    core.register_namespace("r", 16, 3000)  # each block takes a whole 4 KiB page
+    grant = core.prepare_store("r", [BlockSpec(1, None, 3000), BlockSpec(2, 1, 3000)])
+    core.commit_store(grant.lease_id)
+    load = core.prepare_load("r", [1])
+    core.take_events()
+    four = [BlockSpec(h, None, 3000) for h in (6, 7, 8, 9)]  # 12000 bytes, but 4 pages
+    with pytest.raises(NoSpace):
+        core.prepare_store("r", four)
+    assert removed(core.take_events()) == []
+    assert core.lookup("r", [1, 2]) == ["dram", "dram"]
+    with pytest.raises(NoSpace, match="the DRAM tier holds"):
+        core.prepare_store("r", [BlockSpec(h, None, 3000) for h in range(10, 15)])
+    core.complete_load(load.lease_id)
+    assert core.check() == []
+
+
+def test_a_failed_write_behind_is_queued_again():
+    core, _ = make_core(2, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    (t,) = core.plan_write_behind(10)
+    core.complete_transfer(t, ok=False)
+    assert core.write_behind_pending == 1 and core.lookup(NS, [1]) == ["dram"]
+    assert core.check() == []
+    assert run_mover(core) == 1
+    assert core.write_behind_pending == 0
+    assert core.check() == []

@@ -265,9 +265,11 @@ def test_resource_exhausted_when_every_slot_is_leased(daemon_factory):
     with d.client() as c, d.client(shared_memory=False) as inline, stubs(d) as (engine, _):
         assert [t.name for t in c.status().tiers] == ["dram"]
         assert c.sync() == 0  # nothing to write down without NVMe
-        # More blocks than DRAM holds, in one store: refused at once, nothing changes.
+        # More blocks than DRAM holds, in one PrepareStore: refused at once, nothing changes.
+        # (Client.store would split it into batches that fit, each evicting older blocks.)
         five = [0xE0 + i for i in range(5)]
-        assert client_code(c.store, NS, five, [newcomer] * 5) == CODE.RESOURCE_EXHAUSTED
+        prepare = engine_pb2.PrepareStoreRequest(namespace=NS, blocks=specs(five))
+        assert rpc_code(engine.PrepareStore, prepare) == CODE.RESOURCE_EXHAUSTED
         assert c.lookup(NS, five) == []
         assert c.load(NS, base.hashes) == base.blocks
 
@@ -275,7 +277,8 @@ def test_resource_exhausted_when_every_slot_is_leased(daemon_factory):
         # evicting anything (evicting the unpinned half and then failing would lose it).
         half = engine.PrepareLoad(engine_pb2.PrepareLoadRequest(namespace=NS, hashes=base.hashes[:2]), timeout=10)
         three = [0xE8, 0xE9, 0xEA]
-        assert client_code(c.store, NS, three, [newcomer] * 3) == CODE.RESOURCE_EXHAUSTED
+        prepare = engine_pb2.PrepareStoreRequest(namespace=NS, blocks=specs(three))
+        assert rpc_code(engine.PrepareStore, prepare) == CODE.RESOURCE_EXHAUSTED
         assert c.lookup(NS, base.hashes) == ["dram"] * 4
         assert c.load(NS, base.hashes) == base.blocks
         engine.CompleteLoad(engine_pb2.CompleteLoadRequest(lease_id=half.lease_id), timeout=10)

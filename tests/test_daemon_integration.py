@@ -442,11 +442,16 @@ def test_demotion_and_promotion_without_write_behind(daemon_factory, kvctl):
         assert load_batched(c, NS, hashes, 4) == blocks  # the older ones come back from NVMe
         assert c.check() == []
         assert c.lookup(NS, hashes[-4:]) == ["dram"] * 4
-        # A load needing more DRAM than exists is refused and leaves nothing pinned behind.
-        with pytest.raises(ClientError) as err:
-            c.load(NS, hashes)
-        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # One PrepareLoad needing more DRAM than exists is refused, leaving nothing pinned;
+        # Client.load cuts the same request into batches that fit.
+        with grpc.insecure_channel(d.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                engine_pb2_grpc.EngineStub(channel).PrepareLoad(
+                    engine_pb2.PrepareLoadRequest(namespace=NS, hashes=hashes), timeout=30
+                )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert c.status().leases == 0
+        assert c.load(NS, hashes) == blocks
         assert load_batched(c, NS, hashes, 8) == blocks
         assert c.check() == []
         on_nvme = {b.hash for b in c.list_blocks(NS) if "nvme" in b.tiers}

@@ -85,6 +85,11 @@ class ExtentAllocator:
     def used_bytes(self) -> int:
         return (self._total_pages - self._free_pages) * self.page_bytes
 
+    @property
+    def largest_region_bytes(self) -> int:
+        """The longest run one slot can ever have (a slot never spans two regions)."""
+        return max(length for _, length in self._regions)
+
     def pages_for(self, nbytes: int) -> int:
         return max(1, -(-nbytes // self.page_bytes))
 

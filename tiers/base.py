@@ -38,6 +38,14 @@ class Tier(ABC):
     def used_bytes(self) -> int:
         return self.space.used_bytes
 
+    @property
+    def largest_region_bytes(self) -> int:
+        return self.space.largest_region_bytes
+
+    def slot_bytes(self, nbytes: int) -> int:
+        """Bytes a block of ``nbytes`` occupies here (rounded up to whole pages)."""
+        return self.space.slot_bytes(nbytes)
+
     def allocate(self, nbytes: int) -> Slot | None:
         """A slot for ``nbytes`` or None when full. Pure bookkeeping, no I/O."""
         return self.space.allocate(nbytes)

@@ -345,6 +345,11 @@ class ArenaMapping:
     def file_bytes(self) -> int:
         return self._size
 
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes of slot space (the file less its header page)."""
+        return self._header.capacity_bytes
+
     def view(self, offset: int, length: int) -> memoryview:
         """Writable zero-copy view of ``[offset, offset + length)`` bytes of the data pages."""
         if length < 0 or offset < HEADER_BYTES or offset + length > self._size:

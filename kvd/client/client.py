@@ -125,6 +125,7 @@ class Client:
         self._engine = engine_pb2_grpc.EngineStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._want_shm = shared_memory
+        self._block_bytes: dict[str, int] = {}
         self._arena: ArenaMapping | None = None
         self._shm_checked = False
 
@@ -158,7 +159,9 @@ class Client:
     def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
         """Register a namespace's geometry; True when it is new."""
         req = engine_pb2.RegisterNamespaceRequest(namespace=name, block_tokens=block_tokens, block_bytes=block_bytes)
-        return self._call(self._engine.RegisterNamespace, req).created
+        created = self._call(self._engine.RegisterNamespace, req).created
+        self._block_bytes[name] = block_bytes
+        return created
 
     def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
         """Tier names (``"dram"``/``"nvme"``) of the longest held prefix; [] if the first is missing."""
@@ -194,16 +197,18 @@ class Client:
             if p is not None:
                 spec.parent = _u64([p], "parents")[0]
             specs.append(spec)
+        shm = self._ensure_arena()
         ranges = list(self._batches([s.nbytes for s in specs]))
-        if self._ensure_arena():
+        if shm:
             return self._store_shm(namespace, specs, blocks, ranges, session_id)
         return sum(self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id) for lo, hi in ranges)
 
     def load(self, namespace: str, hashes: Sequence[int]) -> list[bytes | None]:
         """Each block's bytes, or None where the daemon does not hold it (or it failed its checksum)."""
         hashes = _u64(hashes, "hashes")
-        ranges = list(self._batches(None, len(hashes)))
-        if self._ensure_arena():
+        shm = self._ensure_arena()
+        ranges = list(self._batches([self._namespace_block_bytes(namespace)] * len(hashes)))
+        if shm:
             return self._load_shm(namespace, hashes, ranges, None)
         out: list[bytes | None] = []
         for lo, hi in ranges:
@@ -215,8 +220,9 @@ class Client:
         hashes = _u64(hashes, "hashes")
         if len(outs) != len(hashes):
             raise ValueError(f"{len(hashes)} hashes but {len(outs)} buffers")
+        shm = self._ensure_arena()
         ranges = list(self._batches([memoryview(o).nbytes for o in outs]))
-        if self._ensure_arena():
+        if shm:
             return self._load_shm(namespace, hashes, ranges, outs)
         found: list[bool] = []
         for lo, hi in ranges:
@@ -272,22 +278,31 @@ class Client:
         except grpc.RpcError as exc:
             raise ClientError(exc.code(), exc.details() or "") from None
 
-    def _batches(self, sizes: list[int] | None, count: int = 0) -> Iterator[tuple[int, int]]:
-        """Index ranges whose bytes stay under batch_bytes (at least one block each)."""
-        n = len(sizes) if sizes is not None else count
-        if sizes is None:
-            step = 4096
-            for lo in range(0, n, step):
-                yield lo, min(n, lo + step)
-            return
+    def _batches(self, sizes: list[int]) -> Iterator[tuple[int, int]]:
+        """Index ranges whose bytes stay under the batch size (at least one block each).
+
+        With the arena mapped, a batch is also at most 1/(pipeline_depth + 1) of it: that
+        many batches are leased at once, and they must fit beside each other.
+        """
+        cap = self.batch_bytes
+        if self._arena is not None:
+            cap = min(cap, self._arena.capacity_bytes // (self.pipeline_depth + 1))
         lo, acc = 0, 0
         for i, size in enumerate(sizes):
-            if i > lo and acc + size > self.batch_bytes:
+            if i > lo and acc + size > cap:
                 yield lo, i
                 lo, acc = i, 0
             acc += size
-        if lo < n:
-            yield lo, n
+        if lo < len(sizes):
+            yield lo, len(sizes)
+
+    def _namespace_block_bytes(self, namespace: str) -> int:
+        """A namespace's block size: known from register_namespace, else asked of the daemon."""
+        if namespace not in self._block_bytes:
+            for ns in self.status().namespaces:
+                self._block_bytes[ns.name] = ns.block_bytes
+        # An unknown namespace: the daemon answers NOT_FOUND on the first batch.
+        return self._block_bytes.get(namespace, 1)
 
     def _ensure_arena(self, arena_id: bytes | None = None) -> bool:
         """Map the daemon's arena if we can (and it is the one ``arena_id`` names)."""
@@ -323,7 +338,11 @@ class Client:
 
     def _store_shm(self, namespace, specs, blocks, ranges, session_id) -> int:
         """Pipelined: the next ``pipeline_depth`` batches' PrepareStore calls are in flight while
-        this batch's bytes are copied, so the daemon allocates (and evicts) ahead of the copy."""
+        this batch's bytes are copied, so the daemon allocates (and evicts) ahead of the copy.
+
+        At most ``pipeline_depth + 1`` batches hold slots at once: a batch's commit has
+        landed before the batch ``pipeline_depth + 1`` after it is prepared.
+        """
 
         def prepare(lo: int, hi: int):
             req = engine_pb2.PrepareStoreRequest(namespace=namespace, blocks=specs[lo:hi], session_id=session_id or "")
@@ -333,11 +352,14 @@ class Client:
             req = engine_pb2.CommitStoreRequest(lease_id=lease_id, abort=abort)
             return self._engine.CommitStore.future(req, timeout=self.timeout)
 
-        commits = []
+        committed = 0
+        commits: deque = deque()
         pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
         try:
             for i, (lo, hi) in enumerate(ranges):
                 grant = self._result(pending.popleft())
+                while commits:
+                    committed += self._result(commits.popleft()).committed
                 if i + self.pipeline_depth < len(ranges):
                     pending.append(prepare(*ranges[i + self.pipeline_depth]))
                 try:
@@ -356,11 +378,11 @@ class Client:
                 except ClientError:
                     pass
             results = [self._result(f) for f in commits]
-        return sum(r.committed for r in results)
+        return committed + sum(r.committed for r in results)
 
     def _load_shm(self, namespace, hashes, ranges, outs) -> list:
         """Pipelined like _store_shm: the next PrepareLoads (promotions from NVMe) run while this
-        batch is copied."""
+        batch is copied, and at most ``pipeline_depth + 1`` batches are pinned at once."""
 
         def prepare(lo: int, hi: int):
             req = engine_pb2.PrepareLoadRequest(namespace=namespace, hashes=hashes[lo:hi])
@@ -371,11 +393,25 @@ class Client:
             return self._engine.CompleteLoad.future(req, timeout=self.timeout)
 
         result: list = []
-        completes: list[tuple[int, int, object]] = []  # (lo, hi, CompleteLoad future)
+
+        def settle(lo: int, hi: int, future) -> None:
+            try:
+                self._result(future)
+            except ClientError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                # The lease expired while we copied: the slots may have been reused, so what
+                # we read cannot be trusted. Report those blocks as missing.
+                for j in range(lo, min(hi, len(result))):
+                    result[j] = None if outs is None else False
+
+        completes: deque = deque()  # (lo, hi, CompleteLoad future)
         pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
         try:
             for i, (lo, hi) in enumerate(ranges):
                 grant = self._result(pending.popleft())
+                while completes:
+                    settle(*completes.popleft())
                 if i + self.pipeline_depth < len(ranges):
                     pending.append(prepare(*ranges[i + self.pipeline_depth]))
                 try:
@@ -396,16 +432,8 @@ class Client:
                     completes.append((0, 0, complete(self._result(future).lease_id)))
                 except ClientError:
                     pass
-            for lo, hi, future in completes:
-                try:
-                    self._result(future)
-                except ClientError as exc:
-                    if exc.code != grpc.StatusCode.NOT_FOUND:
-                        raise
-                    # The lease expired while we copied: the slots may have been reused, so
-                    # what we read cannot be trusted. Report those blocks as missing.
-                    for j in range(lo, min(hi, len(result))):
-                        result[j] = None if outs is None else False
+            while completes:
+                settle(*completes.popleft())
         return result
 
     def _store_inline(self, namespace, specs, blocks, session_id) -> int:

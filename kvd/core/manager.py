@@ -2,7 +2,8 @@
 
 No I/O and no asyncio: every method is a synchronous state transition over in-memory state,
 with time from an injected clock. The daemon runs it over real tiers (bytes move in worker
-threads between calls); ``kvd replay`` runs the same object over capacity-only spaces.
+threads between calls); a simulator can run the very same object over capacity-only spaces
+(bare allocators) and a simulated clock.
 
 Capacity: each tier is an :class:`~kvd.tiers.ExtentAllocator`-like *space* (allocate/free,
 pure bookkeeping). When a space is full the policy names victims; a victim whose block has a
@@ -43,7 +44,11 @@ class Space(Protocol):
     used_bytes: int
 
     def allocate(self, nbytes: int) -> Slot | None: ...
+    def allocate_many(self, nbytes: int, count: int) -> list[Slot]: ...
     def free(self, slot: Slot) -> None: ...
+    def slot_bytes(self, nbytes: int) -> int: ...
+    @property
+    def largest_region_bytes(self) -> int: ...
     def is_allocated(self, slot: Slot) -> bool: ...
 
 
@@ -125,6 +130,7 @@ class LoadGrant:
     lease_id: str
     expires_at: float
     promotions: list[Transfer]  # to run (NVMe -> DRAM) before load_slots() is read
+    awaiting: list[Transfer] = field(default_factory=list)  # others' promotions to wait for
 
 
 @dataclass
@@ -175,23 +181,41 @@ class KvCore:
         self._inflight: dict[int, Transfer] = {}
         self._write_behind: deque[BlockRecord] = deque()
         self._quarantine: deque[tuple[float, Slot]] = deque()  # (release time, DRAM slot)
+        self._promoting: dict[int, Transfer] = {}  # id(DRAM copy being promoted) -> transfer
 
     # -- namespaces -----------------------------------------------------------------------
-    def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
-        """Register ``name``; True when new. GeometryConflict when known with another geometry."""
+    def check_geometry(self, name: str, block_tokens: int, block_bytes: int) -> bool:
+        """Whether registering this geometry would create a namespace (True) or confirm one.
+
+        Raises InvalidArgument (bad values, a block that no tier can hold) or
+        GeometryConflict (known with another geometry). Changes nothing.
+        """
         if not name or len(name) > self.config.max_namespace_len:
             raise InvalidArgument(f"namespace must be 1..{self.config.max_namespace_len} characters")
         if block_tokens <= 0:
             raise InvalidArgument("block_tokens must be positive")
         if not 0 < block_bytes <= self.config.max_block_bytes:
             raise InvalidArgument(f"block_bytes must be in 1..{self.config.max_block_bytes}")
-        existing = self._namespaces.get(name)
-        if existing is not None:
-            if (existing.block_tokens, existing.block_bytes) != (block_tokens, block_bytes):
-                raise GeometryConflict(
-                    f"namespace {name!r} is registered with {existing.block_tokens} tokens and "
-                    f"{existing.block_bytes} bytes per block, not {block_tokens} and {block_bytes}"
+        for tier in self.tiers:
+            largest = self.spaces[tier].largest_region_bytes
+            if self.spaces[tier].slot_bytes(block_bytes) > largest:
+                raise InvalidArgument(
+                    f"blocks of {block_bytes} bytes do not fit the {tier} tier "
+                    f"(its largest contiguous region is {largest} bytes)"
                 )
+        existing = self._namespaces.get(name)
+        if existing is None:
+            return True
+        if (existing.block_tokens, existing.block_bytes) != (block_tokens, block_bytes):
+            raise GeometryConflict(
+                f"namespace {name!r} is registered with {existing.block_tokens} tokens and "
+                f"{existing.block_bytes} bytes per block, not {block_tokens} and {block_bytes}"
+            )
+        return False
+
+    def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
+        """Register ``name``; True when new. Raises as :meth:`check_geometry`."""
+        if not self.check_geometry(name, block_tokens, block_bytes):
             return False
         self._namespaces[name] = Namespace(name, block_tokens, block_bytes)
         self.events.registered(name, block_tokens, block_bytes, self.clock())
@@ -237,7 +261,11 @@ class KvCore:
         now = self.clock()
         # Refuse a store that cannot fit before evicting anything for it: evicting block by
         # block and failing on the last one would empty the tier for nothing.
-        need = sum(s.nbytes for s in blocks if not ((r := ns.blocks.get(s.hash)) is not None and r.copies))
+        dram = self.spaces["dram"]
+        new = sum(1 for s in blocks if not ((r := ns.blocks.get(s.hash)) is not None and r.copies))
+        need = new * dram.slot_bytes(ns.block_bytes)
+        if need > dram.capacity_bytes:
+            raise NoSpace(f"the store needs {need} bytes of DRAM; the DRAM tier holds {dram.capacity_bytes}")
         if need and not self._may_fit("dram", need):
             raise NoSpace(
                 f"no room for {len(blocks)} blocks of {blocks[0].nbytes} bytes: the DRAM tier is "
@@ -245,7 +273,7 @@ class KvCore:
             )
         items: list[tuple[BlockRecord, Copy] | None] = []
         # Free space first, in one allocator pass (all blocks of a namespace have one size).
-        free_slots = iter(self.spaces["dram"].allocate_many(ns.block_bytes, need // ns.block_bytes))
+        free_slots = iter(dram.allocate_many(ns.block_bytes, new))
         for spec in blocks:
             record = ns.blocks.get(spec.hash)
             if record is not None and record.copies:
@@ -311,6 +339,7 @@ class KvCore:
         now = self.clock()
         items: list[tuple[BlockRecord, Copy] | None] = []
         promotions: list[Transfer] = []
+        awaiting: list[Transfer] = []
         for h in hashes:
             record = ns.blocks.get(h)
             tier = record.fastest_ready() if record is not None else None
@@ -322,24 +351,35 @@ class KvCore:
                 dram.readers += 1
                 items.append((record, dram))
                 continue
-            if dram is not None:  # a DRAM copy is being written (promotion in flight)
-                items.append(None)
+            if dram is not None:
+                promotion = self._promoting.get(id(dram))
+                if promotion is None:  # a store is writing it: not readable yet
+                    items.append(None)
+                    continue
+                dram.readers += 1  # another load is promoting it: pin it and wait for that
+                items.append((record, dram))
+                awaiting.append(promotion)
                 continue
             room = self._make_room("dram", record.nbytes)
             if not isinstance(room, Slot):
                 self._undo_load_items(ns, items, promotions)
                 if isinstance(room, Wait):
                     return room
-                raise NoSpace(f"no DRAM room to promote {len(hashes)} blocks: all of it is leased")
+                raise NoSpace(
+                    f"no DRAM room to promote the blocks of a {len(hashes)}-block load: the DRAM tier "
+                    "is smaller than the load, or the rest of it is leased"
+                )
             dst = Copy(room, readers=1)  # pinned by this lease from the start
             record.copies["dram"] = dst
-            promotions.append(self._start_transfer("promote", record, tier, "dram", dst))
+            promotion = self._start_transfer("promote", record, tier, "dram", dst)
+            self._promoting[id(dst)] = promotion
+            promotions.append(promotion)
             items.append((record, dst))
         held = [item[0].key for item in items if item is not None]
         self.policy.on_accessed(held, now)
         lease = LoadLease(self._new_lease_id("l"), namespace, now + self._lease_s(lease_seconds), items)
         self._load_leases[lease.id] = lease
-        return LoadGrant(lease.id, lease.expires_at, promotions)
+        return LoadGrant(lease.id, lease.expires_at, promotions, awaiting)
 
     def load_slots(self, lease_id: str) -> list[tuple[Slot, int] | None]:
         """(DRAM slot, nbytes) per hash of a load lease; None where the block is not held."""
@@ -393,6 +433,11 @@ class KvCore:
             self.spaces["dram"].free(self._quarantine.popleft()[1])
         return expired
 
+    def lease_alive(self, lease_id: str) -> bool:
+        """Whether a store or load lease exists and its time is not up (on the core's clock)."""
+        lease = self._store_leases.get(lease_id) or self._load_leases.get(lease_id)
+        return lease is not None and lease.expires_at > self.clock()
+
     @property
     def lease_count(self) -> int:
         return len(self._store_leases) + len(self._load_leases)
@@ -437,6 +482,7 @@ class KvCore:
         """
         if self._inflight.pop(transfer.id, None) is None:
             raise ValueError(f"transfer {transfer.id} is not in flight")
+        self._promoting.pop(id(transfer.dst), None)
         record, now = transfer.record, self.clock()
         ns = self._namespaces[record.namespace]
         transfer.src.readers -= 1
@@ -445,22 +491,21 @@ class KvCore:
             ns.refresh(record)
             self.events.stored(ns.name, record.hash, record.parent, transfer.dst_tier, record.nbytes, now)
             self.policy.on_stored(transfer.dst_tier, [record.key], now)
-            if transfer.kind == "demote":
+            # A load may have pinned the source while it moved down: then it stays, a
+            # readable copy like any other, and a later eviction drops it for free.
+            if transfer.kind == "demote" and not transfer.src.readers:
                 self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="demoted")
             return
-        # A failed promotion's copy goes away with the load lease's pin still counted on it;
-        # the lease's completion then unpins an orphan, which is harmless.
+        # A failed promotion's copy goes away with the load leases' pins still counted on
+        # it; their completion then unpins an orphan, which is harmless.
         self._drop_copy(ns, record, transfer.dst_tier, transfer.dst, reason=None)
         if corrupt:
             self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
+        elif transfer.kind != "promote" and self.config.write_behind and self._lower(transfer.src_tier):
+            self._write_behind.append(record)  # a failed write down is tried again later
 
-    def drop_corrupt(self, namespace: str, h: int, tier: str) -> None:
-        """A copy failed its checksum outside a transfer: forget it."""
-        ns = self.namespace(namespace)
-        record = ns.blocks.get(h)
-        copy = record.copies.get(tier) if record is not None else None
-        if record is not None and copy is not None:
-            self._drop_copy(ns, record, tier, copy, reason="corrupt")
+    def is_inflight(self, transfer: Transfer) -> bool:
+        return transfer.id in self._inflight
 
     @property
     def write_behind_pending(self) -> int:
@@ -555,10 +600,16 @@ class KvCore:
         expected: dict[int, int] = {}
         for lease in self._load_leases.values():
             for item in lease.items:
-                if item is not None and item[0].copies.get("dram") is item[1]:
+                if item is None:
+                    continue
+                if item[0].copies.get("dram") is item[1]:
                     expected[id(item[1])] = expected.get(id(item[1]), 0) + 1
+                elif item[1].ready:
+                    problems.append(f"load lease {lease.id}: a pinned, readable copy was freed")
         for transfer in self._inflight.values():
             expected[id(transfer.src)] = expected.get(id(transfer.src), 0) + 1
+            if transfer.record.copies.get(transfer.dst_tier) is not transfer.dst:
+                problems.append(f"transfer {transfer.id}: its destination copy is gone")
         for copy_id, count in readers.items():
             if expected.get(copy_id, 0) != count:
                 problems.append(f"a copy has {count} readers, leases and transfers account for {expected.get(copy_id, 0)}")
@@ -636,6 +687,8 @@ class KvCore:
         slot = space.allocate(nbytes)
         if slot is not None:
             return slot
+        if space.slot_bytes(nbytes) > space.largest_region_bytes:
+            return None  # evicting cannot help a block bigger than any region
         lower = self._lower(tier)
         now = self.clock()
         pending = 0  # bytes that planned demotions will free

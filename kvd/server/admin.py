@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 
 from kvd import __version__
 from kvd.core.errors import InvalidArgument
@@ -67,14 +69,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 parse_block_key(after)
             except ValueError:
                 raise InvalidArgument("page_token is not one this daemon issued") from None
-        records = [r for r in self.s.core.blocks(request.namespace or None) if r.fastest_ready()]
-        keyed = sorted((block_key(r.namespace, r.hash), r) for r in records)
-        if after:
-            keyed = [kr for kr in keyed if kr[0] > after]
-        chosen = keyed[:page]
-        resp = admin_pb2.ListBlocksResponse(
-            next_page_token=chosen[-1][0].hex() if len(keyed) > page else "",
+        # One pass, keeping only the page's worth of smallest keys (no full sort per page).
+        keyed = (
+            (key, r)
+            for r in self.s.core.blocks(request.namespace or None)
+            if r.fastest_ready() and (key := block_key(r.namespace, r.hash)) > after
         )
+        chosen = heapq.nsmallest(page + 1, keyed, key=lambda kr: kr[0])
+        more = len(chosen) > page
+        chosen = chosen[:page]
+        resp = admin_pb2.ListBlocksResponse(next_page_token=chosen[-1][0].hex() if more else "")
         for _, r in chosen:
             info = resp.blocks.add(namespace=r.namespace, hash=r.hash, nbytes=r.nbytes)
             if r.parent is not None:

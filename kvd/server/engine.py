@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
-from kvd.core.errors import InvalidArgument, NoSpace
+from kvd.core.errors import InvalidArgument, NoSpace, UnknownLease
 from kvd.core.manager import BlockSpec, StoreGrant, Wait
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.tiers import TIER_CODES
@@ -69,10 +70,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     async def prepare_store(self, namespace: str, specs: list[BlockSpec], lease_seconds: float) -> StoreGrant:
         """PrepareStore, waiting (bounded) while the mover makes room."""
+        return await self._with_room(lambda: self.s.core.prepare_store(namespace, specs, lease_seconds))
+
+    async def _with_room(self, attempt):
+        """Run a core call that may answer Wait (demotions under way), retrying as the mover
+        lands batches; a bounded number of rounds, then RESOURCE_EXHAUSTED."""
         self.s.mover.foreground()
         for _ in range(WAIT_ROUNDS):
             seen = self.s.mover.batches_done
-            result = self.s.core.prepare_store(namespace, specs, lease_seconds)
+            result = attempt()
             self.s.after_core()
             if not isinstance(result, Wait):
                 return result
@@ -100,19 +106,17 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         )
 
     async def prepare_load(self, namespace: str, hashes, lease_seconds: float) -> tuple[str, float]:
-        """PrepareLoad: pin DRAM copies, promoting NVMe-only blocks first (bounded wait)."""
-        self.s.mover.foreground()
-        for _ in range(WAIT_ROUNDS):
-            seen = self.s.mover.batches_done
-            grant = self.s.core.prepare_load(namespace, hashes, lease_seconds)
-            self.s.after_core()
-            if isinstance(grant, Wait):
-                await self.s.mover.wait_progress(seen, WAIT_ROUND_S)
-                continue
-            if grant.promotions:
-                await self.s.mover.promote(grant.promotions)
-            return grant.lease_id, grant.expires_at
-        raise NoSpace("timed out waiting for demotions to make room")
+        """PrepareLoad: pin DRAM copies, promoting NVMe-only blocks first (bounded wait).
+
+        The promotions run in a task of their own that a cancelled request does not cancel:
+        every transfer the core planned is reported back, whatever happens to the caller.
+        """
+        grant = await self._with_room(lambda: self.s.core.prepare_load(namespace, hashes, lease_seconds))
+        if grant.promotions:
+            await asyncio.shield(asyncio.ensure_future(self.s.mover.promote(grant.promotions)))
+        if grant.awaiting:
+            await self.s.mover.wait_landed(grant.awaiting, WAIT_ROUND_S * WAIT_ROUNDS)
+        return grant.lease_id, grant.expires_at
 
     @unary_rpc
     async def CompleteLoad(self, request, context):
@@ -138,6 +142,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 if grant is None:
                     raise InvalidArgument("StoreInline must start with a header")
                 chunk = part.chunk
+                if not self.s.core.lease_alive(grant.lease_id):
+                    # Its slots may belong to other blocks by now: never write into them.
+                    raise UnknownLease("the store's lease expired while its bytes were streaming")
                 self._write_chunk(grant, specs, received, chunk.index, chunk.offset, chunk.data)
             if grant is None:
                 raise InvalidArgument("StoreInline stream carried no header")
@@ -149,7 +156,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                     f"blocks {short[:8]} did not receive exactly their {specs[short[0]].nbytes} bytes"
                 )
         except BaseException:
-            if grant is not None:
+            if grant is not None and self.s.core.lease_alive(grant.lease_id):
                 self.s.core.commit_store(grant.lease_id, abort=True)
                 self.s.after_core()
             raise
@@ -184,12 +191,16 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                     continue
                 slot, nbytes = found
                 for offset in range(0, nbytes, self.s.chunk_bytes):
+                    if not self.s.core.lease_alive(lease_id):
+                        # The slots may hold other blocks by now: stop rather than send them.
+                        raise UnknownLease("the load's lease expired while its bytes were streaming")
                     n = min(self.s.chunk_bytes, nbytes - offset)
                     data = self.s.slot_bytes(slot, offset, n)
                     yield engine_pb2.LoadInlineResponse(
                         index=index, found=True, nbytes=nbytes, offset=offset, data=data
                     )
         finally:
-            self.s.core.complete_load(lease_id)
-            self.s.after_core()
+            if self.s.core.lease_alive(lease_id):
+                self.s.core.complete_load(lease_id)
+                self.s.after_core()
 

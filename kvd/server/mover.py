@@ -54,6 +54,8 @@ class Mover:
         self.urgent_free_fraction = urgent_free_fraction
         self.clock = clock
         self.syncs_waiting = 0
+        self.error_backoff_s = 1.0
+        self._backoff_until = 0.0
         self._quiet_at = 0.0
         self.batches_done = 0
         self.errors = 0
@@ -81,6 +83,9 @@ class Mover:
 
     def _write_behind_delay(self) -> float:
         """Seconds write-behind should still wait (0: go now)."""
+        backoff = self._backoff_until - self.clock()
+        if backoff > 0:
+            return backoff  # the disk just failed: do not spin on it
         if self.syncs_waiting:
             return 0.0
         space = self.core.spaces["dram"]
@@ -141,9 +146,10 @@ class Mover:
         try:
             await loop.run_in_executor(self.executor, self._write_batch, transfers)
             ok = True
-        except OSError as exc:
+        except Exception as exc:  # a disk or manifest error must not strand the transfers
             self.errors += 1
-            log.error("writing %d blocks to NVMe failed: %s", len(transfers), exc)
+            self._backoff_until = self.clock() + self.error_backoff_s
+            log.error("writing %d blocks to NVMe failed: %s: %s", len(transfers), type(exc).__name__, exc)
             ok = False
         for t in transfers:
             self.core.complete_transfer(t, ok=ok)
@@ -177,8 +183,14 @@ class Mover:
         loop = asyncio.get_running_loop()
         parts = [transfers[i :: self.read_parallelism] for i in range(self.read_parallelism)]
         parts = [p for p in parts if p]
-        outcomes = await asyncio.gather(*(loop.run_in_executor(self.executor, self._read_batch, p) for p in parts))
+        outcomes = await asyncio.gather(
+            *(loop.run_in_executor(self.executor, self._read_batch, p) for p in parts), return_exceptions=True
+        )
         for part, results in zip(parts, outcomes):
+            if isinstance(results, BaseException):
+                self.errors += 1
+                log.error("reading %d blocks from NVMe failed: %s: %s", len(part), type(results).__name__, results)
+                results = ["error"] * len(part)
             for t, result in zip(part, results):
                 if result == "corrupt":
                     log.warning(
@@ -186,6 +198,19 @@ class Mover:
                     )
                 self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
         self.after_core()
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def wait_landed(self, transfers: list[Transfer], timeout: float) -> bool:
+        """Wait until none of ``transfers`` (promotions run by other requests) is in flight."""
+        async with self._progress:
+            try:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: not any(map(self.core.is_inflight, transfers))), timeout
+                )
+            except TimeoutError:
+                return False
+        return True
 
     def _read_batch(self, transfers: list[Transfer]) -> list[str]:
         if self.nvme is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvd.core.errors import KvdError
-from kvd.core.events import BlockRemoved, Event
+from kvd.core.events import BlockRemoved
 from kvd.core.manager import KvCore
 from kvd.server.codec import block_key, namespace_key, namespace_value
 from kvd.tiers import Slot
@@ -47,7 +47,6 @@ class DaemonState:
     recovered_blocks: int = 0
     dropped_on_recovery: int = 0
     mover: object = None  # kvd.server.mover.Mover, set once the loop runs
-    on_events: list[Callable[[list[Event]], None]] = field(default_factory=list)
 
     def after_core(self) -> None:
         """Apply the mechanism effects of the core's new events, then wake the mover."""
@@ -58,15 +57,15 @@ class DaemonState:
             ]
             if gone:
                 self.nvme.forget(gone)
-        for consumer in self.on_events:
-            consumer(events)
         if self.mover is not None and self.core.has_planned_work:
             self.mover.wake()
 
     def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
-        created = self.core.register_namespace(name, block_tokens, block_bytes)
-        if created and self.nvme is not None:
+        """Persist a new namespace's geometry first, then make it live: a namespace that
+        serves blocks is always one a restart knows."""
+        if self.core.check_geometry(name, block_tokens, block_bytes) and self.nvme is not None:
             self.nvme.meta_put(namespace_key(name), namespace_value(block_tokens, block_bytes))
+        created = self.core.register_namespace(name, block_tokens, block_bytes)
         self.after_core()
         return created
 
@@ -93,8 +92,10 @@ def unary_rpc(method):
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except (KvdError, ValueError, OSError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             code, details = _abort_args(exc)
+        finally:
+            self.s.after_core()  # whatever the core did before an error still takes effect
         await context.abort(code, details)
 
     return wrapper
@@ -109,8 +110,10 @@ def streaming_rpc(method):
             async for item in method(self, request, context):
                 yield item
             return
-        except (KvdError, ValueError, OSError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             code, details = _abort_args(exc)
+        finally:
+            self.s.after_core()
         await context.abort(code, details)
 
     return wrapper
