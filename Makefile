@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test proto clean bench
+.PHONY: install serve test lint proto clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check kvd tiers policies native tests
 
 # Regenerate the gRPC stubs in kvd/v1 from proto/kvd/v1 (tests fail when they drift).
 proto: install

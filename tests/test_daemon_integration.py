@@ -18,7 +18,7 @@ import sys
 import grpc
 import pytest
 
-from kvd.client import Client, ClientError
+from kvd.client import Client
 from kvd.v1 import engine_pb2, engine_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)

@@ -476,7 +476,7 @@ def test_concurrent_writes_and_reads_from_four_threads(tmp_path: Path) -> None:
         per_thread = 12
         jobs = []
         rng = random.Random(42)
-        for t in range(4):
+        for _thread in range(4):
             mine = []
             for _ in range(per_thread):
                 n = rng.randint(1, 5000)

@@ -7,6 +7,7 @@ from kvd.tiers.nvme import ManifestEntry, NvmeStore
 
 __all__ = [
     "HEADER_BYTES",
+    "TIER_CODES",
     "TIER_NAMES",
     "ArenaHeader",
     "ArenaMapping",

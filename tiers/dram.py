@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
-from kvd.tiers.base import Buffer, Tier
+from kvd.tiers.base import Buffer, Tier, byte_view
 
 HEADER_BYTES = 4096
 ARENA_MAGIC = b"KVDARENA"
@@ -72,16 +72,6 @@ class ArenaHeader:
                 f"{source}: arena version {version}, this code speaks {ARENA_VERSION}"
             )
         return cls(version, arena_id, capacity, page)
-
-
-def _byte_view(buf: Buffer, *, writable: bool) -> memoryview:
-    """A flat unsigned-byte view of any C-contiguous buffer (ValueError otherwise)."""
-    mv = memoryview(buf)
-    if writable and mv.readonly:
-        raise ValueError("output buffer is read-only")
-    if not mv.c_contiguous:
-        raise ValueError("buffer must be C-contiguous")
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
 def _map_file(fd: int, length: int) -> mmap.mmap:
@@ -211,7 +201,7 @@ class DramArena(Tier):
     def write(self, slot: Slot, data: Buffer) -> None:
         """Copy ``data`` (at most ``slot.length`` bytes) to the start of ``slot``."""
         self._require_allocated(slot)
-        src = _byte_view(data, writable=False)
+        src = byte_view(data, writable=False)
         if src.nbytes > slot.length:
             raise ValueError(f"{src.nbytes} bytes do not fit in {slot}")
         self._mv[slot.offset : slot.offset + src.nbytes] = src
@@ -221,7 +211,7 @@ class DramArena(Tier):
         self._require_allocated(slot)
         if not 0 <= nbytes <= slot.length:
             raise ValueError(f"nbytes {nbytes} outside {slot}")
-        dst = _byte_view(out, writable=True)
+        dst = byte_view(out, writable=True)
         if dst.nbytes < nbytes:
             raise ValueError(f"output buffer holds {dst.nbytes} bytes, need {nbytes}")
         dst[:nbytes] = self._mv[slot.offset : slot.offset + nbytes]

@@ -45,7 +45,7 @@ import xxhash
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
-from kvd.tiers.base import Buffer, CorruptBlockError, Tier
+from kvd.tiers.base import Buffer, CorruptBlockError, Tier, byte_view
 
 log = logging.getLogger("kvd.tiers.nvme")
 
@@ -112,25 +112,19 @@ def _decode_entry(key: bytes, value: bytes) -> ManifestEntry:
     return ManifestEntry(key, Slot(offset, length), nbytes, checksum, bytes(value[_ENTRY.size :]))
 
 
-def _byte_view(buf: Buffer, *, writable: bool) -> memoryview:
-    """A flat unsigned-byte view of any C-contiguous buffer (ValueError otherwise)."""
-    mv = memoryview(buf)
-    if writable and mv.readonly:
-        raise ValueError("output buffer is read-only")
-    if not mv.c_contiguous:
-        raise ValueError("buffer must be C-contiguous")
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
-
-
 def _is_aligned(mv: memoryview) -> bool:
     return np.frombuffer(mv, dtype=np.uint8).ctypes.data % ALIGN == 0
 
 
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write every byte of ``views`` at ``offset``, resuming after short writes."""
+def _vectored_all(io, fd: int, views: list[memoryview], offset: int) -> None:
+    """Run ``io`` (os.pwritev or os.preadv) until every byte of ``views`` moved, resuming
+    after short transfers."""
     while views:
-        done = os.pwritev(fd, views, offset)
+        done = io(fd, views, offset)
         if done <= 0:
+            if io is os.preadv:
+                # The slab is shorter than the slot: truncated behind our back; data is gone.
+                raise CorruptBlockError(f"slab file ends before offset {offset}")
             raise OSError(errno.EIO, "pwritev made no progress")
         offset += done
         while views and done >= views[0].nbytes:
@@ -140,19 +134,12 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
             views = [views[0][done:], *views[1:]]
 
 
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    _vectored_all(os.pwritev, fd, views, offset)
+
+
 def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Fill every byte of ``views`` from ``offset``; CorruptBlockError at end of file."""
-    while views:
-        done = os.preadv(fd, views, offset)
-        if done <= 0:
-            # The slab is shorter than the slot: truncated behind our back; data is gone.
-            raise CorruptBlockError(f"slab file ends before offset {offset}")
-        offset += done
-        while views and done >= views[0].nbytes:
-            done -= views[0].nbytes
-            views = views[1:]
-        if done:
-            views = [views[0][done:], *views[1:]]
+    _vectored_all(os.preadv, fd, views, offset)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -279,7 +266,7 @@ class NvmeStore(Tier):
         seen: set[int] = set()
         with self._lock:
             for slot, data in items:
-                src = _byte_view(data, writable=False)
+                src = byte_view(data, writable=False)
                 if not self.space.is_allocated(slot):
                     raise ValueError(f"{slot} is not allocated")
                 if src.nbytes > slot.length:
@@ -294,7 +281,8 @@ class NvmeStore(Tier):
                 self._written.pop(slot.offset, None)
         checksums = [xxhash.xxh3_64_intdigest(src) for _, src in plan]
         touched: set[int] = set()
-        for k, within, views in self._coalesce(plan):
+        for k, within, members in self._runs(plan):
+            views = [plan[i][1] for i in members]
             if len(views) == 1:
                 self._write_bytes(self._fds[k], within, views[0])
             else:
@@ -322,7 +310,7 @@ class NvmeStore(Tier):
             raise CorruptBlockError(f"{slot}: no durable write recorded")
         if nbytes != rec.nbytes:
             raise ValueError(f"{slot} holds {rec.nbytes} bytes, asked for {nbytes}")
-        dst = _byte_view(out, writable=True)
+        dst = byte_view(out, writable=True)
         if dst.nbytes < nbytes:
             raise ValueError(f"output buffer holds {dst.nbytes} bytes, need {nbytes}")
         dst = dst[:nbytes]
@@ -340,8 +328,6 @@ class NvmeStore(Tier):
         have raised (CorruptBlockError, ValueError, OSError).
         """
         results: list[Exception | None] = [None] * len(items)
-        runs: list[tuple[int, int, list[int]]] = []  # (file, offset, item indexes)
-        end = None
         with self._lock:
             records = [self._written.get(slot.offset) for slot, _, _ in items]
         views: list[memoryview | None] = []
@@ -352,7 +338,7 @@ class NvmeStore(Tier):
                     raise CorruptBlockError(f"{slot}: no durable write recorded")
                 if nbytes != rec.nbytes:
                     raise ValueError(f"{slot} holds {rec.nbytes} bytes, asked for {nbytes}")
-                dst = _byte_view(out, writable=True)
+                dst = byte_view(out, writable=True)
                 if dst.nbytes < nbytes:
                     raise ValueError(f"output buffer holds {dst.nbytes} bytes, need {nbytes}")
             except (CorruptBlockError, ValueError) as exc:
@@ -360,19 +346,10 @@ class NvmeStore(Tier):
                 views.append(None)
                 continue
             views.append(dst[:nbytes])
-        order = sorted((i for i, v in enumerate(views) if v is not None), key=lambda i: items[i][0].offset)
-        for i in order:
-            slot = items[i][0]
-            k, within = self._locate(slot)
-            # Only whole slots join a run: the views are filled back to back, so a short
-            # block would shift the next one off its slot.
-            whole = views[i].nbytes == slot.length and (not self.direct_io or _is_aligned(views[i]))
-            if whole and runs and end == (k, within) and len(runs[-1][2]) < _IOV_MAX:
-                runs[-1][2].append(i)
-            else:
-                runs.append((k, within, [i]))
-            end = (k, within + slot.length) if whole else None
-        for k, within, members in runs:
+        readable = [i for i, v in enumerate(views) if v is not None]
+        runs = self._runs([(items[i][0], views[i]) for i in readable])
+        for k, within, positions in runs:
+            members = [readable[p] for p in positions]
             try:
                 if len(members) == 1:
                     self._read_bytes(self._fds[k], within, views[members[0]])
@@ -717,26 +694,26 @@ class NvmeStore(Tier):
             self._local.bounce = view
         return view
 
-    def _coalesce(self, plan: list[tuple[Slot, memoryview]]) -> list[tuple[int, int, list[memoryview]]]:
-        """Group writes into runs of adjacent slots of one file: (file, offset, views).
+    def _runs(self, pairs: list[tuple[Slot, memoryview]]) -> list[tuple[int, int, list[int]]]:
+        """Group I/Os into runs of adjacent slots of one file: (file, offset, indexes).
 
-        Under direct I/O only whole, aligned blocks join a run (one pwritev of many iovecs
-        is one large I/O instead of many small ones); anything else stands alone and goes
-        through _write_bytes' padding path.
+        A run's views move back to back in one pwritev/preadv: one large I/O instead of
+        many small ones. Only whole slots join a run (a short block would shift the next
+        one off its slot), and under direct I/O only page-aligned buffers; anything else
+        stands alone and goes through the padding path.
         """
-        runs: list[tuple[int, int, list[memoryview], bool]] = []
+        runs: list[tuple[int, int, list[int]]] = []
         end = None
-        for slot, src in sorted(plan, key=lambda item: item[0].offset):
+        for i in sorted(range(len(pairs)), key=lambda i: pairs[i][0].offset):
+            slot, view = pairs[i]
             k, within = self._locate(slot)
-            # Only whole slots join a run: the views are written back to back, so a short
-            # block would shift the next one off its slot.
-            joinable = src.nbytes == slot.length and (not self.direct_io or _is_aligned(src))
-            if joinable and runs and end == (k, within) and len(runs[-1][2]) < _IOV_MAX and runs[-1][3]:
-                runs[-1][2].append(src)
+            whole = view.nbytes == slot.length and (not self.direct_io or _is_aligned(view))
+            if whole and end == (k, within) and len(runs[-1][2]) < _IOV_MAX:
+                runs[-1][2].append(i)
             else:
-                runs.append((k, within, [src], joinable))
-            end = (k, within + slot.length) if joinable else None
-        return [(k, within, views) for k, within, views, _ in runs]
+                runs.append((k, within, [i]))
+            end = (k, within + slot.length) if whole else None
+        return runs
 
     def _write_bytes(self, fd: int, within: int, src: memoryview) -> None:
         """Write ``src`` at ``within``; under O_DIRECT the last partial 4 KiB is zero-padded."""

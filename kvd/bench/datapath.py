@@ -100,11 +100,11 @@ def _direct_io(directory: Path, src: mmap.mmap, block: int, threads: int, repeat
             try:
                 os.posix_fallocate(fd, 0, total)
                 t0 = time.perf_counter()
-                run(lambda off: os.pwrite(fd, view[off : off + block], off))
+                run(lambda off, fd=fd: os.pwrite(fd, view[off : off + block], off))
                 os.fdatasync(fd)
                 best_w = min(best_w, time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                run(lambda off: os.preadv(fd, [oview[off : off + block]], off))
+                run(lambda off, fd=fd: os.preadv(fd, [oview[off : off + block]], off))
                 best_r = min(best_r, time.perf_counter() - t0)
             finally:
                 os.close(fd)

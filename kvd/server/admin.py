@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 
-
 from kvd import __version__
 from kvd.core.errors import InvalidArgument
 from kvd.server.codec import block_key, parse_block_key
