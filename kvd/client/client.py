@@ -358,10 +358,6 @@ class Client:
         try:
             for i, (lo, hi) in enumerate(ranges):
                 grant = self._result(pending.popleft())
-                while commits:
-                    committed += self._result(commits.popleft()).committed
-                if i + self.pipeline_depth < len(ranges):
-                    pending.append(prepare(*ranges[i + self.pipeline_depth]))
                 try:
                     arena = self._arena_for(grant.arena_id)
                     for slot, block in zip(grant.slots, blocks[lo:hi]):
@@ -371,6 +367,12 @@ class Client:
                     commits.append(commit(grant.lease_id, abort=True))
                     raise
                 commits.append(commit(grant.lease_id))
+                # The previous batch's commit had a whole copy to land: settle it, then
+                # prepare ahead (so at most pipeline_depth + 1 batches hold slots).
+                while len(commits) > 1:
+                    committed += self._result(commits.popleft()).committed
+                if i + self.pipeline_depth < len(ranges):
+                    pending.append(prepare(*ranges[i + self.pipeline_depth]))
         finally:
             for future in pending:  # an error left prepared batches behind: give them back
                 try:
@@ -410,10 +412,6 @@ class Client:
         try:
             for i, (lo, hi) in enumerate(ranges):
                 grant = self._result(pending.popleft())
-                while completes:
-                    settle(*completes.popleft())
-                if i + self.pipeline_depth < len(ranges):
-                    pending.append(prepare(*ranges[i + self.pipeline_depth]))
                 try:
                     arena = self._arena_for(grant.arena_id)
                     for j, slot in enumerate(grant.slots, lo):
@@ -426,6 +424,10 @@ class Client:
                             result.append(True)
                 finally:
                     completes.append((lo, hi, complete(grant.lease_id)))
+                while len(completes) > 1:  # as in _store_shm: settle the previous, then prepare
+                    settle(*completes.popleft())
+                if i + self.pipeline_depth < len(ranges):
+                    pending.append(prepare(*ranges[i + self.pipeline_depth]))
         finally:
             for future in pending:  # an error left prepared batches behind: release them
                 try:
