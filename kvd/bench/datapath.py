@@ -228,19 +228,20 @@ class _Daemon:
         self.log.close()
 
 
-def bench_kvd(directory: Path, src: mmap.mmap, block: int, lookups: int) -> dict:
-    """DRAM figures on an arena twice the data (no eviction pressure); NVMe figures on the
-    same blocks after a restart, when they are on NVMe only (recovered from the manifest)."""
+def bench_kvd(directory: Path, src: mmap.mmap, block: int, lookups: int, rounds: int = 3) -> dict:
+    """DRAM figures, best of ``rounds`` (each stores the data under new hashes) on an arena
+    with room for all rounds (no eviction pressure), like the limits' best of 3; NVMe store
+    from the first round; NVMe load of the last round after a restart, when its blocks are
+    on NVMe only (recovered from the manifest)."""
     total = len(src)
     nblocks = total // block
     root = Path(tempfile.mkdtemp(prefix="kvd-bench-"))
     nvme_dir = directory / "kvd-nvme"
     shutil.rmtree(nvme_dir, ignore_errors=True)
     margin = 64 << 20
-    daemon = _Daemon(root, dram=2 * total + margin, nvme=total + margin, nvme_dir=nvme_dir)
+    daemon = _Daemon(root, dram=rounds * total + margin, nvme=total + 2 * margin, nvme_dir=nvme_dir)
     view = memoryview(src)
     blocks = [view[i * block : (i + 1) * block] for i in range(nblocks)]
-    hashes = list(range(1, nblocks + 1))
     out = mmap.mmap(-1, total)
     out.write(b"\0" * total)
     oview = memoryview(out)
@@ -257,26 +258,32 @@ def bench_kvd(directory: Path, src: mmap.mmap, block: int, lookups: int) -> dict
         if not client.shared_memory:  # maps the arena now: a one-time cost per client, not per byte
             raise RuntimeError("the client could not map the daemon's arena")
 
-        t0 = time.perf_counter()
-        stored = client.store("bench", hashes, blocks)
-        t_dram_store = time.perf_counter() - t0
-        if stored != nblocks:
-            raise RuntimeError(f"stored {stored} of {nblocks} blocks")
-        t0 = time.perf_counter()
-        pending = client.sync(600)
-        t_until_durable = t_dram_store + (time.perf_counter() - t0)
-        if pending:
-            raise RuntimeError(f"{pending} blocks still not durable")
-
-        t0 = time.perf_counter()
-        found = client.load_into("bench", hashes, outs)
-        t_dram_load = time.perf_counter() - t0
-        if not all(found):
-            raise RuntimeError("DRAM load missed blocks")
-        same("DRAM load")
+        t_store, t_load, t_load_bytes = [], [], []
+        for r in range(rounds):
+            hashes = list(range(r * nblocks + 1, (r + 1) * nblocks + 1))
+            t0 = time.perf_counter()
+            stored = client.store("bench", hashes, blocks)
+            t_store.append(time.perf_counter() - t0)
+            if stored != nblocks:
+                raise RuntimeError(f"stored {stored} of {nblocks} blocks")
+            t0 = time.perf_counter()
+            pending = client.sync(600)
+            if r == 0:
+                t_until_durable = t_store[0] + (time.perf_counter() - t0)
+            if pending:
+                raise RuntimeError(f"{pending} blocks still not durable")
+            oview[:] = b"\0" * total
+            t0 = time.perf_counter()
+            found = client.load_into("bench", hashes, outs)
+            t_load.append(time.perf_counter() - t0)
+            if not all(found):
+                raise RuntimeError("DRAM load missed blocks")
+            same("DRAM load")
+        # load() allocates a bytes object per block; freeing 1 GiB of them disturbs what
+        # follows, so it runs once, after the rounds.
         t0 = time.perf_counter()
         loaded = client.load("bench", hashes)
-        t_dram_load_bytes = time.perf_counter() - t0
+        t_load_bytes.append(time.perf_counter() - t0)
         if loaded[7] != bytes(blocks[7]):
             raise RuntimeError("DRAM load() returned different bytes")
         del loaded
@@ -316,9 +323,11 @@ def bench_kvd(directory: Path, src: mmap.mmap, block: int, lookups: int) -> dict
         client.close()
         return {
             "kvd": {
-                "dram_store_gbps": total / t_dram_store / GB,
-                "dram_load_gbps": total / t_dram_load / GB,
-                "dram_load_bytes_gbps": total / t_dram_load_bytes / GB,
+                "dram_store_gbps": total / min(t_store) / GB,
+                "dram_load_gbps": total / min(t_load) / GB,
+                "dram_load_bytes_gbps": total / min(t_load_bytes) / GB,
+                "dram_store_gbps_each_round": [total / t / GB for t in t_store],
+                "dram_load_gbps_each_round": [total / t / GB for t in t_load],
                 "nvme_store_gbps": total / t_until_durable / GB,
                 "nvme_load_gbps": total / t_nvme_load / GB,
                 "check_problems": problems,
