@@ -113,3 +113,22 @@ def test_a_block_bigger_than_a_slab_is_refused_at_registration(daemon_factory):
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "do not fit" in err.value.details
         assert [n.name for n in c.status().namespaces] == []
+
+
+def test_restart_with_tiers_too_small_for_a_namespace_drops_it_and_serves_the_rest(daemon_factory):
+    d = daemon_factory(dram="8MiB", nvme="32MiB").start()
+    small, big = os.urandom(4096), os.urandom(4 << 20)
+    with d.client() as c:
+        c.register_namespace("small", 16, 4096)
+        c.register_namespace("big", 16, 4 << 20)
+        c.store("small", [1], [small])
+        c.store("big", [1], [big])
+        assert c.sync() == 0
+    d.kill()
+    d.args[d.args.index("--dram-bytes") + 1] = "2MiB"  # now too small for the big blocks
+    d.start()
+    with d.client() as c:
+        assert [n.name for n in c.status().namespaces] == ["small"]
+        assert c.load("small", [1]) == [small]
+        assert c.check() == []
+    assert "cannot be restored" in d.log()

@@ -71,8 +71,12 @@ def recover(state: DaemonState, verify: bool) -> None:
     """Re-enter every NVMe block whose manifest entry and checksum are intact."""
     nvme, core = state.nvme, state.core
     for key, value in nvme.meta_items(NAMESPACE_PREFIX):
-        name, block_tokens, block_bytes = parse_namespace(key, value)
-        core.register_namespace(name, block_tokens, block_bytes)
+        try:
+            name, block_tokens, block_bytes = parse_namespace(key, value)
+            core.register_namespace(name, block_tokens, block_bytes)
+        except (KvdError, ValueError, KeyError) as exc:
+            # E.g. restarted with tiers too small for its blocks: its blocks are dropped below.
+            log.error("namespace record %r cannot be restored, its blocks are dropped: %s", key, exc)
     before = nvme.manifest_size()
     entries = nvme.recover(verify=verify)
     orphans = []
