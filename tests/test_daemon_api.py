@@ -22,7 +22,7 @@ def _free_port() -> int:
 def test_health_reports_each_service_serving(daemon):
     with grpc.insecure_channel(daemon.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "kvd.v1.Engine", "kvd.v1.Admin"):
+        for service in ("", "kvd.v1.Engine", "kvd.v1.Admin", "kvd.v1.View"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
 
@@ -30,7 +30,7 @@ def test_health_reports_each_service_serving(daemon):
 def test_reflection_lists_the_api(daemon):
     with grpc.insecure_channel(daemon.address) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"kvd.v1.Engine", "kvd.v1.Admin", "grpc.health.v1.Health"} <= services
+    assert {"kvd.v1.Engine", "kvd.v1.Admin", "kvd.v1.View", "grpc.health.v1.Health"} <= services
 
 
 def test_unix_socket_is_group_accessible_only(daemon):

@@ -1,4 +1,4 @@
-"""`kvctl`: operate a kvd daemon — status, blocks, check.
+"""`kvctl`: operate a kvd daemon — status, blocks, check, watch.
 
 ``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock). Errors print
 one line on stderr and exit non-zero (1: the daemon refused or is unreachable; 2: usage).
@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     blocks.add_argument("--namespace", "-n", default=None)
     blocks.add_argument("--limit", type=int, default=None, help="at most this many blocks")
     _add_common(sub.add_parser("check", help="validate the daemon's invariants (exit 1 if any fails)"), suppress=True)
+    watch = sub.add_parser("watch", help="print the daemon's events as they happen (Ctrl-C stops)")
+    _add_common(watch, suppress=True)
+    watch.add_argument("--namespace", "-n", default=None)
+    watch.add_argument("--from-seq", type=int, default=0, help="resume from this sequence number (default: now)")
+    watch.add_argument("--count", type=int, default=None, help="exit after this many events")
     return parser
 
 
@@ -97,6 +102,33 @@ def cmd_check(client: Client, output: str) -> int:
     return 1 if problems else 0
 
 
+def _event_line(e) -> str:
+    if e.kind == "stored":
+        return f"{e.seq:>8}  stored    {e.namespace}  {e.hash:016x}  {e.tier}  {e.nbytes}"
+    if e.kind == "removed":
+        return f"{e.seq:>8}  removed   {e.namespace}  {e.hash:016x}  {e.tier}  {e.reason}"
+    return f"{e.seq:>8}  namespace {e.namespace}  {e.block_tokens} tokens  {e.block_bytes} bytes"
+
+
+def cmd_watch(client: Client, output: str, namespace: str | None, from_seq: int, count: int | None) -> int:
+    if from_seq < 0 or (count is not None and count <= 0):
+        raise ValueError("--from-seq must be >= 0 and --count > 0")
+    seen = 0
+    for batch in client.watch(from_seq=from_seq, namespace=namespace):
+        if batch.resync:
+            print(
+                f"kvctl: events before {batch.next_seq} are no longer held; resynchronize from a snapshot",
+                file=sys.stderr,
+            )
+            return 1
+        for e in batch.events:
+            print(json.dumps(asdict(e)) if output == "json" else _event_line(e), flush=True)
+            seen += 1
+            if count is not None and seen >= count:
+                return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     address = args.addr or default_address()
@@ -107,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_status(client, args.output)
             if args.command == "blocks":
                 return cmd_blocks(client, args.output, args.namespace, args.limit)
+            if args.command == "watch":
+                return cmd_watch(client, args.output, args.namespace, args.from_seq, args.count)
             return cmd_check(client, args.output)
     except ClientError as exc:
         print(f"kvctl: {exc.code.name.lower()}: {exc.details}", file=sys.stderr)
@@ -114,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvctl: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease-seconds", type=float, default=d.lease_seconds, help="default lease of a prepare (default 30)")
     serve.add_argument("--slab-bytes", type=_size, default=d.slab_bytes, metavar="SIZE", help="size of one NVMe slab file (default 1GiB)")
     serve.add_argument("--io-threads", type=int, default=d.io_threads, help="worker threads for disk I/O (default 8)")
+    serve.add_argument("--event-buffer", type=int, default=d.event_buffer, help="events kept for Watch to resume from (default 100000)")
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
     serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -75,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         io_threads=args.io_threads,
         write_behind=not args.no_write_behind,
         verify_on_start=not args.no_verify_on_start,
+        event_buffer=args.event_buffer,
     )
     try:
         config.validate()

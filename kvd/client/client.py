@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvd.tiers.dram import ArenaMapping, open_arena
-from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2
+from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
 DEFAULT_SOCKET = "var/kvd.sock"
 MAX_MESSAGE_BYTES = 256 << 20
@@ -73,6 +73,66 @@ class BlockInfo:
     tiers: list[str]
 
 
+@dataclass(frozen=True)
+class ViewEvent:
+    """One change of what the daemon holds. ``kind``: stored, removed or registered."""
+
+    seq: int
+    unix_time: float
+    kind: str
+    namespace: str
+    hash: int | None = None
+    parent: int | None = None
+    tier: str | None = None
+    nbytes: int | None = None
+    reason: str | None = None
+    block_tokens: int | None = None
+    block_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class WatchBatch:
+    """A Watch message: events, or ``resync`` (snapshot, then watch from its as_of_seq)."""
+
+    epoch: bytes
+    events: list[ViewEvent]
+    resync: bool
+    next_seq: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    epoch: bytes
+    as_of_seq: int
+    blocks: list[BlockInfo]
+
+
+@dataclass(frozen=True)
+class Score:
+    matched_blocks: int
+    matched_tokens: int
+    by_tier: dict[str, int]
+    estimated_load_s: float
+
+
+def _view_event(e) -> ViewEvent:
+    kind = e.WhichOneof("kind")
+    body = getattr(e, kind)
+    if kind == "stored":
+        parent = body.parent if body.HasField("parent") else None
+        return ViewEvent(e.seq, e.unix_time, kind, body.namespace, body.hash, parent, TIER_NAME[body.tier], body.nbytes)
+    if kind == "removed":
+        return ViewEvent(e.seq, e.unix_time, kind, body.namespace, body.hash, tier=TIER_NAME[body.tier], reason=body.reason)
+    return ViewEvent(
+        e.seq, e.unix_time, kind, body.namespace, block_tokens=body.block_tokens, block_bytes=body.block_bytes
+    )
+
+
+def _block_info(b) -> BlockInfo:
+    parent = b.parent if b.HasField("parent") else None
+    return BlockInfo(b.namespace, b.hash, parent, b.nbytes, [TIER_NAME[t] for t in b.tiers])
+
+
 def default_address() -> str:
     """``KVD_ADDR`` if set, else the default socket of `make serve` (./var/kvd.sock)."""
     return os.environ.get("KVD_ADDR") or f"unix://{os.path.abspath(DEFAULT_SOCKET)}"
@@ -124,6 +184,7 @@ class Client:
         self._channel = grpc.insecure_channel(grpc_target(self.address), options=options)
         self._engine = engine_pb2_grpc.EngineStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._view = view_pb2_grpc.ViewStub(self._channel)
         self._want_shm = shared_memory
         self._block_bytes: dict[str, int] = {}
         self._arena: ArenaMapping | None = None
@@ -256,11 +317,42 @@ class Client:
             req = admin_pb2.ListBlocksRequest(namespace=namespace or "", page_size=page_size, page_token=token)
             r = self._call(self._admin.ListBlocks, req)
             for b in r.blocks:
-                parent = b.parent if b.HasField("parent") else None
-                yield BlockInfo(b.namespace, b.hash, parent, b.nbytes, [TIER_NAME[t] for t in b.tiers])
+                yield _block_info(b)
             token = r.next_page_token
             if not token:
                 return
+
+    # -- view API -------------------------------------------------------------------------
+    def watch(self, from_seq: int = 0, epoch: bytes = b"", namespace: str | None = None) -> Iterator[WatchBatch]:
+        """The daemon's events from ``from_seq`` (0: from now), as they happen; ends after a
+        ``resync`` batch. Close the iterator (or the client) to stop."""
+        req = view_pb2.WatchRequest(from_seq=from_seq, epoch=epoch, namespace=namespace or "")
+        try:
+            for r in self._view.Watch(req):
+                yield WatchBatch(r.epoch, [_view_event(e) for e in r.events], r.resync, r.next_seq)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise ClientError(exc.code(), exc.details() or "") from None
+
+    def snapshot(self, namespace: str | None = None, page_size: int = 1000) -> Snapshot:
+        """Every held block (all pages) and the sequence number the first page was taken at."""
+        blocks: list[BlockInfo] = []
+        token, first = "", None
+        while True:
+            req = view_pb2.SnapshotRequest(namespace=namespace or "", page_size=page_size, page_token=token)
+            r = self._call(self._view.Snapshot, req)
+            first = first or r
+            blocks += [_block_info(b) for b in r.blocks]
+            token = r.next_page_token
+            if not token:
+                return Snapshot(first.epoch, first.as_of_seq, blocks)
+
+    def score(self, namespace: str, hashes: Sequence[int]) -> Score:
+        """How much of ``hashes``' prefix the daemon holds, per tier, and its load time."""
+        r = self._call(self._view.Score, view_pb2.ScoreRequest(namespace=namespace, hashes=hashes))
+        by_tier = {TIER_NAME[t.tier]: t.blocks for t in r.by_tier}
+        return Score(r.matched_blocks, r.matched_tokens, by_tier, r.estimated_load_s)
 
     def check(self) -> list[str]:
         """The daemon's invariant violations; empty when healthy."""

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import heapq
-
 from kvd import __version__
 from kvd.core.errors import InvalidArgument
-from kvd.server.codec import block_key, parse_block_key
+from kvd.server.codec import block_key
 from kvd.server.engine import TIER_CODE
+from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, unary_rpc
 from kvd.v1 import admin_pb2, admin_pb2_grpc
-
-DEFAULT_PAGE = 1000
-MAX_PAGE = 100_000
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
@@ -58,32 +54,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @unary_rpc
     async def ListBlocks(self, request, context):
-        page = request.page_size or DEFAULT_PAGE
-        if page > MAX_PAGE:
-            raise InvalidArgument(f"page_size must be at most {MAX_PAGE}")
-        after = b""
-        if request.page_token:
-            try:
-                after = bytes.fromhex(request.page_token)
-                parse_block_key(after)
-            except ValueError:
-                raise InvalidArgument("page_token is not one this daemon issued") from None
-        # One pass, keeping only the page's worth of smallest keys (no full sort per page).
-        keyed = (
-            (key, r)
-            for r in self.s.core.blocks(request.namespace or None)
-            if r.fastest_ready() and (key := block_key(r.namespace, r.hash)) > after
-        )
-        chosen = heapq.nsmallest(page + 1, keyed, key=lambda kr: kr[0])
-        more = len(chosen) > page
-        chosen = chosen[:page]
-        resp = admin_pb2.ListBlocksResponse(next_page_token=chosen[-1][0].hex() if more else "")
-        for _, r in chosen:
-            info = resp.blocks.add(namespace=r.namespace, hash=r.hash, nbytes=r.nbytes)
-            if r.parent is not None:
-                info.parent = r.parent
-            info.tiers.extend(TIER_CODE[t] for t in r.ready_tiers())
-        return resp
+        records, next_token = held_page(self.s.core, request.namespace, request.page_size, request.page_token)
+        return admin_pb2.ListBlocksResponse(blocks=[block_info(r) for r in records], next_page_token=next_token)
 
     @unary_rpc
     async def Check(self, request, context):

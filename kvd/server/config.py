@@ -25,6 +25,9 @@ class ServeConfig:
     slab_bytes: int = 1 * GiB
     io_threads: int = 8
     verify_on_start: bool = True  # read every recovered NVMe block and check its checksum
+    event_buffer: int = 100_000  # events kept for Watch streams to resume from
+    dram_to_hbm_gbps: float = 25.0  # cost model of Score's estimated load time (DESIGN.md)
+    nvme_to_dram_gbps: float = 6.0
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -34,6 +37,8 @@ class ServeConfig:
             raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or at least {self.page_bytes} bytes")
         if self.lease_seconds <= 0:
             raise ValueError("--lease-seconds must be positive")
+        if self.event_buffer <= 0:
+            raise ValueError("--event-buffer must be positive")
         if self.io_threads <= 0:
             raise ValueError("--io-threads must be positive")
         if self.tcp is not None:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvd.core.errors import KvdError
+from kvd.core.eventbuffer import EventBuffer
 from kvd.core.manager import CoreConfig, KvCore
 from kvd.policies import make_policy
 from kvd.server.admin import AdminService
@@ -28,14 +29,15 @@ from kvd.server.config import ServeConfig
 from kvd.server.engine import EngineService
 from kvd.server.mover import Mover
 from kvd.server.state import DaemonState
+from kvd.server.view import ViewService
 from kvd.tiers.dram import DramArena
 from kvd.tiers.nvme import NvmeStore
-from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc
+from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, view_pb2, view_pb2_grpc
 
 log = logging.getLogger("kvd.daemon")
 
 MAX_MESSAGE_BYTES = 256 << 20
-SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin")
+SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin", "kvd.v1.View")
 REAP_INTERVAL_S = 0.5
 
 
@@ -64,6 +66,7 @@ def build_state(config: ServeConfig) -> DaemonState:
     state = DaemonState(core, arena, nvme, clock, config.policy, started_at=clock())
     if nvme is not None:
         recover(state, verify=config.verify_on_start)
+    state.events = EventBuffer(config.event_buffer, next_seq=core.events.next_seq)
     return state
 
 
@@ -119,10 +122,13 @@ class Daemon:
         server = grpc.aio.server(options=options)
         engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
+        view = ViewService(state, self.config.dram_to_hbm_gbps, self.config.nvme_to_dram_gbps)
+        view_pb2_grpc.add_ViewServicer_to_server(view, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            view_pb2.DESCRIPTOR.services_by_name["View"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )

@@ -7,8 +7,10 @@ effects (an NVMe copy removed -> its manifest entry deleted) and wakes the mover
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvd.core.errors import KvdError
+from kvd.core.eventbuffer import EventBuffer
 from kvd.core.events import BlockRemoved
 from kvd.core.manager import KvCore
 from kvd.server.codec import block_key, namespace_key, namespace_value
@@ -47,10 +50,20 @@ class DaemonState:
     recovered_blocks: int = 0
     dropped_on_recovery: int = 0
     mover: object = None  # kvd.server.mover.Mover, set once the loop runs
+    events: EventBuffer | None = None  # what Watch streams read; set by the daemon
+    epoch: bytes = field(default_factory=lambda: secrets.token_bytes(8))  # per daemon start
+    unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
+    _events_changed: asyncio.Event | None = field(default=None, init=False)
 
     def after_core(self) -> None:
-        """Apply the mechanism effects of the core's new events, then wake the mover."""
+        """Apply the mechanism effects of the core's new events, publish them to the
+        Watch buffer, then wake the mover."""
         events = self.core.take_events()
+        if events and self.events is not None:
+            self.events.extend(events)
+            if self._events_changed is not None:
+                self._events_changed.set()
+                self._events_changed = None
         if self.nvme is not None:
             gone = [
                 block_key(e.namespace, e.hash) for e in events if isinstance(e, BlockRemoved) and e.tier == "nvme"
@@ -59,6 +72,12 @@ class DaemonState:
                 self.nvme.forget(gone)
         if self.mover is not None and self.core.has_planned_work:
             self.mover.wake()
+
+    def events_changed(self) -> asyncio.Event:
+        """An event set once more events are published (a fresh one after each publish)."""
+        if self._events_changed is None:
+            self._events_changed = asyncio.Event()
+        return self._events_changed
 
     def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
         """Persist a new namespace's geometry first, then make it live: a namespace that

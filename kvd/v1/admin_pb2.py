@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvd.v1 import types_pb2 as kvd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvd/v1/admin.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"\x0f\n\rStatusRequest\"\x89\x01\n\nTierStatus\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x10\n\x08location\x18\x05 \x01(\t\x12\x11\n\tdirect_io\x18\x06 \x01(\x08\"_\n\x0fNamespaceStatus\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\"\xf6\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12!\n\x05tiers\x18\x04 \x03(\x0b\x32\x12.kvd.v1.TierStatus\x12+\n\nnamespaces\x18\x05 \x03(\x0b\x32\x17.kvd.v1.NamespaceStatus\x12\x0e\n\x06leases\x18\x06 \x01(\r\x12\x1a\n\x12write_behind_queue\x18\x07 \x01(\x04\x12\x18\n\x10recovered_blocks\x18\x08 \x01(\x04\x12\x1b\n\x13\x64ropped_on_recovery\x18\t \x01(\x04\"M\n\x11ListBlocksRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"y\n\tBlockInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x13\n\x06parent\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x1b\n\x05tiers\x18\x05 \x03(\x0e\x32\x0c.kvd.v1.TierB\t\n\x07_parent\"P\n\x12ListBlocksResponse\x12!\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x11.kvd.v1.BlockInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0e\n\x0c\x43heckRequest\"-\n\rCheckResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\" \n\x0bSyncRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"\x1f\n\x0cSyncResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x32\xee\x01\n\x05\x41\x64min\x12\x37\n\x06Status\x12\x15.kvd.v1.StatusRequest\x1a\x16.kvd.v1.StatusResponse\x12\x43\n\nListBlocks\x12\x19.kvd.v1.ListBlocksRequest\x1a\x1a.kvd.v1.ListBlocksResponse\x12\x34\n\x05\x43heck\x12\x14.kvd.v1.CheckRequest\x1a\x15.kvd.v1.CheckResponse\x12\x31\n\x04Sync\x12\x13.kvd.v1.SyncRequest\x1a\x14.kvd.v1.SyncResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvd/v1/admin.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"\x0f\n\rStatusRequest\"\x89\x01\n\nTierStatus\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x10\n\x08location\x18\x05 \x01(\t\x12\x11\n\tdirect_io\x18\x06 \x01(\x08\"_\n\x0fNamespaceStatus\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\"\xf6\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12!\n\x05tiers\x18\x04 \x03(\x0b\x32\x12.kvd.v1.TierStatus\x12+\n\nnamespaces\x18\x05 \x03(\x0b\x32\x17.kvd.v1.NamespaceStatus\x12\x0e\n\x06leases\x18\x06 \x01(\r\x12\x1a\n\x12write_behind_queue\x18\x07 \x01(\x04\x12\x18\n\x10recovered_blocks\x18\x08 \x01(\x04\x12\x1b\n\x13\x64ropped_on_recovery\x18\t \x01(\x04\"M\n\x11ListBlocksRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListBlocksResponse\x12!\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x11.kvd.v1.BlockInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0e\n\x0c\x43heckRequest\"-\n\rCheckResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\" \n\x0bSyncRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"\x1f\n\x0cSyncResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x32\xee\x01\n\x05\x41\x64min\x12\x37\n\x06Status\x12\x15.kvd.v1.StatusRequest\x1a\x16.kvd.v1.StatusResponse\x12\x43\n\nListBlocks\x12\x19.kvd.v1.ListBlocksRequest\x1a\x1a.kvd.v1.ListBlocksResponse\x12\x34\n\x05\x43heck\x12\x14.kvd.v1.CheckRequest\x1a\x15.kvd.v1.CheckResponse\x12\x31\n\x04Sync\x12\x13.kvd.v1.SyncRequest\x1a\x14.kvd.v1.SyncResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,18 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSRESPONSE']._serialized_end=551
   _globals['_LISTBLOCKSREQUEST']._serialized_start=553
   _globals['_LISTBLOCKSREQUEST']._serialized_end=630
-  _globals['_BLOCKINFO']._serialized_start=632
-  _globals['_BLOCKINFO']._serialized_end=753
-  _globals['_LISTBLOCKSRESPONSE']._serialized_start=755
-  _globals['_LISTBLOCKSRESPONSE']._serialized_end=835
-  _globals['_CHECKREQUEST']._serialized_start=837
-  _globals['_CHECKREQUEST']._serialized_end=851
-  _globals['_CHECKRESPONSE']._serialized_start=853
-  _globals['_CHECKRESPONSE']._serialized_end=898
-  _globals['_SYNCREQUEST']._serialized_start=900
-  _globals['_SYNCREQUEST']._serialized_end=932
-  _globals['_SYNCRESPONSE']._serialized_start=934
-  _globals['_SYNCRESPONSE']._serialized_end=965
-  _globals['_ADMIN']._serialized_start=968
-  _globals['_ADMIN']._serialized_end=1206
+  _globals['_LISTBLOCKSRESPONSE']._serialized_start=632
+  _globals['_LISTBLOCKSRESPONSE']._serialized_end=712
+  _globals['_CHECKREQUEST']._serialized_start=714
+  _globals['_CHECKREQUEST']._serialized_end=728
+  _globals['_CHECKRESPONSE']._serialized_start=730
+  _globals['_CHECKRESPONSE']._serialized_end=775
+  _globals['_SYNCREQUEST']._serialized_start=777
+  _globals['_SYNCREQUEST']._serialized_end=809
+  _globals['_SYNCRESPONSE']._serialized_start=811
+  _globals['_SYNCRESPONSE']._serialized_end=842
+  _globals['_ADMIN']._serialized_start=845
+  _globals['_ADMIN']._serialized_end=1083
 # @@protoc_insertion_point(module_scope)

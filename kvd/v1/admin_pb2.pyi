@@ -71,27 +71,13 @@ class ListBlocksRequest(_message.Message):
     page_token: str
     def __init__(self, namespace: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
-class BlockInfo(_message.Message):
-    __slots__ = ("namespace", "hash", "parent", "nbytes", "tiers")
-    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
-    HASH_FIELD_NUMBER: _ClassVar[int]
-    PARENT_FIELD_NUMBER: _ClassVar[int]
-    NBYTES_FIELD_NUMBER: _ClassVar[int]
-    TIERS_FIELD_NUMBER: _ClassVar[int]
-    namespace: str
-    hash: int
-    parent: int
-    nbytes: int
-    tiers: _containers.RepeatedScalarFieldContainer[_types_pb2.Tier]
-    def __init__(self, namespace: _Optional[str] = ..., hash: _Optional[int] = ..., parent: _Optional[int] = ..., nbytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_types_pb2.Tier, str]]] = ...) -> None: ...
-
 class ListBlocksResponse(_message.Message):
     __slots__ = ("blocks", "next_page_token")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
+    blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.BlockInfo]
     next_page_token: str
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, blocks: _Optional[_Iterable[_Union[_types_pb2.BlockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,98 @@
+"""The View gRPC service for routers: Watch (resumable event stream), Snapshot, Score."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceRegistered
+from kvd.server.listing import block_info, held_page
+from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
+from kvd.tiers import TIER_CODES, TIER_NAMES
+from kvd.v1 import view_pb2, view_pb2_grpc
+
+MAX_BATCH_EVENTS = 1000  # events per WatchResponse
+GB = 1e9
+
+
+def event_message(event: Event, unix_offset: float) -> view_pb2.Event:
+    msg = view_pb2.Event(seq=event.seq, unix_time=event.ts + unix_offset)
+    if isinstance(event, BlockStored):
+        msg.stored.namespace = event.namespace
+        msg.stored.hash = event.hash
+        msg.stored.tier = TIER_CODES[event.tier]
+        msg.stored.nbytes = event.nbytes
+        if event.parent is not None:
+            msg.stored.parent = event.parent
+    elif isinstance(event, BlockRemoved):
+        msg.removed.namespace = event.namespace
+        msg.removed.hash = event.hash
+        msg.removed.tier = TIER_CODES[event.tier]
+        msg.removed.reason = event.reason
+    elif isinstance(event, NamespaceRegistered):
+        msg.registered.namespace = event.namespace
+        msg.registered.block_tokens = event.block_tokens
+        msg.registered.block_bytes = event.block_bytes
+    return msg
+
+
+class ViewService(view_pb2_grpc.ViewServicer):
+    def __init__(self, state: DaemonState, dram_to_hbm_gbps: float, nvme_to_dram_gbps: float) -> None:
+        self.s = state
+        # Seconds per byte to bring a block from each tier to the engine (HBM).
+        self._load_s_per_byte = {
+            "hbm": 0.0,
+            "dram": 1 / (dram_to_hbm_gbps * GB),
+            "nvme": 1 / (nvme_to_dram_gbps * GB) + 1 / (dram_to_hbm_gbps * GB),
+        }
+
+    @streaming_rpc
+    async def Watch(self, request, context):
+        buffer = self.s.events
+        cursor = request.from_seq or buffer.next_seq
+        if (request.epoch and request.epoch != self.s.epoch) or buffer.since(cursor) is None:
+            yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
+            return
+        namespace = request.namespace
+        while True:
+            changed = self.s.events_changed()
+            events = buffer.since(cursor)
+            if events is None:  # this reader fell behind the buffer while it was streaming
+                yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
+                return
+            if not events:
+                await changed.wait()
+                continue
+            events = events[:MAX_BATCH_EVENTS]
+            cursor = events[-1].seq + 1
+            chosen = [e for e in events if not namespace or e.namespace == namespace]
+            if chosen:
+                yield view_pb2.WatchResponse(
+                    epoch=self.s.epoch,
+                    events=[event_message(e, self.s.unix_offset) for e in chosen],
+                    next_seq=cursor,
+                )
+            await asyncio.sleep(0)  # let the data path run between batches
+
+    @unary_rpc
+    async def Snapshot(self, request, context):
+        as_of = self.s.events.next_seq
+        records, next_token = held_page(self.s.core, request.namespace, request.page_size, request.page_token)
+        return view_pb2.SnapshotResponse(
+            epoch=self.s.epoch,
+            as_of_seq=as_of,
+            blocks=[block_info(r) for r in records],
+            next_page_token=next_token,
+        )
+
+    @unary_rpc
+    async def Score(self, request, context):
+        ns = self.s.core.namespace(request.namespace)
+        codes = self.s.core.lookup_codes(request.namespace, request.hashes)
+        counts = {code: codes.count(code) for code in set(codes)}
+        load_s = sum(n * ns.block_bytes * self._load_s_per_byte[TIER_NAMES[c - 1]] for c, n in counts.items())
+        return view_pb2.ScoreResponse(
+            matched_blocks=len(codes),
+            matched_tokens=len(codes) * ns.block_tokens,
+            by_tier=[view_pb2.TierBlocks(tier=c, blocks=n) for c, n in sorted(counts.items())],
+            estimated_load_s=load_s,
+        )

@@ -1,0 +1,158 @@
+"""The View service of a real daemon: Watch (resumed, live, resync), Snapshot, Score, kvctl watch.
+
+Streams start from a sequence number taken before the change they wait for (a snapshot's
+``as_of_seq``), so no event can slip past a subscription that is still being set up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from kvd.client import Client
+
+pytestmark = pytest.mark.timeout(120)
+
+BLOCK = 64 << 10
+NS = "view"
+
+
+def collect(client: Client, until_seq: int, **watch_args) -> list:
+    """Events of a Watch stream up to (not including) ``until_seq``, read in a thread."""
+    events: list = []
+    done = threading.Event()
+
+    def run() -> None:
+        for batch in client.watch(**watch_args):
+            assert not batch.resync
+            events.extend(batch.events)
+            if batch.next_seq >= until_seq:
+                break
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(30), f"only {len(events)} events arrived"
+    return [e for e in events if e.seq < until_seq]
+
+
+def test_watch_replays_stores_write_behind_and_evictions_in_order(daemon_factory):
+    d = daemon_factory(dram="1MiB", nvme="32MiB").start()  # 16 blocks of DRAM
+    with d.client() as c:
+        c.register_namespace(NS, 16, BLOCK)
+        start = c.snapshot(NS).as_of_seq
+        c.store(NS, [1, 2, 3, 4], [os.urandom(BLOCK) for _ in range(4)])
+        assert c.sync() == 0
+        end = c.snapshot(NS).as_of_seq
+        events = collect(c, end, from_seq=start, namespace=NS)
+        assert [e.seq for e in events] == list(range(start, end))
+        stored = sorted((e.hash, e.tier) for e in events if e.kind == "stored")
+        assert stored == sorted((h, t) for h in (1, 2, 3, 4) for t in ("dram", "nvme"))
+        assert {e.parent for e in events if e.hash == 2} == {1}
+        # Resuming from a sequence number replays exactly what followed it.
+        resumed = collect(c, end, from_seq=events[1].seq, namespace=NS)
+        assert resumed == events[1:]
+        # 17 more blocks push the oldest out of DRAM: removals are events too.
+        c.store(NS, list(range(100, 117)), [os.urandom(BLOCK)] * 17)
+        assert c.sync() == 0
+        later = collect(c, c.snapshot(NS).as_of_seq, from_seq=end, namespace=NS)
+        removed = [e for e in later if e.kind == "removed"]
+        assert removed and {e.tier for e in removed} == {"dram"}
+        assert {e.reason for e in removed} <= {"evicted", "demoted"}
+
+
+def test_live_watch_gets_events_as_they_happen(daemon_factory):
+    d = daemon_factory().start()
+    with d.client() as c, d.client() as writer:
+        c.register_namespace(NS, 16, 4096)
+        start = c.snapshot(NS).as_of_seq
+        got = []
+        ready = threading.Event()
+
+        def watch() -> None:
+            for batch in c.watch(from_seq=start):
+                got.extend(batch.events)
+                if any(e.kind == "stored" and e.hash == 7 for e in got):
+                    break
+            ready.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        writer.store(NS, [7], [bytes(4096)])
+        assert ready.wait(30)
+        assert [(e.kind, e.hash, e.tier) for e in got][0] == ("stored", 7, "dram")
+
+
+def test_snapshot_plus_events_equal_the_daemons_block_list(daemon_factory):
+    d = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    with d.client() as c:
+        c.register_namespace(NS, 16, BLOCK)
+        c.store(NS, list(range(1, 11)), [os.urandom(BLOCK)] * 10)
+        snap = c.snapshot(NS, page_size=3)  # paged
+        state = {(b.hash, t) for b in snap.blocks for t in b.tiers}
+        c.store(NS, list(range(20, 40)), [os.urandom(BLOCK)] * 20)
+        assert c.sync() == 0
+        truth = {(b.hash, t) for b in c.list_blocks(NS) for t in b.tiers}
+        for e in collect(c, c.snapshot(NS).as_of_seq, from_seq=snap.as_of_seq, namespace=NS):
+            if e.kind == "stored":
+                state.add((e.hash, e.tier))
+            elif e.kind == "removed":
+                state.discard((e.hash, e.tier))
+        assert state == truth
+
+
+def test_a_resume_point_that_fell_out_or_another_epoch_asks_for_resync(daemon_factory):
+    d = daemon_factory(extra=["--event-buffer", "8"]).start()
+    with d.client() as c:
+        c.register_namespace(NS, 16, 4096)
+        c.store(NS, list(range(1, 21)), [bytes(4096)] * 20)
+        (batch,) = list(c.watch(from_seq=1))
+        assert batch.resync and batch.events == []
+        assert batch.next_seq > 20
+        (other,) = list(c.watch(from_seq=batch.next_seq, epoch=b"not-this-one"))
+        assert other.resync
+    d.kill()
+    d.start()
+    with d.client() as c:
+        (after,) = list(c.watch(from_seq=1, epoch=batch.epoch))
+        assert after.resync and after.epoch != batch.epoch  # a restart is a new epoch
+
+
+def test_score_counts_the_prefix_per_tier_with_a_load_time(daemon_factory):
+    d = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    with d.client() as c:
+        c.register_namespace(NS, 16, BLOCK)
+        c.store(NS, list(range(1, 17)), [os.urandom(BLOCK)] * 16)
+        assert c.sync() == 0
+        c.store(NS, [50, 51, 52, 53], [os.urandom(BLOCK)] * 4)  # pushes 4 of the first out
+        tiers = c.lookup(NS, list(range(1, 17)))
+        score = c.score(NS, [*range(1, 17), 999])
+        assert score.matched_blocks == 16 and score.matched_tokens == 16 * 16
+        assert score.by_tier == {t: tiers.count(t) for t in set(tiers)} and "nvme" in score.by_tier
+        dram, nvme = score.by_tier.get("dram", 0), score.by_tier["nvme"]
+        expected = dram * BLOCK / 25e9 + nvme * BLOCK * (1 / 6e9 + 1 / 25e9)
+        assert score.estimated_load_s == pytest.approx(expected)
+        assert c.score(NS, [999]).matched_blocks == 0
+
+
+def test_kvctl_watch_prints_events_as_json_lines(daemon_factory):
+    d = daemon_factory(extra=["--event-buffer", "8"]).start()
+    with d.client() as c:
+        c.register_namespace(NS, 16, 4096)
+        start = c.snapshot(NS).as_of_seq
+        c.store(NS, [1, 2, 3], [bytes(4096)] * 3)
+        assert c.sync() == 0  # 6 events since start: 3 stored in dram, then 3 in nvme
+    cmd = [sys.executable, "-m", "kvd.cli.kvctl", "--addr", d.address, "watch", "-o", "json"]
+    out = subprocess.run([*cmd, "--from-seq", str(start), "--count", "3"], capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 0, out.stderr
+    assert [(e["kind"], e["hash"], e["tier"]) for e in lines] == [("stored", h, "dram") for h in (1, 2, 3)]
+    with d.client() as c:
+        c.store(NS, [4, 5, 6, 7], [bytes(4096)] * 4)  # the first events fall out of the buffer
+        assert c.sync() == 0
+    stale = subprocess.run([*cmd, "--from-seq", str(start), "--count", "1"], capture_output=True, text=True, timeout=60)
+    assert stale.returncode == 1 and stale.stdout == ""
+    assert len(stale.stderr.splitlines()) == 1 and "resynchronize" in stale.stderr
