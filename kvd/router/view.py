@@ -1,0 +1,188 @@
+"""GlobalView: follows many daemons' Watch streams and scores a request's prefix per node.
+
+One feed (a thread) per daemon: it reads a Snapshot, then the Watch stream from the
+snapshot's sequence number, applying every event to a shared :class:`BlockIndex`. When the
+stream says ``resync`` (the daemon restarted, or this feed fell out of its event buffer),
+the feed forgets the node's entries and starts over from a new snapshot. A daemon that
+cannot be reached is left out of scores until its feed is back; a node removed from the
+view takes its entries with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from kvd.client import Client, ClientError
+from kvd.router.index import BlockIndex, MemoryIndex
+
+log = logging.getLogger("kvd.router")
+
+DEFAULT_TIER_WEIGHTS = {"hbm": 1.0, "dram": 0.8, "nvme": 0.5}
+
+
+@dataclass(frozen=True)
+class NodeScore:
+    node: str
+    matched_blocks: int
+    tokens_by_tier: dict[str, int]
+    score: float  # sum over matched blocks of their tier's weight
+
+
+@dataclass(frozen=True)
+class RouteScore:
+    best: str | None  # the node with the highest score (None when no node holds the first block)
+    nodes: dict[str, NodeScore]
+
+
+class _Feed:
+    """One daemon's stream into the index, run by a thread until stopped."""
+
+    def __init__(self, address: str, index: BlockIndex, changed: threading.Condition, retry_s: float) -> None:
+        self.address = address
+        self.index = index
+        self.changed = changed
+        self.retry_s = retry_s
+        self.epoch = b""
+        self.next_seq = 0
+        self.connected = False
+        self.block_tokens: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._client: Client | None = None
+        self._thread = threading.Thread(target=self._run, name=f"kvd-feed-{address}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        client = self._client
+        if client is not None:
+            client.close()  # ends a Watch stream blocked in another thread
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with Client(self.address, shared_memory=False) as client:
+                    self._client = client
+                    if self._stop.is_set():
+                        return
+                    self._follow(client)
+            except (ClientError, ValueError) as exc:
+                if self._stop.is_set():
+                    return
+                log.info("feed %s: %s; retrying in %.1fs", self.address, exc, self.retry_s)
+            finally:
+                self._client = None
+                self._set(connected=False)
+            self._stop.wait(self.retry_s)
+
+    def _follow(self, client: Client) -> None:
+        while not self._stop.is_set():
+            if not self.epoch:
+                self._resync(client)
+            for batch in client.watch(from_seq=self.next_seq, epoch=self.epoch):
+                if batch.resync:
+                    self.epoch = b""
+                    break
+                stored, removed = [], []
+                for e in batch.events:
+                    if e.kind == "stored":
+                        stored.append((e.namespace, e.hash, e.tier))
+                    elif e.kind == "removed":
+                        removed.append((e.namespace, e.hash, e.tier))
+                    else:
+                        self.block_tokens[e.namespace] = e.block_tokens
+                self.index.apply(self.address, stored, removed)
+                self._set(connected=True, next_seq=batch.next_seq)
+            else:
+                return  # the stream ended (the client was closed)
+
+    def _resync(self, client: Client) -> None:
+        snapshot = client.snapshot()
+        self.block_tokens = {ns.name: ns.block_tokens for ns in client.status().namespaces}
+        self.index.drop_node(self.address)
+        self.index.apply(self.address, ((b.namespace, b.hash, t) for b in snapshot.blocks for t in b.tiers), ())
+        self.epoch = snapshot.epoch
+        self._set(connected=True, next_seq=snapshot.as_of_seq)
+
+    def _set(self, connected: bool, next_seq: int | None = None) -> None:
+        with self.changed:
+            self.connected = connected
+            if next_seq is not None:
+                self.next_seq = next_seq
+            self.changed.notify_all()
+
+
+class GlobalView:
+    """The blocks of many kvd daemons, kept current from their event streams.
+
+    ``tier_weights``: the score of a block by the fastest tier holding it on a node.
+    ``index``: where the view keeps its entries (in memory by default).
+    """
+
+    def __init__(
+        self,
+        addresses: Iterable[str] = (),
+        tier_weights: dict[str, float] | None = None,
+        index: BlockIndex | None = None,
+        retry_s: float = 0.5,
+    ) -> None:
+        self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
+        self.index = index if index is not None else MemoryIndex()
+        self.retry_s = retry_s
+        self._changed = threading.Condition()
+        self._feeds: dict[str, _Feed] = {}
+        for address in addresses:
+            self.add_node(address)
+
+    def add_node(self, address: str) -> None:
+        if address in self._feeds:
+            raise ValueError(f"{address} is already in the view")
+        self._feeds[address] = _Feed(address, self.index, self._changed, self.retry_s)
+
+    def remove_node(self, address: str) -> None:
+        """Stop following a daemon and forget what it holds."""
+        feed = self._feeds.pop(address)
+        feed.stop()
+        self.index.drop_node(address)
+
+    def nodes(self) -> list[str]:
+        return list(self._feeds)
+
+    def connected(self, address: str) -> bool:
+        return self._feeds[address].connected
+
+    def wait_for(self, address: str, epoch: bytes, seq: int, timeout: float = 30.0) -> bool:
+        """Wait until the view has applied a daemon's events up to ``seq`` of ``epoch``."""
+        feed = self._feeds[address]
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: feed.connected and feed.epoch == epoch and feed.next_seq >= seq, timeout
+            )
+
+    def score(self, namespace: str, hashes: Sequence[int]) -> RouteScore:
+        """Per connected node, the matched prefix (tokens by tier) and its weighted score."""
+        live = [a for a, f in self._feeds.items() if f.connected]
+        nodes: dict[str, NodeScore] = {}
+        for address, match in self.index.match(namespace, hashes, live).items():
+            tokens = self._feeds[address].block_tokens.get(namespace, 0)
+            nodes[address] = NodeScore(
+                address,
+                match.blocks,
+                {tier: n * tokens for tier, n in match.by_tier.items()},
+                sum(n * self.tier_weights.get(tier, 0.0) for tier, n in match.by_tier.items()),
+            )
+        best = max(nodes.values(), key=lambda s: (s.score, s.matched_blocks), default=None)
+        return RouteScore(best.node if best else None, nodes)
+
+    def close(self) -> None:
+        for address in list(self._feeds):
+            self._feeds.pop(address).stop()
+
+    def __enter__(self) -> GlobalView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

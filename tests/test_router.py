@@ -1,0 +1,128 @@
+"""kvd.router: the in-memory index (unit) and GlobalView over real daemons (integration)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from kvd.router import GlobalView, MemoryIndex
+
+pytestmark = pytest.mark.timeout(180)
+
+NS = "route"
+BLOCK = 64 << 10
+
+
+# -- the index ----------------------------------------------------------------------------------
+
+
+def test_index_matches_each_nodes_unbroken_prefix_by_fastest_tier():
+    index = MemoryIndex()
+    index.apply("a", [(NS, h, "dram") for h in (1, 2, 3)] + [(NS, 3, "nvme")], [])
+    index.apply("b", [(NS, 1, "nvme"), (NS, 2, "nvme"), (NS, 4, "dram")], [])
+    m = index.match(NS, [1, 2, 3, 4])
+    assert (m["a"].blocks, m["a"].by_tier) == (3, {"dram": 3})
+    assert (m["b"].blocks, m["b"].by_tier) == (2, {"nvme": 2})
+    index.apply("a", [], [(NS, 3, "dram")])  # the NVMe copy of 3 remains
+    assert index.match(NS, [1, 2, 3])["a"].by_tier == {"dram": 2, "nvme": 1}
+    assert {n: m.blocks for n, m in index.match(NS, [4, 1]).items()} == {"b": 2}  # a lacks 4
+    assert index.match(NS, [9, 1]) == {} and index.match("other", [1]) == {}
+    assert set(index.match(NS, [1], nodes=["b"])) == {"b"}
+
+
+def test_index_forgets_removed_copies_and_dropped_nodes():
+    index = MemoryIndex()
+    index.apply("a", [(NS, 1, "dram"), (NS, 2, "dram")], [])
+    index.apply("b", [(NS, 1, "dram")], [])
+    index.apply("a", [], [(NS, 2, "dram"), (NS, 7, "nvme")])  # an unknown removal is a no-op
+    assert index.blocks_of("a") == {(NS, 1, "dram")}
+    index.drop_node("a")
+    assert index.blocks_of("a") == set() and index.blocks_of("b") == {(NS, 1, "dram")}
+
+
+# -- GlobalView over real daemons -------------------------------------------------------------
+
+
+def caught_up(view: GlobalView, d) -> None:
+    with d.client() as c:
+        snap = c.snapshot()
+    assert view.wait_for(d.address, snap.epoch, snap.as_of_seq, timeout=30), f"view behind {d.address}"
+
+
+def test_score_finds_the_node_and_tier_and_follows_demotion(daemon_factory):
+    a = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    b = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    prefix = [11, 12, 13, 14]
+    with a.client() as c:
+        c.register_namespace(NS, 16, BLOCK)
+        c.store(NS, prefix, [os.urandom(BLOCK)] * 4)
+    with b.client() as c:
+        c.register_namespace(NS, 16, BLOCK)
+        c.store(NS, prefix[:2], [os.urandom(BLOCK)] * 2)
+    with GlobalView([a.address, b.address]) as view:
+        caught_up(view, a)
+        caught_up(view, b)
+        score = view.score(NS, prefix)
+        assert score.best == a.address
+        assert score.nodes[a.address].matched_blocks == 4
+        assert score.nodes[a.address].tokens_by_tier == {"dram": 64}
+        assert score.nodes[b.address].matched_blocks == 2
+        assert score.nodes[a.address].score == pytest.approx(4 * 0.8)
+        # Push a's prefix out of DRAM: it is on NVMe now, and the view says so.
+        with a.client() as c:
+            assert c.sync() == 0
+            c.store(NS, list(range(100, 117)), [os.urandom(BLOCK)] * 17)
+            assert c.sync() == 0
+            tiers = c.lookup(NS, prefix)
+        caught_up(view, a)
+        assert "nvme" in tiers
+        got = view.score(NS, prefix).nodes[a.address]
+        want = {t: 16 * tiers.count(t) for t in set(tiers)}
+        assert got.tokens_by_tier == want
+
+
+def test_view_converges_after_a_daemon_restart_and_drops_a_node_that_left(daemon_factory):
+    a = daemon_factory(dram="8MiB", nvme="32MiB").start()
+    b = daemon_factory(dram="8MiB", nvme="32MiB").start()
+    for d in (a, b):
+        with d.client() as c:
+            c.register_namespace(NS, 16, 4096)
+            c.store(NS, [1, 2, 3], [bytes(4096)] * 3)
+            assert c.sync() == 0
+    with GlobalView([a.address, b.address], retry_s=0.1) as view:
+        caught_up(view, a)
+        caught_up(view, b)
+        a.kill()  # kill -9: its DRAM copies are gone, its NVMe copies come back
+        a.start()
+        caught_up(view, a)  # through resync: a restart is a new epoch
+        assert view.index.blocks_of(a.address) == {(NS, h, "nvme") for h in (1, 2, 3)}
+        assert view.score(NS, [1, 2, 3]).nodes[a.address].tokens_by_tier == {"nvme": 48}
+        view.remove_node(b.address)
+        assert view.index.blocks_of(b.address) == set()
+        assert set(view.score(NS, [1, 2, 3]).nodes) == {a.address}
+
+
+def test_index_equals_each_daemons_block_list_after_a_random_workload(daemon_factory):
+    daemons = [daemon_factory(dram="1MiB", nvme="4MiB").start() for _ in range(2)]
+    rng = random.Random(5)
+    with GlobalView([d.address for d in daemons]) as view:
+        for d in daemons:
+            with d.client() as c:
+                c.register_namespace(NS, 16, BLOCK)
+        for _ in range(12):
+            d = rng.choice(daemons)
+            with d.client() as c:
+                start = rng.randrange(0, 200)
+                hashes = list(range(start, start + rng.randrange(1, 12)))
+                if rng.random() < 0.7:
+                    c.store(NS, hashes, [os.urandom(BLOCK)] * len(hashes))
+                else:
+                    c.load(NS, hashes)
+        for d in daemons:
+            with d.client() as c:
+                assert c.sync() == 0
+                truth = {(b.namespace, b.hash, t) for b in c.list_blocks() for t in b.tiers}
+            caught_up(view, d)
+            assert view.index.blocks_of(d.address) == truth
