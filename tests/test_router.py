@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvd.router import GlobalView, MemoryIndex
+from kvd.router import GlobalView, MemoryIndex, RedisIndex
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -15,11 +15,20 @@ NS = "route"
 BLOCK = 64 << 10
 
 
-# -- the index ----------------------------------------------------------------------------------
+# -- the index: one contract over every backend ----------------------------------------------
 
 
-def test_index_matches_each_nodes_unbroken_prefix_by_fastest_tier():
-    index = MemoryIndex()
+@pytest.fixture(params=["memory", "redis"])
+def make_index(request):
+    if request.param == "memory":
+        return MemoryIndex
+    client = request.getfixturevalue("redis_server")
+    prefixes = iter(range(10**6))
+    return lambda: RedisIndex(client, prefix=f"t{request.node.name}:{next(prefixes)}:")
+
+
+def test_index_matches_each_nodes_unbroken_prefix_by_fastest_tier(make_index):
+    index = make_index()
     index.apply("a", [(NS, h, "dram") for h in (1, 2, 3)] + [(NS, 3, "nvme")], [])
     index.apply("b", [(NS, 1, "nvme"), (NS, 2, "nvme"), (NS, 4, "dram")], [])
     m = index.match(NS, [1, 2, 3, 4])
@@ -32,8 +41,8 @@ def test_index_matches_each_nodes_unbroken_prefix_by_fastest_tier():
     assert set(index.match(NS, [1], nodes=["b"])) == {"b"}
 
 
-def test_index_forgets_removed_copies_and_dropped_nodes():
-    index = MemoryIndex()
+def test_index_forgets_removed_copies_and_dropped_nodes(make_index):
+    index = make_index()
     index.apply("a", [(NS, 1, "dram"), (NS, 2, "dram")], [])
     index.apply("b", [(NS, 1, "dram")], [])
     index.apply("a", [], [(NS, 2, "dram"), (NS, 7, "nvme")])  # an unknown removal is a no-op
@@ -104,10 +113,12 @@ def test_view_converges_after_a_daemon_restart_and_drops_a_node_that_left(daemon
         assert set(view.score(NS, [1, 2, 3]).nodes) == {a.address}
 
 
-def test_index_equals_each_daemons_block_list_after_a_random_workload(daemon_factory):
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_index_equals_each_daemons_block_list_after_a_random_workload(daemon_factory, request, backend):
+    index = MemoryIndex() if backend == "memory" else RedisIndex(request.getfixturevalue("redis_server"), "rw:")
     daemons = [daemon_factory(dram="1MiB", nvme="4MiB").start() for _ in range(2)]
     rng = random.Random(5)
-    with GlobalView([d.address for d in daemons]) as view:
+    with GlobalView([d.address for d in daemons], index=index) as view:
         for d in daemons:
             with d.client() as c:
                 c.register_namespace(NS, 16, BLOCK)

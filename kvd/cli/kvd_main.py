@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--block-bytes", type=_size, default=256 << 10, metavar="SIZE", help="block size (default 256KiB)")
     dp.add_argument("--dir", type=Path, default=Path("var/bench"), help="scratch directory on the NVMe filesystem")
     dp.add_argument("--lookups", type=int, default=200, help="lookups of a 10,000-hash prefix to time")
+    rt = bench_sub.add_parser("router", help="the router index: score per key, event ingest (memory and Redis)")
+    rt.add_argument("--json", action="store_true", help="print one JSON object")
+    rt.add_argument("--nodes", type=int, default=8, help="simulated nodes (default 8)")
+    rt.add_argument("--blocks", type=int, default=1_000_000, help="indexed blocks in all (default 1,000,000)")
+    rt.add_argument("--repeat", type=int, default=50, help="scores to time (default 50)")
     return parser
 
 
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.datapath import run_cli
 
         return run_cli(args)
+    if args.command == "bench" and args.bench == "router":
+        from kvd.bench.router import run_cli as run_router
+
+        return run_router(args)
     return 2
 
 
