@@ -24,7 +24,6 @@ import json
 import mmap
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvd.bench.redis_server import loopback_redis
 from kvd.client import Client
 
 GB = 1e9
@@ -131,35 +131,10 @@ def bench_disk(directory: Path, src: mmap.mmap, block: int) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_redis(src: mmap.mmap, block: int) -> dict | None:
-    server = shutil.which("redis-server")
-    if server is None:
-        return None
-    import redis
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        r = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling while redis-server starts
+    with loopback_redis() as r:
+        if r is None:
+            return None
         view = memoryview(src)
         offsets = list(range(0, len(src), block))
         batch = 64
@@ -189,9 +164,6 @@ def bench_redis(src: mmap.mmap, block: int) -> dict | None:
             "redis_get_gbps": total / t_get / GB,
             "redis_gbps": 2 * total / (t_set + t_get) / GB,
         }
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 class _Daemon:

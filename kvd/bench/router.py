@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
-from kvd.bench.datapath import _free_port
+from kvd.bench.redis_server import loopback_redis
 from kvd.router.index import BlockIndex, MemoryIndex
 from kvd.router.redis_index import RedisIndex
 from kvd.v1 import types_pb2, view_pb2
@@ -114,37 +112,15 @@ def run(nodes: int, blocks: int, repeat: int) -> dict:
 
 
 def _redis(payloads: dict[str, list[bytes]], request: list[int], repeat: int, expected: dict) -> dict | None:
-    server = shutil.which("redis-server")
-    if server is None:
-        return None
-    import redis
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling while redis-server starts
+    with loopback_redis() as client:
+        if client is None:
+            return None
         index = RedisIndex(client)
         ingest = _ingest(index, payloads)
         us, matched = _score_us_per_key(index, request, repeat)
         if matched != expected:
             raise RuntimeError(f"the Redis index matched {matched}, expected {expected}")
         return {"score_us_per_key": us, "ingest_blocks_per_s": ingest}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def run_cli(args: argparse.Namespace) -> int:

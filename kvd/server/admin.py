@@ -5,9 +5,9 @@ from __future__ import annotations
 from kvd import __version__
 from kvd.core.errors import InvalidArgument
 from kvd.server.codec import block_key
-from kvd.server.engine import TIER_CODE
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, unary_rpc
+from kvd.tiers import TIER_CODES
 from kvd.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -27,7 +27,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 location, direct = str(self.s.nvme.directory), self.s.nvme.direct_io
             tiers.append(
                 admin_pb2.TierStatus(
-                    tier=TIER_CODE[usage.tier],
+                    tier=TIER_CODES[usage.tier],
                     capacity_bytes=usage.capacity_bytes,
                     used_bytes=usage.used_bytes,
                     blocks=usage.blocks,

@@ -11,8 +11,7 @@ from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.tiers import TIER_CODES
 from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
-TIER_CODE = {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}
-if TIER_CODE != TIER_CODES:
+if TIER_CODES != {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}:
     raise ImportError("kvd.tiers.TIER_CODES disagrees with the kvd.v1.Tier enum")
 WAIT_ROUNDS = 50  # bound on mover rounds one request waits for room
 WAIT_ROUND_S = 5.0
