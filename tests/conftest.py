@@ -168,36 +168,11 @@ def _has_cuda() -> bool:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
+def redis_server():
     """A real redis-server on a loopback port for the session (skips without one)."""
-    import shutil
-    import socket
+    from kvd.bench.redis_server import loopback_redis
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (.ci/run installs Debian's package)")
-    import redis
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)  # polling while redis-server starts
-    yield client
-    client.close()
-    proc.terminate()
-    proc.wait(timeout=30)
+    with loopback_redis(start_timeout_s=30) as client:
+        if client is None:
+            pytest.skip("redis-server is not installed (.ci/run installs Debian's package)")
+        yield client
