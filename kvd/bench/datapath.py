@@ -20,7 +20,6 @@ GB/s are 10^9 bytes per second. Targets are reported with the ratio measured, ne
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import shutil
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvd.bench import run_and_report
 from kvd.bench.redis_server import loopback_redis
 from kvd.client import Client
 
@@ -357,14 +357,4 @@ def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int) -> di
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        result = run(args.dir, args.total_bytes, args.block_bytes, args.lookups)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"kvd bench datapath: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
-    return 0
+    return run_and_report("datapath", lambda: run(args.dir, args.total_bytes, args.block_bytes, args.lookups), args.json)

@@ -15,11 +15,10 @@ full by two nodes, half of it by three, not at all by three. Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 
+from kvd.bench import run_and_report
 from kvd.bench.redis_server import loopback_redis
 from kvd.router.index import BlockIndex, MemoryIndex
 from kvd.router.redis_index import RedisIndex
@@ -124,14 +123,4 @@ def _redis(payloads: dict[str, list[bytes]], request: list[int], repeat: int, ex
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    try:
-        result = run(args.nodes, args.blocks, args.repeat)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"kvd bench router: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
-    return 0
+    return run_and_report("router", lambda: run(args.nodes, args.blocks, args.repeat), args.json)
