@@ -60,6 +60,14 @@ def run_mover(core: KvCore) -> int:
             done += 1
 
 
+def nvme_only(core: KvCore) -> None:
+    """Block 1 on NVMe only, block 2 in DRAM (a one-block DRAM tier with write-behind)."""
+    store(core, 1)
+    run_mover(core)
+    store(core, 2)  # evicts 1 from DRAM: it has an NVMe copy
+    run_mover(core)
+
+
 def removed(events) -> list[tuple[int, str, str]]:
     return [(e.hash, e.tier, e.reason) for e in events if isinstance(e, BlockRemoved)]
 
@@ -201,10 +209,7 @@ def test_write_behind_makes_dram_eviction_free_and_nvme_drops_last():
 
 def test_load_promotes_nvme_only_block_through_dram():
     core, _ = make_core(1, nvme_blocks=4, write_behind=True)
-    store(core, 1)
-    run_mover(core)
-    store(core, 2)  # evicts 1 from DRAM
-    run_mover(core)
+    nvme_only(core)
     assert core.lookup(NS, [1, 2]) == ["nvme", "dram"]
     grant = core.prepare_load(NS, [1])
     assert isinstance(grant, LoadGrant)
@@ -221,10 +226,7 @@ def test_load_promotes_nvme_only_block_through_dram():
 
 def test_corrupt_promotion_drops_the_block():
     core, _ = make_core(1, nvme_blocks=4, write_behind=True)
-    store(core, 1)
-    run_mover(core)
-    store(core, 2)
-    run_mover(core)
+    nvme_only(core)
     grant = core.prepare_load(NS, [1])
     core.take_events()
     core.complete_transfer(grant.promotions[0], ok=False, corrupt=True)
@@ -272,10 +274,7 @@ def test_restore_block_and_check_catches_corruption_of_state():
 
 def test_failed_promotion_after_its_lease_expired_keeps_counts_sane():
     core, clock = make_core(1, nvme_blocks=4, write_behind=True)
-    store(core, 1)
-    run_mover(core)
-    store(core, 2)
-    run_mover(core)
+    nvme_only(core)
     grant = core.prepare_load(NS, [1])
     clock.now += 11
     assert core.expire_leases() == 1
@@ -302,10 +301,7 @@ def test_a_demotion_that_lands_under_a_load_pin_keeps_the_source():
 
 def test_a_second_load_waits_for_a_promotion_in_flight():
     core, _ = make_core(1, nvme_blocks=4, write_behind=True)
-    store(core, 1)
-    run_mover(core)
-    store(core, 2)
-    run_mover(core)
+    nvme_only(core)
     first = core.prepare_load(NS, [1])
     second = core.prepare_load(NS, [1, 1])
     assert second.promotions == [] and second.awaiting == first.promotions * 2
