@@ -21,6 +21,7 @@ class BlockStored:
     tier: str
     nbytes: int
     ts: float
+    session_id: str | None = None  # the session whose store made it, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,28 @@ class NamespaceRegistered:
     ts: float
 
 
-Event = BlockStored | BlockRemoved | NamespaceRegistered
+@dataclass(frozen=True, slots=True)
+class NamespaceCleared:
+    """Every block of ``namespace`` was dropped from every tier (its geometry stays)."""
+
+    seq: int
+    namespace: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChanged:
+    """A session entered ``state`` (active, idle, tool_pause, ended); ``tool`` while paused."""
+
+    seq: int
+    namespace: str
+    session_id: str
+    state: str
+    tool: str | None
+    ts: float
+
+
+Event = BlockStored | BlockRemoved | NamespaceRegistered | NamespaceCleared | SessionChanged
 
 
 @dataclass
@@ -54,8 +76,10 @@ class EventLog:
     next_seq: int = 1
     _pending: list[Event] = field(default_factory=list)
 
-    def stored(self, ns: str, h: int, parent: int | None, tier: str, nbytes: int, ts: float) -> None:
-        self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts))
+    def stored(
+        self, ns: str, h: int, parent: int | None, tier: str, nbytes: int, ts: float, session_id: str | None = None
+    ) -> None:
+        self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts, session_id))
         self.next_seq += 1
 
     def removed(self, ns: str, h: int, tier: str, reason: str, ts: float) -> None:
@@ -64,6 +88,14 @@ class EventLog:
 
     def registered(self, ns: str, block_tokens: int, block_bytes: int, ts: float) -> None:
         self._pending.append(NamespaceRegistered(self.next_seq, ns, block_tokens, block_bytes, ts))
+        self.next_seq += 1
+
+    def cleared(self, ns: str, ts: float) -> None:
+        self._pending.append(NamespaceCleared(self.next_seq, ns, ts))
+        self.next_seq += 1
+
+    def session_changed(self, ns: str, session_id: str, state: str, tool: str | None, ts: float) -> None:
+        self._pending.append(SessionChanged(self.next_seq, ns, session_id, state, tool, ts))
         self.next_seq += 1
 
     def take(self) -> list[Event]:

@@ -230,6 +230,22 @@ class KvCore:
     def namespaces(self) -> list[Namespace]:
         return [self._namespaces[n] for n in sorted(self._namespaces)]
 
+    def clear_namespace(self, name: str) -> int:
+        """Drop every readable copy of ``name``'s blocks that nothing reads; returns how many
+        blocks are left (being written, read or moved: they stay until that ends).
+
+        Emits BlockRemoved (reason ``cleared``) per copy, then NamespaceCleared when no
+        block is left. The namespace and its geometry stay registered.
+        """
+        ns = self.namespace(name)
+        for record in list(ns.blocks.values()):
+            for tier, copy in list(record.copies.items()):
+                if copy.ready and not copy.readers:
+                    self._drop_copy(ns, record, tier, copy, reason="cleared")
+        if not ns.blocks:
+            self.events.cleared(name, self.clock())
+        return len(ns.blocks)
+
     # -- lookup ---------------------------------------------------------------------------
     def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
         """Fastest tier of each block of the longest held prefix of ``hashes``.
