@@ -362,6 +362,11 @@ def _typed(convert: type, check: str) -> Callable[[str], object]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kvd gen-workload agentic``."""
+    parser.description = (
+        "Write a kvd-format JSONL trace of coding-agent sessions modelled on llm-d's agentic "
+        "code-generation preset: a shared 3,000-token system prompt, repository contexts shared by "
+        "their sessions, tool outputs and pauses per tool (closed loop, pause_s), chained block ids."
+    )
     d = AgenticConfig()
     pos_int, pos_float = _typed(int, "positive"), _typed(float, "positive")
     parser.add_argument("--sessions", type=pos_int, default=d.sessions, help=f"agent sessions (default {d.sessions})")
