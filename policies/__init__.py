@@ -1,17 +1,41 @@
 """Retention policies (imported as ``kvd.policies``): pure objects fed events, asked for victims."""
 
+from __future__ import annotations
+
+from kvd.core.sessions import SessionTable
 from kvd.policies.base import BlockKey, Policy
+from kvd.policies.belady import BeladyPolicy, Future
 from kvd.policies.lru import LruPolicy
+from kvd.policies.typed import TypedPolicy
 
-POLICIES: dict[str, type[Policy]] = {LruPolicy.name: LruPolicy}
-
-
-def make_policy(name: str) -> Policy:
-    """The policy called ``name``; ValueError names the known ones."""
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LruPolicy, TypedPolicy, BeladyPolicy)}
+DAEMON_POLICIES = ("lru", "typed")  # belady needs the future: replay only
+DEFAULT_POLICY = "typed"
 
 
-__all__ = ["POLICIES", "BlockKey", "LruPolicy", "Policy", "make_policy"]
+def make_policy(name: str, sessions: SessionTable | None = None, future: Future | None = None) -> Policy:
+    """The policy called ``name``, over the core's session table (policies that use one).
+
+    ValueError names the known ones, or says why one cannot run here.
+    """
+    if name == LruPolicy.name:
+        return LruPolicy()
+    if name == TypedPolicy.name:
+        return TypedPolicy(sessions)
+    if name == BeladyPolicy.name:
+        return BeladyPolicy(future)
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+
+
+__all__ = [
+    "DAEMON_POLICIES",
+    "DEFAULT_POLICY",
+    "POLICIES",
+    "BeladyPolicy",
+    "BlockKey",
+    "Future",
+    "LruPolicy",
+    "Policy",
+    "TypedPolicy",
+    "make_policy",
+]

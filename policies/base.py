@@ -9,8 +9,10 @@ moved). Keys are ``(namespace, hash)`` tuples; tiers are names from ``kvd.tiers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from typing import ClassVar
+
+from kvd.core.sessions import Observation, Session
 
 BlockKey = tuple[str, int]
 
@@ -32,11 +34,39 @@ class Policy(ABC):
         """The copy of ``key`` in ``tier`` is gone."""
 
     @abstractmethod
+    def on_sessions(
+        self,
+        changed: Sequence[Session],
+        observations: Sequence[Observation],
+        reclassified: Set[BlockKey],
+        now: float,
+    ) -> None:
+        """Session news since the last call: sessions whose state changed, what their
+        events taught (pauses, turns), and keys whose sharing changed (they may belong to
+        another retention class now)."""
+
+    @abstractmethod
     def victims(self, tier: str, now: float) -> Iterator[BlockKey]:
         """Keys with a copy in ``tier``, best victim first.
 
         The caller must not call on_* methods while it iterates.
         """
+
+    @abstractmethod
+    def priority(self, key: BlockKey, tier: str, now: float) -> float:
+        """How much ``key`` deserves a place in ``tier``: lower is evicted first. Compared
+        only with the same policy's priorities at the same ``now``."""
+
+    @abstractmethod
+    def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:
+        """Keys held only below ``tier`` that should move up into it now, most urgent
+        first (each chain root first). The caller must not call on_* methods while it
+        iterates."""
+
+    @abstractmethod
+    def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
+        """Whether ``key``, evicted from ``tier``, should be copied one tier down (True) or
+        dropped (False)."""
 
     @abstractmethod
     def check(self, held: dict[str, set[BlockKey]]) -> list[str]:

@@ -209,8 +209,10 @@ def test_corrupt_slab_while_stopped_is_missing_never_wrong(daemon_factory, kvctl
 
 
 def test_corrupt_slab_while_running_is_missing_never_wrong(daemon_factory, kvctl):
+    # LRU: which blocks still have a DRAM copy when the slab is corrupted (and so are
+    # never read from it) is worked out below for LRU's order.
     n, dram_blocks = 64, 16
-    d = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    d = daemon_factory(dram="1MiB", nvme="32MiB", extra=["--policy", "lru"]).start()
     hashes, blocks = make_hashes(n, seed=4), make_blocks(n)
     with d.client() as c:
         c.register_namespace(NS, TOKENS, BLOCK)
@@ -426,7 +428,8 @@ def test_stores_into_a_full_dram_wait_for_write_behind(daemon_factory):
 def test_demotion_and_promotion_without_write_behind(daemon_factory, kvctl):
     per_dram = 16  # 1 MiB of DRAM holds 16 blocks
     n = 3 * per_dram
-    d = daemon_factory(dram="1MiB", nvme="32MiB", extra=["--no-write-behind"]).start()
+    # LRU: the blocks expected on NVMe below are the least recently stored.
+    d = daemon_factory(dram="1MiB", nvme="32MiB", extra=["--no-write-behind", "--policy", "lru"]).start()
     hashes, blocks = make_hashes(n, seed=8), make_blocks(n)
     with d.client() as c:
         c.register_namespace(NS, TOKENS, BLOCK)

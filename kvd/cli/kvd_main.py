@@ -1,5 +1,5 @@
-"""The `kvd` command: `kvd serve` runs the daemon; `kvd bench` measures it; `kvd gen-workload`
-writes a synthetic trace."""
+"""The `kvd` command: `kvd serve` runs the daemon; `kvd bench` measures it; `kvd replay` runs
+a trace through the daemon's core; `kvd gen-workload` writes a synthetic trace."""
 
 from __future__ import annotations
 
@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--blocks", type=int, default=1_000_000, help="indexed blocks in all (default 1,000,000)")
     rt.add_argument("--repeat", type=int, default=50, help="scores to time (default 50)")
 
+    from kvd.replay.cli import add_arguments as add_replay_arguments
     from kvd.replay.workload import add_arguments as add_workload_arguments
 
+    add_replay_arguments(
+        sub.add_parser("replay", help="replay a trace through the daemon's core with each policy; compare")
+    )
     gen = sub.add_parser("gen-workload", help="write a synthetic trace (kvd's session format)")
     gen_sub = gen.add_subparsers(dest="workload", required=True)
     add_workload_arguments(gen_sub.add_parser("agentic", help="coding agents (llm-d's agentic preset)"))
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.router import run_cli as run_router
 
         return run_router(args)
+    if args.command == "replay":
+        from kvd.replay.cli import run_cli as run_replay
+
+        return run_replay(args)
     if args.command == "gen-workload" and args.workload == "agentic":
         from kvd.replay.workload import run_cli as run_workload
 

@@ -33,6 +33,21 @@ class ClientError(Exception):
         self.details = details
 
 
+SESSION_EVENT_KINDS = {
+    "turn_start": engine_pb2.TURN_START,
+    "turn_end": engine_pb2.TURN_END,
+    "tool_pause": engine_pb2.TOOL_PAUSE,
+    "tool_resume": engine_pb2.TOOL_RESUME,
+    "session_end": engine_pb2.SESSION_END,
+}
+
+
+@dataclass(frozen=True)
+class SessionState:
+    state: str  # active, idle, tool_pause, ended
+    turns: int
+
+
 @dataclass(frozen=True)
 class TierInfo:
     name: str
@@ -224,9 +239,12 @@ class Client:
         self._block_bytes[name] = block_bytes
         return created
 
-    def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
-        """Tier names (``"dram"``/``"nvme"``) of the longest held prefix; [] if the first is missing."""
-        req = engine_pb2.LookupRequest(namespace=namespace, hashes=hashes)
+    def lookup(self, namespace: str, hashes: Sequence[int], session_id: str | None = None) -> list[str]:
+        """Tier names (``"dram"``/``"nvme"``) of the longest held prefix; [] if the first is missing.
+
+        With ``session_id`` the lookup also marks that session's turn as started.
+        """
+        req = engine_pb2.LookupRequest(namespace=namespace, hashes=hashes, session_id=session_id or "")
         tiers: list[str] = []
         for run in self._call(self._engine.Lookup, req).runs:
             tiers += [TIER_NAME[run.tier]] * run.blocks
@@ -292,6 +310,29 @@ class Client:
                     memoryview(buf).cast("B")[: len(data)] = data
                 found.append(data is not None)
         return found
+
+    def session_event(
+        self,
+        namespace: str,
+        session_id: str,
+        kind: str,
+        hashes: Sequence[int] = (),
+        tool: str | None = None,
+        expected_pause_s: float | None = None,
+    ) -> SessionState:
+        """Tell the daemon what a session is doing. ``kind``: turn_start (with the prompt's
+        ``hashes``), turn_end, tool_pause (``tool``, optional ``expected_pause_s``),
+        tool_resume, session_end. Returns the session's state after the event."""
+        enum = SESSION_EVENT_KINDS.get(kind)
+        if enum is None:
+            raise ValueError(f"unknown session event {kind!r}; known: {', '.join(SESSION_EVENT_KINDS)}")
+        req = engine_pb2.SessionEventRequest(
+            namespace=namespace, session_id=session_id, kind=enum, hashes=_u64(hashes, "hashes"), tool=tool or ""
+        )
+        if expected_pause_s is not None:
+            req.expected_pause_s = expected_pause_s
+        r = self._call(self._engine.SessionEvent, req)
+        return SessionState(r.state, r.turns)
 
     # -- admin API ------------------------------------------------------------------------
     def status(self) -> Status:

@@ -29,3 +29,13 @@ class NoSpace(KvdError):
     """No tier has room that is not protected by a lease."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class UnknownSession(KvdError):
+    code = "NOT_FOUND"
+
+
+class SessionStateError(KvdError):
+    """A session event that the session's state does not allow (e.g. resume when not paused)."""
+
+    code = "FAILED_PRECONDITION"

@@ -31,6 +31,7 @@ from typing import Protocol
 from kvd.core.catalog import BlockRecord, Copy, Namespace
 from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
 from kvd.core.events import Event, EventLog
+from kvd.core.sessions import SESSION_EVENTS, Session, SessionTable
 from kvd.policies import Policy
 from kvd.tiers import TIER_CODES, TIER_NAMES, Slot
 
@@ -105,6 +106,7 @@ class StoreLease:
     id: str
     namespace: str
     expires_at: float
+    session_id: str | None
     # One entry per requested block: (record, new DRAM copy) to write, or None (held).
     items: list[tuple[BlockRecord, Copy] | None]
 
@@ -159,17 +161,20 @@ class KvCore:
         clock: Callable[[], float],
         config: CoreConfig | None = None,
         lease_prefix: str = "",
+        sessions: SessionTable | None = None,
     ) -> None:
         unknown = set(spaces) - set(TIER_NAMES)
         if unknown:
             raise ValueError(f"unknown tiers {sorted(unknown)}")
-        if "dram" not in spaces:
-            raise ValueError("the core needs a dram space (stores land there)")
+        if not spaces:
+            raise ValueError("the core needs at least one tier")
         self.tiers = [t for t in TIER_NAMES if t in spaces]  # fastest first
+        self.top = self.tiers[0]  # stores land here and loads read from here
         self.spaces = spaces
         self.policy = policy
         self.clock = clock
         self.config = config or CoreConfig()
+        self.sessions = sessions if sessions is not None else SessionTable()
         self.events = EventLog()
         self._namespaces: dict[str, Namespace] = {}
         self._store_leases: dict[str, StoreLease] = {}
@@ -247,18 +252,29 @@ class KvCore:
         return len(ns.blocks)
 
     # -- lookup ---------------------------------------------------------------------------
-    def lookup(self, namespace: str, hashes: Sequence[int]) -> list[str]:
+    def lookup(self, namespace: str, hashes: Sequence[int], session_id: str | None = None) -> list[str]:
         """Fastest tier of each block of the longest held prefix of ``hashes``.
 
-        No side effects (an engine may ask again and again; a router may score).
+        No side effects on what is held (an engine may ask again and again; a router may
+        score); see :meth:`lookup_codes` for ``session_id``.
         """
-        return [TIER_NAMES[code - 1] for code in self.lookup_codes(namespace, hashes)]
+        return [TIER_NAMES[code - 1] for code in self.lookup_codes(namespace, hashes, session_id)]
 
-    def lookup_codes(self, namespace: str, hashes: Sequence[int]) -> list[int]:
-        """:meth:`lookup` with tier codes (``TIER_CODES``) instead of names: the hot path."""
+    def lookup_codes(self, namespace: str, hashes: Sequence[int], session_id: str | None = None) -> list[int]:
+        """:meth:`lookup` with tier codes (``TIER_CODES``) instead of names: the hot path.
+
+        With ``session_id``, a lookup also says that session's turn has begun (its tool
+        pause is over); asking again during the turn changes nothing.
+        """
         if len(hashes) > self.config.max_lookup_hashes:
             raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per lookup")
-        codes = list(map(self.namespace(namespace).visible.get, hashes))
+        visible = self.namespace(namespace).visible
+        if session_id is not None:
+            session = self.sessions.get(namespace, session_id)
+            if session is None or session.state != "active":
+                self.sessions.turn_start(namespace, session_id, hashes, self.clock())
+                self._sync_sessions()
+        codes = list(map(visible.get, hashes))
         try:
             return codes[: codes.index(None)]  # type: ignore[return-value]
         except ValueError:
@@ -266,36 +282,61 @@ class KvCore:
 
     # -- store ----------------------------------------------------------------------------
     def prepare_store(
-        self, namespace: str, blocks: Sequence[BlockSpec], lease_seconds: float = 0
+        self,
+        namespace: str,
+        blocks: Sequence[BlockSpec],
+        lease_seconds: float = 0,
+        session_id: str | None = None,
+        last_partial: bool = False,
     ) -> StoreGrant | Wait:
-        """Phase 1: DRAM slots for the blocks not yet held, under a lease (all or nothing).
+        """Phase 1: slots in the top tier for the blocks not yet held, under a lease (all or
+        nothing).
 
-        Raises InvalidArgument (sizes, duplicates), UnknownNamespace, NoSpace.
+        ``blocks`` is a chain, root first (or the continuation of one: the first block's
+        parent). The store is a session's, hinted by ``session_id`` or inferred from the
+        chain; ``last_partial`` says the last block holds fewer than block_tokens tokens
+        (it will not be re-used as it is). Raises InvalidArgument (sizes, duplicates),
+        UnknownNamespace, NoSpace.
         """
         ns = self.namespace(namespace)
         self._validate_blocks(ns, blocks)
         now = self.clock()
+        session = self.sessions.observe_store(
+            namespace, session_id, [b.hash for b in blocks], now, last_partial, blocks[0].parent
+        )
+        self._sync_sessions()
         # Refuse a store that cannot fit before evicting anything for it: evicting block by
         # block and failing on the last one would empty the tier for nothing.
-        dram = self.spaces["dram"]
+        top = self.top
+        dram = self.spaces[top]
         new = sum(1 for s in blocks if not ((r := ns.blocks.get(s.hash)) is not None and r.copies))
         need = new * dram.slot_bytes(ns.block_bytes)
         if need > dram.capacity_bytes:
-            raise NoSpace(f"the store needs {need} bytes of DRAM; the DRAM tier holds {dram.capacity_bytes}")
-        if need and not self._may_fit("dram", need):
+            label = top.upper()
+            raise NoSpace(f"the store needs {need} bytes of {label}; the {label} tier holds {dram.capacity_bytes}")
+        if need and not self._may_fit(top, need):
             raise NoSpace(
-                f"no room for {len(blocks)} blocks of {blocks[0].nbytes} bytes: the DRAM tier is "
+                f"no room for {len(blocks)} blocks of {blocks[0].nbytes} bytes: the {top.upper()} tier is "
                 "smaller, or full of blocks protected by leases"
             )
         items: list[tuple[BlockRecord, Copy] | None] = []
         # Free space first, in one allocator pass (all blocks of a namespace have one size).
-        free_slots = iter(dram.allocate_many(ns.block_bytes, new))
+        free = dram.allocate_many(ns.block_bytes, new)
+        if len(free) < new:
+            # One pass over the victims for the whole shortfall, not one per block.
+            pending = self._evict_bytes(top, (new - len(free)) * dram.slot_bytes(ns.block_bytes))
+            free += dram.allocate_many(ns.block_bytes, new - len(free))
+            if pending and len(free) < new:
+                for slot in free:
+                    dram.free(slot)
+                return Wait(pending)
+        free_slots = iter(free)
         for spec in blocks:
             record = ns.blocks.get(spec.hash)
             if record is not None and record.copies:
                 items.append(None)  # held, or being written under another lease
                 continue
-            room = next(free_slots, None) or self._make_room("dram", spec.nbytes)
+            room = next(free_slots, None) or self._make_room(top, spec.nbytes)
             if not isinstance(room, Slot):
                 self._undo_store_items(ns, items)
                 if isinstance(room, Wait):
@@ -306,10 +347,12 @@ class KvCore:
                 )
             record = BlockRecord(namespace, spec.hash, spec.parent, spec.nbytes)
             copy = Copy(room)
-            record.copies["dram"] = copy
+            record.copies[top] = copy
             ns.blocks[spec.hash] = record
             items.append((record, copy))
-        lease = StoreLease(self._new_lease_id("s"), namespace, now + self._lease_s(lease_seconds), items)
+        lease = StoreLease(
+            self._new_lease_id("s"), namespace, now + self._lease_s(lease_seconds), session.id, items
+        )
         self._store_leases[lease.id] = lease
         return StoreGrant(lease.id, lease.expires_at, [i[1].slot if i else None for i in items])
 
@@ -331,15 +374,15 @@ class KvCore:
                 continue
             record, copy = item
             if abort or i in failed:
-                self._drop_copy(ns, record, "dram", copy, reason=None)
+                self._drop_copy(ns, record, self.top, copy, reason=None)
                 continue
             copy.ready = True
             ns.refresh(record)
             committed.append(record)
-            self.events.stored(ns.name, record.hash, record.parent, "dram", record.nbytes, now)
-            if self.config.write_behind and "nvme" in self.spaces:
+            self.events.stored(ns.name, record.hash, record.parent, self.top, record.nbytes, now, lease.session_id)
+            if self._writes_behind:
                 self._write_behind.append(record)
-        self.policy.on_stored("dram", [r.key for r in committed], now)
+        self.policy.on_stored(self.top, [r.key for r in committed], now)
         return len(committed)
 
     # -- load -----------------------------------------------------------------------------
@@ -362,7 +405,7 @@ class KvCore:
             if record is None or tier is None:
                 items.append(None)
                 continue
-            dram = record.copies.get("dram")
+            dram = record.copies.get(self.top)
             if dram is not None and dram.ready:
                 dram.readers += 1
                 items.append((record, dram))
@@ -376,18 +419,17 @@ class KvCore:
                 items.append((record, dram))
                 awaiting.append(promotion)
                 continue
-            room = self._make_room("dram", record.nbytes)
+            room = self._make_room(self.top, record.nbytes)
             if not isinstance(room, Slot):
                 self._undo_load_items(ns, items, promotions)
                 if isinstance(room, Wait):
                     return room
                 raise NoSpace(
-                    f"no DRAM room to promote the blocks of a {len(hashes)}-block load: the DRAM tier "
-                    "is smaller than the load, or the rest of it is leased"
+                    f"no {self.top.upper()} room to promote the blocks of a {len(hashes)}-block load: the "
+                    f"{self.top.upper()} tier is smaller than the load, or the rest of it is leased"
                 )
             dst = Copy(room, readers=1)  # pinned by this lease from the start
-            record.copies["dram"] = dst
-            promotion = self._start_transfer("promote", record, tier, "dram", dst)
+            promotion = self._start_transfer("promote", record, tier, self.top, dst)
             self._promoting[id(dst)] = promotion
             promotions.append(promotion)
             items.append((record, dst))
@@ -408,7 +450,7 @@ class KvCore:
                 out.append(None)
                 continue
             record, copy = item
-            live = record.copies.get("dram") is copy and copy.ready
+            live = record.copies.get(self.top) is copy and copy.ready
             out.append((copy.slot, record.nbytes) if live else None)
         return out
 
@@ -420,6 +462,109 @@ class KvCore:
         for item in lease.items:
             if item is not None:
                 item[1].readers -= 1
+
+    # -- sessions -------------------------------------------------------------------------
+    def session_event(
+        self,
+        namespace: str,
+        session_id: str,
+        kind: str,
+        hashes: Sequence[int] = (),
+        tool: str | None = None,
+        expected_s: float | None = None,
+        last_partial: bool = False,
+    ) -> Session:
+        """Apply one session event (``SESSION_EVENTS``): turn_start (with the prompt's
+        chained hashes), turn_end, tool_pause (tool, optional expected seconds),
+        tool_resume, session_end. Raises InvalidArgument, UnknownNamespace,
+        UnknownSession, SessionStateError."""
+        self.namespace(namespace)
+        if not session_id:
+            raise InvalidArgument("a session event needs a session id")
+        if len(hashes) > self.config.max_lookup_hashes:
+            raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per turn")
+        now = self.clock()
+        table = self.sessions
+        if kind == "turn_start":
+            session = table.turn_start(namespace, session_id, hashes, now, last_partial)
+        elif kind == "turn_end":
+            session = table.turn_end(namespace, session_id, now)
+        elif kind == "tool_pause":
+            session = table.tool_pause(namespace, session_id, tool or "", expected_s, now)
+        elif kind == "tool_resume":
+            session = table.tool_resume(namespace, session_id, now)
+        elif kind == "session_end":
+            session = table.end(namespace, session_id, now)
+        else:
+            raise InvalidArgument(f"unknown session event {kind!r}; known: {', '.join(SESSION_EVENTS)}")
+        self._sync_sessions()
+        return session
+
+    def _sync_sessions(self) -> None:
+        """Hand the session table's news to the policy and the event log."""
+        table = self.sessions
+        changed = table.take_changes()
+        observations = table.take_observations()
+        reclassified = table.take_reclassified()
+        if not (changed or observations or reclassified):
+            return
+        now = self.clock()
+        self.policy.on_sessions(changed, observations, reclassified, now)
+        for session in dict.fromkeys(changed):
+            if session.last_reported != (session.state, session.tool):
+                session.last_reported = (session.state, session.tool)
+                self.events.session_changed(session.namespace, session.id, session.state, session.tool, now)
+
+    def plan_prefetch(self, max_blocks: int) -> list[Transfer]:
+        """Up to ``max_blocks`` transfers moving blocks the policy expects to be needed soon
+        one tier up (to the top tier from the next one, and so on). Room is taken only
+        from free space or from copies the policy values less than the block moved."""
+        out: list[Transfer] = []
+        now = self.clock()
+        for upper, lower in zip(self.tiers, self.tiers[1:]):
+            wanted = []
+            for key in self.policy.prefetches(upper, now):
+                wanted.append(key)
+                if len(wanted) >= max_blocks - len(out):
+                    break
+            for key in wanted:
+                record = self._record(key)
+                if record is None or upper in record.copies:
+                    continue
+                src = record.copies.get(lower)
+                if src is None or not src.ready:
+                    continue
+                slot = self.spaces[upper].allocate(record.nbytes) or self._displace(upper, key, record.nbytes, now)
+                if slot is None:
+                    break  # the rest of the tier is worth more than what is due
+                transfer = self._start_transfer("prefetch", record, lower, upper, Copy(slot))
+                self._promoting[id(transfer.dst)] = transfer  # a load meanwhile waits for it
+                out.append(transfer)
+            if len(out) >= max_blocks:
+                break
+        return out
+
+    def _displace(self, tier: str, key: tuple[str, int], nbytes: int, now: float) -> Slot | None:
+        """Room in ``tier`` for ``key`` by evicting one copy the policy values less; only
+        when that frees the room at once (a drop, or a copy already held below)."""
+        want = self.policy.priority(key, tier, now)
+        lower = self._lower(tier)
+        for victim in self.policy.victims(tier, now):
+            record = self._record(victim)
+            copy = record.copies.get(tier) if record is not None else None
+            if record is None or copy is None or not copy.ready or copy.readers:
+                continue
+            if self.policy.priority(victim, tier, now) >= want:
+                return None
+            below = record.copies.get(lower) if lower else None
+            held_below = below is not None and below.ready
+            if lower is not None and not held_below and self.policy.worth_demoting(victim, tier, now):
+                return None  # it would have to move down first: not for a prefetch
+            break
+        else:
+            return None
+        self._drop_copy(self._namespaces[record.namespace], record, tier, copy, reason="evicted")
+        return self.spaces[tier].allocate(nbytes)
 
     # -- leases ---------------------------------------------------------------------------
     def expire_leases(self) -> int:
@@ -437,7 +582,7 @@ class KvCore:
             for item in lease.items:
                 if item is not None:
                     record, copy = item
-                    del record.copies["dram"]
+                    del record.copies[self.top]
                     if not record.copies:
                         del ns.blocks[record.hash]
                     self._quarantine.append((now + self.config.lease_seconds, copy.slot))
@@ -446,7 +591,9 @@ class KvCore:
             self.complete_load(lease_id)
             expired += 1
         while self._quarantine and self._quarantine[0][0] <= now:
-            self.spaces["dram"].free(self._quarantine.popleft()[1])
+            self.spaces[self.top].free(self._quarantine.popleft()[1])
+        if self.sessions.expire(now):
+            self._sync_sessions()
         return expired
 
     def lease_alive(self, lease_id: str) -> bool:
@@ -465,12 +612,19 @@ class KvCore:
         self._demotions.clear()
         return out
 
+    @property
+    def _writes_behind(self) -> bool:
+        # With an HBM tier on top, blocks reach NVMe by demotion through DRAM instead.
+        return self.config.write_behind and self.top == "dram" and "nvme" in self.spaces
+
     def plan_write_behind(self, max_blocks: int) -> list[Transfer]:
-        """Up to ``max_blocks`` transfers copying committed DRAM blocks down to NVMe."""
+        """Up to ``max_blocks`` transfers copying committed DRAM blocks down to NVMe
+        (not those the policy would not keep below: ephemeral ones)."""
         out: list[Transfer] = []
-        if "nvme" not in self.spaces:
+        if not self._writes_behind:
             self._write_behind.clear()
             return out
+        now = self.clock()
         while self._write_behind and len(out) < max_blocks:
             record = self._write_behind[0]
             dram = record.copies.get("dram")
@@ -481,8 +635,9 @@ class KvCore:
                 or "nvme" in record.copies
                 or ns is None
                 or ns.blocks.get(record.hash) is not record
+                or not self.policy.worth_demoting(record.key, "dram", now)
             ):
-                self._write_behind.popleft()  # evicted, already down, or replaced
+                self._write_behind.popleft()  # evicted, already down, replaced, or not worth it
                 continue
             room = self._make_room("nvme", record.nbytes)
             if not isinstance(room, Slot):
@@ -517,7 +672,7 @@ class KvCore:
         self._drop_copy(ns, record, transfer.dst_tier, transfer.dst, reason=None)
         if corrupt:
             self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
-        elif transfer.kind != "promote" and self.config.write_behind and self._lower(transfer.src_tier):
+        elif transfer.kind not in ("promote", "prefetch") and self._writes_behind and self._lower(transfer.src_tier):
             self._write_behind.append(record)  # a failed write down is tried again later
 
     def is_inflight(self, transfer: Transfer) -> bool:
@@ -607,9 +762,9 @@ class KvCore:
             if stray:
                 problems.append(f"{ns.name}: {len(stray)} visible hashes without a block")
         for _, slot in self._quarantine:
-            used["dram"] += slot.length
-            if not self.spaces["dram"].is_allocated(slot):
-                problems.append(f"quarantined dram slot {slot} is not allocated")
+            used[self.top] += slot.length
+            if not self.spaces[self.top].is_allocated(slot):
+                problems.append(f"quarantined {self.top} slot {slot} is not allocated")
         for tier in self.tiers:
             if used[tier] != self.spaces[tier].used_bytes:
                 problems.append(f"{tier}: copies hold {used[tier]} bytes, the space says {self.spaces[tier].used_bytes}")
@@ -618,7 +773,7 @@ class KvCore:
             for item in lease.items:
                 if item is None:
                     continue
-                if item[0].copies.get("dram") is item[1]:
+                if item[0].copies.get(self.top) is item[1]:
                     expected[id(item[1])] = expected.get(id(item[1]), 0) + 1
                 elif item[1].ready:
                     problems.append(f"load lease {lease.id}: a pinned, readable copy was freed")
@@ -630,6 +785,7 @@ class KvCore:
             if expected.get(copy_id, 0) != count:
                 problems.append(f"a copy has {count} readers, leases and transfers account for {expected.get(copy_id, 0)}")
         problems += self.policy.check(held)
+        problems += self.sessions.check()
         return problems
 
     # -- internals ------------------------------------------------------------------------
@@ -693,6 +849,53 @@ class KvCore:
                 return True
         return False
 
+    def _evict_bytes(self, tier: str, need: int) -> int:
+        """Evict at least ``need`` bytes of ``tier`` in one pass over the policy's victims
+        (fewer when too few can go): drop, or plan demotions. Returns the bytes that planned
+        demotions will free once the mover ran them."""
+        lower = self._lower(tier)
+        now = self.clock()
+        pending = 0
+        for record, copy in self._pick_victims(tier, need, now):
+            pending += self._evict(tier, lower, record, copy, now)
+        return pending
+
+    def _pick_victims(self, tier: str, need: int, now: float) -> list[tuple[BlockRecord, Copy]]:
+        """The policy's first evictable copies in ``tier`` adding up to ``need`` bytes (all
+        there are, when fewer)."""
+        victims = []
+        room = 0
+        for key in self.policy.victims(tier, now):
+            record = self._record(key)
+            copy = record.copies.get(tier) if record is not None else None
+            if record is None or copy is None or not copy.ready or copy.readers:
+                continue
+            victims.append((record, copy))
+            room += copy.slot.length
+            if room >= need:
+                break
+        return victims
+
+    def _evict(self, tier: str, lower: str | None, record: BlockRecord, copy: Copy, now: float) -> int:
+        """Drop ``copy`` or plan its demotion; returns the bytes a planned demotion frees later."""
+        ns = self._namespaces[record.namespace]
+        below = record.copies.get(lower) if lower else None
+        if (
+            lower is None
+            or (below is not None and below.ready)
+            or (below is None and not self.policy.worth_demoting(record.key, tier, now))
+        ):
+            self._drop_copy(ns, record, tier, copy, reason="evicted")
+            return 0
+        dst_room = self._make_room(lower, record.nbytes) if below is None else None
+        if isinstance(dst_room, Slot):
+            self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(dst_room)))
+            return copy.slot.length
+        if isinstance(dst_room, Wait):
+            return copy.slot.length
+        self._drop_copy(ns, record, tier, copy, reason="evicted")  # nothing below can take it
+        return 0
+
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
         """A slot in ``tier``: free space, else evict (drop or plan demotions).
 
@@ -711,17 +914,7 @@ class KvCore:
         while True:
             if pending >= nbytes:
                 return Wait(pending)
-            victims = []
-            room = pending
-            for key in self.policy.victims(tier, now):
-                record = self._record(key)
-                copy = record.copies.get(tier) if record is not None else None
-                if record is None or copy is None or not copy.ready or copy.readers:
-                    continue
-                victims.append((record, copy))
-                room += copy.slot.length
-                if room >= nbytes:
-                    break
+            victims = self._pick_victims(tier, nbytes - pending, now)
             if not victims:
                 # Copies a transfer is reading (write-behind, demotion) are evictable once it
                 # lands: wait for the mover rather than fail.
@@ -729,19 +922,7 @@ class KvCore:
                     return Wait(pending)
                 return None
             for record, copy in victims:
-                ns = self._namespaces[record.namespace]
-                below = record.copies.get(lower) if lower else None
-                if lower is None or (below is not None and below.ready):
-                    self._drop_copy(ns, record, tier, copy, reason="evicted")
-                    continue
-                dst_room = self._make_room(lower, record.nbytes) if below is None else None
-                if isinstance(dst_room, Slot):
-                    self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(dst_room)))
-                    pending += copy.slot.length
-                elif isinstance(dst_room, Wait):
-                    pending += copy.slot.length
-                else:  # nothing below can take it: the last resort is to drop it
-                    self._drop_copy(ns, record, tier, copy, reason="evicted")
+                pending += self._evict(tier, lower, record, copy, now)
             slot = space.allocate(nbytes)
             if slot is not None:
                 return slot
@@ -766,7 +947,7 @@ class KvCore:
     def _undo_store_items(self, ns: Namespace, items: list[tuple[BlockRecord, Copy] | None]) -> None:
         for item in items:
             if item is not None:
-                self._drop_copy(ns, item[0], "dram", item[1], reason=None)
+                self._drop_copy(ns, item[0], self.top, item[1], reason=None)
 
     def _undo_load_items(
         self, ns: Namespace, items: list[tuple[BlockRecord, Copy] | None], promotions: list[Transfer]

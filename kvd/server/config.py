@@ -18,7 +18,7 @@ class ServeConfig:
     nvme_bytes: int = 4 * GiB
     tcp: str | None = None  # HOST:PORT, off unless asked for
     shm_dir: Path = Path("/dev/shm")  # where the DRAM arena file lives
-    policy: str = "lru"
+    policy: str = "typed"
     lease_seconds: float = 30.0
     write_behind: bool = True
     page_bytes: int = 4096

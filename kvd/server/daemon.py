@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from kvd.core.errors import KvdError
 from kvd.core.eventbuffer import EventBuffer
 from kvd.core.manager import CoreConfig, KvCore
+from kvd.core.sessions import SessionTable
 from kvd.policies import make_policy
 from kvd.server.admin import AdminService
 from kvd.server.codec import NAMESPACE_PREFIX, parse_block_key, parse_block_meta, parse_namespace
@@ -56,12 +57,14 @@ def build_state(config: ServeConfig) -> DaemonState:
     spaces = {"dram": arena}
     if nvme is not None:
         spaces["nvme"] = nvme
+    sessions = SessionTable()
     core = KvCore(
         spaces,
-        make_policy(config.policy),
+        make_policy(config.policy, sessions),
         clock,
         CoreConfig(lease_seconds=config.lease_seconds, write_behind=config.write_behind),
         lease_prefix=secrets.token_hex(4) + "-",
+        sessions=sessions,
     )
     state = DaemonState(core, arena, nvme, clock, config.policy, started_at=clock())
     if nvme is not None:

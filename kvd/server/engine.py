@@ -13,6 +13,13 @@ from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
 if TIER_CODES != {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}:
     raise ImportError("kvd.tiers.TIER_CODES disagrees with the kvd.v1.Tier enum")
+SESSION_KINDS = {
+    engine_pb2.TURN_START: "turn_start",
+    engine_pb2.TURN_END: "turn_end",
+    engine_pb2.TOOL_PAUSE: "tool_pause",
+    engine_pb2.TOOL_RESUME: "tool_resume",
+    engine_pb2.SESSION_END: "session_end",
+}
 WAIT_ROUNDS = 50  # bound on mover rounds one request waits for room
 WAIT_ROUND_S = 5.0
 
@@ -51,12 +58,16 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     @unary_rpc
     async def Lookup(self, request, context):
-        codes = self.s.core.lookup_codes(request.namespace, request.hashes)
+        codes = self.s.core.lookup_codes(request.namespace, request.hashes, request.session_id or None)
+        if request.session_id:
+            self.s.after_core()  # the session's state may have changed
         return engine_pb2.LookupResponse(runs=[engine_pb2.TierRun(tier=t, blocks=n) for t, n in tier_runs(codes)])
 
     @unary_rpc
     async def PrepareStore(self, request, context):
-        grant = await self.prepare_store(request.namespace, block_specs(request.blocks), request.lease_seconds)
+        grant = await self.prepare_store(
+            request.namespace, block_specs(request.blocks), request.lease_seconds, request.session_id or None
+        )
         return engine_pb2.PrepareStoreResponse(
             lease_id=grant.lease_id,
             lease_seconds=grant.expires_at - self.s.clock(),
@@ -67,9 +78,13 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             ],
         )
 
-    async def prepare_store(self, namespace: str, specs: list[BlockSpec], lease_seconds: float) -> StoreGrant:
+    async def prepare_store(
+        self, namespace: str, specs: list[BlockSpec], lease_seconds: float, session_id: str | None = None
+    ) -> StoreGrant:
         """PrepareStore, waiting (bounded) while the mover makes room."""
-        return await self._with_room(lambda: self.s.core.prepare_store(namespace, specs, lease_seconds))
+        return await self._with_room(
+            lambda: self.s.core.prepare_store(namespace, specs, lease_seconds, session_id=session_id)
+        )
 
     async def _with_room(self, attempt):
         """Run a core call that may answer Wait (demotions under way), retrying as the mover
@@ -135,7 +150,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                         raise InvalidArgument("a second header in one StoreInline stream")
                     header = part.header
                     specs = block_specs(header.blocks)
-                    grant = await self.prepare_store(header.namespace, specs, 0)
+                    grant = await self.prepare_store(header.namespace, specs, 0, header.session_id or None)
                     received = [0] * len(specs)
                     continue
                 if grant is None:
@@ -179,6 +194,22 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             view[offset : offset + len(data)] = data
         finally:
             view.release()
+
+    @unary_rpc
+    async def SessionEvent(self, request, context):
+        kind = SESSION_KINDS.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(f"unknown session event kind {request.kind}")
+        session = self.s.core.session_event(
+            request.namespace,
+            request.session_id,
+            kind,
+            request.hashes,
+            tool=request.tool or None,
+            expected_s=request.expected_pause_s if request.HasField("expected_pause_s") else None,
+        )
+        self.s.after_core()
+        return engine_pb2.SessionEventResponse(state=session.state, turns=session.turns)
 
     @streaming_rpc
     async def LoadInline(self, request, context):

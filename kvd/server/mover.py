@@ -41,6 +41,7 @@ class Mover:
         quiet_s: float = 0.05,
         urgent_free_fraction: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        prefetch_interval_s: float = 0.25,
     ) -> None:
         self.core = core
         self.arena = arena
@@ -53,11 +54,13 @@ class Mover:
         self.quiet_s = quiet_s
         self.urgent_free_fraction = urgent_free_fraction
         self.clock = clock
+        self.prefetch_interval_s = prefetch_interval_s
         self.syncs_waiting = 0
         self.error_backoff_s = 1.0
         self._backoff_until = 0.0
         self._quiet_at = 0.0
         self.batches_done = 0
+        self.prefetched = 0  # blocks moved up ahead of need
         self.errors = 0
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
@@ -123,8 +126,17 @@ class Mover:
                     delay = None
                     break
                 inflight.add(asyncio.create_task(self._land(transfers)))
+            if len(inflight) < self.max_inflight:
+                # The policy's prefetches: a paused session's blocks back up before it resumes.
+                prefetches = self.core.plan_prefetch(self.batch_blocks)
+                self.after_core()
+                if prefetches:
+                    self.prefetched += len(prefetches)
+                    inflight.add(asyncio.create_task(self._prefetch(prefetches)))
             wake = asyncio.create_task(self._wake.wait())
             timeout = delay if delay and self.core.write_behind_pending else None
+            # Prefetches fall due with time, not with requests: look again every interval.
+            timeout = min(timeout, self.prefetch_interval_s) if timeout else self.prefetch_interval_s
             done, _ = await asyncio.wait(
                 {wake, *inflight}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
@@ -133,6 +145,12 @@ class Mover:
             else:
                 wake.cancel()
             inflight -= done
+
+    async def _prefetch(self, transfers: list[Transfer]) -> None:
+        await self.promote(transfers)
+        async with self._progress:
+            self.batches_done += 1
+            self._progress.notify_all()
 
     async def _land(self, transfers: list[Transfer]) -> None:
         await self.write_down(transfers)

@@ -10,6 +10,7 @@ from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.tiers import TIER_CODES, TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc
 
+WIRE_EVENTS = (BlockStored, BlockRemoved, NamespaceRegistered)  # the kinds the Event message carries
 MAX_BATCH_EVENTS = 1000  # events per WatchResponse
 GB = 1e9
 
@@ -64,7 +65,9 @@ class ViewService(view_pb2_grpc.ViewServicer):
                 continue
             events = events[:MAX_BATCH_EVENTS]
             cursor = events[-1].seq + 1
-            chosen = [e for e in events if not namespace or e.namespace == namespace]
+            chosen = [
+                e for e in events if isinstance(e, WIRE_EVENTS) and (not namespace or e.namespace == namespace)
+            ]
             if chosen:
                 yield view_pb2.WatchResponse(
                     epoch=self.s.epoch,

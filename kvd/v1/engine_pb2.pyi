@@ -1,11 +1,51 @@
 from kvd.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SessionEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_EVENT_UNSPECIFIED: _ClassVar[SessionEventKind]
+    TURN_START: _ClassVar[SessionEventKind]
+    TURN_END: _ClassVar[SessionEventKind]
+    TOOL_PAUSE: _ClassVar[SessionEventKind]
+    TOOL_RESUME: _ClassVar[SessionEventKind]
+    SESSION_END: _ClassVar[SessionEventKind]
+SESSION_EVENT_UNSPECIFIED: SessionEventKind
+TURN_START: SessionEventKind
+TURN_END: SessionEventKind
+TOOL_PAUSE: SessionEventKind
+TOOL_RESUME: SessionEventKind
+SESSION_END: SessionEventKind
+
+class SessionEventRequest(_message.Message):
+    __slots__ = ("namespace", "session_id", "kind", "hashes", "tool", "expected_pause_s")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HASHES_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    session_id: str
+    kind: SessionEventKind
+    hashes: _containers.RepeatedScalarFieldContainer[int]
+    tool: str
+    expected_pause_s: float
+    def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionEventKind, str]] = ..., hashes: _Optional[_Iterable[int]] = ..., tool: _Optional[str] = ..., expected_pause_s: _Optional[float] = ...) -> None: ...
+
+class SessionEventResponse(_message.Message):
+    __slots__ = ("state", "turns")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    turns: int
+    def __init__(self, state: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...
 
 class RegisterNamespaceRequest(_message.Message):
     __slots__ = ("namespace", "block_tokens", "block_bytes")

@@ -79,6 +79,11 @@ class EngineStub:
                 request_serializer=kvd_dot_v1_dot_engine__pb2.LoadInlineRequest.SerializeToString,
                 response_deserializer=kvd_dot_v1_dot_engine__pb2.LoadInlineResponse.FromString,
                 _registered_method=True)
+        self.SessionEvent = channel.unary_unary(
+                '/kvd.v1.Engine/SessionEvent',
+                request_serializer=kvd_dot_v1_dot_engine__pb2.SessionEventRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_engine__pb2.SessionEventResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -149,6 +154,17 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SessionEvent(self, request, context):
+        """What an agent session is doing: a turn starts (with its prompt's hashes) or ends, a
+        tool call pauses it (and for how long, if known), it resumes, it ends. Typed retention
+        keeps a paused session's blocks and fetches them back up before it resumes. Unknown
+        session (for all but turn_start): NOT_FOUND; an event its state does not allow
+        (resume when not paused, anything after the end): FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +212,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.LoadInline,
                     request_deserializer=kvd_dot_v1_dot_engine__pb2.LoadInlineRequest.FromString,
                     response_serializer=kvd_dot_v1_dot_engine__pb2.LoadInlineResponse.SerializeToString,
+            ),
+            'SessionEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SessionEvent,
+                    request_deserializer=kvd_dot_v1_dot_engine__pb2.SessionEventRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_engine__pb2.SessionEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +462,33 @@ class Engine:
             '/kvd.v1.Engine/LoadInline',
             kvd_dot_v1_dot_engine__pb2.LoadInlineRequest.SerializeToString,
             kvd_dot_v1_dot_engine__pb2.LoadInlineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SessionEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Engine/SessionEvent',
+            kvd_dot_v1_dot_engine__pb2.SessionEventRequest.SerializeToString,
+            kvd_dot_v1_dot_engine__pb2.SessionEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

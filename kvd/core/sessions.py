@@ -1,0 +1,394 @@
+"""Sessions: which program each block belongs to, hinted by engines or inferred from chains.
+
+A *session* is one agentic program (a conversation): a sequence of turns whose prompts
+extend one another. Engines and routers may say so (session events with an id); without
+hints the table infers it: a request whose prefix extends an earlier request's chain, up to
+that chain's last and possibly partial block, continues that session.
+
+The table also keeps, per block, how many live sessions' chains hold it: a block in two or
+more is a *shared prefix* (system prompt, repository context). Like the rest of the core it
+does no I/O and reads time only from the ``now`` it is given (seconds).
+
+Invariants (checked by :meth:`check`):
+- ``refs[key]`` equals the number of sessions whose chain holds ``key`` (keys with no
+  session are absent);
+- each session's chain tail keys are indexed in ``_tails`` unless they are shared.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvd.core.errors import InvalidArgument, SessionStateError, UnknownSession
+
+BlockKey = tuple[str, int]
+
+ACTIVE, IDLE, TOOL_PAUSE, ENDED = "active", "idle", "tool_pause", "ended"
+STATES = (ACTIVE, IDLE, TOOL_PAUSE, ENDED)
+SESSION_EVENTS = ("turn_start", "turn_end", "tool_pause", "tool_resume", "session_end")
+MAX_SESSION_ID_LEN = 256
+
+
+@dataclass(eq=False)
+class Session:
+    """One program. ``turns`` counts turn starts seen; times are seconds on the core clock.
+
+    ``last_active`` is when the session last did anything (a turn start, a store, a turn
+    end); ``paused_at`` when its current tool pause began.
+    """
+
+    namespace: str
+    id: str
+    inferred: bool
+    state: str = ACTIVE
+    tool: str | None = None
+    expected_pause_s: float | None = None
+    turns: int = 0
+    chain: list[int] = field(default_factory=list)
+    last_partial: bool = False  # the chain's last block holds fewer than block_tokens tokens
+    started_at: float = 0.0
+    last_active: float = 0.0
+    paused_at: float | None = None
+    resumed: bool = False  # a tool_resume was seen and its turn has not started yet
+    last_reported: tuple[str, str | None] | None = None  # (state, tool) last put in the event log
+    grown: int = 0  # blocks the latest turn added to the chain (the whole chain on turn 1)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.id)
+
+    @property
+    def live(self) -> bool:
+        return self.state != ENDED
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one session event taught: ``pause`` — a pause of ``tool`` ended after
+    ``seconds``; ``turn`` — ``session`` started its ``turns``-th turn."""
+
+    kind: str  # "pause" | "turn"
+    tool: str | None
+    seconds: float = 0.0
+    turns: int = 0
+    session: Session | None = None
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    max_sessions: int = 100_000  # the least recently active are forgotten beyond this
+    idle_expiry_s: float = 3600.0  # a session idle this long is treated as ended
+
+
+class SessionTable:
+    """Live sessions of every namespace, their chains, and per-block sharing counts."""
+
+    def __init__(self, config: SessionConfig | None = None) -> None:
+        self.config = config or SessionConfig()
+        self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # least recent first
+        self.refs: dict[BlockKey, int] = {}
+        self._owner: dict[BlockKey, Session] = {}  # the first session to hold a key
+        self._latest: dict[BlockKey, Session] = {}  # the last session to take a key into its chain
+        self._tails: dict[BlockKey, Session] = {}  # a chain's last two keys -> its session
+        self._ids = itertools.count(1)
+        self._changed: list[Session] = []  # state changes since take_changes()
+        self._reclassified: set[BlockKey] = set()  # keys whose sharing changed
+        self._observations: list[Observation] = []
+
+    # -- queries --------------------------------------------------------------------------
+    def get(self, namespace: str, session_id: str) -> Session | None:
+        return self._sessions.get((namespace, session_id))
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def owner(self, key: BlockKey) -> Session | None:
+        """The one live session holding ``key`` in its chain; None when shared or orphaned."""
+        if self.refs.get(key, 0) != 1:
+            return None
+        session = self._owner.get(key)
+        return session if session is not None and session.live else None
+
+    def latest(self, key: BlockKey) -> Session | None:
+        """The session that most recently took ``key`` into its chain."""
+        return self._latest.get(key)
+
+    def is_shared(self, key: BlockKey) -> bool:
+        return self.refs.get(key, 0) >= 2
+
+    # -- events ---------------------------------------------------------------------------
+    def turn_start(
+        self,
+        namespace: str,
+        session_id: str | None,
+        hashes: Sequence[int],
+        now: float,
+        last_partial: bool = False,
+    ) -> Session:
+        """A turn's prompt (its chained block hashes) arrived. Without an id, infer one."""
+        session = self._resolve(namespace, session_id, hashes, now)
+        if session.turns and not session.resumed:
+            self._learn_resume(session, now)
+        session.resumed = False
+        session.turns += 1
+        self._observations.append(Observation("turn", None, turns=session.turns, session=session))
+        self._set_chain(session, hashes, last_partial)
+        was = session.state
+        self._set_state(session, ACTIVE, now)
+        if was == ACTIVE:
+            self._changed.append(session)  # a new turn changes its value even without a state change
+        return session
+
+    def observe_store(
+        self,
+        namespace: str,
+        session_id: str | None,
+        hashes: Sequence[int],
+        now: float,
+        last_partial: bool = False,
+        parent: int | None = None,
+    ) -> Session:
+        """An engine stored ``hashes`` (a chain, or its continuation after ``parent``).
+
+        The store of a turn already started (a turn_start, or an earlier part of the same
+        store) extends that turn's chain. Otherwise the store is the evidence: a chain that
+        extends a session's continues it (a new turn), else it starts a new session.
+        """
+        chain = list(hashes)
+        session = self._sessions.get((namespace, session_id)) if session_id is not None else None
+        part = False  # a later part of a store already under way
+        if parent is not None:
+            owner = session if session is not None else self._tails.get((namespace, parent))
+            if owner is None and chain:
+                owner = self._latest.get((namespace, chain[0]))  # a part stored again (a retry)
+            if owner is not None and owner.live:
+                at = _rindex(owner.chain, parent)
+                if at is not None:
+                    chain = owner.chain[: at + 1] + chain
+                    session = owner if session is None else session
+                    part = True
+        if session is None and session_id is None:
+            candidate = self._continued(namespace, chain)
+            if candidate is not None and candidate.chain == chain:
+                session = candidate  # the very chain again: a retried store, not a new turn
+                part = True
+        same_turn = part or (session is not None and not session.inferred)
+        if same_turn and session.state == ACTIVE and chain[: len(session.chain)] == session.chain:
+            # The turn under way storing (more of) its prompt: not a new turn.
+            if len(chain) > len(session.chain) or last_partial != session.last_partial:
+                self._set_chain(session, chain, last_partial, same_turn=True)
+            session.last_active = now
+            self._sessions.move_to_end(session.key)
+            self._changed.append(session)
+            return session
+        return self.turn_start(namespace, session_id, chain, now, last_partial)
+
+    def turn_end(self, namespace: str, session_id: str, now: float) -> Session:
+        session = self._require(namespace, session_id)
+        self._set_state(session, IDLE, now)
+        return session
+
+    def tool_pause(
+        self, namespace: str, session_id: str, tool: str, expected_s: float | None, now: float
+    ) -> Session:
+        if not tool:
+            raise InvalidArgument("a tool pause needs the tool's name")
+        if expected_s is not None and not 0 < expected_s <= 86_400:
+            raise InvalidArgument("expected pause seconds must be in (0, 86400]")
+        session = self._require(namespace, session_id)
+        session.tool, session.expected_pause_s, session.paused_at = tool, expected_s, now
+        self._set_state(session, TOOL_PAUSE, now)
+        return session
+
+    def tool_resume(self, namespace: str, session_id: str, now: float) -> Session:
+        session = self._require(namespace, session_id)
+        if session.state != TOOL_PAUSE:
+            raise SessionStateError(f"session {session_id!r} is {session.state}, not in a tool pause")
+        self._learn_resume(session, now)
+        session.resumed = True
+        self._set_state(session, ACTIVE, now)
+        return session
+
+    def end(self, namespace: str, session_id: str, now: float) -> Session:
+        session = self._require(namespace, session_id)
+        self._set_state(session, ENDED, now)
+        self._release(session)
+        return session
+
+    def expire(self, now: float) -> int:
+        """End sessions idle past ``idle_expiry_s`` or beyond ``max_sessions``; returns how many."""
+        ended = 0
+        while self._sessions:
+            session = next(iter(self._sessions.values()))
+            too_many = len(self._sessions) > self.config.max_sessions
+            if not too_many and now - session.last_active < self.config.idle_expiry_s:
+                break
+            if session.live:
+                self._set_state(session, ENDED, now)
+                self._release(session)
+            del self._sessions[session.key]
+            ended += 1
+        return ended
+
+    # -- drained by the core --------------------------------------------------------------
+    def take_changes(self) -> list[Session]:
+        out, self._changed = self._changed, []
+        return out
+
+    def take_reclassified(self) -> set[BlockKey]:
+        out, self._reclassified = self._reclassified, set()
+        return out
+
+    def take_observations(self) -> list[Observation]:
+        out, self._observations = self._observations, []
+        return out
+
+    def check(self) -> list[str]:
+        problems = []
+        counts: dict[BlockKey, int] = {}
+        for session in self._sessions.values():
+            if session.state not in STATES:
+                problems.append(f"session {session.id}: unknown state {session.state}")
+            if session.live:
+                for h in set(session.chain):
+                    key = (session.namespace, h)
+                    counts[key] = counts.get(key, 0) + 1
+        if counts != self.refs:
+            diff = set(counts.items()) ^ set(self.refs.items())
+            problems.append(f"sessions: {len(diff)} block reference counts disagree with the chains")
+        return problems
+
+    # -- internals ------------------------------------------------------------------------
+    def _require(self, namespace: str, session_id: str) -> Session:
+        session = self._sessions.get((namespace, session_id))
+        if session is None:
+            raise UnknownSession(f"session {session_id!r} of namespace {namespace!r} is unknown")
+        if not session.live:
+            raise SessionStateError(f"session {session_id!r} has ended")
+        return session
+
+    def _resolve(self, namespace: str, session_id: str | None, hashes: Sequence[int], now: float) -> Session:
+        if session_id is not None:
+            if not session_id or len(session_id) > MAX_SESSION_ID_LEN:
+                raise InvalidArgument(f"session ids are 1..{MAX_SESSION_ID_LEN} characters")
+            session = self._sessions.get((namespace, session_id))
+            if session is not None and session.live:
+                self._sessions.move_to_end(session.key)
+                return session
+            if session is not None:  # an ended session's id used again: a new program
+                del self._sessions[session.key]
+            return self._new(namespace, session_id, False, now)
+        session = self._continued(namespace, hashes)
+        if session is not None:
+            self._sessions.move_to_end(session.key)
+            return session
+        return self._new(namespace, f"~{next(self._ids)}", True, now)
+
+    def _continued(self, namespace: str, hashes: Sequence[int]) -> Session | None:
+        """The live session whose chain (all of it, or all but its last block) the request
+        extends, preferring the longest match. A key held by two sessions' chains says
+        nothing about which one continues, so shared keys are not indexed."""
+        tails = self._tails
+        for i in range(len(hashes) - 1, -1, -1):
+            session = tails.get((namespace, hashes[i]))
+            if session is not None and session.live and i >= len(session.chain) - 2 and i < len(session.chain):
+                return session
+        return None
+
+    def _new(self, namespace: str, session_id: str, inferred: bool, now: float) -> Session:
+        session = Session(namespace, session_id, inferred, started_at=now, last_active=now)
+        self._sessions[session.key] = session
+        return session
+
+    def _set_chain(self, session: Session, hashes: Sequence[int], last_partial: bool, same_turn: bool = False) -> None:
+        old, new = session.chain, list(hashes)
+        ns = session.namespace
+        common = 0
+        for a, b in zip(old, new):
+            if a != b:
+                break
+            common += 1
+        self._untail(session)
+        if session.live:
+            for h in old[common:]:
+                self._unref((ns, h), session)
+            for h in new[common:]:
+                self._ref((ns, h), session)
+        # A turn's store may come in parts: they add to the same turn's growth.
+        session.grown = len(new) - common + (session.grown if same_turn else 0)
+        session.chain = new
+        session.last_partial = last_partial
+        self._tail(session)
+
+    def _ref(self, key: BlockKey, session: Session) -> None:
+        n = self.refs.get(key, 0) + 1
+        self.refs[key] = n
+        self._latest[key] = session
+        if n == 1:
+            self._owner[key] = session
+        elif n == 2:
+            self._reclassified.add(key)
+            self._tails.pop(key, None)
+
+    def _unref(self, key: BlockKey, session: Session) -> None:
+        n = self.refs.get(key, 0) - 1
+        if n <= 0:
+            self.refs.pop(key, None)
+            self._owner.pop(key, None)
+            self._latest.pop(key, None)
+            self._reclassified.add(key)
+            return
+        self.refs[key] = n
+        if self._owner.get(key) is session:
+            self._owner.pop(key)  # re-found below when it is one session's again
+        if n == 1:
+            self._reclassified.add(key)
+
+    def _tail(self, session: Session) -> None:
+        for h in session.chain[-2:]:
+            key = (session.namespace, h)
+            if self.refs.get(key, 0) <= 1:
+                self._tails[key] = session
+
+    def _untail(self, session: Session) -> None:
+        for h in session.chain[-2:]:
+            key = (session.namespace, h)
+            if self._tails.get(key) is session:
+                del self._tails[key]
+
+    def _release(self, session: Session) -> None:
+        """An ended session no longer holds its chain: its private blocks are orphans."""
+        self._untail(session)
+        for h in set(session.chain):
+            self._unref((session.namespace, h), session)
+
+    def _learn_resume(self, session: Session, now: float) -> None:
+        if session.state == TOOL_PAUSE and session.paused_at is not None:
+            self._observations.append(Observation("pause", session.tool, now - session.paused_at, session.turns))
+        elif session.state != ACTIVE or session.inferred:
+            # Without a turn end the last sign of life stands in for it (inferred sessions).
+            self._observations.append(Observation("pause", None, now - session.last_active, session.turns))
+
+    def _set_state(self, session: Session, state: str, now: float) -> None:
+        if state != TOOL_PAUSE:
+            session.tool = session.tool if state == ENDED else None
+            session.expected_pause_s = None
+            session.paused_at = None
+        if state != session.state or state == TOOL_PAUSE:
+            session.state = state
+            self._changed.append(session)
+        session.last_active = now
+        self._sessions.move_to_end(session.key)
+
+
+def _rindex(chain: list[int], h: int) -> int | None:
+    for i in range(len(chain) - 1, -1, -1):
+        if chain[i] == h:
+            return i
+    return None

@@ -1,0 +1,202 @@
+"""`kvd replay TRACE`: the command line over :mod:`kvd.replay.sim`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kvd.cli.sizes import parse_size
+from kvd.policies import POLICIES
+from kvd.replay.sim import CostModel, PolicyResult, ReplayConfig, replay
+from kvd.replay.trace import FORMATS, TraceError, read_trace
+
+DEFAULT_POLICIES = "lru,typed,belady"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    c = CostModel()
+    p.add_argument("trace", type=Path, metavar="TRACE", help="a JSONL trace (Mooncake, Bailian or kvd format)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="trace format (default auto)")
+    p.add_argument("--policy", default=DEFAULT_POLICIES, help=f"policies to compare, comma-separated (default {DEFAULT_POLICIES})")
+    for tier, default in (("hbm", "0"), ("dram", "64GiB"), ("nvme", "0")):
+        p.add_argument(
+            f"--{tier}",
+            default=default,
+            metavar="SIZE",
+            help=f"{tier.upper()} capacity: bytes (e.g. 320GiB) or blocks (e.g. 5000blocks); 0: absent (default {default})",
+        )
+    p.add_argument("--block-size", type=int, help="tokens per block (default: the trace's)")
+    p.add_argument("--bytes-per-token", type=int, default=c.bytes_per_token, help=f"KV bytes per token (default {c.bytes_per_token}, Llama-3.1-8B bf16)")
+    p.add_argument("--prefill-tokens-per-s", type=float, default=c.prefill_tokens_per_s, help=f"recompute speed (default {c.prefill_tokens_per_s:g})")
+    p.add_argument("--decode-s-per-token", type=float, default=c.decode_s_per_token, help=f"decode time per output token (default {c.decode_s_per_token:g})")
+    p.add_argument("--hbm-read-gbps", type=float, default=c.hbm_read_gbps, help=f"kvd HBM pool -> engine (default {c.hbm_read_gbps:g})")
+    p.add_argument("--dram-to-hbm-gbps", type=float, default=c.dram_to_hbm_gbps, help=f"(default {c.dram_to_hbm_gbps:g})")
+    p.add_argument("--hbm-to-dram-gbps", type=float, default=c.hbm_to_dram_gbps, help=f"(default {c.hbm_to_dram_gbps:g})")
+    p.add_argument("--nvme-to-dram-gbps", type=float, default=c.nvme_to_dram_gbps, help=f"(default {c.nvme_to_dram_gbps:g})")
+    p.add_argument("--dram-to-nvme-gbps", type=float, default=c.dram_to_nvme_gbps, help=f"(default {c.dram_to_nvme_gbps:g})")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the policies side by side (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+
+
+def parse_capacity(text: str, block_bytes: int) -> int:
+    """Bytes from ``SIZE`` (``parse_size``) or ``Nblocks``."""
+    t = text.strip().lower()
+    if t.endswith("blocks"):
+        count = t[: -len("blocks")].strip()
+        if not count.isdigit():
+            raise ValueError(f"invalid capacity {text!r}: expected a whole number of blocks, e.g. 5000blocks")
+        return int(count) * block_bytes
+    return parse_size(text)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (TraceError, ValueError, OSError) as exc:
+        print(f"kvd replay: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}; known: {', '.join(sorted(POLICIES))}")
+    for name in ("bytes_per_token", "prefill_tokens_per_s", "hbm_read_gbps", "dram_to_hbm_gbps",
+                 "hbm_to_dram_gbps", "nvme_to_dram_gbps", "dram_to_nvme_gbps"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if not args.decode_s_per_token >= 0:
+        raise ValueError("--decode-s-per-token must not be negative")
+    if args.block_size is not None and args.block_size <= 0:
+        raise ValueError("--block-size must be positive")
+    trace = read_trace(args.trace, args.format, args.block_size)
+    if not trace.requests:
+        raise ValueError(f"{args.trace}: no requests")
+    cost = CostModel(
+        bytes_per_token=args.bytes_per_token,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        decode_s_per_token=args.decode_s_per_token,
+        hbm_read_gbps=args.hbm_read_gbps,
+        dram_to_hbm_gbps=args.dram_to_hbm_gbps,
+        hbm_to_dram_gbps=args.hbm_to_dram_gbps,
+        nvme_to_dram_gbps=args.nvme_to_dram_gbps,
+        dram_to_nvme_gbps=args.dram_to_nvme_gbps,
+    )
+    block_bytes = trace.block_size * cost.bytes_per_token
+    config = ReplayConfig(
+        hbm_bytes=parse_capacity(args.hbm, block_bytes),
+        dram_bytes=parse_capacity(args.dram, block_bytes),
+        nvme_bytes=parse_capacity(args.nvme, block_bytes),
+        cost=cost,
+    )
+    results = _replay_all(trace, policies, config, show=not args.no_progress and sys.stderr.isatty())
+    report = make_report(args.trace, trace, config, results)
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+def _replay_all(trace, policies: list[str], config: ReplayConfig, show: bool) -> list[PolicyResult]:
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(trace.requests) * len(policies), unit="req", file=sys.stderr, leave=False)
+    results = []
+    try:
+        for name in policies:
+            if bar is not None:
+                bar.set_description(name)
+            done = [0]
+
+            def progress(n: int, done=done) -> None:
+                if n - done[0] >= 200 or n == len(trace.requests):
+                    bar.update(n - done[0])
+                    done[0] = n
+
+            results.append(replay(trace, name, config, progress if bar is not None else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def make_report(path: Path, trace, config: ReplayConfig, results: list[PolicyResult]) -> dict:
+    block_bytes = trace.block_size * config.cost.bytes_per_token
+    report = {
+        "trace": str(path),
+        "format": trace.format,
+        "requests": len(trace.requests),
+        "block_size": trace.block_size,
+        "closed_loop": trace.closed_loop,
+        "tiers": {t: {"bytes": b, "blocks": b // block_bytes} for t, b in config.capacities().items()},
+        "cost_model": asdict(config.cost),
+        "policies": {r.policy: r.summary() for r in results},
+    }
+    rates = {r.policy: r.hit_rate for r in results}
+    if "lru" in rates and "belady" in rates:
+        gap = rates["belady"] - rates["lru"]
+        report["gap_closed"] = {
+            name: (rate - rates["lru"]) / gap if gap > 0 else None
+            for name, rate in rates.items()
+            if name not in ("lru", "belady")
+        }
+    return report
+
+
+def print_table(report: dict) -> None:
+    tiers = ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items())
+    print(f"{report['trace']}: {report['requests']} requests ({report['format']}), {tiers}")
+    print(f"{'policy':8} {'hit rate':>8} {'by tier':>26} {'TTFT p50/p90/p99 s':>22} {'session s mean/p90':>20} {'wall s':>7}")
+    for name, r in report["policies"].items():
+        by_tier = " ".join(f"{t}={v:.3f}" for t, v in r["hit_rate_by_tier"].items())
+        ttft = "/".join(f"{r['ttft_s'][q]:.2f}" for q in ("p50", "p90", "p99"))
+        done = f"{r['session_completion_s']['mean']:.1f}/{r['session_completion_s']['p90']:.1f}"
+        print(f"{name:8} {r['hit_rate']:8.4f} {by_tier:>26} {ttft:>22} {done:>20} {r['wall_s']:7.1f}")
+    for name, closed in report.get("gap_closed", {}).items():
+        if closed is not None:
+            print(f"{name} closes {closed:.1%} of the hit-rate gap between lru and belady")
+
+
+def plot(report: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'kvd[plot]'") from None
+    names = list(report["policies"])
+    rows = [report["policies"][n] for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    tiers = sorted({t for r in rows for t in r["hit_rate_by_tier"]}, key=["hbm", "dram", "nvme"].index)
+    bottom = [0.0] * len(names)
+    for tier in tiers:
+        values = [r["hit_rate_by_tier"].get(tier, 0.0) for r in rows]
+        axes[0].bar(names, values, bottom=bottom, label=tier)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axes[0].set_title("prefix hit rate (by tier)")
+    axes[0].legend()
+    width = 0.25
+    for i, q in enumerate(("p50", "p90", "p99")):
+        axes[1].bar([j + (i - 1) * width for j in range(len(names))], [r["ttft_s"][q] for r in rows], width, label=q)
+    axes[1].set_xticks(range(len(names)), names)
+    axes[1].set_title("TTFT (s)")
+    axes[1].legend()
+    axes[2].bar(names, [r["session_completion_s"]["mean"] for r in rows])
+    axes[2].set_title("mean session completion (s)")
+    fig.suptitle(f"{Path(report['trace']).name}: " + ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items()))
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+__all__ = ["add_arguments", "make_report", "parse_capacity", "run_cli"]

@@ -1,0 +1,416 @@
+"""Typed retention: every block has a class and a value; the lowest value goes first.
+
+Classes (one per held copy, from the core's session table):
+
+- ``pinned``: kept while any other block can go.
+- ``shared_prefix``: in two or more live sessions' chains (system prompt, repository).
+- ``session``: the private context of one live session (active, idle or in a tool pause).
+- ``ephemeral``: held by no live session — a chain's last, partial block (its next turn
+  re-hashes it), a block the chain moved past, an ended session's context. Value 0.
+
+Value = P(reuse within the horizon) x (recompute cost - reload cost) / bytes. Within a
+namespace every block has the same size and saves the same prefill, so the ranking is by
+the probability, which comes from the predictors (policies/predictor.py): a session's next
+turn comes with P(continue | turns so far) after a gap drawn from its tool's learned pause
+distribution (or around the hint's expected seconds), and given the time already waited::
+
+    P = p (F(e + H) - F(e)) / (1 - p F(e))
+
+The horizon H is the tier's residence time (Little's law: blocks held / insertions per
+second). A shared block is worth the most that any of its users makes of it: the larger of
+its own re-use hazard and its latest session's value, plus a margin so a shared prefix goes
+after the private blocks that depend on it.
+
+Within a group (one session, or all shared blocks) the order is LRU with a chain's tail
+before its head, so a held prefix stays a prefix. Victims merge the groups by value.
+
+Prefetch: a paused session whose predicted resume is near (the ``prefetch_quantile`` of its
+pause distribution, minus a lead for the transfer) asks for its blocks one tier up. Pressure
+demotes one tier down; ephemeral blocks are dropped rather than written down.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence, Set
+from dataclasses import dataclass
+
+from kvd.core.sessions import ACTIVE, ENDED, TOOL_PAUSE, Observation, Session, SessionTable
+from kvd.policies.base import BlockKey, Policy
+from kvd.policies.guard import LruGuard
+from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
+
+PINNED, SHARED, EPHEMERAL = "pinned", "shared_prefix", "ephemeral"
+CLASSES = (PINNED, SHARED, "session", "tool_pause", EPHEMERAL)
+
+
+@dataclass(frozen=True)
+class TypedConfig:
+    """Knobs of the typed policy. Seconds for times."""
+
+    pause_model: str = "empirical"  # or "lognormal": see policies/predictor.py
+    initial_horizon_s: float = 60.0
+    horizon_scale: float = 1.0  # the horizon as a multiple of the tier's mean residence time
+    min_horizon_s: float = 1.0
+    rate_halflife: int = 2000  # insertions over which the insertion-rate estimate decays
+    revalue_s: float = 1.0  # group values are recomputed at most this often (dirty ones at once)
+    shared_margin: float = 0.05  # added to a shared block's value: it outlives its users' tails
+    active_value: float = 1.0  # a session with a turn in flight
+    prefetch_quantile: float = 0.25  # prefetch once this share of pauses would have ended ...
+    prefetch_lead_s: float = 2.0  # ... minus this lead
+    maturity_min_s: float = 5.0  # bounds on the age at which an unanswered turn counts as the last
+    maturity_max_s: float = 900.0
+
+
+class TypedPolicy(Policy):
+    name = "typed"
+
+    def __init__(self, sessions: SessionTable | None = None, config: TypedConfig | None = None) -> None:
+        self.sessions = sessions if sessions is not None else SessionTable()
+        self.config = config or TypedConfig()
+        self.pauses = PausePredictor(model=self.config.pause_model)
+        self.turns = ContinuePredictor()
+        self.shared_gaps = PausePredictor()
+        self.pinned: set[BlockKey] = set()
+        # tier -> group -> key -> last access (seconds); a group is a Session or a class name
+        self._groups: dict[str, dict[object, OrderedDict[BlockKey, float]]] = {}
+        self._where: dict[str, dict[BlockKey, object]] = {}
+        self._rate: dict[str, float] = {}  # tier -> insertions per second (EWMA)
+        self._last_insert: dict[str, float] = {}
+        self._pending_n: dict[str, int] = {}
+        self._values: dict[str, tuple[float, list[tuple[float, int, object]]]] = {}  # tier -> (at, sorted)
+        self._dirty: dict[str, set[object]] = {}  # tier -> groups whose value changed since sorting
+        self._paused: dict[Session, None] = {}  # sessions in a tool pause (ordered set)
+        self.guard = LruGuard()
+        self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
+        self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
+
+    # -- classification -------------------------------------------------------------------
+    def _group_of(self, key: BlockKey) -> object:
+        if key in self.pinned:
+            return PINNED
+        sessions = self.sessions
+        refs = sessions.refs.get(key, 0)
+        if refs >= 2:
+            return SHARED
+        owner = sessions.owner(key)
+        if owner is None:
+            return EPHEMERAL
+        if owner.last_partial and owner.chain and owner.chain[-1] == key[1]:
+            return EPHEMERAL
+        return owner
+
+    def retention_class(self, key: BlockKey, tier: str) -> str | None:
+        """The class of ``key``'s copy in ``tier`` (None when not held there)."""
+        group = self._where.get(tier, {}).get(key)
+        if group is None:
+            return None
+        if isinstance(group, Session):
+            return "tool_pause" if group.state == TOOL_PAUSE else ("session" if group.live else EPHEMERAL)
+        return group
+
+    # -- events ---------------------------------------------------------------------------
+    def on_stored(self, tier: str, keys: Sequence[BlockKey], now: float) -> None:
+        groups = self._groups.setdefault(tier, {})
+        where = self._where.setdefault(tier, {})
+        held_any = self._held_any
+        new = [key for key in keys if key not in held_any]
+        if new:  # a store after a miss (moves between tiers are not requests)
+            self.guard.observe(new, hit=False)
+        recency = self._recency.setdefault(tier, OrderedDict())
+        for key in reversed(keys):
+            if key not in where:
+                held_any[key] = held_any.get(key, 0) + 1
+            recency[key] = None
+            recency.move_to_end(key)
+        self.guard.resize(len(held_any))
+        for key in reversed(keys):  # the root last: most recent within its group
+            old = where.get(key)
+            group = self._group_of(key)
+            if old is not None and old is not group:
+                self._take(tier, key, old)
+            members = groups.get(group)
+            if members is None:
+                members = groups[group] = OrderedDict()
+                self._dirty.setdefault(tier, set()).add(group)
+            members[key] = now
+            members.move_to_end(key)
+            where[key] = group
+        if keys:
+            self._count_insertions(tier, len(keys), now)
+
+    def on_accessed(self, keys: Sequence[BlockKey], now: float) -> None:
+        self.guard.observe(keys, hit=True)
+        last_seen: dict[BlockKey, float] = {}
+        for tier, where in self._where.items():
+            groups = self._groups[tier]
+            recency = self._recency[tier]
+            for key in reversed(keys):
+                group = where.get(key)
+                if group is None:
+                    continue
+                recency.move_to_end(key)
+                members = groups[group]
+                if group is SHARED:
+                    last_seen[key] = max(last_seen.get(key, -math.inf), members[key])
+                members[key] = now
+                members.move_to_end(key)
+        for last in last_seen.values():  # one re-use gap per shared block, whatever its tiers
+            self.shared_gaps.observe(None, now - last)
+
+    def on_removed(self, tier: str, key: BlockKey) -> None:
+        group = self._where.get(tier, {}).pop(key, None)
+        if group is not None:
+            self._take(tier, key, group, forget=False)
+            self._recency[tier].pop(key, None)
+            n = self._held_any[key] - 1
+            if n:
+                self._held_any[key] = n
+            else:
+                del self._held_any[key]
+
+    def on_sessions(
+        self, changed: Sequence[Session], observations: Sequence[Observation], reclassified: Set[BlockKey], now: float
+    ) -> None:
+        for obs in observations:
+            if obs.kind == "pause":
+                self.pauses.observe(obs.tool, obs.seconds)
+            elif obs.kind == "turn" and obs.session is not None:
+                self.turns.reached(obs.session, obs.turns, obs.session.grown, now)
+        for tier in self._groups:
+            self._dirty.setdefault(tier, set()).update(changed)
+        for session in changed:
+            if session.state == TOOL_PAUSE:
+                self._paused[session] = None
+            else:
+                self._paused.pop(session, None)
+        if reclassified:
+            for tier in self._where:
+                self._refile(tier, reclassified)
+
+    def _refile(self, tier: str, keys: Set[BlockKey]) -> None:
+        """Move ``keys`` held in ``tier`` to the groups they belong to now, keeping each old
+        group's order (a chain's tail still goes before its head)."""
+        where = self._where[tier]
+        groups = self._groups[tier]
+        by_group: dict[object, list[BlockKey]] = {}
+        for key in keys:
+            old = where.get(key)
+            if old is not None and self._group_of(key) is not old:
+                by_group.setdefault(old, []).append(key)
+        for old, moving in by_group.items():
+            members = groups[old]
+            if len(moving) > 1:
+                rank = {k: i for i, k in enumerate(members)}
+                moving.sort(key=rank.__getitem__)
+            for key in moving:
+                last = members[key]
+                new = self._group_of(key)
+                self._take(tier, key, old)
+                target = groups.get(new)
+                if target is None:
+                    target = groups[new] = OrderedDict()
+                    self._dirty.setdefault(tier, set()).add(new)
+                target[key] = last
+                where[key] = new
+
+    def pin(self, keys: Sequence[BlockKey], now: float) -> None:
+        """Keep ``keys`` above every unpinned block (an admin or a hint asked)."""
+        self.pinned.update(keys)
+        self.on_sessions((), (), set(keys), now)
+
+    def unpin(self, keys: Sequence[BlockKey], now: float) -> None:
+        self.pinned.difference_update(keys)
+        self.on_sessions((), (), set(keys), now)
+
+    # -- decisions ------------------------------------------------------------------------
+    def victims(self, tier: str, now: float) -> Iterator[BlockKey]:
+        groups = self._groups.get(tier)
+        if not groups:
+            return iter(())
+        if self.guard.prefer_lru:
+            return iter(self._recency[tier])  # the sessions bet is losing here: plain recency
+        ordered = self._ordered_groups(tier, now)
+        streams: list[Iterator[tuple[float, int, BlockKey]]] = []
+        eph = groups.get(EPHEMERAL)
+        if eph:
+            streams.append(((0.0, 0, k) for k in list(eph)))
+        shared = groups.get(SHARED)
+        if shared:
+            streams.append(self._shared_stream(tier, list(shared.items()), now))
+        streams.append(self._session_stream(groups, ordered))
+        pinned = groups.get(PINNED)
+        if pinned:
+            streams.append(((math.inf, 0, k) for k in list(pinned)))
+        return (key for _, _, key in heapq.merge(*streams, key=lambda item: (item[0], item[1])))
+
+    def priority(self, key: BlockKey, tier: str, now: float) -> float:
+        group = self._where.get(tier, {}).get(key)
+        if group is None:
+            group = self._group_of(key)
+        if group is SHARED:
+            members = self._groups.get(tier, {}).get(SHARED)
+            last = members.get(key, now) if members else now
+            return self._shared_value(key, now - last, tier, now)
+        return self._group_value(group, tier, now)
+
+    def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
+        """Ephemeral blocks and those of ended sessions are dropped, not written down."""
+        group = self._where.get(tier, {}).get(key)
+        if group is None:
+            group = self._group_of(key)
+        if group is EPHEMERAL:
+            return False
+        return not (isinstance(group, Session) and group.state == ENDED)
+
+    def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:
+        """Blocks of paused sessions whose resume is near, held below ``tier`` only."""
+        here = self._where.get(tier, {})
+        due: list[tuple[float, Session]] = []
+        for session in list(self._paused):
+            if session.state != TOOL_PAUSE or session.paused_at is None:
+                self._paused.pop(session, None)
+                continue
+            dist = self.pauses.distribution(session.tool, session.expected_pause_s)
+            resume = session.paused_at + dist.quantile(self.config.prefetch_quantile)
+            if now >= resume - self.config.prefetch_lead_s:
+                due.append((resume, session))
+        due.sort(key=lambda item: item[0])
+        for _, session in due:
+            ns = session.namespace
+            for h in session.chain:
+                key = (ns, h)
+                if key not in here and any(key in w for t, w in self._where.items() if t != tier):
+                    yield key
+
+    # -- values ---------------------------------------------------------------------------
+    def horizon(self, tier: str) -> float:
+        """Seconds a block stays in ``tier``: held / insertion rate (Little's law)."""
+        rate = self._rate.get(tier)
+        held = len(self._where.get(tier, ()))
+        if not rate or not held:
+            return self.config.initial_horizon_s
+        return max(self.config.horizon_scale * held / rate, self.config.min_horizon_s)
+
+    def _group_value(self, group: object, tier: str, now: float) -> float:
+        if group is EPHEMERAL:
+            return 0.0
+        if group is PINNED:
+            return math.inf
+        if not isinstance(group, Session):
+            return 0.0
+        if group.state == ENDED:
+            return 0.0
+        if group.state == ACTIVE and not group.inferred:
+            return self.config.active_value
+        self._resolve_turns(now)
+        if group.state == TOOL_PAUSE and group.paused_at is not None:
+            dist = self.pauses.distribution(group.tool, group.expected_pause_s)
+            elapsed = now - group.paused_at
+        else:
+            dist = self.pauses.distribution(None)
+            elapsed = now - group.last_active
+        p = self.turns.p(group.turns, group.grown)
+        return reuse_probability(dist, p, max(elapsed, 0.0), self.horizon(tier))
+
+    def _shared_value(self, key: BlockKey, elapsed: float, tier: str, now: float) -> float:
+        own = reuse_probability(self.shared_gaps.pooled(), 1.0, max(elapsed, 0.0), self.horizon(tier))
+        latest = self.sessions.latest(key)
+        users = self._group_value(latest, tier, now) if latest is not None else 0.0
+        return max(own, users) + self.config.shared_margin
+
+    def _resolve_turns(self, now: float) -> None:
+        pooled = self.pauses.pooled()
+        maturity = min(max(pooled.quantile(0.95), self.config.maturity_min_s), self.config.maturity_max_s)
+        self.turns.resolve(now, maturity)
+
+    def _ordered_groups(self, tier: str, now: float) -> list[tuple[float, int, object]]:
+        """Session groups by value, recomputed every ``revalue_s``; groups that changed
+        since are valued afresh and merged in."""
+        cached = self._values.get(tier)
+        groups = self._groups[tier]
+        if cached is None or now - cached[0] >= self.config.revalue_s:
+            ordered = [
+                (self._group_value(g, tier, now), id(g), g) for g, m in groups.items() if m and isinstance(g, Session)
+            ]
+            ordered.sort(key=lambda item: (item[0], item[1]))
+            self._values[tier] = (now, ordered)
+            self._dirty[tier] = set()
+            return ordered
+        dirty = self._dirty.get(tier)
+        if not dirty:
+            return cached[1]
+        fresh = [
+            (self._group_value(g, tier, now), id(g), g)
+            for g in dirty
+            if isinstance(g, Session) and groups.get(g)
+        ]
+        fresh.sort(key=lambda item: (item[0], item[1]))
+        kept = [item for item in cached[1] if item[2] not in dirty]
+        return list(heapq.merge(kept, fresh, key=lambda item: (item[0], item[1])))
+
+    def _session_stream(
+        self, groups: dict[object, OrderedDict[BlockKey, float]], ordered: list[tuple[float, int, object]]
+    ) -> Iterator[tuple[float, int, BlockKey]]:
+        for value, tiebreak, group in ordered:
+            members = groups.get(group)
+            if not members:
+                continue
+            for key in list(members):
+                yield (value, tiebreak, key)
+
+    def _shared_stream(
+        self, tier: str, members: list[tuple[BlockKey, float]], now: float
+    ) -> Iterator[tuple[float, int, BlockKey]]:
+        # LRU order; the value rises towards the recent end (close enough to sorted for
+        # the merge: a shared block is never worth less than the tails that depend on it).
+        for key, last in members:
+            yield (self._shared_value(key, now - last, tier, now), 0, key)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _take(self, tier: str, key: BlockKey, group: object, forget: bool = True) -> None:
+        members = self._groups[tier].get(group)
+        if members is not None:
+            members.pop(key, None)
+            if not members:
+                del self._groups[tier][group]
+        if forget:
+            self._where[tier].pop(key, None)
+
+    def _count_insertions(self, tier: str, n: int, now: float) -> None:
+        last = self._last_insert.get(tier)
+        self._last_insert[tier] = now
+        if last is None:
+            return
+        dt = now - last
+        alpha = min(1.0, n / self.config.rate_halflife)
+        if dt <= 0:
+            # Several stores at one instant: fold them into the next interval.
+            self._pending_n[tier] = self._pending_n.get(tier, 0) + n
+            self._last_insert[tier] = last
+            return
+        n += self._pending_n.pop(tier, 0)
+        rate = n / dt
+        old = self._rate.get(tier)
+        self._rate[tier] = rate if old is None else old + alpha * (rate - old)
+
+    def check(self, held: dict[str, set[BlockKey]]) -> list[str]:
+        problems = []
+        for tier in set(held) | set(self._where):
+            keys = held.get(tier, set())
+            tracked = set(self._where.get(tier, {}))
+            if tracked != keys:
+                problems.append(
+                    f"typed[{tier}]: {len(tracked - keys)} tracked but not held, {len(keys - tracked)} held but not tracked"
+                )
+            grouped = sum(len(m) for m in self._groups.get(tier, {}).values())
+            if grouped != len(tracked):
+                problems.append(f"typed[{tier}]: {grouped} keys in groups, {len(tracked)} located")
+            for key, group in self._where.get(tier, {}).items():
+                if key not in self._groups[tier].get(group, {}):
+                    problems.append(f"typed[{tier}]: {key} is filed under a group that lacks it")
+                    break
+        return problems
+
