@@ -4,7 +4,7 @@ Typed retention bets on sessions: that a chain's future users are the session th
 Some workloads break the bet (many requests sharing prefixes of each other at arbitrary
 depths, no multi-turn programs), and then LRU's plain recency wins. The guard keeps a
 shadow LRU of the same number of blocks, fed the same accesses, and decayed counts of the
-hits each would have had; :attr:`prefer_lru` says when the shadow is ahead by more than a
+prefix hits each would have had per request; :attr:`prefer_lru` says when the shadow is ahead by more than a
 margin, so the policy can order its victims by recency until it is not (the adaptive
 expert choice of ARC/LeCaR, made deterministic by simulating the other expert instead of
 sampling it).
@@ -20,11 +20,14 @@ from collections.abc import Hashable, Sequence
 
 class LruGuard:
     """``halflife``: block accesses over which old hits weigh half; ``margin``: how far
-    ahead (a fraction) the shadow must be before recency takes over, and back."""
+    ahead (a fraction) the shadow must be before recency takes over, and back; ``warmup``:
+    requests the shadow only fills during."""
 
-    def __init__(self, halflife: int = 20_000, margin: float = 0.02) -> None:
+    def __init__(self, halflife: int = 50_000, margin: float = 0.05, warmup: int = 100) -> None:
         self.decay = 0.5 ** (1.0 / halflife)
         self.margin = margin
+        self.warmup = warmup  # requests before it judges: the policy's predictors are still learning
+        self.requests = 0
         self.capacity = 0
         self.actual_hits = 0.0
         self.shadow_hits = 0.0
@@ -35,26 +38,27 @@ class LruGuard:
         """The number of distinct blocks the real cache holds (the shadow holds as many)."""
         self.capacity = capacity
 
-    def observe(self, keys: Sequence[Hashable], hit: bool) -> None:
-        """A request touched ``keys`` (a chain, root first): the real cache held them
-        (``hit``) or had to store them."""
+    def observe(self, chain: Sequence[Hashable], held: int) -> None:
+        """A request's prompt ``chain`` (root first) found its first ``held`` blocks in the
+        real cache; the shadow finds the longest prefix it holds. Both then hold the chain."""
         shadow = self._shadow
-        decay = self.decay
-        actual = self.actual_hits
-        ahead = self.shadow_hits
-        for key in reversed(keys):  # the root last: the most recent, as in prefix-aware LRU
-            actual *= decay
-            ahead *= decay
-            if hit:
-                actual += 1.0
-            if key in shadow:
-                ahead += 1.0
-                shadow.move_to_end(key)
-            else:
-                shadow[key] = None
+        ahead = 0
+        for key in chain:
+            if key not in shadow:
+                break
+            ahead += 1
+        for key in reversed(chain):  # the root last: the most recent, as in prefix-aware LRU
+            shadow[key] = None
+            shadow.move_to_end(key)
         while len(shadow) > self.capacity:
             shadow.popitem(last=False)
-        self.actual_hits, self.shadow_hits = actual, ahead
+        self.requests += 1
+        if self.requests <= self.warmup:
+            return
+        fade = self.decay ** len(chain)
+        self.actual_hits = self.actual_hits * fade + held
+        self.shadow_hits = self.shadow_hits * fade + ahead
+        actual, ahead = self.actual_hits, self.shadow_hits
         if self.prefer_lru:
             self.prefer_lru = ahead > actual * (1.0 + self.margin / 2)
         else:

@@ -51,13 +51,13 @@ class TypedConfig:
     """Knobs of the typed policy. Seconds for times."""
 
     pause_model: str = "empirical"  # or "lognormal": see policies/predictor.py
+    monotone: bool = True
     initial_horizon_s: float = 60.0
     horizon_scale: float = 1.0  # the horizon as a multiple of the tier's mean residence time
     min_horizon_s: float = 1.0
     rate_halflife: int = 2000  # insertions over which the insertion-rate estimate decays
     revalue_s: float = 1.0  # group values are recomputed at most this often (dirty ones at once)
     shared_margin: float = 0.05  # added to a shared block's value: it outlives its users' tails
-    active_value: float = 1.0  # a session with a turn in flight
     prefetch_quantile: float = 0.25  # prefetch once this share of pauses would have ended ...
     prefetch_lead_s: float = 2.0  # ... minus this lead
     maturity_min_s: float = 5.0  # bounds on the age at which an unanswered turn counts as the last
@@ -84,6 +84,8 @@ class TypedPolicy(Policy):
         self._dirty: dict[str, set[object]] = {}  # tier -> groups whose value changed since sorting
         self._paused: dict[Session, None] = {}  # sessions in a tool pause (ordered set)
         self.guard = LruGuard()
+        self._memo: dict[tuple[int, str], float] = {}
+        self._memo_now = -math.inf
         self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
 
@@ -118,7 +120,7 @@ class TypedPolicy(Policy):
         held_any = self._held_any
         new = [key for key in keys if key not in held_any]
         if new:  # a store after a miss (moves between tiers are not requests)
-            self.guard.observe(new, hit=False)
+            self._judge(new)
         recency = self._recency.setdefault(tier, OrderedDict())
         for key in reversed(keys):
             if key not in where:
@@ -142,7 +144,6 @@ class TypedPolicy(Policy):
             self._count_insertions(tier, len(keys), now)
 
     def on_accessed(self, keys: Sequence[BlockKey], now: float) -> None:
-        self.guard.observe(keys, hit=True)
         last_seen: dict[BlockKey, float] = {}
         for tier, where in self._where.items():
             groups = self._groups[tier]
@@ -160,6 +161,17 @@ class TypedPolicy(Policy):
         for last in last_seen.values():  # one re-use gap per shared block, whatever its tiers
             self.shared_gaps.observe(None, now - last)
 
+    def _judge(self, new: list[BlockKey]) -> None:
+        """Score the request that stored ``new`` for the guard: its whole prompt is the
+        chain of the session that stored it (the real cache held the part before ``new``)."""
+        session = self.sessions.latest(new[0])
+        chain = [(session.namespace, h) for h in session.chain] if session is not None else []
+        try:
+            held = chain.index(new[0])
+        except ValueError:
+            chain, held = new, 0
+        self.guard.observe(chain, held)
+
     def on_removed(self, tier: str, key: BlockKey) -> None:
         group = self._where.get(tier, {}).pop(key, None)
         if group is not None:
@@ -174,6 +186,7 @@ class TypedPolicy(Policy):
     def on_sessions(
         self, changed: Sequence[Session], observations: Sequence[Observation], reclassified: Set[BlockKey], now: float
     ) -> None:
+        self._memo.clear()  # a session's value may change within one instant
         for obs in observations:
             if obs.kind == "pause":
                 self.pauses.observe(obs.tool, obs.seconds)
@@ -196,7 +209,7 @@ class TypedPolicy(Policy):
         where = self._where[tier]
         groups = self._groups[tier]
         by_group: dict[object, list[BlockKey]] = {}
-        for key in keys:
+        for key in sorted(keys):  # a set: sorted, so that runs repeat exactly
             old = where.get(key)
             if old is not None and self._group_of(key) is not old:
                 by_group.setdefault(old, []).append(key)
@@ -295,6 +308,17 @@ class TypedPolicy(Policy):
         return max(self.config.horizon_scale * held / rate, self.config.min_horizon_s)
 
     def _group_value(self, group: object, tier: str, now: float) -> float:
+        # One value per group, tier and instant: every block of a session shares it.
+        if now != self._memo_now:
+            self._memo_now = now
+            self._memo.clear()
+        memo_key = (id(group), tier)
+        value = self._memo.get(memo_key)
+        if value is None:
+            value = self._memo[memo_key] = self._compute_group_value(group, tier, now)
+        return value
+
+    def _compute_group_value(self, group: object, tier: str, now: float) -> float:
         if group is EPHEMERAL:
             return 0.0
         if group is PINNED:
@@ -303,8 +327,6 @@ class TypedPolicy(Policy):
             return 0.0
         if group.state == ENDED:
             return 0.0
-        if group.state == ACTIVE and not group.inferred:
-            return self.config.active_value
         self._resolve_turns(now)
         if group.state == TOOL_PAUSE and group.paused_at is not None:
             dist = self.pauses.distribution(group.tool, group.expected_pause_s)
@@ -313,7 +335,12 @@ class TypedPolicy(Policy):
             dist = self.pauses.distribution(None)
             elapsed = now - group.last_active
         p = self.turns.p(group.turns, group.grown)
-        return reuse_probability(dist, p, max(elapsed, 0.0), self.horizon(tier))
+        horizon = self.horizon(tier)
+        value = reuse_probability(dist, p, max(elapsed, 0.0), horizon)
+        if self.config.monotone:
+            # Never rank a session above an otherwise equal one seen more recently.
+            value = min(value, reuse_probability(dist, p, 0.0, horizon))
+        return value
 
     def _shared_value(self, key: BlockKey, elapsed: float, tier: str, now: float) -> float:
         own = reuse_probability(self.shared_gaps.pooled(), 1.0, max(elapsed, 0.0), self.horizon(tier))
@@ -333,7 +360,7 @@ class TypedPolicy(Policy):
         groups = self._groups[tier]
         if cached is None or now - cached[0] >= self.config.revalue_s:
             ordered = [
-                (self._group_value(g, tier, now), id(g), g) for g, m in groups.items() if m and isinstance(g, Session)
+                (self._group_value(g, tier, now), g.seq, g) for g, m in groups.items() if m and isinstance(g, Session)
             ]
             ordered.sort(key=lambda item: (item[0], item[1]))
             self._values[tier] = (now, ordered)
@@ -343,7 +370,7 @@ class TypedPolicy(Policy):
         if not dirty:
             return cached[1]
         fresh = [
-            (self._group_value(g, tier, now), id(g), g)
+            (self._group_value(g, tier, now), g.seq, g)
             for g in dirty
             if isinstance(g, Session) and groups.get(g)
         ]

@@ -199,30 +199,39 @@ def test_typed_pinned_blocks_go_last():
 
 
 def test_guard_prefers_lru_once_the_shadow_is_ahead_and_returns():
-    guard = LruGuard(halflife=1000, margin=0.1)
+    guard = LruGuard(halflife=1000, margin=0.1, warmup=0)
     guard.resize(2)
-    guard.observe([A, B], hit=True)  # both would hit alike from here on
-    guard.observe([A, B], hit=True)
+    guard.observe([A, B], held=0)  # a first request: nobody could hit
+    guard.observe([A, B], held=2)  # the real cache held both, as the shadow did
+    assert (guard.actual_hits, guard.shadow_hits) == pytest.approx((2, 2), rel=0.01)
     assert guard.prefer_lru is False
-    # The real cache keeps missing a block a same-sized LRU would still hold.
+    # The real cache keeps missing a chain a same-sized LRU would still hold.
     for _ in range(3):
-        guard.observe([A], hit=False)
+        guard.observe([A, B], held=0)
     assert guard.prefer_lru is True
     for _ in range(10):  # the real cache is ahead again
-        guard.observe([(NS, 9)], hit=True)
-        guard.observe([(NS, 10)], hit=True)
-        guard.observe([(NS, 11)], hit=True)
+        guard.observe([C, D], held=2)
+        guard.observe([(NS, 9), (NS, 10)], held=2)
     assert guard.prefer_lru is False
 
 
-def test_guard_shadow_holds_as_many_blocks_as_the_cache():
-    guard = LruGuard()
-    guard.resize(1)
-    guard.observe([A], hit=False)
-    guard.observe([B], hit=False)  # pushes A out of a one-block shadow
-    before = guard.shadow_hits
-    guard.observe([A], hit=False)
-    assert guard.shadow_hits < before + 0.5  # no shadow hit for A
+def test_guard_shadow_is_a_prefix_lru_of_the_same_size():
+    guard = LruGuard(warmup=0)
+    guard.resize(2)
+    guard.observe([A, B], held=0)
+    guard.observe([C], held=0)  # pushes out B, the chain's tail, not its head A
+    guard.observe([A, B, D], held=0)
+    assert guard.shadow_hits == pytest.approx(1, rel=1e-3)  # A, then B is missing: a 1-block prefix
+
+
+def test_guard_judges_nothing_during_warmup():
+    guard = LruGuard(warmup=2)
+    guard.resize(2)
+    guard.observe([A], held=0)
+    guard.observe([A], held=0)
+    assert guard.shadow_hits == 0 and guard.prefer_lru is False
+    guard.observe([A], held=0)
+    assert guard.shadow_hits > 0
 
 
 def test_typed_orders_by_recency_while_the_guard_prefers_lru():

@@ -517,54 +517,63 @@ class KvCore:
 
     def plan_prefetch(self, max_blocks: int) -> list[Transfer]:
         """Up to ``max_blocks`` transfers moving blocks the policy expects to be needed soon
-        one tier up (to the top tier from the next one, and so on). Room is taken only
-        from free space or from copies the policy values less than the block moved."""
+        one tier up (to the top tier from the next one, and so on). Room is made only from
+        copies the policy values less than what is due: they are dropped, or demoted (then
+        the prefetch follows in a later round, once the demotion landed)."""
         out: list[Transfer] = []
         now = self.clock()
         for upper, lower in zip(self.tiers, self.tiers[1:]):
-            wanted = []
+            due = []
             for key in self.policy.prefetches(upper, now):
-                wanted.append(key)
-                if len(wanted) >= max_blocks - len(out):
-                    break
-            for key in wanted:
                 record = self._record(key)
-                if record is None or upper in record.copies:
+                src = record.copies.get(lower) if record is not None else None
+                if record is None or upper in record.copies or src is None or not src.ready:
                     continue
-                src = record.copies.get(lower)
-                if src is None or not src.ready:
-                    continue
-                slot = self.spaces[upper].allocate(record.nbytes) or self._displace(upper, key, record.nbytes, now)
-                if slot is None:
-                    break  # the rest of the tier is worth more than what is due
-                transfer = self._start_transfer("prefetch", record, lower, upper, Copy(slot))
-                self._promoting[id(transfer.dst)] = transfer  # a load meanwhile waits for it
-                out.append(transfer)
+                due.append((key, record))
+                if len(due) >= max_blocks - len(out):
+                    break
+            short = self._prefetch_into(upper, lower, due, out)
+            if short:
+                self._make_way(upper, short, now)
+                self._prefetch_into(upper, lower, short, out)
             if len(out) >= max_blocks:
                 break
         return out
 
-    def _displace(self, tier: str, key: tuple[str, int], nbytes: int, now: float) -> Slot | None:
-        """Room in ``tier`` for ``key`` by evicting one copy the policy values less; only
-        when that frees the room at once (a drop, or a copy already held below)."""
-        want = self.policy.priority(key, tier, now)
-        lower = self._lower(tier)
-        for victim in self.policy.victims(tier, now):
-            record = self._record(victim)
+    def _prefetch_into(self, upper: str, lower: str, due: list, out: list[Transfer]) -> list:
+        """Start the prefetches of ``due`` that free space allows; returns the rest."""
+        space = self.spaces[upper]
+        for i, (_, record) in enumerate(due):
+            slot = space.allocate(record.nbytes)
+            if slot is None:
+                return due[i:]
+            transfer = self._start_transfer("prefetch", record, lower, upper, Copy(slot))
+            self._promoting[id(transfer.dst)] = transfer  # a load meanwhile waits for it
+            out.append(transfer)
+        return []
+
+    def _make_way(self, tier: str, due: list, now: float) -> None:
+        """Evict copies from ``tier`` that the policy values below every block in ``due``,
+        enough for them (fewer if too few are worth less)."""
+        want = min(self.policy.priority(key, tier, now) for key, _ in due)
+        space = self.spaces[tier]
+        need = sum(space.slot_bytes(record.nbytes) for _, record in due)
+        victims = []
+        room = 0
+        for key in self.policy.victims(tier, now):
+            record = self._record(key)
             copy = record.copies.get(tier) if record is not None else None
             if record is None or copy is None or not copy.ready or copy.readers:
                 continue
-            if self.policy.priority(victim, tier, now) >= want:
-                return None
-            below = record.copies.get(lower) if lower else None
-            held_below = below is not None and below.ready
-            if lower is not None and not held_below and self.policy.worth_demoting(victim, tier, now):
-                return None  # it would have to move down first: not for a prefetch
-            break
-        else:
-            return None
-        self._drop_copy(self._namespaces[record.namespace], record, tier, copy, reason="evicted")
-        return self.spaces[tier].allocate(nbytes)
+            if self.policy.priority(key, tier, now) >= want:
+                break
+            victims.append((record, copy))
+            room += copy.slot.length
+            if room >= need:
+                break
+        lower = self._lower(tier)
+        for record, copy in victims:
+            self._evict(tier, lower, record, copy, now)
 
     # -- leases ---------------------------------------------------------------------------
     def expire_leases(self) -> int:

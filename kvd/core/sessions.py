@@ -52,6 +52,7 @@ class Session:
     started_at: float = 0.0
     last_active: float = 0.0
     paused_at: float | None = None
+    seq: int = 0  # creation order in its table: a deterministic tie-break
     resumed: bool = False  # a tool_resume was seen and its turn has not started yet
     last_reported: tuple[str, str | None] | None = None  # (state, tool) last put in the event log
     grown: int = 0  # blocks the latest turn added to the chain (the whole chain on turn 1)
@@ -288,7 +289,7 @@ class SessionTable:
         if session is not None:
             self._sessions.move_to_end(session.key)
             return session
-        return self._new(namespace, f"~{next(self._ids)}", True, now)
+        return self._new(namespace, None, True, now)
 
     def _continued(self, namespace: str, hashes: Sequence[int]) -> Session | None:
         """The live session whose chain (all of it, or all but its last block) the request
@@ -301,8 +302,10 @@ class SessionTable:
                 return session
         return None
 
-    def _new(self, namespace: str, session_id: str, inferred: bool, now: float) -> Session:
-        session = Session(namespace, session_id, inferred, started_at=now, last_active=now)
+    def _new(self, namespace: str, session_id: str | None, inferred: bool, now: float) -> Session:
+        seq = next(self._ids)
+        name = session_id if session_id is not None else f"~{seq}"
+        session = Session(namespace, name, inferred, seq=seq, started_at=now, last_active=now)
         self._sessions[session.key] = session
         return session
 

@@ -89,7 +89,8 @@ class ReplayConfig:
     dram_bytes: int = 64 << 30
     nvme_bytes: int = 0
     cost: CostModel = field(default_factory=CostModel)
-    tick_s: float = 0.5  # how often the simulated mover looks for prefetches
+    tick_s: float = 0.25  # how often the simulated mover wakes up when nothing else happens
+    prefetch_interval_s: float = 0.25  # how often it plans prefetches (the daemon's mover too)
     batch_blocks: int = 256  # transfers planned per mover round
     write_behind: bool = True
 
@@ -205,6 +206,7 @@ class Replay:
         self.session_done: list[float] = []
         self._next_turn: dict[int, TraceRequest] = {}
         self._rank: dict[int, int] = {}
+        self._next_prefetch = 0.0
 
     # -- the event loop -------------------------------------------------------------------
     def run(self) -> PolicyResult:
@@ -398,8 +400,11 @@ class Replay:
         core = self.core
         for transfer in core.take_demotions():
             self._land_now(transfer)
-        planned = core.plan_write_behind(self.config.batch_blocks) + core.plan_prefetch(self.config.batch_blocks)
         now = self.clock.now
+        planned = core.plan_write_behind(self.config.batch_blocks)
+        if now >= self._next_prefetch:  # like the daemon's mover: prefetches every interval
+            self._next_prefetch = now + self.config.prefetch_interval_s
+            planned += core.plan_prefetch(self.config.batch_blocks)
         for transfer in planned:
             link = (transfer.src_tier, transfer.dst_tier)
             start = max(now, self._link_free.get(link, 0.0))
