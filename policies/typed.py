@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 
-from kvd.core.sessions import ACTIVE, ENDED, TOOL_PAUSE, Observation, Session, SessionTable
+from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, Session, SessionTable
 from kvd.policies.base import BlockKey, Policy
 from kvd.policies.guard import LruGuard
 from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
