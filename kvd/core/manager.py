@@ -543,6 +543,15 @@ class KvCore:
     def _prefetch_into(self, upper: str, lower: str, due: list, out: list[Transfer]) -> list:
         """Start the prefetches of ``due`` that free space allows; returns the rest."""
         space = self.spaces[upper]
+        due = [
+            (key, record)
+            for key, record in due
+            # Making way may have evicted a source below, or the block itself.
+            if self._record(key) is record
+            and upper not in record.copies
+            and (src := record.copies.get(lower)) is not None
+            and src.ready
+        ]
         for i, (_, record) in enumerate(due):
             slot = space.allocate(record.nbytes)
             if slot is None:

@@ -1,0 +1,120 @@
+"""KvCore.plan_prefetch with a hand-written scripted policy: exact transfers and victims."""
+
+from __future__ import annotations
+
+from kvd.core.manager import BlockSpec, CoreConfig, KvCore, StoreGrant
+from kvd.policies import LruPolicy
+from kvd.tiers import ExtentAllocator
+
+PAGE = 4096
+NS = "m"
+
+
+class ScriptedPolicy(LruPolicy):
+    """LRU, plus prefetches and priorities the test sets (switches, not mocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.due: dict[str, list[tuple[str, int]]] = {}
+        self.value: dict[tuple[str, int], float] = {}
+        self.keep_below = True
+
+    def prefetches(self, tier, now):
+        return iter(list(self.due.get(tier, [])))
+
+    def priority(self, key, tier, now):
+        return self.value.get(key, 0.0)
+
+    def worth_demoting(self, key, tier, now):
+        return self.keep_below
+
+
+def make(dram: int, nvme: int) -> tuple[KvCore, ScriptedPolicy]:
+    policy = ScriptedPolicy()
+    spaces = {"dram": ExtentAllocator([(0, dram * PAGE)], PAGE), "nvme": ExtentAllocator([(0, nvme * PAGE)], PAGE)}
+    core = KvCore(spaces, policy, lambda: 0.0, CoreConfig(write_behind=True))
+    core.register_namespace(NS, 16, PAGE)
+    return core, policy
+
+
+def store(core: KvCore, *hashes: int) -> None:
+    grant = core.prepare_store(NS, [BlockSpec(h, None, PAGE) for h in hashes])
+    assert isinstance(grant, StoreGrant)
+    core.commit_store(grant.lease_id)
+
+
+def settle(core: KvCore) -> None:
+    while transfers := core.take_demotions() or core.plan_write_behind(100):
+        for t in transfers:
+            core.complete_transfer(t, ok=True)
+
+
+def nvme_only(core: KvCore, *hashes: int, filler: list[int]) -> None:
+    """``hashes`` end up on NVMe only: stored, written behind, then pushed out by ``filler``."""
+    store(core, *hashes)
+    settle(core)
+    store(core, *filler)
+    settle(core)
+    assert core.lookup(NS, list(hashes)) == ["nvme"] * len(hashes)
+
+
+def test_a_due_block_moves_up_into_free_space_and_a_load_waits_for_it():
+    core, policy = make(dram=2, nvme=8)
+    nvme_only(core, 1, filler=[2, 3])
+    core.take_events()
+    # Free one DRAM slot by dropping block 3 (its NVMe copy stays).
+    core.spaces["dram"].free(core.namespace(NS).blocks[3].copies.pop("dram").slot)
+    policy.on_removed("dram", (NS, 3))
+    core.namespace(NS).refresh(core.namespace(NS).blocks[3])
+    policy.due["dram"] = [(NS, 1)]
+    [transfer] = core.plan_prefetch(8)
+    assert (transfer.kind, transfer.src_tier, transfer.dst_tier, transfer.record.hash) == ("prefetch", "nvme", "dram", 1)
+    assert core.lookup(NS, [1]) == ["nvme"]  # not readable up there until it lands
+    grant = core.prepare_load(NS, [1])
+    assert grant.promotions == [] and grant.awaiting == [transfer]  # the load waits for it
+    core.complete_transfer(transfer, ok=True)
+    assert core.lookup(NS, [1]) == ["dram"]
+    assert core.load_slots(grant.lease_id)[0] is not None
+    core.complete_load(grant.lease_id)
+    assert core.plan_prefetch(8) == []  # up already: not again
+    assert core.check() == []
+
+
+def test_making_way_evicts_only_what_is_worth_less():
+    core, policy = make(dram=2, nvme=8)
+    nvme_only(core, 1, 2, filler=[3, 4])
+    policy.due["dram"] = [(NS, 1), (NS, 2)]
+    # Victims come in LRU order, 4 then 3: the walk stops at the first worth as much as due.
+    policy.value.update({(NS, 1): 5.0, (NS, 2): 5.0, (NS, 4): 1.0, (NS, 3): 9.0})
+    core.take_events()
+    transfers = core.plan_prefetch(8)
+    # 4 (worth 1) makes way for one of them (it is on NVMe too: dropped at once); 3 (worth 9) stays.
+    assert [t.record.hash for t in transfers] == [1]
+    assert [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")] == [(4, "dram", "evicted")]
+    assert core.lookup(NS, [3]) == ["dram"]
+    for t in transfers:
+        core.complete_transfer(t, ok=True)
+    assert core.lookup(NS, [1, 2]) == ["dram", "nvme"]
+    assert core.check() == []
+
+
+def test_making_way_that_evicts_the_source_below_plans_nothing_for_it():
+    # DRAM holds 5 (worth less) with no NVMe copy; NVMe is full, holding only the due block
+    # 1: demoting 5 needs NVMe room, and the only NVMe victim is 1 itself.
+    core, policy = make(dram=1, nvme=1)
+    policy_keys = {(NS, 1): 5.0, (NS, 5): 1.0}
+    store(core, 1)
+    settle(core)  # 1 on DRAM and NVMe
+    core.config = CoreConfig(write_behind=False)
+    store(core, 5)  # DRAM has one slot: 1 leaves DRAM (held on NVMe), 5 has no NVMe copy
+    settle(core)
+    assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]
+    policy.value.update(policy_keys)
+    policy.due["dram"] = [(NS, 1)]
+    transfers = core.plan_prefetch(8)
+    assert transfers == []  # its source went to make room: nothing to copy up
+    assert core.lookup(NS, [1]) == []
+    [demotion] = core.take_demotions()
+    assert (demotion.record.hash, demotion.dst_tier) == (5, "nvme")
+    core.complete_transfer(demotion, ok=True)
+    assert core.check() == []
