@@ -55,7 +55,8 @@ class Policy(ABC):
     @abstractmethod
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
         """How much ``key`` deserves a place in ``tier``: lower is evicted first. Compared
-        only with the same policy's priorities at the same ``now``."""
+        only with the same policy's priorities at the same ``now``; 0 or less means
+        worthless (a prefetch may push it out)."""
 
     @abstractmethod
     def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:

@@ -94,8 +94,7 @@ class TypedPolicy(Policy):
         if key in self.pinned:
             return PINNED
         sessions = self.sessions
-        refs = sessions.refs.get(key, 0)
-        if refs >= 2:
+        if sessions.is_shared(key):
             return SHARED
         owner = sessions.owner(key)
         if owner is None:

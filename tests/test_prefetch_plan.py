@@ -80,41 +80,47 @@ def test_a_due_block_moves_up_into_free_space_and_a_load_waits_for_it():
     assert core.check() == []
 
 
-def test_making_way_evicts_only_what_is_worth_less():
+def test_making_way_evicts_only_worthless_copies_and_all_or_nothing():
     core, policy = make(dram=2, nvme=8)
     nvme_only(core, 1, 2, filler=[3, 4])
-    policy.due["dram"] = [(NS, 1), (NS, 2)]
-    # Victims come in LRU order, 4 then 3: the walk stops at the first worth as much as due.
-    policy.value.update({(NS, 1): 5.0, (NS, 2): 5.0, (NS, 4): 1.0, (NS, 3): 9.0})
     core.take_events()
-    transfers = core.plan_prefetch(8)
-    # 4 (worth 1) makes way for one of them (it is on NVMe too: dropped at once); 3 (worth 9) stays.
-    assert [t.record.hash for t in transfers] == [1]
-    assert [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")] == [(4, "dram", "evicted")]
+    # Victims come in LRU order, 4 then 3. 4 is worthless; 3 is worth something, if less
+    # than what is due: a prefetch is a guess and does not push out what is still valued.
+    policy.value.update({(NS, 1): 5.0, (NS, 2): 5.0, (NS, 4): 0.0, (NS, 3): 1.0})
+    policy.due["dram"] = [(NS, 1), (NS, 2)]
+    assert core.plan_prefetch(8) == []  # room for one of two: none (a part would only churn)
     assert core.lookup(NS, [3]) == ["dram"]
-    for t in transfers:
-        core.complete_transfer(t, ok=True)
+    policy.due["dram"] = [(NS, 1)]
+    [transfer] = core.plan_prefetch(8)
+    assert transfer.record.hash == 1
+    # 4 was dropped to make way (its NVMe copy stays); 3 stays.
+    removed = [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")]
+    assert removed == [(4, "dram", "evicted")]
+    assert core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [4]) == ["nvme"]
+    core.complete_transfer(transfer, ok=True)
     assert core.lookup(NS, [1, 2]) == ["dram", "nvme"]
     assert core.check() == []
 
 
-def test_making_way_that_evicts_the_source_below_plans_nothing_for_it():
-    # DRAM holds 5 (worth less) with no NVMe copy; NVMe is full, holding only the due block
-    # 1: demoting 5 needs NVMe room, and the only NVMe victim is 1 itself.
+def test_making_way_never_pushes_anything_out_of_the_tier_below():
+    # DRAM holds 5 (worthless) with no NVMe copy; NVMe is full, holding only the due block
+    # 1. Demoting 5 would need NVMe room, and the only NVMe victim is 1 itself: a prefetch
+    # never cascades evictions down (they would drop blocks nobody weighed), so nothing moves.
     core, policy = make(dram=1, nvme=1)
-    policy_keys = {(NS, 1): 5.0, (NS, 5): 1.0}
     store(core, 1)
     settle(core)  # 1 on DRAM and NVMe
     core.config = CoreConfig(write_behind=False)
     store(core, 5)  # DRAM has one slot: 1 leaves DRAM (held on NVMe), 5 has no NVMe copy
     settle(core)
     assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]
-    policy.value.update(policy_keys)
+    policy.value.update({(NS, 1): 5.0, (NS, 5): 0.0})
     policy.due["dram"] = [(NS, 1)]
-    transfers = core.plan_prefetch(8)
-    assert transfers == []  # its source went to make room: nothing to copy up
-    assert core.lookup(NS, [1]) == []
-    [demotion] = core.take_demotions()
-    assert (demotion.record.hash, demotion.dst_tier) == (5, "nvme")
-    core.complete_transfer(demotion, ok=True)
+    core.take_events()
+    assert core.plan_prefetch(8) == []
+    assert core.take_demotions() == [] and core.take_events() == []
+    assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]
+    policy.keep_below = False  # now 5 is not worth keeping below: it is dropped, 1 comes up
+    [transfer] = core.plan_prefetch(8)
+    core.complete_transfer(transfer, ok=True)
+    assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [5]) == []
     assert core.check() == []

@@ -532,10 +532,16 @@ class KvCore:
                 due.append((key, record))
                 if len(due) >= max_blocks - len(out):
                     break
-            short = self._prefetch_into(upper, lower, due, out)
-            if short:
-                self._make_way(upper, short, now)
-                self._prefetch_into(upper, lower, short, out)
+            if not due:
+                continue
+            space = self.spaces[upper]
+            need = sum(space.slot_bytes(record.nbytes) for _, record in due)
+            if space.capacity_bytes - space.used_bytes < need:
+                self._make_way(upper, due, now)
+            # All or nothing: a part of what is due, squeezed in, is pushed out again by the
+            # next store before it is used (churn, not a prefetch).
+            if space.capacity_bytes - space.used_bytes >= need:
+                self._prefetch_into(upper, lower, due, out)
             if len(out) >= max_blocks:
                 break
         return out
@@ -563,8 +569,11 @@ class KvCore:
 
     def _make_way(self, tier: str, due: list, now: float) -> None:
         """Evict copies from ``tier`` that the policy values below every block in ``due``,
-        enough for them (fewer if too few are worth less)."""
-        want = min(self.policy.priority(key, tier, now) for key, _ in due)
+        enough for them (fewer if too few are worth less): dropped when held below or not
+        worth keeping, demoted when the tier below has free room, else left."""
+        # Only worthless copies (priority <= 0) make way: a prefetch is a guess about the
+        # future and must not push out blocks the policy still values.
+        want = min(0.0, min(self.policy.priority(key, tier, now) for key, _ in due) - 1e-12)
         space = self.spaces[tier]
         need = sum(space.slot_bytes(record.nbytes) for _, record in due)
         victims = []
@@ -574,7 +583,7 @@ class KvCore:
             copy = record.copies.get(tier) if record is not None else None
             if record is None or copy is None or not copy.ready or copy.readers:
                 continue
-            if self.policy.priority(key, tier, now) >= want:
+            if self.policy.priority(key, tier, now) > want:
                 break
             victims.append((record, copy))
             room += copy.slot.length
@@ -582,7 +591,14 @@ class KvCore:
                 break
         lower = self._lower(tier)
         for record, copy in victims:
-            self._evict(tier, lower, record, copy, now)
+            ns = self._namespaces[record.namespace]
+            below = record.copies.get(lower) if lower else None
+            if lower is None or (below is not None and below.ready) or not self.policy.worth_demoting(record.key, tier, now):
+                self._drop_copy(ns, record, tier, copy, reason="evicted")
+            elif below is None and (slot := self.spaces[lower].allocate(record.nbytes)) is not None:
+                # Down into free space only: a prefetch never pushes anything out of the
+                # tiers below (that would drop blocks nobody weighed against it).
+                self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(slot)))
 
     # -- leases ---------------------------------------------------------------------------
     def expire_leases(self) -> int:

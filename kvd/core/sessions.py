@@ -82,6 +82,7 @@ class Observation:
 class SessionConfig:
     max_sessions: int = 100_000  # the least recently active are forgotten beyond this
     idle_expiry_s: float = 3600.0  # a session idle this long is treated as ended
+    max_shared_keys: int = 1_000_000  # keys remembered as once shared (the oldest forgotten)
 
 
 class SessionTable:
@@ -93,6 +94,9 @@ class SessionTable:
         self.refs: dict[BlockKey, int] = {}
         self._owner: dict[BlockKey, Session] = {}  # the first session to hold a key
         self._latest: dict[BlockKey, Session] = {}  # the last session to take a key into its chain
+        # Keys that were once in two sessions' chains: a repository context outlives the
+        # sessions that shared it (the next session on that repository wants it again).
+        self._ever_shared: OrderedDict[BlockKey, None] = OrderedDict()
         self._tails: dict[BlockKey, Session] = {}  # a chain's last two keys -> its session
         self._ids = itertools.count(1)
         self._changed: list[Session] = []  # state changes since take_changes()
@@ -121,7 +125,8 @@ class SessionTable:
         return self._latest.get(key)
 
     def is_shared(self, key: BlockKey) -> bool:
-        return self.refs.get(key, 0) >= 2
+        """In two or more live chains now, or once was (a shared prefix stays one)."""
+        return self.refs.get(key, 0) >= 2 or key in self._ever_shared
 
     # -- events ---------------------------------------------------------------------------
     def turn_start(
@@ -338,6 +343,10 @@ class SessionTable:
         elif n == 2:
             self._reclassified.add(key)
             self._tails.pop(key, None)
+            self._ever_shared[key] = None
+            self._ever_shared.move_to_end(key)
+            if len(self._ever_shared) > self.config.max_shared_keys:
+                self._ever_shared.popitem(last=False)
 
     def _unref(self, key: BlockKey, session: Session) -> None:
         n = self.refs.get(key, 0) - 1
