@@ -191,8 +191,7 @@ class PausePredictor:
         self._counts.setdefault(tool, [0.0] * (len(BIN_EDGES) - 1))[i] += 1
         self._pooled.add(seconds)
         self._pooled_counts[i] += 1
-        self._cache.pop(tool, None)
-        self._cache.pop(_POOLED, None)
+        self._cache.clear()  # every tool seen less than twice follows the pooled fit
 
     def samples(self, tool: str | None) -> int:
         fit = self._fits.get(tool)

@@ -154,12 +154,6 @@ def test_two_tools_are_told_apart_and_an_unseen_tool_gets_the_pooled_one(model):
     assert pred.distribution("once") is pred.pooled()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="predictor.py distribution() caches the pooled fit under an unseen tool's key and "
-    "observe() invalidates only the observed tool and the pooled entry: the unseen tool keeps "
-    "the stale pooled distribution",
-)
 def test_an_unseen_tool_follows_the_pooled_distribution_as_it_learns():
     pred = PausePredictor(model="lognormal")
     assert pred.distribution("grep").median == pytest.approx(10.0)  # the prior, before any sample

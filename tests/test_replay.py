@@ -177,13 +177,6 @@ def test_without_pressure_every_policy_misses_only_the_compulsory_tokens(tmp_pat
     assert r.bytes_moved == {} and r.problems == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prefix LRU breaks the prefix property: Replay._load (kvd/replay/sim.py) loads a held "
-    "prefix in root-first batches of half the top tier, each PrepareLoad touching its batch "
-    "(policies/lru.py on_accessed), so a chain's deeper blocks end more recent than its root "
-    "and the root is evicted first",
-)
 def test_lru_keeps_a_loaded_prefix_a_prefix(tmp_path):
     # DRAM 3 blocks (load batches of 1 block). Textbook prefix LRU:
     #   r0 [1,2] DRAM 2 1; r1 [3] DRAM 2 1 3; r2 [1,2] hit 8, touch root last: DRAM 3 2 1;
@@ -194,13 +187,6 @@ def test_lru_keeps_a_loaded_prefix_a_prefix(tmp_path):
     assert r.hit_tokens == 8 + 4  # got 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prefix LRU breaks the prefix property: KvCore.commit_store (kvd/core/manager.py) "
-    "reports only the newly written blocks to policy.on_stored, so a continuation's new blocks "
-    "become more recent than the held prefix it extends; eviction then takes the prefix and "
-    "leaves its extension orphaned",
-)
 def test_lru_keeps_an_extended_prefix_a_prefix(tmp_path):
     # DRAM 4 blocks (load batches of 2: one batch, so only the store order matters).
     # Textbook: r0 [1,2] DRAM 2 1; r1 [1,2,3] hit 8, the chain's root most recent: DRAM 3 2 1;
@@ -240,18 +226,7 @@ TEXTBOOK_CASES = [
     pytest.param("mooncake_conversation", 3000, 400, id="conversation-3000req-400blocks"),
     pytest.param("mooncake_conversation", 3000, 2000, id="conversation-3000req-2000blocks"),
     pytest.param("mooncake_synthetic", None, 400, id="synthetic-400blocks"),
-    pytest.param(
-        "mooncake_synthetic",
-        None,
-        2000,
-        id="synthetic-2000blocks",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="kvd's lru hits 512 tokens fewer (9,126,745 vs 9,127,257): a continuation's "
-            "new blocks are more recent than the prefix they extend (see "
-            "test_lru_keeps_an_extended_prefix_a_prefix)",
-        ),
-    ),
+    pytest.param("mooncake_synthetic", None, 2000, id="synthetic-2000blocks"),
 ]
 
 

@@ -383,6 +383,12 @@ class KvCore:
             if self._writes_behind:
                 self._write_behind.append(record)
         self.policy.on_stored(self.top, [r.key for r in committed], now)
+        if committed:
+            # The prefix this store extends was used too, and must stay more recent than
+            # its new tail (a held prefix stays a prefix).
+            ancestors = self._ancestors(ns, committed[0])
+            if ancestors:
+                self.policy.on_accessed(ancestors, now)
         return len(committed)
 
     # -- load -----------------------------------------------------------------------------
@@ -434,7 +440,10 @@ class KvCore:
             promotions.append(promotion)
             items.append((record, dst))
         held = [item[0].key for item in items if item is not None]
-        self.policy.on_accessed(held, now)
+        # A load may come in batches: touch the held ancestors of this batch as well, so
+        # that the root of the chain stays the most recent.
+        first = next((item[0] for item in items if item is not None), None)
+        self.policy.on_accessed((self._ancestors(ns, first) if first is not None else []) + held, now)
         lease = LoadLease(self._new_lease_id("l"), namespace, now + self._lease_s(lease_seconds), items)
         self._load_leases[lease.id] = lease
         return LoadGrant(lease.id, lease.expires_at, promotions, awaiting)
@@ -960,6 +969,21 @@ class KvCore:
             slot = space.allocate(nbytes)
             if slot is not None:
                 return slot
+
+    def _ancestors(self, ns: Namespace, record: BlockRecord) -> list[tuple[str, int]]:
+        """Keys of ``record``'s held ancestors, root first (stops at the first one missing)."""
+        out = []
+        seen = {record.hash}
+        parent = record.parent
+        while parent is not None and parent not in seen:
+            rec = ns.blocks.get(parent)
+            if rec is None or rec.fastest_ready() is None:
+                break
+            out.append(rec.key)
+            seen.add(parent)
+            parent = rec.parent
+        out.reverse()
+        return out
 
     def _record(self, key: tuple[str, int]) -> BlockRecord | None:
         ns = self._namespaces.get(key[0])
