@@ -8,6 +8,8 @@ import random
 import pytest
 
 from kvd.router import GlobalView, MemoryIndex, RedisIndex
+from kvd.router.view import _Feed
+from kvd.v1 import view_pb2
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,6 +51,49 @@ def test_index_forgets_removed_copies_and_dropped_nodes(make_index):
     assert index.blocks_of("a") == {(NS, 1, "dram")}
     index.drop_node("a")
     assert index.blocks_of("a") == set() and index.blocks_of("b") == {(NS, 1, "dram")}
+
+
+def test_index_drops_one_namespace_of_one_node(make_index):
+    index = make_index()
+    index.apply("a", [(NS, 1, "dram"), (NS, 1, "nvme"), (NS, 2, "nvme"), ("other", 1, "dram")], [])
+    index.apply("b", [(NS, 1, "dram")], [])
+    index.drop_namespace("a", NS)
+    assert index.blocks_of("a") == {("other", 1, "dram")}
+    assert index.blocks_of("b") == {(NS, 1, "dram")}
+    assert set(index.match(NS, [1])) == {"b"}
+    index.drop_namespace("a", "never-held")  # nothing to forget is a no-op
+    index.apply("a", [(NS, 5, "dram")], [])  # the node may hold the namespace again
+    assert index.match(NS, [5])["a"].by_tier == {"dram": 1}
+
+
+def feed_applying(index) -> _Feed:
+    """A _Feed that only applies batches (no thread, no daemon): the unit under test."""
+    feed = _Feed.__new__(_Feed)
+    feed.address, feed.index, feed.block_tokens = "n", index, {}
+    return feed
+
+
+def stored(h: int, tier: int = 2, ns: str = NS) -> view_pb2.Event:
+    return view_pb2.Event(stored=view_pb2.BlockStoredEvent(namespace=ns, hash=h, tier=tier))
+
+
+def removed(h: int, tier: int = 2, ns: str = NS) -> view_pb2.Event:
+    return view_pb2.Event(removed=view_pb2.BlockRemovedEvent(namespace=ns, hash=h, tier=tier, reason="evicted"))
+
+
+def test_feed_applies_a_batch_in_order_and_a_cleared_namespace_drops_its_blocks():
+    index = MemoryIndex()
+    feed = feed_applying(index)
+    # 1 leaves DRAM and comes back in the same batch: it is held (adds go before removes
+    # inside one BlockIndex.apply, so the feed must not merge the two runs).
+    feed._apply([stored(1), stored(2), removed(1), stored(1), stored(7, ns="other")])
+    assert index.blocks_of("n") == {(NS, 1, "dram"), (NS, 2, "dram"), ("other", 7, "dram")}
+    # A cleared namespace: gone even without removals before it (a view that missed them).
+    registered = view_pb2.Event(registered=view_pb2.NamespaceRegisteredEvent(namespace=NS, block_tokens=16))
+    cleared = view_pb2.Event(cleared=view_pb2.NamespaceClearedEvent(namespace=NS))
+    feed._apply([registered, stored(3), cleared, stored(4)])
+    assert index.blocks_of("n") == {(NS, 4, "dram"), ("other", 7, "dram")}
+    assert feed.block_tokens == {NS: 16}
 
 
 # -- GlobalView over real daemons -------------------------------------------------------------

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 
+import grpc
 import pytest
 
 from kvd.client import Client
+from kvd.v1 import view_pb2, view_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,6 +42,19 @@ def collect(client: Client, until_seq: int, **watch_args) -> list:
     return [e for e in events if e.seq < until_seq]
 
 
+def every_kind(address: str, from_seq: int, until_seq: int, **request) -> list[view_pb2.Event]:
+    """Events of a Watch that asks for every kind (cleared, session), up to ``until_seq``."""
+    req = view_pb2.WatchRequest(from_seq=from_seq, with_cleared=True, with_sessions=True, **request)
+    out: list[view_pb2.Event] = []
+    with grpc.insecure_channel(address) as channel:
+        for batch in view_pb2_grpc.ViewStub(channel).Watch(req, timeout=30):
+            assert not batch.resync
+            out.extend(batch.events)
+            if batch.next_seq >= until_seq:
+                break
+    return [e for e in out if e.seq < until_seq]
+
+
 def test_watch_replays_stores_write_behind_and_evictions_in_order(daemon_factory):
     d = daemon_factory(dram="1MiB", nvme="32MiB").start()  # 16 blocks of DRAM
     with d.client() as c:
@@ -49,7 +64,12 @@ def test_watch_replays_stores_write_behind_and_evictions_in_order(daemon_factory
         assert c.sync() == 0
         end = c.snapshot(NS).as_of_seq
         events = collect(c, end, from_seq=start, namespace=NS)
-        assert [e.seq for e in events] == list(range(start, end))
+        # Every kind together is the whole log; a plain watch gets it less the session kind.
+        everything = every_kind(d.address, start, end, namespace=NS)
+        assert [e.seq for e in everything] == list(range(start, end))
+        kinds = [e.WhichOneof("kind") for e in everything]
+        assert "session" in kinds
+        assert [e.seq for e in events] == [e.seq for e, k in zip(everything, kinds) if k != "session"]
         stored = sorted((e.hash, e.tier) for e in events if e.kind == "stored")
         assert stored == sorted((h, t) for h in (1, 2, 3, 4) for t in ("dram", "nvme"))
         assert {e.parent for e in events if e.hash == 2} == {1}
@@ -144,12 +164,17 @@ def test_kvctl_watch_prints_events_as_json_lines(daemon_factory):
         c.register_namespace(NS, 16, 4096)
         start = c.snapshot(NS).as_of_seq
         c.store(NS, [1, 2, 3], [bytes(4096)] * 3)
-        assert c.sync() == 0  # 6 events since start: 3 stored in dram, then 3 in nvme
+        assert c.sync() == 0  # 7 events since start: a session, 3 stored in dram, then 3 in nvme
     cmd = [sys.executable, "-m", "kvd.cli.kvctl", "--addr", d.address, "watch", "-o", "json"]
-    out = subprocess.run([*cmd, "--from-seq", str(start), "--count", "3"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([*cmd, "--from-seq", str(start), "--count", "4"], capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert out.returncode == 0, out.stderr
-    assert [(e["kind"], e["hash"], e["tier"]) for e in lines] == [("stored", h, "dram") for h in (1, 2, 3)]
+    # The store's (inferred) session became active, then its blocks landed in DRAM.
+    session, *stored = lines
+    assert (session["kind"], session["state"]) == ("session", "active")
+    assert [(e["kind"], e["hash"], e["tier"], e["session_id"]) for e in stored] == [
+        ("stored", h, "dram", session["session_id"]) for h in (1, 2, 3)
+    ]
     with d.client() as c:
         c.store(NS, [4, 5, 6, 7], [bytes(4096)] * 4)  # the first events fall out of the buffer
         assert c.sync() == 0

@@ -1,4 +1,4 @@
-"""`kvctl`: operate a kvd daemon — status, blocks, check, watch.
+"""`kvctl`: operate a kvd daemon — status, blocks, check, watch, evict.
 
 ``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock). Errors print
 one line on stderr and exit non-zero (1: the daemon refused or is unreachable; 2: usage).
@@ -11,9 +11,14 @@ import json
 import sys
 from dataclasses import asdict
 
+import grpc
+
 from kvd.cli.parsing import ArgumentParser
 from kvd.cli.sizes import format_size
 from kvd.client import Client, ClientError, default_address
+from kvd.client.client import grpc_target
+from kvd.tiers import TIER_NAMES
+from kvd.v1 import admin_pb2, admin_pb2_grpc, view_pb2, view_pb2_grpc
 
 
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -44,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--namespace", "-n", default=None)
     watch.add_argument("--from-seq", type=int, default=0, help="resume from this sequence number (default: now)")
     watch.add_argument("--count", type=int, default=None, help="exit after this many events")
+    evict = sub.add_parser(
+        "evict", help="drop every block of a namespace from every tier (exit 1 if some are in use and stay)"
+    )
+    _add_common(evict, suppress=True)
+    evict.add_argument("--namespace", "-n", required=True)
     return parser
 
 
@@ -102,19 +112,52 @@ def cmd_check(client: Client, output: str) -> int:
     return 1 if problems else 0
 
 
-def _event_line(e) -> str:
-    if e.kind == "stored":
-        return f"{e.seq:>8}  stored    {e.namespace}  {e.hash:016x}  {e.tier}  {e.nbytes}"
-    if e.kind == "removed":
-        return f"{e.seq:>8}  removed   {e.namespace}  {e.hash:016x}  {e.tier}  {e.reason}"
-    return f"{e.seq:>8}  namespace {e.namespace}  {e.block_tokens} tokens  {e.block_bytes} bytes"
+def _event_fields(e: view_pb2.Event) -> dict:
+    """One Watch event as a flat dict: seq, unix_time, kind, then the kind's own fields."""
+    kind = e.WhichOneof("kind")
+    body = getattr(e, kind)
+    fields = {"seq": e.seq, "unix_time": e.unix_time, "kind": kind, "namespace": body.namespace}
+    if kind == "stored":
+        fields.update(
+            hash=body.hash,
+            parent=body.parent if body.HasField("parent") else None,
+            tier=TIER_NAMES[body.tier - 1],
+            nbytes=body.nbytes,
+            session_id=body.session_id or None,
+        )
+    elif kind == "removed":
+        fields.update(hash=body.hash, tier=TIER_NAMES[body.tier - 1], reason=body.reason)
+    elif kind == "registered":
+        fields.update(block_tokens=body.block_tokens, block_bytes=body.block_bytes)
+    elif kind == "session":
+        fields.update(session_id=body.session_id, state=body.state, tool=body.tool or None)
+    return fields
 
 
-def cmd_watch(client: Client, output: str, namespace: str | None, from_seq: int, count: int | None) -> int:
+def _event_line(f: dict) -> str:
+    kind, head = f["kind"], f"{f['seq']:>8}"
+    if kind == "stored":
+        session = f"  session {f['session_id']}" if f["session_id"] else ""
+        return f"{head}  stored    {f['namespace']}  {f['hash']:016x}  {f['tier']}  {f['nbytes']}{session}"
+    if kind == "removed":
+        return f"{head}  removed   {f['namespace']}  {f['hash']:016x}  {f['tier']}  {f['reason']}"
+    if kind == "registered":
+        return f"{head}  namespace {f['namespace']}  {f['block_tokens']} tokens  {f['block_bytes']} bytes"
+    if kind == "cleared":
+        return f"{head}  cleared   {f['namespace']}"
+    tool = f"  {f['tool']}" if f["tool"] else ""
+    return f"{head}  session   {f['namespace']}  {f['session_id']}  {f['state']}{tool}"
+
+
+def cmd_watch(channel: grpc.Channel, output: str, namespace: str | None, from_seq: int, count: int | None) -> int:
     if from_seq < 0 or (count is not None and count <= 0):
         raise ValueError("--from-seq must be >= 0 and --count > 0")
+    # The stub, not Client.watch: an operator sees every kind, cleared and session included.
+    request = view_pb2.WatchRequest(
+        from_seq=from_seq, namespace=namespace or "", with_cleared=True, with_sessions=True
+    )
     seen = 0
-    for batch in client.watch(from_seq=from_seq, namespace=namespace):
+    for batch in view_pb2_grpc.ViewStub(channel).Watch(request):
         if batch.resync:
             print(
                 f"kvctl: events before {batch.next_seq} are no longer held; resynchronize from a snapshot",
@@ -122,10 +165,28 @@ def cmd_watch(client: Client, output: str, namespace: str | None, from_seq: int,
             )
             return 1
         for e in batch.events:
-            print(json.dumps(asdict(e)) if output == "json" else _event_line(e), flush=True)
+            fields = _event_fields(e)
+            print(json.dumps(fields) if output == "json" else _event_line(fields), flush=True)
             seen += 1
             if count is not None and seen >= count:
                 return 0
+    return 0
+
+
+def cmd_evict(channel: grpc.Channel, output: str, namespace: str, timeout: float) -> int:
+    reply = admin_pb2_grpc.AdminStub(channel).ClearNamespace(
+        admin_pb2.ClearNamespaceRequest(namespace=namespace), timeout=timeout
+    )
+    if output == "json":
+        print(json.dumps({"namespace": namespace, "removed": reply.removed, "remaining": reply.remaining}))
+    else:
+        print(f"{namespace}: {reply.removed} blocks removed")
+    if reply.remaining:
+        print(
+            f"kvctl: {reply.remaining} blocks of {namespace} are being read or moved and stay; run evict again",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -139,11 +200,17 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_status(client, args.output)
             if args.command == "blocks":
                 return cmd_blocks(client, args.output, args.namespace, args.limit)
+            if args.command == "check":
+                return cmd_check(client, args.output)
+        with grpc.insecure_channel(grpc_target(address)) as channel:
             if args.command == "watch":
-                return cmd_watch(client, args.output, args.namespace, args.from_seq, args.count)
-            return cmd_check(client, args.output)
+                return cmd_watch(channel, args.output, args.namespace, args.from_seq, args.count)
+            return cmd_evict(channel, args.output, args.namespace, args.timeout)
     except ClientError as exc:
         print(f"kvctl: {exc.code.name.lower()}: {exc.details}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"kvctl: {exc.code().name.lower()}: {exc.details()}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"kvctl: {exc}", file=sys.stderr)

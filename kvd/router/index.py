@@ -43,6 +43,10 @@ class BlockIndex(ABC):
         """Forget everything a node holds (it left, or is about to be resynchronized)."""
 
     @abstractmethod
+    def drop_namespace(self, node: str, namespace: str) -> None:
+        """Forget every block a node holds in ``namespace`` (the node cleared it)."""
+
+    @abstractmethod
     def match(self, namespace: str, hashes: Sequence[int], nodes: Iterable[str] | None = None) -> dict[str, NodeMatch]:
         """Per node (only ``nodes`` when given), the longest prefix of ``hashes`` it holds."""
 
@@ -82,6 +86,10 @@ class MemoryIndex(BlockIndex):
     def drop_node(self, node: str) -> None:
         with self._lock:
             self._nodes.pop(node, None)
+
+    def drop_namespace(self, node: str, namespace: str) -> None:
+        with self._lock:
+            self._nodes.get(node, {}).pop(namespace, None)
 
     def match(self, namespace, hashes, nodes=None) -> dict[str, NodeMatch]:
         matches: dict[str, NodeMatch] = {}

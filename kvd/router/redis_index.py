@@ -61,6 +61,13 @@ class RedisIndex(BlockIndex):
         pipe.srem(self._nodes(), node)
         pipe.execute()
 
+    def drop_namespace(self, node: str, namespace: str) -> None:
+        keys = [self._key(node, namespace, tier) for tier in TIER_NAMES]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(*keys)
+        pipe.srem(self._node_keys(node), *keys)
+        pipe.execute()
+
     def match(self, namespace: str, hashes: Sequence[int], nodes: Iterable[str] | None = None) -> dict[str, NodeMatch]:
         """Asks in chunks of ``chunk`` hashes, and only the (node, tier) sets that exist and
         whose node's prefix is still unbroken: most nodes drop out after the first chunk."""

@@ -1,7 +1,8 @@
 """GlobalView: follows many daemons' Watch streams and scores a request's prefix per node.
 
 One feed (a thread) per daemon: it reads a Snapshot, then the Watch stream from the
-snapshot's sequence number, applying every event to a shared :class:`BlockIndex`. When the
+snapshot's sequence number, applying every event to a shared :class:`BlockIndex` in the
+order the daemon made them (a namespace cleared drops the node's blocks of it). When the
 stream says ``resync`` (the daemon restarted, or this feed fell out of its event buffer),
 the feed forgets the node's entries and starts over from a new snapshot. A daemon that
 cannot be reached is left out of scores until its feed is back; a node removed from the
@@ -15,8 +16,13 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from kvd.client import Client, ClientError
+from kvd.client.client import grpc_target
 from kvd.router.index import BlockIndex, MemoryIndex
+from kvd.tiers import TIER_NAMES
+from kvd.v1 import view_pb2, view_pb2_grpc
 
 log = logging.getLogger("kvd.router")
 
@@ -51,53 +57,84 @@ class _Feed:
         self.block_tokens: dict[str, int] = {}
         self._stop = threading.Event()
         self._client: Client | None = None
+        self._channel: grpc.Channel | None = None
         self._thread = threading.Thread(target=self._run, name=f"kvd-feed-{address}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        client = self._client
-        if client is not None:
-            client.close()  # ends a Watch stream blocked in another thread
+        for conn in (self._client, self._channel):
+            if conn is not None:
+                conn.close()  # ends a Watch stream blocked in another thread
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with Client(self.address, shared_memory=False) as client:
-                    self._client = client
+                with (
+                    Client(self.address, shared_memory=False) as client,
+                    grpc.insecure_channel(grpc_target(self.address)) as channel,
+                ):
+                    self._client, self._channel = client, channel
                     if self._stop.is_set():
                         return
-                    self._follow(client)
+                    self._follow(client, view_pb2_grpc.ViewStub(channel))
             except (ClientError, ValueError) as exc:
                 if self._stop.is_set():
                     return
                 log.info("feed %s: %s; retrying in %.1fs", self.address, exc, self.retry_s)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                log.info("feed %s: %s; retrying in %.1fs", self.address, exc.code().name, self.retry_s)
             finally:
-                self._client = None
+                self._client = self._channel = None
                 self._set(connected=False)
             self._stop.wait(self.retry_s)
 
-    def _follow(self, client: Client) -> None:
+    def _follow(self, client: Client, view: view_pb2_grpc.ViewStub) -> None:
+        # The Watch stub is called directly (not Client.watch) to ask for the cleared kind,
+        # and to turn events into index entries without an object per event.
         while not self._stop.is_set():
             if not self.epoch:
                 self._resync(client)
-            for batch in client.watch(from_seq=self.next_seq, epoch=self.epoch):
-                if batch.resync:
-                    self.epoch = b""
-                    break
-                stored, removed = [], []
-                for e in batch.events:
-                    if e.kind == "stored":
-                        stored.append((e.namespace, e.hash, e.tier))
-                    elif e.kind == "removed":
-                        removed.append((e.namespace, e.hash, e.tier))
-                    else:
-                        self.block_tokens[e.namespace] = e.block_tokens
+            request = view_pb2.WatchRequest(from_seq=self.next_seq, epoch=self.epoch, with_cleared=True)
+            try:
+                for batch in view.Watch(request):
+                    if batch.resync:
+                        self.epoch = b""
+                        break
+                    self._apply(batch.events)
+                    self._set(connected=True, next_seq=batch.next_seq)
+                else:
+                    return  # the stream ended (the daemon stopped or the channel was closed)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    return  # stop() closed the channel
+                raise
+
+    def _apply(self, events) -> None:
+        """Apply one Watch batch in order. ``BlockIndex.apply`` adds before it removes, so a
+        run of stores that follows removals (a copy dropped, then stored again) is applied
+        after them, and a cleared namespace after everything before it."""
+        stored: list[tuple[str, int, str]] = []
+        removed: list[tuple[str, int, str]] = []
+        for e in events:
+            kind = e.WhichOneof("kind")
+            if kind == "stored":
+                if removed:
+                    self.index.apply(self.address, stored, removed)
+                    stored, removed = [], []
+                stored.append((e.stored.namespace, e.stored.hash, TIER_NAMES[e.stored.tier - 1]))
+            elif kind == "removed":
+                removed.append((e.removed.namespace, e.removed.hash, TIER_NAMES[e.removed.tier - 1]))
+            elif kind == "registered":
+                self.block_tokens[e.registered.namespace] = e.registered.block_tokens
+            elif kind == "cleared":
                 self.index.apply(self.address, stored, removed)
-                self._set(connected=True, next_seq=batch.next_seq)
-            else:
-                return  # the stream ended (the client was closed)
+                stored, removed = [], []
+                self.index.drop_namespace(self.address, e.cleared.namespace)
+        self.index.apply(self.address, stored, removed)
 
     def _resync(self, client: Client) -> None:
         snapshot = client.snapshot()

@@ -1,4 +1,4 @@
-"""The Admin gRPC service (kvctl): status, paged block listing, invariant check, sync."""
+"""The Admin gRPC service (kvctl): status, paged block listing, invariant check, sync, clear."""
 
 from __future__ import annotations
 
@@ -90,3 +90,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         finally:
             mover.syncs_waiting -= 1
         return admin_pb2.SyncResponse(pending=self.s.core.write_behind_pending)
+
+    @unary_rpc
+    async def ClearNamespace(self, request, context):
+        # The core drops the copies and emits the events; unary_rpc's after_core publishes
+        # them (Watch, ZMQ) and forgets the dropped NVMe copies' manifest entries.
+        before = len(self.s.core.namespace(request.namespace).blocks)  # NOT_FOUND if unknown
+        remaining = self.s.core.clear_namespace(request.namespace)
+        return admin_pb2.ClearNamespaceResponse(removed=before - remaining, remaining=remaining)

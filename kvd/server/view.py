@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceRegistered
+from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.tiers import TIER_CODES, TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc
 
-WIRE_EVENTS = (BlockStored, BlockRemoved, NamespaceRegistered)  # the kinds the Event message carries
+# The kinds every watcher gets; NamespaceCleared and SessionChanged only when asked for
+# (WatchRequest.with_cleared / with_sessions), so clients older than them keep working.
+WIRE_EVENTS = (BlockStored, BlockRemoved, NamespaceRegistered)
 MAX_BATCH_EVENTS = 1000  # events per WatchResponse
 GB = 1e9
 
@@ -24,6 +26,8 @@ def event_message(event: Event, unix_offset: float) -> view_pb2.Event:
         msg.stored.nbytes = event.nbytes
         if event.parent is not None:
             msg.stored.parent = event.parent
+        if event.session_id is not None:
+            msg.stored.session_id = event.session_id
     elif isinstance(event, BlockRemoved):
         msg.removed.namespace = event.namespace
         msg.removed.hash = event.hash
@@ -33,7 +37,26 @@ def event_message(event: Event, unix_offset: float) -> view_pb2.Event:
         msg.registered.namespace = event.namespace
         msg.registered.block_tokens = event.block_tokens
         msg.registered.block_bytes = event.block_bytes
+    elif isinstance(event, NamespaceCleared):
+        msg.cleared.namespace = event.namespace
+    elif isinstance(event, SessionChanged):
+        msg.session.namespace = event.namespace
+        msg.session.session_id = event.session_id
+        msg.session.state = event.state
+        msg.session.tool = event.tool or ""
+    else:
+        raise TypeError(f"no wire form for {type(event).__name__}")
     return msg
+
+
+def wire_kinds(request: view_pb2.WatchRequest) -> tuple[type, ...]:
+    """The event classes a Watch request receives: the first three always, newer ones on request."""
+    kinds = WIRE_EVENTS
+    if request.with_cleared:
+        kinds += (NamespaceCleared,)
+    if request.with_sessions:
+        kinds += (SessionChanged,)
+    return kinds
 
 
 class ViewService(view_pb2_grpc.ViewServicer):
@@ -54,6 +77,7 @@ class ViewService(view_pb2_grpc.ViewServicer):
             yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
             return
         namespace = request.namespace
+        kinds = wire_kinds(request)
         while True:
             changed = self.s.events_changed()
             events = buffer.since(cursor)
@@ -66,7 +90,7 @@ class ViewService(view_pb2_grpc.ViewServicer):
             events = events[:MAX_BATCH_EVENTS]
             cursor = events[-1].seq + 1
             chosen = [
-                e for e in events if isinstance(e, WIRE_EVENTS) and (not namespace or e.namespace == namespace)
+                e for e in events if isinstance(e, kinds) and (not namespace or e.namespace == namespace)
             ]
             if chosen:
                 yield view_pb2.WatchResponse(

@@ -102,3 +102,17 @@ class SyncResponse(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     pending: int
     def __init__(self, pending: _Optional[int] = ...) -> None: ...
+
+class ClearNamespaceRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class ClearNamespaceResponse(_message.Message):
+    __slots__ = ("removed", "remaining")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    remaining: int
+    def __init__(self, removed: _Optional[int] = ..., remaining: _Optional[int] = ...) -> None: ...

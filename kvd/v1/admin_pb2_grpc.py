@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=kvd_dot_v1_dot_admin__pb2.SyncRequest.SerializeToString,
                 response_deserializer=kvd_dot_v1_dot_admin__pb2.SyncResponse.FromString,
                 _registered_method=True)
+        self.ClearNamespace = channel.unary_unary(
+                '/kvd.v1.Admin/ClearNamespace',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -86,6 +91,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearNamespace(self, request, context):
+        """Drop every block of a namespace from every tier (its geometry stays registered).
+        Blocks being written, read or moved stay until that ends: `remaining` counts them, and
+        the cleared event follows only when none is left. NOT_FOUND for an unknown namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +122,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Sync,
                     request_deserializer=kvd_dot_v1_dot_admin__pb2.SyncRequest.FromString,
                     response_serializer=kvd_dot_v1_dot_admin__pb2.SyncResponse.SerializeToString,
+            ),
+            'ClearNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearNamespace,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class Admin:
             '/kvd.v1.Admin/Sync',
             kvd_dot_v1_dot_admin__pb2.SyncRequest.SerializeToString,
             kvd_dot_v1_dot_admin__pb2.SyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/ClearNamespace',
+            kvd_dot_v1_dot_admin__pb2.ClearNamespaceRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.ClearNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

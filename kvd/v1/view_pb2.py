@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvd.v1 import types_pb2 as kvd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kvd/v1/view.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"B\n\x0cWatchRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x0c\x12\x11\n\tnamespace\x18\x03 \x01(\t\"\x7f\n\x10\x42lockStoredEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x13\n\x06parent\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x04tier\x18\x04 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x42\t\n\x07_parent\"`\n\x11\x42lockRemovedEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x1a\n\x04tier\x18\x03 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x18NamespaceRegisteredEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\"\xc1\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tunix_time\x18\x02 \x01(\x01\x12*\n\x06stored\x18\x03 \x01(\x0b\x32\x18.kvd.v1.BlockStoredEventH\x00\x12,\n\x07removed\x18\x04 \x01(\x0b\x32\x19.kvd.v1.BlockRemovedEventH\x00\x12\x36\n\nregistered\x18\x05 \x01(\x0b\x32 .kvd.v1.NamespaceRegisteredEventH\x00\x42\x06\n\x04kind\"_\n\rWatchResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x0c\x12\x1d\n\x06\x65vents\x18\x02 \x03(\x0b\x32\r.kvd.v1.Event\x12\x0e\n\x06resync\x18\x03 \x01(\x08\x12\x10\n\x08next_seq\x18\x04 \x01(\x04\"K\n\x0fSnapshotRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x10SnapshotResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x0c\x12\x11\n\tas_of_seq\x18\x02 \x01(\x04\x12!\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x11.kvd.v1.BlockInfo\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"1\n\x0cScoreRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\"8\n\nTierBlocks\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"~\n\rScoreResponse\x12\x16\n\x0ematched_blocks\x18\x01 \x01(\r\x12\x16\n\x0ematched_tokens\x18\x02 \x01(\x04\x12#\n\x07\x62y_tier\x18\x03 \x03(\x0b\x32\x12.kvd.v1.TierBlocks\x12\x18\n\x10\x65stimated_load_s\x18\x04 \x01(\x01\x32\xb3\x01\n\x04View\x12\x36\n\x05Watch\x12\x14.kvd.v1.WatchRequest\x1a\x15.kvd.v1.WatchResponse0\x01\x12=\n\x08Snapshot\x12\x17.kvd.v1.SnapshotRequest\x1a\x18.kvd.v1.SnapshotResponse\x12\x34\n\x05Score\x12\x14.kvd.v1.ScoreRequest\x1a\x15.kvd.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kvd/v1/view.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"o\n\x0cWatchRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x0c\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x14\n\x0cwith_cleared\x18\x04 \x01(\x08\x12\x15\n\rwith_sessions\x18\x05 \x01(\x08\"\x93\x01\n\x10\x42lockStoredEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x13\n\x06parent\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x04tier\x18\x04 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\x12\n\nsession_id\x18\x06 \x01(\tB\t\n\x07_parent\"`\n\x11\x42lockRemovedEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x1a\n\x04tier\x18\x03 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x18NamespaceRegisteredEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\"*\n\x15NamespaceClearedEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\"Y\n\x13SessionChangedEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04tool\x18\x04 \x01(\t\"\xa3\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x11\n\tunix_time\x18\x02 \x01(\x01\x12*\n\x06stored\x18\x03 \x01(\x0b\x32\x18.kvd.v1.BlockStoredEventH\x00\x12,\n\x07removed\x18\x04 \x01(\x0b\x32\x19.kvd.v1.BlockRemovedEventH\x00\x12\x36\n\nregistered\x18\x05 \x01(\x0b\x32 .kvd.v1.NamespaceRegisteredEventH\x00\x12\x30\n\x07\x63leared\x18\x06 \x01(\x0b\x32\x1d.kvd.v1.NamespaceClearedEventH\x00\x12.\n\x07session\x18\x07 \x01(\x0b\x32\x1b.kvd.v1.SessionChangedEventH\x00\x42\x06\n\x04kind\"_\n\rWatchResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x0c\x12\x1d\n\x06\x65vents\x18\x02 \x03(\x0b\x32\r.kvd.v1.Event\x12\x0e\n\x06resync\x18\x03 \x01(\x08\x12\x10\n\x08next_seq\x18\x04 \x01(\x04\"K\n\x0fSnapshotRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x10SnapshotResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x0c\x12\x11\n\tas_of_seq\x18\x02 \x01(\x04\x12!\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x11.kvd.v1.BlockInfo\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"1\n\x0cScoreRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\"8\n\nTierBlocks\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"~\n\rScoreResponse\x12\x16\n\x0ematched_blocks\x18\x01 \x01(\r\x12\x16\n\x0ematched_tokens\x18\x02 \x01(\x04\x12#\n\x07\x62y_tier\x18\x03 \x03(\x0b\x32\x12.kvd.v1.TierBlocks\x12\x18\n\x10\x65stimated_load_s\x18\x04 \x01(\x01\x32\xb3\x01\n\x04View\x12\x36\n\x05Watch\x12\x14.kvd.v1.WatchRequest\x1a\x15.kvd.v1.WatchResponse0\x01\x12=\n\x08Snapshot\x12\x17.kvd.v1.SnapshotRequest\x1a\x18.kvd.v1.SnapshotResponse\x12\x34\n\x05Score\x12\x14.kvd.v1.ScoreRequest\x1a\x15.kvd.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvd.v1.view_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WATCHREQUEST']._serialized_start=49
-  _globals['_WATCHREQUEST']._serialized_end=115
-  _globals['_BLOCKSTOREDEVENT']._serialized_start=117
-  _globals['_BLOCKSTOREDEVENT']._serialized_end=244
-  _globals['_BLOCKREMOVEDEVENT']._serialized_start=246
-  _globals['_BLOCKREMOVEDEVENT']._serialized_end=342
-  _globals['_NAMESPACEREGISTEREDEVENT']._serialized_start=344
-  _globals['_NAMESPACEREGISTEREDEVENT']._serialized_end=432
-  _globals['_EVENT']._serialized_start=435
-  _globals['_EVENT']._serialized_end=628
-  _globals['_WATCHRESPONSE']._serialized_start=630
-  _globals['_WATCHRESPONSE']._serialized_end=725
-  _globals['_SNAPSHOTREQUEST']._serialized_start=727
-  _globals['_SNAPSHOTREQUEST']._serialized_end=802
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=804
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=916
-  _globals['_SCOREREQUEST']._serialized_start=918
-  _globals['_SCOREREQUEST']._serialized_end=967
-  _globals['_TIERBLOCKS']._serialized_start=969
-  _globals['_TIERBLOCKS']._serialized_end=1025
-  _globals['_SCORERESPONSE']._serialized_start=1027
-  _globals['_SCORERESPONSE']._serialized_end=1153
-  _globals['_VIEW']._serialized_start=1156
-  _globals['_VIEW']._serialized_end=1335
+  _globals['_WATCHREQUEST']._serialized_end=160
+  _globals['_BLOCKSTOREDEVENT']._serialized_start=163
+  _globals['_BLOCKSTOREDEVENT']._serialized_end=310
+  _globals['_BLOCKREMOVEDEVENT']._serialized_start=312
+  _globals['_BLOCKREMOVEDEVENT']._serialized_end=408
+  _globals['_NAMESPACEREGISTEREDEVENT']._serialized_start=410
+  _globals['_NAMESPACEREGISTEREDEVENT']._serialized_end=498
+  _globals['_NAMESPACECLEAREDEVENT']._serialized_start=500
+  _globals['_NAMESPACECLEAREDEVENT']._serialized_end=542
+  _globals['_SESSIONCHANGEDEVENT']._serialized_start=544
+  _globals['_SESSIONCHANGEDEVENT']._serialized_end=633
+  _globals['_EVENT']._serialized_start=636
+  _globals['_EVENT']._serialized_end=927
+  _globals['_WATCHRESPONSE']._serialized_start=929
+  _globals['_WATCHRESPONSE']._serialized_end=1024
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1026
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1101
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1103
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1215
+  _globals['_SCOREREQUEST']._serialized_start=1217
+  _globals['_SCOREREQUEST']._serialized_end=1266
+  _globals['_TIERBLOCKS']._serialized_start=1268
+  _globals['_TIERBLOCKS']._serialized_end=1324
+  _globals['_SCORERESPONSE']._serialized_start=1326
+  _globals['_SCORERESPONSE']._serialized_end=1452
+  _globals['_VIEW']._serialized_start=1455
+  _globals['_VIEW']._serialized_end=1634
 # @@protoc_insertion_point(module_scope)

@@ -8,28 +8,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WatchRequest(_message.Message):
-    __slots__ = ("from_seq", "epoch", "namespace")
+    __slots__ = ("from_seq", "epoch", "namespace", "with_cleared", "with_sessions")
     FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WITH_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    WITH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     from_seq: int
     epoch: bytes
     namespace: str
-    def __init__(self, from_seq: _Optional[int] = ..., epoch: _Optional[bytes] = ..., namespace: _Optional[str] = ...) -> None: ...
+    with_cleared: bool
+    with_sessions: bool
+    def __init__(self, from_seq: _Optional[int] = ..., epoch: _Optional[bytes] = ..., namespace: _Optional[str] = ..., with_cleared: _Optional[bool] = ..., with_sessions: _Optional[bool] = ...) -> None: ...
 
 class BlockStoredEvent(_message.Message):
-    __slots__ = ("namespace", "hash", "parent", "tier", "nbytes")
+    __slots__ = ("namespace", "hash", "parent", "tier", "nbytes", "session_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     hash: int
     parent: int
     tier: _types_pb2.Tier
     nbytes: int
-    def __init__(self, namespace: _Optional[str] = ..., hash: _Optional[int] = ..., parent: _Optional[int] = ..., tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    session_id: str
+    def __init__(self, namespace: _Optional[str] = ..., hash: _Optional[int] = ..., parent: _Optional[int] = ..., tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., nbytes: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class BlockRemovedEvent(_message.Message):
     __slots__ = ("namespace", "hash", "tier", "reason")
@@ -53,19 +59,41 @@ class NamespaceRegisteredEvent(_message.Message):
     block_bytes: int
     def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
+class NamespaceClearedEvent(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class SessionChangedEvent(_message.Message):
+    __slots__ = ("namespace", "session_id", "state", "tool")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    session_id: str
+    state: str
+    tool: str
+    def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[str] = ..., tool: _Optional[str] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("seq", "unix_time", "stored", "removed", "registered")
+    __slots__ = ("seq", "unix_time", "stored", "removed", "registered", "cleared", "session")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     unix_time: float
     stored: BlockStoredEvent
     removed: BlockRemovedEvent
     registered: NamespaceRegisteredEvent
-    def __init__(self, seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., stored: _Optional[_Union[BlockStoredEvent, _Mapping]] = ..., removed: _Optional[_Union[BlockRemovedEvent, _Mapping]] = ..., registered: _Optional[_Union[NamespaceRegisteredEvent, _Mapping]] = ...) -> None: ...
+    cleared: NamespaceClearedEvent
+    session: SessionChangedEvent
+    def __init__(self, seq: _Optional[int] = ..., unix_time: _Optional[float] = ..., stored: _Optional[_Union[BlockStoredEvent, _Mapping]] = ..., removed: _Optional[_Union[BlockRemovedEvent, _Mapping]] = ..., registered: _Optional[_Union[NamespaceRegisteredEvent, _Mapping]] = ..., cleared: _Optional[_Union[NamespaceClearedEvent, _Mapping]] = ..., session: _Optional[_Union[SessionChangedEvent, _Mapping]] = ...) -> None: ...
 
 class WatchResponse(_message.Message):
     __slots__ = ("epoch", "events", "resync", "next_seq")
