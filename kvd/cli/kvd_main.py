@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--slab-bytes", type=_size, default=d.slab_bytes, metavar="SIZE", help="size of one NVMe slab file (default 1GiB)")
     serve.add_argument("--io-threads", type=int, default=d.io_threads, help="worker threads for disk I/O (default 8)")
     serve.add_argument("--event-buffer", type=int, default=d.event_buffer, help="events kept for Watch to resume from (default 100000)")
+    serve.add_argument(
+        "--kv-events", metavar="ENDPOINT",
+        help="publish KV events in vLLM's ZMQ format, e.g. tcp://*:5557 (off by default; needs kvd[kv-events])",
+    )
+    serve.add_argument("--kv-events-replay", metavar="ENDPOINT", help="replay ROUTER socket, e.g. tcp://*:5558")
+    serve.add_argument("--kv-events-buffer", type=int, default=d.kv_events_buffer, help="messages kept for replay (default 10000)")
+    serve.add_argument("--kv-events-pod", metavar="ID", help="the pod of topic kv@POD@NAMESPACE (default: the host name)")
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
     serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -105,6 +112,10 @@ def _serve(args: argparse.Namespace) -> int:
         write_behind=not args.no_write_behind,
         verify_on_start=not args.no_verify_on_start,
         event_buffer=args.event_buffer,
+        kv_events=args.kv_events,
+        kv_events_replay=args.kv_events_replay,
+        kv_events_buffer=args.kv_events_buffer,
+        kv_events_pod=args.kv_events_pod,
     )
     try:
         config.validate()
@@ -114,6 +125,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvd serve: {exc}", file=sys.stderr)
         return 2
+    if config.kv_events is not None:
+        try:
+            import kvd.server.kv_events  # noqa: F401 - pyzmq and msgspec are an optional extra
+        except ImportError as exc:
+            if exc.name not in ("zmq", "msgspec"):
+                raise
+            print(f"kvd serve: --kv-events needs {exc.name} (pip install 'kvd[kv-events]')", file=sys.stderr)
+            return 2
     from kvd.server.daemon import serve
 
     try:

@@ -28,6 +28,10 @@ class ServeConfig:
     event_buffer: int = 100_000  # events kept for Watch streams to resume from
     dram_to_hbm_gbps: float = 25.0  # cost model of Score's estimated load time (DESIGN.md)
     nvme_to_dram_gbps: float = 6.0
+    kv_events: str | None = None  # ZMQ endpoint of the vLLM-format publisher; off unless asked for
+    kv_events_replay: str | None = None  # ZMQ endpoint of its replay ROUTER socket
+    kv_events_buffer: int = 10_000  # published messages kept for replay
+    kv_events_pod: str | None = None  # the <pod> of topic kv@<pod>@<namespace>; None: the host name
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -41,6 +45,15 @@ class ServeConfig:
             raise ValueError("--event-buffer must be positive")
         if self.io_threads <= 0:
             raise ValueError("--io-threads must be positive")
+        for flag, endpoint in (("--kv-events", self.kv_events), ("--kv-events-replay", self.kv_events_replay)):
+            if endpoint is not None and not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"{flag} must be a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH), got {endpoint!r}")
+        if self.kv_events is None and self.kv_events_replay is not None:
+            raise ValueError("--kv-events-replay needs --kv-events")
+        if self.kv_events_buffer <= 0:
+            raise ValueError("--kv-events-buffer must be positive")
+        if self.kv_events_pod is not None and (not self.kv_events_pod or "@" in self.kv_events_pod):
+            raise ValueError("--kv-events-pod must be non-empty and without '@' (topics are kv@<pod>@<namespace>)")
         if self.tcp is not None:
             host, sep, port = self.tcp.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import socket as socketlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -116,6 +117,18 @@ class Daemon:
 
     async def start(self) -> None:
         state = self.state
+        if self.config.kv_events is not None:
+            from kvd.server.kv_events import KvEventPublisher  # pyzmq + msgspec: an optional extra
+
+            publisher = KvEventPublisher(
+                self.config.kv_events,
+                self.config.kv_events_pod or socketlib.gethostname(),
+                lambda name: state.core.namespace(name).block_tokens,
+                replay_endpoint=self.config.kv_events_replay,
+                buffer_batches=self.config.kv_events_buffer,
+            )
+            publisher.start()  # before any RPC can make an event
+            state.kv_events = publisher
         state.mover = Mover(state.core, state.arena, state.nvme, self.executor, state.after_core)
         state.mover.start()
         options = [
@@ -179,6 +192,9 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.state.mover is not None:
             await self.state.mover.stop()
+        publisher, self.state.kv_events = self.state.kv_events, None  # nothing publishes after this
+        if publisher is not None:
+            await publisher.stop()
         self.executor.shutdown(wait=True)
         self.close()
 

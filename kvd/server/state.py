@@ -51,19 +51,22 @@ class DaemonState:
     dropped_on_recovery: int = 0
     mover: object = None  # kvd.server.mover.Mover, set once the loop runs
     events: EventBuffer | None = None  # what Watch streams read; set by the daemon
+    kv_events: object = None  # kvd.server.kv_events.KvEventPublisher with --kv-events, else None
     epoch: bytes = field(default_factory=lambda: secrets.token_bytes(8))  # per daemon start
     unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
     _events_changed: asyncio.Event | None = field(default=None, init=False)
 
     def after_core(self) -> None:
         """Apply the mechanism effects of the core's new events, publish them to the
-        Watch buffer, then wake the mover."""
+        Watch buffer (and the ZMQ publisher), then wake the mover."""
         events = self.core.take_events()
         if events and self.events is not None:
             self.events.extend(events)
             if self._events_changed is not None:
                 self._events_changed.set()
                 self._events_changed = None
+        if events and self.kv_events is not None:
+            self.kv_events.publish(events)  # never blocks: PUB drops for a full subscriber
         if self.nvme is not None:
             gone = [
                 block_key(e.namespace, e.hash) for e in events if isinstance(e, BlockRemoved) and e.tier == "nvme"
