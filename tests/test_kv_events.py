@@ -345,7 +345,8 @@ def test_connect_mode_pushes_to_a_subscriber_that_binds(daemon_factory, wait_unt
     try:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         port = sub.bind_to_random_port("tcp://127.0.0.1")
-        d = daemon_factory(extra=["--kv-events", f"tcp://127.0.0.1:{port}"]).start()
+        # No write-behind: no NVMe copy of a handshake block is announced after the drain.
+        d = daemon_factory(extra=["--kv-events", f"tcp://127.0.0.1:{port}", "--no-write-behind"]).start()
         with d.client() as c:
             handshake(sub, c, wait_until)
             c.register_namespace("m", 16, 4096)

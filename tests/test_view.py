@@ -181,3 +181,30 @@ def test_kvctl_watch_prints_events_as_json_lines(daemon_factory):
     stale = subprocess.run([*cmd, "--from-seq", str(start), "--count", "1"], capture_output=True, text=True, timeout=60)
     assert stale.returncode == 1 and stale.stdout == ""
     assert len(stale.stderr.splitlines()) == 1 and "resynchronize" in stale.stderr
+
+
+def test_session_changes_reach_only_a_watcher_that_asks_and_kvctl_prints_them(daemon_factory, kvctl):
+    d = daemon_factory(extra=["--no-write-behind"]).start()  # no NVMe copy lands in between
+    with d.client() as c:
+        c.register_namespace(NS, 16, 4096)
+        start = c.snapshot(NS).as_of_seq
+        c.session_event(NS, "s1", "turn_start", [1])
+        c.store(NS, [1], [bytes(4096)], session_id="s1")
+        c.session_event(NS, "s1", "turn_end")
+        c.session_event(NS, "s1", "tool_pause", tool="pytest")
+        end = c.snapshot(NS).as_of_seq
+        plain = collect(c, end, from_seq=start, namespace=NS)
+    assert [e.kind for e in plain] == ["stored"]
+    sessions = [
+        (e.session.session_id, e.session.state, e.session.tool)
+        for e in every_kind(d.address, start, end, namespace=NS)
+        if e.WhichOneof("kind") == "session"
+    ]
+    assert sessions[0] == ("s1", "active", "") and sessions[-1] == ("s1", "tool_pause", "pytest")
+    out = kvctl(d, "watch", "--from-seq", str(start), "--count", str(end - start))
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert [line[1:] for line in lines if line[1] == "stored"] == [
+        ["stored", NS, f"{1:016x}", "dram", "4096", "session", "s1"]
+    ]
+    assert lines[-1][1:] == ["session", NS, "s1", "tool_pause", "pytest"]
