@@ -167,3 +167,37 @@ def test_evict_errors_are_one_line_and_exit_non_zero(daemon_factory, kvctl, tmp_
     assert usage.returncode == 2 and "--namespace" in usage.stderr
     gone = kvctl(f"unix://{tmp_path}/no.sock", "evict", "--namespace", "a", "--timeout", "1")
     assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "unavailable" in gone.stderr
+
+
+def test_client_clears_and_watches_cleared_and_session_events(daemon_factory):
+    d = daemon_factory(dram="1MiB", nvme="0").start()
+    with d.client() as c:
+        c.register_namespace("cl", 16, 65536)
+        start = c.snapshot("cl").as_of_seq
+        c.session_event("cl", "s1", "turn_start", [1, 2])
+        assert c.store("cl", [1, 2], [os.urandom(65536)] * 2, session_id="s1") == 2
+        c.session_event("cl", "s1", "tool_pause", tool="bash", expected_pause_s=3.0)
+        assert c.clear_namespace("cl") == (2, 0)
+        end = c.snapshot("cl").as_of_seq
+        plain = [e for b in _until(c.watch(from_seq=start, namespace="cl"), end) for e in b.events]
+        assert {e.kind for e in plain} == {"stored", "removed"}  # older watchers see what they saw
+        every = [
+            e
+            for b in _until(c.watch(from_seq=start, namespace="cl", with_cleared=True, with_sessions=True), end)
+            for e in b.events
+        ]
+        assert [e.seq for e in every] == list(range(start, end))
+        stored = [e for e in every if e.kind == "stored"]
+        assert {e.session_id for e in stored} == {"s1"}
+        sessions = [(e.session_id, e.state, e.tool) for e in every if e.kind == "session"]
+        assert sessions == [("s1", "active", None), ("s1", "tool_pause", "bash")]
+        assert every[-1].kind == "cleared" and every[-1].namespace == "cl"
+        with pytest.raises(Exception, match="not registered"):
+            c.clear_namespace("nope")
+
+
+def _until(batches, end_seq: int):
+    for batch in batches:
+        yield batch
+        if batch.next_seq >= end_seq:
+            return

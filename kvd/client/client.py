@@ -90,7 +90,8 @@ class BlockInfo:
 
 @dataclass(frozen=True)
 class ViewEvent:
-    """One change of what the daemon holds. ``kind``: stored, removed or registered."""
+    """One change of what the daemon holds. ``kind``: stored, removed, registered, cleared
+    (a namespace emptied) or session (a session's state changed)."""
 
     seq: int
     unix_time: float
@@ -103,6 +104,9 @@ class ViewEvent:
     reason: str | None = None
     block_tokens: int | None = None
     block_bytes: int | None = None
+    session_id: str | None = None
+    state: str | None = None
+    tool: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,18 @@ def _view_event(e) -> ViewEvent:
     body = getattr(e, kind)
     if kind == "stored":
         parent = body.parent if body.HasField("parent") else None
-        return ViewEvent(e.seq, e.unix_time, kind, body.namespace, body.hash, parent, TIER_NAME[body.tier], body.nbytes)
+        return ViewEvent(
+            e.seq, e.unix_time, kind, body.namespace, body.hash, parent, TIER_NAME[body.tier], body.nbytes,
+            session_id=body.session_id or None,
+        )
     if kind == "removed":
         return ViewEvent(e.seq, e.unix_time, kind, body.namespace, body.hash, tier=TIER_NAME[body.tier], reason=body.reason)
+    if kind == "cleared":
+        return ViewEvent(e.seq, e.unix_time, kind, body.namespace)
+    if kind == "session":
+        return ViewEvent(
+            e.seq, e.unix_time, kind, body.namespace, session_id=body.session_id, state=body.state, tool=body.tool or None
+        )
     return ViewEvent(
         e.seq, e.unix_time, kind, body.namespace, block_tokens=body.block_tokens, block_bytes=body.block_bytes
     )
@@ -364,10 +377,24 @@ class Client:
                 return
 
     # -- view API -------------------------------------------------------------------------
-    def watch(self, from_seq: int = 0, epoch: bytes = b"", namespace: str | None = None) -> Iterator[WatchBatch]:
+    def watch(
+        self,
+        from_seq: int = 0,
+        epoch: bytes = b"",
+        namespace: str | None = None,
+        with_cleared: bool = False,
+        with_sessions: bool = False,
+    ) -> Iterator[WatchBatch]:
         """The daemon's events from ``from_seq`` (0: from now), as they happen; ends after a
-        ``resync`` batch. Close the iterator (or the client) to stop."""
-        req = view_pb2.WatchRequest(from_seq=from_seq, epoch=epoch, namespace=namespace or "")
+        ``resync`` batch. Cleared-namespace and session events come only when asked for.
+        Close the iterator (or the client) to stop."""
+        req = view_pb2.WatchRequest(
+            from_seq=from_seq,
+            epoch=epoch,
+            namespace=namespace or "",
+            with_cleared=with_cleared,
+            with_sessions=with_sessions,
+        )
         try:
             for r in self._view.Watch(req):
                 yield WatchBatch(r.epoch, [_view_event(e) for e in r.events], r.resync, r.next_seq)
@@ -394,6 +421,11 @@ class Client:
         r = self._call(self._view.Score, view_pb2.ScoreRequest(namespace=namespace, hashes=hashes))
         by_tier = {TIER_NAME[t.tier]: t.blocks for t in r.by_tier}
         return Score(r.matched_blocks, r.matched_tokens, by_tier, r.estimated_load_s)
+
+    def clear_namespace(self, namespace: str) -> tuple[int, int]:
+        """Drop every block of ``namespace`` that nothing uses; (removed, still held)."""
+        r = self._call(self._admin.ClearNamespace, admin_pb2.ClearNamespaceRequest(namespace=namespace))
+        return r.removed, r.remaining
 
     def check(self) -> list[str]:
         """The daemon's invariant violations; empty when healthy."""
