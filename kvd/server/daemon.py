@@ -158,13 +158,14 @@ class Daemon:
         if self.config.tcp:
             if server.add_insecure_port(self.config.tcp) == 0:
                 raise OSError(f"cannot listen on tcp {self.config.tcp}")
+        # The servicer starts out SERVING for ""; nothing may say so before the last step below.
+        await self.set_serving(False)
         await server.start()
         os.chmod(socket, 0o660)
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         self._tasks.append(asyncio.get_running_loop().create_task(self._reap_leases(), name="kvd-reaper"))
         state.mover.wake()  # blocks restored from NVMe need nothing, but a queue may exist
+        await self.set_serving(True)  # recovery (in __init__) and every task are done: ready
         log.info(
             "kvd serving on unix:%s%s (dram %d bytes at %s, nvme %d bytes at %s, policy %s)",
             socket,
@@ -182,9 +183,17 @@ class Daemon:
             if self.state.core.expire_leases():
                 self.state.after_core()
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def set_serving(self, serving: bool) -> None:
+        """What health checks answer for the server ("") and each kvd service: SERVING, or
+        NOT_SERVING (e.g. while draining: readiness probes fail, health watchers are told).
+        Ignored once :meth:`stop` has begun, which leaves everything NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        # NOT_SERVING for good: a set_serving(True) racing the shutdown cannot undo it.
+        await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace_s)
         for task in self._tasks:
