@@ -46,7 +46,8 @@ def test_inline_chunks_after_the_lease_expired_write_nothing(daemon_factory, wai
     def stalled_stream():
         header = engine_pb2.StoreInlineHeader(namespace=NS, blocks=[types_pb2.BlockSpec(hash=2, nbytes=BLOCK)])
         yield engine_pb2.StoreInlineRequest(header=header)
-        with d.client() as c:  # stall until the daemon has expired our lease
+        with d.client() as c:  # stall until the daemon has granted, then expired, our lease
+            wait_until(lambda: c.status().leases == 1, timeout=30, what="the header's lease")
             wait_until(lambda: c.status().leases == 0, timeout=30, what="the lease to expire")
         chunk = engine_pb2.BlockChunk(index=0, offset=0, data=b"\xab" * BLOCK)
         yield engine_pb2.StoreInlineRequest(chunk=chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,27 +26,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     d = ServeConfig()
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--socket", type=Path, default=d.socket, help=f"unix socket (default {d.socket})")
-    serve.add_argument("--dram-bytes", type=_size, default=d.dram_bytes, metavar="SIZE", help="DRAM arena (default 1GiB)")
-    serve.add_argument("--nvme-dir", type=Path, default=d.nvme_dir, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
-    serve.add_argument("--nvme-bytes", type=_size, default=d.nvme_bytes, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
+    serve.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help="a TOML file of settings (flat keys: dram_bytes, nvme_dir, ...); KVD_* variables and flags override it",
+    )
+    serve.add_argument("--socket", type=Path, help=f"unix socket (default {d.socket})")
+    serve.add_argument("--dram-bytes", type=_size, metavar="SIZE", help="DRAM arena (default 1GiB)")
+    serve.add_argument("--nvme-dir", type=Path, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
+    serve.add_argument("--nvme-bytes", type=_size, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
-    serve.add_argument("--shm-dir", type=Path, default=d.shm_dir, metavar="DIR", help=f"where the arena file lives (default {d.shm_dir})")
-    serve.add_argument("--policy", default=d.policy, help=f"retention policy (default {d.policy})")
-    serve.add_argument("--lease-seconds", type=float, default=d.lease_seconds, help="default lease of a prepare (default 30)")
-    serve.add_argument("--slab-bytes", type=_size, default=d.slab_bytes, metavar="SIZE", help="size of one NVMe slab file (default 1GiB)")
-    serve.add_argument("--io-threads", type=int, default=d.io_threads, help="worker threads for disk I/O (default 8)")
-    serve.add_argument("--event-buffer", type=int, default=d.event_buffer, help="events kept for Watch to resume from (default 100000)")
+    serve.add_argument("--shm-dir", type=Path, metavar="DIR", help=f"where the arena file lives (default {d.shm_dir})")
+    serve.add_argument("--policy", help=f"retention policy (default {d.policy})")
+    serve.add_argument("--lease-seconds", type=float, help="default lease of a prepare (default 30)")
+    serve.add_argument("--slab-bytes", type=_size, metavar="SIZE", help="size of one NVMe slab file (default 1GiB)")
+    serve.add_argument("--io-threads", type=int, help="worker threads for disk I/O (default 8)")
+    serve.add_argument("--event-buffer", type=int, help="events kept for Watch to resume from (default 100000)")
     serve.add_argument(
         "--kv-events", metavar="ENDPOINT",
         help="publish KV events in vLLM's ZMQ format, e.g. tcp://*:5557 (off by default; needs kvd[kv-events])",
     )
     serve.add_argument("--kv-events-replay", metavar="ENDPOINT", help="replay ROUTER socket, e.g. tcp://*:5558")
-    serve.add_argument("--kv-events-buffer", type=int, default=d.kv_events_buffer, help="messages kept for replay (default 10000)")
+    serve.add_argument("--kv-events-buffer", type=int, help="messages kept for replay (default 10000)")
     serve.add_argument("--kv-events-pod", metavar="ID", help="the pod of topic kv@POD@NAMESPACE (default: the host name)")
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
     serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    cfg = sub.add_parser("config", help="the daemon's configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    show = cfg_sub.add_parser("print", help="print the effective config (defaults < --config < KVD_* < flags) as TOML")
+    show.add_argument("--config", type=Path, metavar="FILE", help="a TOML file of settings")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "config":
+        return _config_print(args)
     if args.command == "bench" and args.bench == "datapath":
         from kvd.bench.datapath import run_cli
 
@@ -96,33 +108,44 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+SERVE_FLAGS = (
+    "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "shm_dir", "policy", "lease_seconds", "slab_bytes",
+    "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
+)
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    """The settings given as flags (the others come from the file, the environment or defaults)."""
+    out = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    if args.no_write_behind:
+        out["write_behind"] = False
+    if args.no_verify_on_start:
+        out["verify_on_start"] = False
+    return out
+
+
+def _config_print(args: argparse.Namespace) -> int:
+    from kvd.server.config_file import ConfigError, load_config, to_toml
+
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"kvd config: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(to_toml(config))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServeConfig(
-        socket=args.socket,
-        dram_bytes=args.dram_bytes,
-        nvme_dir=args.nvme_dir,
-        nvme_bytes=args.nvme_bytes,
-        tcp=args.tcp,
-        shm_dir=args.shm_dir,
-        policy=args.policy,
-        lease_seconds=args.lease_seconds,
-        slab_bytes=args.slab_bytes,
-        io_threads=args.io_threads,
-        write_behind=not args.no_write_behind,
-        verify_on_start=not args.no_verify_on_start,
-        event_buffer=args.event_buffer,
-        kv_events=args.kv_events,
-        kv_events_replay=args.kv_events_replay,
-        kv_events_buffer=args.kv_events_buffer,
-        kv_events_pod=args.kv_events_pod,
-    )
+    from kvd.server.config_file import ConfigError, load_config
+
     try:
-        config.validate()
+        config = load_config(args.config, os.environ, _flag_overrides(args))
         from kvd.policies import make_policy
 
         make_policy(config.policy)
-    except ValueError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"kvd serve: {exc}", file=sys.stderr)
         return 2
     if config.kv_events is not None:
