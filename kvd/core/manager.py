@@ -585,21 +585,8 @@ class KvCore:
         want = min(0.0, min(self.policy.priority(key, tier, now) for key, _ in due) - 1e-12)
         space = self.spaces[tier]
         need = sum(space.slot_bytes(record.nbytes) for _, record in due)
-        victims = []
-        room = 0
-        for key in self.policy.victims(tier, now):
-            record = self._record(key)
-            copy = record.copies.get(tier) if record is not None else None
-            if record is None or copy is None or not copy.ready or copy.readers:
-                continue
-            if self.policy.priority(key, tier, now) > want:
-                break
-            victims.append((record, copy))
-            room += copy.slot.length
-            if room >= need:
-                break
         lower = self._lower(tier)
-        for record, copy in victims:
+        for record, copy in self._pick_victims(tier, need, now, max_priority=want):
             ns = self._namespaces[record.namespace]
             below = record.copies.get(lower) if lower else None
             if lower is None or (below is not None and below.ready) or not self.policy.worth_demoting(record.key, tier, now):
@@ -903,9 +890,11 @@ class KvCore:
             pending += self._evict(tier, lower, record, copy, now)
         return pending
 
-    def _pick_victims(self, tier: str, need: int, now: float) -> list[tuple[BlockRecord, Copy]]:
+    def _pick_victims(
+        self, tier: str, need: int, now: float, max_priority: float | None = None
+    ) -> list[tuple[BlockRecord, Copy]]:
         """The policy's first evictable copies in ``tier`` adding up to ``need`` bytes (all
-        there are, when fewer)."""
+        there are, when fewer), stopping at the first worth more than ``max_priority``."""
         victims = []
         room = 0
         for key in self.policy.victims(tier, now):
@@ -913,6 +902,8 @@ class KvCore:
             copy = record.copies.get(tier) if record is not None else None
             if record is None or copy is None or not copy.ready or copy.readers:
                 continue
+            if max_priority is not None and self.policy.priority(key, tier, now) > max_priority:
+                break
             victims.append((record, copy))
             room += copy.slot.length
             if room >= need:
