@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from kvd.cli.sizes import parse_size
@@ -66,27 +66,20 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
         raise ValueError(f"unknown policy {', '.join(unknown) or '(none)'}; known: {', '.join(sorted(POLICIES))}")
-    for name in ("bytes_per_token", "prefill_tokens_per_s", "hbm_read_gbps", "dram_to_hbm_gbps",
-                 "hbm_to_dram_gbps", "nvme_to_dram_gbps", "dram_to_nvme_gbps"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if not args.decode_s_per_token >= 0:
-        raise ValueError("--decode-s-per-token must not be negative")
+    for f in fields(CostModel):
+        value = getattr(args, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name == "decode_s_per_token":
+            if not value >= 0:
+                raise ValueError(f"{flag} must not be negative")
+        elif not value > 0:
+            raise ValueError(f"{flag} must be positive")
     if args.block_size is not None and args.block_size <= 0:
         raise ValueError("--block-size must be positive")
     trace = read_trace(args.trace, args.format, args.block_size)
     if not trace.requests:
         raise ValueError(f"{args.trace}: no requests")
-    cost = CostModel(
-        bytes_per_token=args.bytes_per_token,
-        prefill_tokens_per_s=args.prefill_tokens_per_s,
-        decode_s_per_token=args.decode_s_per_token,
-        hbm_read_gbps=args.hbm_read_gbps,
-        dram_to_hbm_gbps=args.dram_to_hbm_gbps,
-        hbm_to_dram_gbps=args.hbm_to_dram_gbps,
-        nvme_to_dram_gbps=args.nvme_to_dram_gbps,
-        dram_to_nvme_gbps=args.dram_to_nvme_gbps,
-    )
+    cost = CostModel(**{f.name: getattr(args, f.name) for f in fields(CostModel)})
     block_bytes = trace.block_size * cost.bytes_per_token
     config = ReplayConfig(
         hbm_bytes=parse_capacity(args.hbm, block_bytes),
