@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvd.core.sessions import SessionTable
-from kvd.policies.base import BlockKey, Policy
+from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy
 from kvd.policies.belady import BeladyPolicy, Future
 from kvd.policies.lru import LruPolicy
 from kvd.policies.typed import TypedPolicy
@@ -31,6 +31,7 @@ __all__ = [
     "DAEMON_POLICIES",
     "DEFAULT_POLICY",
     "POLICIES",
+    "RETENTION_CLASSES",
     "BeladyPolicy",
     "BlockKey",
     "Future",

@@ -15,6 +15,8 @@ from typing import ClassVar
 from kvd.core.sessions import Observation, Session
 
 BlockKey = tuple[str, int]
+# What a typed policy says a held block is (DESIGN.md, "Retention classes").
+RETENTION_CLASSES = ("pinned", "shared_prefix", "session", "tool_pause", "ephemeral")
 
 
 class Policy(ABC):
@@ -68,6 +70,12 @@ class Policy(ABC):
     def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
         """Whether ``key``, evicted from ``tier``, should be copied one tier down (True) or
         dropped (False)."""
+
+    @abstractmethod
+    def retention_class(self, key: BlockKey, tier: str) -> str | None:
+        """The retention class of ``key``'s copy in ``tier`` (one of ``RETENTION_CLASSES``),
+        or None when the copy is not held there or the policy keeps no classes (for
+        metrics and operators: it changes nothing)."""
 
     @abstractmethod
     def check(self, held: dict[str, set[BlockKey]]) -> list[str]:

@@ -145,6 +145,10 @@ class BeladyPolicy(Policy):
     def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
         return self.future.next_use(key) != NEVER
 
+    def retention_class(self, key: BlockKey, tier: str) -> str | None:
+        """Belady keeps no classes: the next use is all it knows."""
+        return None
+
     def check(self, held: dict[str, set[BlockKey]]) -> list[str]:
         problems = []
         for tier in set(held) | set(self._held):

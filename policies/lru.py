@@ -66,6 +66,10 @@ class LruPolicy(Policy):
         """LRU keeps every evicted block one tier down while there is room."""
         return True
 
+    def retention_class(self, key: BlockKey, tier: str) -> str | None:
+        """LRU keeps no classes: recency is all it knows."""
+        return None
+
     def check(self, held: dict[str, set[BlockKey]]) -> list[str]:
         problems = []
         for tier, keys in held.items():

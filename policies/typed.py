@@ -38,12 +38,12 @@ from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 
 from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, Session, SessionTable
-from kvd.policies.base import BlockKey, Policy
+from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy
 from kvd.policies.guard import LruGuard
 from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
 
 PINNED, SHARED, EPHEMERAL = "pinned", "shared_prefix", "ephemeral"
-CLASSES = (PINNED, SHARED, "session", "tool_pause", EPHEMERAL)
+CLASSES = RETENTION_CLASSES
 
 
 @dataclass(frozen=True)

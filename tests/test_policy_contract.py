@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvd.core.sessions import SessionTable
-from kvd.policies import POLICIES, BeladyPolicy, Future, LruPolicy, TypedPolicy, make_policy
+from kvd.policies import POLICIES, RETENTION_CLASSES, BeladyPolicy, Future, LruPolicy, TypedPolicy, make_policy
 from kvd.policies.guard import LruGuard
 
 NS = "ns"
@@ -42,6 +42,22 @@ def test_a_chain_loses_its_tail_before_its_head(policy):
     policy.on_stored("dram", [A, B, C], now=0)
     order = list(policy.victims("dram", now=1))
     assert order.index(C) < order.index(B) < order.index(A)
+
+
+def test_retention_class_is_a_known_class_of_a_held_copy_only(policy):
+    sessions = SessionTable()
+    policy = make_policy(policy.name, sessions, Future.from_chains(NS, [[1, 2]]))
+    sessions.turn_start(NS, "s", [1, 2], now=0)
+    policy.on_sessions(sessions.take_changes(), sessions.take_observations(), sessions.take_reclassified(), 0)
+    policy.on_stored("dram", [A, B], now=0)
+    classes = {policy.retention_class(k, "dram") for k in (A, B)}
+    # typed classifies (the session's private context); lru and belady keep no classes
+    assert classes == ({"session"} if policy.name == "typed" else {None})
+    assert classes <= set(RETENTION_CLASSES) | {None}
+    assert policy.retention_class(A, "nvme") is None  # no copy there
+    policy.on_removed("dram", A)
+    assert policy.retention_class(A, "dram") is None
+    assert policy.retention_class(B, "dram") == (None if policy.name != "typed" else "session")
 
 
 def test_check_reports_disagreement(policy):

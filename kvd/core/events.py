@@ -26,7 +26,13 @@ class BlockStored:
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
-    """A tier's copy of a block is gone. ``reason``: evicted, demoted, corrupt, lost."""
+    """A tier's copy of a block is gone. ``reason``: evicted, demoted, corrupt, cleared, ...
+
+    ``retention_class``: the policy's class of the copy when it went (None: the policy keeps
+    no classes). ``cause``: why an evicted or demoted copy had to make room — ``capacity``
+    (a store, load, promotion or write-behind needed the space) or ``prefetch`` (a
+    prefetch needed it); None for the other reasons, which say why themselves.
+    """
 
     seq: int
     namespace: str
@@ -34,6 +40,8 @@ class BlockRemoved:
     tier: str
     reason: str
     ts: float
+    retention_class: str | None = None
+    cause: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +90,11 @@ class EventLog:
         self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts, session_id))
         self.next_seq += 1
 
-    def removed(self, ns: str, h: int, tier: str, reason: str, ts: float) -> None:
-        self._pending.append(BlockRemoved(self.next_seq, ns, h, tier, reason, ts))
+    def removed(
+        self, ns: str, h: int, tier: str, reason: str, ts: float, retention_class: str | None = None,
+        cause: str | None = None,
+    ) -> None:
+        self._pending.append(BlockRemoved(self.next_seq, ns, h, tier, reason, ts, retention_class, cause))
         self.next_seq += 1
 
     def registered(self, ns: str, block_tokens: int, block_bytes: int, ts: float) -> None:

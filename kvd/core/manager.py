@@ -78,7 +78,8 @@ class Transfer:
     """A copy of one block from one tier's slot to another's, planned by the core.
 
     ``kind``: ``demote`` (free the source when done), ``write_behind`` (keep both),
-    ``promote`` (NVMe -> DRAM for a load).
+    ``promote`` (NVMe -> DRAM for a load), ``prefetch`` (one tier up ahead of need).
+    ``cause`` of a demotion: ``capacity`` or ``prefetch`` (what needed its room).
     """
 
     id: int
@@ -88,6 +89,7 @@ class Transfer:
     src: Copy
     dst_tier: str
     dst: Copy
+    cause: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +135,8 @@ class LoadGrant:
     expires_at: float
     promotions: list[Transfer]  # to run (NVMe -> DRAM) before load_slots() is read
     awaiting: list[Transfer] = field(default_factory=list)  # others' promotions to wait for
+    # Per requested hash, the tier its copy was found in (None: not held, or not readable yet).
+    found: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -405,24 +409,29 @@ class KvCore:
         items: list[tuple[BlockRecord, Copy] | None] = []
         promotions: list[Transfer] = []
         awaiting: list[Transfer] = []
+        found: list[str | None] = []
         for h in hashes:
             record = ns.blocks.get(h)
             tier = record.fastest_ready() if record is not None else None
             if record is None or tier is None:
                 items.append(None)
+                found.append(None)
                 continue
             dram = record.copies.get(self.top)
             if dram is not None and dram.ready:
                 dram.readers += 1
                 items.append((record, dram))
+                found.append(tier)
                 continue
             if dram is not None:
                 promotion = self._promoting.get(id(dram))
                 if promotion is None:  # a store is writing it: not readable yet
                     items.append(None)
+                    found.append(None)
                     continue
                 dram.readers += 1  # another load is promoting it: pin it and wait for that
                 items.append((record, dram))
+                found.append(tier)
                 awaiting.append(promotion)
                 continue
             room = self._make_room(self.top, record.nbytes)
@@ -439,6 +448,7 @@ class KvCore:
             self._promoting[id(dst)] = promotion
             promotions.append(promotion)
             items.append((record, dst))
+            found.append(tier)
         held = [item[0].key for item in items if item is not None]
         # A load may come in batches: touch the held ancestors of this batch as well, so
         # that the root of the chain stays the most recent.
@@ -446,7 +456,7 @@ class KvCore:
         self.policy.on_accessed((self._ancestors(ns, first) if first is not None else []) + held, now)
         lease = LoadLease(self._new_lease_id("l"), namespace, now + self._lease_s(lease_seconds), items)
         self._load_leases[lease.id] = lease
-        return LoadGrant(lease.id, lease.expires_at, promotions, awaiting)
+        return LoadGrant(lease.id, lease.expires_at, promotions, awaiting, found)
 
     def load_slots(self, lease_id: str) -> list[tuple[Slot, int] | None]:
         """(DRAM slot, nbytes) per hash of a load lease; None where the block is not held."""
@@ -590,11 +600,11 @@ class KvCore:
             ns = self._namespaces[record.namespace]
             below = record.copies.get(lower) if lower else None
             if lower is None or (below is not None and below.ready) or not self.policy.worth_demoting(record.key, tier, now):
-                self._drop_copy(ns, record, tier, copy, reason="evicted")
+                self._drop_copy(ns, record, tier, copy, reason="evicted", cause="prefetch")
             elif below is None and (slot := self.spaces[lower].allocate(record.nbytes)) is not None:
                 # Down into free space only: a prefetch never pushes anything out of the
                 # tiers below (that would drop blocks nobody weighed against it).
-                self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(slot)))
+                self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(slot), "prefetch"))
 
     # -- leases ---------------------------------------------------------------------------
     def expire_leases(self) -> int:
@@ -695,7 +705,7 @@ class KvCore:
             # A load may have pinned the source while it moved down: then it stays, a
             # readable copy like any other, and a later eviction drops it for free.
             if transfer.kind == "demote" and not transfer.src.readers:
-                self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="demoted")
+                self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="demoted", cause=transfer.cause)
             return
         # A failed promotion's copy goes away with the load leases' pins still counted on
         # it; their completion then unpins an orphan, which is harmless.
@@ -735,6 +745,11 @@ class KvCore:
     # -- introspection --------------------------------------------------------------------
     def take_events(self) -> list[Event]:
         return self.events.take()
+
+    def retention_class(self, key: tuple[str, int], tier: str) -> str | None:
+        """The retention class of ``key``'s copy in ``tier`` as the policy sees it (None: not
+        held there, or the policy keeps no classes). Changes nothing."""
+        return self.policy.retention_class(key, tier)
 
     def blocks(self, namespace: str | None = None) -> Iterable[BlockRecord]:
         names = [namespace] if namespace else sorted(self._namespaces)
@@ -846,11 +861,13 @@ class KvCore:
     def _new_lease_id(self, kind: str) -> str:
         return f"{self._lease_prefix}{kind}{next(self._lease_ids)}"
 
-    def _start_transfer(self, kind: str, record: BlockRecord, src_tier: str, dst_tier: str, dst: Copy) -> Transfer:
+    def _start_transfer(
+        self, kind: str, record: BlockRecord, src_tier: str, dst_tier: str, dst: Copy, cause: str | None = None
+    ) -> Transfer:
         src = record.copies[src_tier]
         src.readers += 1
         record.copies[dst_tier] = dst
-        transfer = Transfer(next(self._transfer_ids), kind, record, src_tier, src, dst_tier, dst)
+        transfer = Transfer(next(self._transfer_ids), kind, record, src_tier, src, dst_tier, dst, cause)
         self._inflight[transfer.id] = transfer
         return transfer
 
@@ -919,15 +936,15 @@ class KvCore:
             or (below is not None and below.ready)
             or (below is None and not self.policy.worth_demoting(record.key, tier, now))
         ):
-            self._drop_copy(ns, record, tier, copy, reason="evicted")
+            self._drop_copy(ns, record, tier, copy, reason="evicted", cause="capacity")
             return 0
         dst_room = self._make_room(lower, record.nbytes) if below is None else None
         if isinstance(dst_room, Slot):
-            self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(dst_room)))
+            self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(dst_room), "capacity"))
             return copy.slot.length
         if isinstance(dst_room, Wait):
             return copy.slot.length
-        self._drop_copy(ns, record, tier, copy, reason="evicted")  # nothing below can take it
+        self._drop_copy(ns, record, tier, copy, reason="evicted", cause="capacity")  # nothing below can take it
         return 0
 
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
@@ -980,15 +997,21 @@ class KvCore:
         ns = self._namespaces.get(key[0])
         return ns.blocks.get(key[1]) if ns is not None else None
 
-    def _drop_copy(self, ns: Namespace, record: BlockRecord, tier: str, copy: Copy, reason: str | None) -> None:
-        """Free one copy. ``reason`` None: the copy was never readable (no event)."""
+    def _drop_copy(
+        self, ns: Namespace, record: BlockRecord, tier: str, copy: Copy, reason: str | None, cause: str | None = None
+    ) -> None:
+        """Free one copy. ``reason`` None: the copy was never readable (no event); ``cause``:
+        see :class:`~kvd.core.events.BlockRemoved`."""
         if record.copies.get(tier) is not copy:
             return
         del record.copies[tier]
         self.spaces[tier].free(copy.slot)
         if copy.ready:
+            retention_class = self.retention_class(record.key, tier)  # before the policy forgets it
             self.policy.on_removed(tier, record.key)
-            self.events.removed(ns.name, record.hash, tier, reason or "discarded", self.clock())
+            self.events.removed(
+                ns.name, record.hash, tier, reason or "discarded", self.clock(), retention_class, cause
+            )
         if not record.copies:
             del ns.blocks[record.hash]
         ns.refresh(record)
