@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--nvme-dir", type=Path, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
     serve.add_argument("--nvme-bytes", type=_size, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
+    serve.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at :PORT/metrics (off by default)"
+    )
+    serve.add_argument("--metrics-host", metavar="HOST", help=f"address the metrics port binds (default {d.metrics_host})")
     serve.add_argument("--shm-dir", type=Path, metavar="DIR", help=f"where the arena file lives (default {d.shm_dir})")
     serve.add_argument("--policy", help=f"retention policy (default {d.policy})")
     serve.add_argument("--lease-seconds", type=float, help="default lease of a prepare (default 30)")
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SERVE_FLAGS = (
-    "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "shm_dir", "policy", "lease_seconds", "slab_bytes",
+    "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
+    "lease_seconds", "slab_bytes",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
 )
 

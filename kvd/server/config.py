@@ -17,6 +17,8 @@ class ServeConfig:
     nvme_dir: Path = Path("var/kvd")
     nvme_bytes: int = 4 * GiB
     tcp: str | None = None  # HOST:PORT, off unless asked for
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None or 0: off
+    metrics_host: str = "0.0.0.0"  # every interface: a Prometheus in the cluster scrapes the pod
     shm_dir: Path = Path("/dev/shm")  # where the DRAM arena file lives
     policy: str = "typed"
     lease_seconds: float = 30.0
@@ -58,6 +60,10 @@ class ServeConfig:
             host, sep, port = self.tcp.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"--tcp must be HOST:PORT, got {self.tcp!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be a TCP port, 1..65535 (0: off), got {self.metrics_port}")
+        if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
+            raise ValueError(f"--metrics-host must be an address or host name, got {self.metrics_host!r}")
 
     @property
     def arena_path(self) -> Path:

@@ -29,6 +29,7 @@ from kvd.server.admin import AdminService
 from kvd.server.codec import NAMESPACE_PREFIX, parse_block_key, parse_block_meta, parse_namespace
 from kvd.server.config import ServeConfig
 from kvd.server.engine import EngineService
+from kvd.server.metrics import DaemonMetrics
 from kvd.server.mover import Mover
 from kvd.server.state import DaemonState
 from kvd.server.view import ViewService
@@ -117,6 +118,9 @@ class Daemon:
 
     async def start(self) -> None:
         state = self.state
+        if self.config.metrics_port:  # first: a port in use stops the daemon before it serves
+            state.metrics = DaemonMetrics(state)
+            state.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         if self.config.kv_events is not None:
             from kvd.server.kv_events import KvEventPublisher  # pyzmq + msgspec: an optional extra
 
@@ -129,13 +133,14 @@ class Daemon:
             )
             publisher.start()  # before any RPC can make an event
             state.kv_events = publisher
-        state.mover = Mover(state.core, state.arena, state.nvme, self.executor, state.after_core)
+        state.mover = Mover(state.core, state.arena, state.nvme, self.executor, state.after_core, metrics=state.metrics)
         state.mover.start()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        server = grpc.aio.server(options=options)
+        interceptors = [state.metrics.interceptor()] if state.metrics is not None else None
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
         view = ViewService(state, self.config.dram_to_hbm_gbps, self.config.nvme_to_dram_gbps)
@@ -208,6 +213,8 @@ class Daemon:
         self.close()
 
     def close(self) -> None:
+        if self.state.metrics is not None:
+            self.state.metrics.close()
         self.state.arena.close()
         if self.state.nvme is not None:
             self.state.nvme.close()

@@ -61,7 +61,10 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         codes = self.s.core.lookup_codes(request.namespace, request.hashes, request.session_id or None)
         if request.session_id:
             self.s.after_core()  # the session's state may have changed
-        return engine_pb2.LookupResponse(runs=[engine_pb2.TierRun(tier=t, blocks=n) for t, n in tier_runs(codes)])
+        runs = tier_runs(codes)
+        if self.s.metrics is not None:
+            self.s.metrics.looked_up(runs, len(request.hashes) - len(codes))
+        return engine_pb2.LookupResponse(runs=[engine_pb2.TierRun(tier=t, blocks=n) for t, n in runs])
 
     @unary_rpc
     async def PrepareStore(self, request, context):
@@ -126,6 +129,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         every transfer the core planned is reported back, whatever happens to the caller.
         """
         grant = await self._with_room(lambda: self.s.core.prepare_load(namespace, hashes, lease_seconds))
+        if self.s.metrics is not None:
+            self.s.metrics.loaded(namespace, hashes, grant.found)
         if grant.promotions:
             await asyncio.shield(asyncio.ensure_future(self.s.mover.promote(grant.promotions)))
         if grant.awaiting:

@@ -42,6 +42,7 @@ class Mover:
         urgent_free_fraction: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         prefetch_interval_s: float = 0.25,
+        metrics=None,  # kvd.server.metrics.DaemonMetrics: hears every transfer's outcome
     ) -> None:
         self.core = core
         self.arena = arena
@@ -55,6 +56,7 @@ class Mover:
         self.urgent_free_fraction = urgent_free_fraction
         self.clock = clock
         self.prefetch_interval_s = prefetch_interval_s
+        self.metrics = metrics
         self.syncs_waiting = 0
         self.error_backoff_s = 1.0
         self._backoff_until = 0.0
@@ -171,6 +173,8 @@ class Mover:
             ok = False
         for t in transfers:
             self.core.complete_transfer(t, ok=ok)
+        if self.metrics is not None:
+            self.metrics.landed(transfers, [ok] * len(transfers))
         self.after_core()
 
     def _write_batch(self, transfers: list[Transfer]) -> None:
@@ -215,6 +219,8 @@ class Mover:
                         "block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash
                     )
                 self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
+            if self.metrics is not None:
+                self.metrics.landed(part, [result == "ok" for result in results])
         self.after_core()
         async with self._progress:
             self._progress.notify_all()

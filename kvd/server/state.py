@@ -52,6 +52,8 @@ class DaemonState:
     mover: object = None  # kvd.server.mover.Mover, set once the loop runs
     events: EventBuffer | None = None  # what Watch streams read; set by the daemon
     kv_events: object = None  # kvd.server.kv_events.KvEventPublisher with --kv-events, else None
+    metrics: object = None  # kvd.server.metrics.DaemonMetrics with --metrics-port, else None
+    watch_cursors: dict[object, int] = field(default_factory=dict)  # open Watch stream -> next seq it sends
     epoch: bytes = field(default_factory=lambda: secrets.token_bytes(8))  # per daemon start
     unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
     _events_changed: asyncio.Event | None = field(default=None, init=False)
@@ -67,6 +69,8 @@ class DaemonState:
                 self._events_changed = None
         if events and self.kv_events is not None:
             self.kv_events.publish(events)  # never blocks: PUB drops for a full subscriber
+        if events and self.metrics is not None:
+            self.metrics.on_events(events)
         if self.nvme is not None:
             gone = [
                 block_key(e.namespace, e.hash) for e in events if isinstance(e, BlockRemoved) and e.tier == "nvme"

@@ -78,27 +78,33 @@ class ViewService(view_pb2_grpc.ViewServicer):
             return
         namespace = request.namespace
         kinds = wire_kinds(request)
-        while True:
-            changed = self.s.events_changed()
-            events = buffer.since(cursor)
-            if events is None:  # this reader fell behind the buffer while it was streaming
-                yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
-                return
-            if not events:
-                await changed.wait()
-                continue
-            events = events[:MAX_BATCH_EVENTS]
-            cursor = events[-1].seq + 1
-            chosen = [
-                e for e in events if isinstance(e, kinds) and (not namespace or e.namespace == namespace)
-            ]
-            if chosen:
-                yield view_pb2.WatchResponse(
-                    epoch=self.s.epoch,
-                    events=[event_message(e, self.s.unix_offset) for e in chosen],
-                    next_seq=cursor,
-                )
-            await asyncio.sleep(0)  # let the data path run between batches
+        stream = object()  # this stream's entry in watch_cursors: its lag, for metrics
+        self.s.watch_cursors[stream] = cursor
+        try:
+            while True:
+                changed = self.s.events_changed()
+                events = buffer.since(cursor)
+                if events is None:  # this reader fell behind the buffer while it was streaming
+                    yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
+                    return
+                if not events:
+                    await changed.wait()
+                    continue
+                events = events[:MAX_BATCH_EVENTS]
+                cursor = events[-1].seq + 1
+                chosen = [
+                    e for e in events if isinstance(e, kinds) and (not namespace or e.namespace == namespace)
+                ]
+                if chosen:
+                    yield view_pb2.WatchResponse(
+                        epoch=self.s.epoch,
+                        events=[event_message(e, self.s.unix_offset) for e in chosen],
+                        next_seq=cursor,
+                    )
+                self.s.watch_cursors[stream] = cursor  # sent: gRPC took the batch (flow control)
+                await asyncio.sleep(0)  # let the data path run between batches
+        finally:
+            del self.s.watch_cursors[stream]
 
     @unary_rpc
     async def Snapshot(self, request, context):
