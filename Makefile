@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test lint proto clean bench vllm-env
+.PHONY: install serve test lint proto clean bench vllm-env torch-cpu
 
 # vLLM 0.33's own KV-event classes, which tests/test_kv_events.py decodes kvd's ZMQ messages
 # with: vllm without its dependencies (an engine's worth: torch, transformers, ...), plus the
@@ -25,9 +25,17 @@ serve: install
 	mkdir -p var
 	$(BIN)/kvd serve
 
+# torch's CPU build for the kvd.native and HBM-tier tests (torch stays an optional extra of
+# kvd): the wheel in /opt/wheels when the machine has it, else PyTorch's CPU index; never
+# PyPI's default build, which pulls GBs of CUDA libraries.
+TORCH_PIN := torch==2.13.0
+torch-cpu: install
+	@$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/pip install --quiet $(TORCH_PIN) \
+	  $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
+
 # CI must have the vLLM env (the decoding test fails without it there); elsewhere a failed
 # build (no network) only makes that test skip.
-test: install
+test: install torch-cpu
 	@$(MAKE) --no-print-directory vllm-env || { [ -z "$$CI" ] || exit 1; \
 	  echo "make test: no $(VLLM_VENV): tests/test_kv_events.py skips its vLLM decoding"; }
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,6 @@
-"""The Tier contract, run against every tier: each test holds for DRAM and NVMe alike, and
-``check()`` must stay empty after every operation."""
+"""The Tier contract, run against every tier: each test holds for DRAM, NVMe and HBM alike,
+and ``check()`` must stay empty after every operation. The HBM pool runs on a GPU (marked
+``gpu``) and, with torch, on the CPU device too, so its own code is exercised everywhere."""
 
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ PAGES = 8
 def make_tier(kind: str, root: Path) -> Tier:
     if kind == "dram":
         return DramArena(root / "arena.shm", PAGES * PAGE, PAGE)
+    if kind in ("hbm", "hbm-cpu"):
+        pytest.importorskip("torch")
+        from kvd.tiers.hbm import HbmPool
+
+        return HbmPool(PAGES * PAGE, PAGE, device="cuda" if kind == "hbm" else "cpu")
     # Slabs of 3 pages: capacity 8 pages = slabs of 3 + 3 + 2, so slab edges are exercised.
     return NvmeStore(root / "nvme", PAGES * PAGE, slab_bytes=3 * PAGE, page_bytes=PAGE)
 
 
-@pytest.fixture(params=["dram", "nvme"])
+@pytest.fixture(params=["dram", "nvme", "hbm-cpu", pytest.param("hbm", marks=pytest.mark.gpu)])
 def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tier]:
     t = make_tier(request.param, tmp_path)
     ok(t)
@@ -42,7 +48,7 @@ def aligned_buffer(nbytes: int) -> memoryview:
 
 
 def test_name_and_capacity(tier: Tier) -> None:
-    assert tier.name in ("dram", "nvme")
+    assert tier.name in ("dram", "nvme", "hbm")
     assert tier.capacity_bytes == PAGES * PAGE
     assert tier.used_bytes == 0
 

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--socket", type=Path, help=f"unix socket (default {d.socket})")
     serve.add_argument("--dram-bytes", type=_size, metavar="SIZE", help="DRAM arena (default 1GiB)")
+    serve.add_argument(
+        "--hbm-bytes", type=_size, metavar="SIZE",
+        help="daemon-owned GPU pool, 0 for none (default 0); without CUDA the daemon logs why and runs without it",
+    )
     serve.add_argument("--nvme-dir", type=Path, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
     serve.add_argument("--nvme-bytes", type=_size, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
@@ -74,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--nodes", type=int, default=8, help="simulated nodes (default 8)")
     rt.add_argument("--blocks", type=int, default=1_000_000, help="indexed blocks in all (default 1,000,000)")
     rt.add_argument("--repeat", type=int, default=50, help="scores to time (default 50)")
+    from kvd.bench.connector import add_arguments as add_connector_arguments
+
+    add_connector_arguments(
+        bench_sub.add_parser("connector", help="gather/scatter of paged KV blocks vs memcpy (device copy on a GPU)")
+    )
 
     from kvd.replay.cli import add_arguments as add_replay_arguments
     from kvd.replay.workload import add_arguments as add_workload_arguments
@@ -101,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.router import run_cli as run_router
 
         return run_router(args)
+    if args.command == "bench" and args.bench == "connector":
+        from kvd.bench.connector import run_cli as run_connector
+
+        return run_connector(args)
     if args.command == "replay":
         from kvd.replay.cli import run_cli as run_replay
 
@@ -122,6 +135,8 @@ SERVE_FLAGS = (
 def _flag_overrides(args: argparse.Namespace) -> dict:
     """The settings given as flags (the others come from the file, the environment or defaults)."""
     out = {name: getattr(args, name) for name in SERVE_FLAGS if getattr(args, name) is not None}
+    if args.hbm_bytes is not None:
+        out["hbm_bytes"] = args.hbm_bytes
     if args.no_write_behind:
         out["write_behind"] = False
     if args.no_verify_on_start:

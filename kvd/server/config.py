@@ -14,6 +14,7 @@ class ServeConfig:
 
     socket: Path = Path("var/kvd.sock")
     dram_bytes: int = 1 * GiB
+    hbm_bytes: int = 0  # daemon-owned GPU pool; 0: none (and none without CUDA)
     nvme_dir: Path = Path("var/kvd")
     nvme_bytes: int = 4 * GiB
     tcp: str | None = None  # HOST:PORT, off unless asked for
@@ -41,6 +42,8 @@ class ServeConfig:
             raise ValueError(f"--dram-bytes must be at least one page ({self.page_bytes} bytes)")
         if self.nvme_bytes and self.nvme_bytes < self.page_bytes:
             raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or at least {self.page_bytes} bytes")
+        if self.hbm_bytes < 0 or self.hbm_bytes % self.page_bytes:
+            raise ValueError(f"--hbm-bytes must be 0 (no HBM tier) or a multiple of {self.page_bytes} bytes")
         if self.lease_seconds <= 0:
             raise ValueError("--lease-seconds must be positive")
         if self.event_buffer <= 0:

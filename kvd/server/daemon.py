@@ -34,6 +34,7 @@ from kvd.server.mover import Mover
 from kvd.server.state import DaemonState
 from kvd.server.view import ViewService
 from kvd.tiers.dram import DramArena
+from kvd.tiers.hbm import HbmPool, HbmUnavailable
 from kvd.tiers.nvme import NvmeStore
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, view_pb2, view_pb2_grpc
 
@@ -105,12 +106,33 @@ def recover(state: DaemonState, verify: bool) -> None:
     log.info("recovered %d blocks from NVMe (%d dropped)", state.recovered_blocks, state.dropped_on_recovery)
 
 
+def open_hbm(config: ServeConfig) -> HbmPool | None:
+    """The daemon-owned GPU pool of ``--hbm-bytes``, or None: when none is asked for, or when
+    CUDA is not available here (one log line says why; the daemon serves without it).
+
+    The pool is held for the engine data path; the core's tiers stay DRAM and NVMe for now.
+    Raises OSError when CUDA is present but the pool cannot be allocated.
+    """
+    if not config.hbm_bytes:
+        return None
+    try:
+        pool = HbmPool(config.hbm_bytes, config.page_bytes)
+    except HbmUnavailable as exc:
+        log.warning("no HBM tier: CUDA not available (%s)", exc)
+        return None
+    except RuntimeError as exc:  # torch's out-of-memory and CUDA errors
+        raise OSError(f"cannot allocate the {config.hbm_bytes}-byte HBM pool: {exc}") from None
+    log.info("HBM tier: %d bytes on %s", config.hbm_bytes, pool.device)
+    return pool
+
+
 class Daemon:
     """The running daemon: state + gRPC server + background tasks."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.state = build_state(config)
+        self.hbm = open_hbm(config)
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvd-io")
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -216,6 +238,8 @@ class Daemon:
         if self.state.metrics is not None:
             self.state.metrics.close()
         self.state.arena.close()
+        if self.hbm is not None:
+            self.hbm.close()
         if self.state.nvme is not None:
             self.state.nvme.close()
         try:

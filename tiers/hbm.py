@@ -1,0 +1,147 @@
+"""HBM tier: a daemon-owned GPU memory pool, allocated once, cut into slots like the others.
+
+The pool is one ``torch.empty(capacity_bytes, dtype=uint8, device="cuda:N")`` made at start
+(so the daemon's HBM use is fixed and visible at once, and never fragments the engine's
+allocator); :class:`~kvd.tiers.alloc.ExtentAllocator` hands out page runs of it exactly as
+for DRAM and NVMe. ``write``/``read_into`` copy between host buffers and a slot and return
+when the copy is done; :meth:`HbmPool.view` gives the slot as a device tensor, which
+:class:`kvd.native.PagedKv` gathers into and scatters from with a device-to-device copy.
+
+torch is optional: without it, or without a CUDA device, :class:`HbmPool` raises
+:class:`HbmUnavailable` with the reason and the daemon runs without an HBM tier.
+``device="cpu"`` builds the same pool in host memory; tests use it to run the tier's own
+code where no GPU is lent. All sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+from kvd.tiers.alloc import ExtentAllocator, Slot
+from kvd.tiers.base import Buffer, Tier, byte_view
+
+
+class HbmUnavailable(RuntimeError):
+    """No HBM pool can be made here; the message says why (no torch, no CUDA device)."""
+
+
+def _torch_for(device: str):
+    try:
+        import torch
+    except ImportError:
+        raise HbmUnavailable("torch is not installed (pip install 'kvd[torch]')") from None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HbmUnavailable(f"torch {torch.__version__} sees no CUDA device")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise HbmUnavailable(f"{device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return torch
+
+
+class HbmPool(Tier):
+    """A pool of ``capacity_bytes`` on ``device`` (a positive multiple of ``page_bytes``).
+
+    Thread safety: allocate/free are serialized by a lock; copies into distinct slots may
+    run concurrently. Raises HbmUnavailable when the device cannot be used, and whatever
+    torch raises (out of memory) when the pool cannot be allocated.
+    """
+
+    name = "hbm"
+
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4096, device: str = "cuda") -> None:
+        if capacity_bytes <= 0 or page_bytes <= 0 or capacity_bytes % page_bytes:
+            raise ValueError(
+                f"capacity_bytes must be a positive multiple of page_bytes {page_bytes}, got {capacity_bytes}"
+            )
+        self._torch = _torch_for(device)
+        self.space = ExtentAllocator([(0, capacity_bytes)], page_bytes)
+        self._lock = threading.Lock()
+        self._pool = self._torch.empty(capacity_bytes, dtype=self._torch.uint8, device=device)
+        self.device = str(self._pool.device)
+        self._closed = False
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def allocate(self, nbytes: int) -> Slot | None:
+        with self._lock:
+            return self.space.allocate(nbytes)
+
+    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
+        with self._lock:
+            return self.space.allocate_many(nbytes, count)
+
+    def free(self, slot: Slot) -> None:
+        with self._lock:
+            self.space.free(slot)
+
+    # -- data -----------------------------------------------------------------------------
+    @property
+    def pool(self) -> Any:
+        """The whole pool as a 1-D uint8 tensor (slot offsets index it directly)."""
+        self._require_open()
+        return self._pool
+
+    def view(self, slot: Slot) -> Any:
+        """The slot as a 1-D uint8 device tensor of ``slot.length`` bytes (no copy)."""
+        self._require_allocated(slot)
+        return self._pool[slot.offset : slot.end]
+
+    def write(self, slot: Slot, data: Buffer) -> None:
+        self._require_allocated(slot)
+        src = byte_view(data, writable=False)
+        if src.nbytes > slot.length:
+            raise ValueError(f"{src.nbytes} bytes do not fit in {slot}")
+        if src.nbytes:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
+                host = self._torch.from_numpy(np.frombuffer(src, dtype=np.uint8))
+            self._pool[slot.offset : slot.offset + src.nbytes].copy_(host)
+            self._sync()
+
+    def read_into(self, slot: Slot, nbytes: int, out: Buffer) -> None:
+        """Copy the first ``nbytes`` of ``slot`` into ``out`` (HBM keeps no checksums)."""
+        self._require_allocated(slot)
+        if not 0 <= nbytes <= slot.length:
+            raise ValueError(f"nbytes {nbytes} outside {slot}")
+        dst = byte_view(out, writable=True)
+        if dst.nbytes < nbytes:
+            raise ValueError(f"output buffer holds {dst.nbytes} bytes, need {nbytes}")
+        if nbytes:
+            host = self._torch.from_numpy(np.frombuffer(dst, dtype=np.uint8)[:nbytes])
+            host.copy_(self._pool[slot.offset : slot.offset + nbytes])
+            self._sync()
+
+    # -- health ---------------------------------------------------------------------------
+    def check(self) -> list[str]:
+        problems = [f"allocator: {p}" for p in self.space.check()]
+        if self._closed:
+            return problems + ["pool is released"]
+        if self._pool.numel() != self.space.capacity_bytes:
+            problems.append(f"pool holds {self._pool.numel()} bytes, allocator {self.space.capacity_bytes}")
+        for slot in self.space.allocated():
+            if slot.end > self._pool.numel():
+                problems.append(f"{slot} lies outside the pool")
+        return problems
+
+    def close(self) -> None:
+        """Release the pool (idempotent). Views handed out keep their memory alive."""
+        if not self._closed:
+            self._closed = True
+            self._pool = self._pool.new_empty(0)
+
+    def _sync(self) -> None:
+        if self._pool.is_cuda:
+            self._torch.cuda.synchronize(self._pool.device)
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ValueError("pool is released")
+
+    def _require_allocated(self, slot: Slot) -> None:
+        self._require_open()
+        if not self.space.is_allocated(slot):
+            raise ValueError(f"{slot} is not allocated")
