@@ -8,7 +8,7 @@ import time
 import pytest
 
 from kvd.client import Client
-from kvd.client.client import grpc_target
+from kvd.client.channel import grpc_target
 
 
 @pytest.mark.parametrize(

@@ -396,6 +396,15 @@ class NvmeStore(Tier):
         if not batch.is_empty():
             self._db_handle().write(batch)
 
+    def sync(self) -> None:
+        """Make everything written so far durable: the slabs fsynced, the manifest's
+        memtable flushed to its files and its write-ahead log synced (a drain ends so)."""
+        for fd in list(self._fds):
+            os.fsync(fd)
+        db = self._db_handle()
+        db.flush(True)
+        db.flush_wal(True)
+
     def entries(self) -> list[ManifestEntry]:
         """Every decodable manifest entry, in key order (O(entries); for audits/admin)."""
         found = []

@@ -1,25 +1,34 @@
-"""`kvctl`: operate a kvd daemon — status, blocks, check, watch, evict, health.
+"""`kvctl`: operate a kvd daemon — status, sessions, blocks, pin/unpin, evict, policy, watch,
+check, drain/resume, health.
 
-``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock). Errors print
-one line on stderr and exit non-zero (1: the daemon refused or is unreachable; 2: usage).
+``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock); ``--token``
+to ``KVD_TOKEN`` (Admin calls over TCP need it); ``--tls-ca/--tls-cert/--tls-key`` to
+``KVD_TLS_CA/CERT/KEY``. ``-o table|json|yaml``. Errors print one line on stderr and exit
+non-zero (1: the daemon refused or is unreachable; 2: usage).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvd.cli.parsing import ArgumentParser
 from kvd.cli.sizes import format_size
-from kvd.client import Client, ClientError, default_address
-from kvd.client.client import grpc_target
+from kvd.client import Client, ClientError, TlsFiles, default_address
+from kvd.client.channel import open_channel
 from kvd.tiers import TIER_NAMES
-from kvd.v1 import admin_pb2, admin_pb2_grpc, view_pb2, view_pb2_grpc
+from kvd.v1 import view_pb2, view_pb2_grpc
+
+OUTPUTS = ("table", "json", "yaml")
 
 
 def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -31,8 +40,23 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument(
         "--addr", default=default(None), help="unix:///path or host:port (default: $KVD_ADDR, then ./var/kvd.sock)"
     )
-    parser.add_argument("-o", "--output", choices=["table", "json"], default=default("table"))
+    parser.add_argument("-o", "--output", choices=OUTPUTS, default=default("table"))
     parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for the daemon")
+    parser.add_argument("--token", default=default(None), help="admin bearer token (default: $KVD_TOKEN)")
+    parser.add_argument("--tls-ca", type=Path, default=default(None), help="CA of the daemon's TLS certificate")
+    parser.add_argument("--tls-cert", type=Path, default=default(None), help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, default=default(None), help="client certificate's key")
+
+
+def _hash(text: str) -> int:
+    """A block hash as `kvctl blocks` prints it: hexadecimal, 0x optional."""
+    try:
+        value = int(text, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal block hash") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 64-bit block hash")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,11 +84,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 when the daemon answers at all, SERVING or NOT_SERVING (a draining daemon is alive)",
     )
     evict = sub.add_parser(
-        "evict", help="drop every block of a namespace from every tier (exit 1 if some are in use and stay)"
+        "evict",
+        help="drop blocks from every tier: a session's own, a namespace's, or all (exit 1 if some are in use and stay)",
     )
     _add_common(evict, suppress=True)
-    evict.add_argument("--namespace", "-n", required=True)
+    evict.add_argument("--namespace", "-n", help="the namespace (with --session: the session's)")
+    scope = evict.add_mutually_exclusive_group()
+    scope.add_argument("--session", help="only the blocks this session alone holds (needs --namespace)")
+    scope.add_argument("--all", action="store_true", help="every block of every namespace")
+    sessions = sub.add_parser("sessions", help="sessions the daemon knows: list, or show one")
+    _add_common(sessions, suppress=True)
+    sessions.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    sessions.add_argument("session", nargs="?", help="show: the session id")
+    sessions.add_argument("--namespace", "-n", default=None)
+    for name, text in (("pin", "keep blocks where they are whatever the policy says"),
+                       ("unpin", "let the policy decide about blocks again")):
+        pin = sub.add_parser(name, help=text)
+        _add_common(pin, suppress=True)
+        pin.add_argument("--namespace", "-n", required=True)
+        pin.add_argument("--session", help="every block of this session's chain, instead of hashes")
+        pin.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="block hashes (hex, as `blocks` prints)")
+    policy = sub.add_parser("policy", help="the retention policy: get, or set NAME (at run time)")
+    _add_common(policy, suppress=True)
+    policy.add_argument("action", choices=["get", "set"])
+    policy.add_argument("name", nargs="?", help="set: the policy to switch to")
+    drain = sub.add_parser(
+        "drain",
+        help="stop new stores and loads, let leases finish, write kept blocks to NVMe (health: NOT_SERVING)",
+    )
+    _add_common(drain, suppress=True)
+    drain.add_argument("--wait", type=float, default=60.0, help="seconds for leases and NVMe writes (default 60)")
+    drain.add_argument("--exit", action="store_true", help="then exit 0, as on SIGTERM (else: drained until resume)")
+    _add_common(sub.add_parser("resume", help="serve again after a drain without --exit"), suppress=True)
     return parser
+
+
+def _emit(output: str, data, table: str | None = None) -> None:
+    """Print ``data`` as JSON or YAML, or ``table`` (the human form) for -o table."""
+    if output == "json":
+        print(json.dumps(data, indent=2))
+    elif output == "yaml":
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    else:
+        print(table if table is not None else data)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -76,10 +138,10 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_status(client: Client, output: str) -> int:
     st = client.status()
-    if output == "json":
+    if output != "table":
         data = asdict(st)
         data["tiers"] = {t["name"]: t for t in data["tiers"]}
-        print(json.dumps(data, indent=2))
+        _emit(output, data)
         return 0
     print(f"kvd {st.version}  up {st.uptime_s:.0f}s  policy {st.policy}  leases {st.leases}  "
           f"write-behind queue {st.write_behind_queue}  recovered {st.recovered_blocks} (dropped {st.dropped_on_recovery})")
@@ -102,23 +164,15 @@ def cmd_blocks(client: Client, output: str, namespace: str | None, limit: int | 
         if limit is not None and len(blocks) >= limit:
             break
         blocks.append(b)
-    if output == "json":
-        print(json.dumps([asdict(b) for b in blocks], indent=2))
-        return 0
     rows = [[b.namespace, f"{b.hash:016x}", "-" if b.parent is None else f"{b.parent:016x}", b.nbytes, ",".join(b.tiers)]
             for b in blocks]
-    print(_table(rows, ["NAMESPACE", "HASH", "PARENT", "BYTES", "TIERS"]))
+    _emit(output, [asdict(b) for b in blocks], _table(rows, ["NAMESPACE", "HASH", "PARENT", "BYTES", "TIERS"]))
     return 0
 
 
 def cmd_check(client: Client, output: str) -> int:
     problems = client.check()
-    if output == "json":
-        print(json.dumps({"ok": not problems, "problems": problems}, indent=2))
-    elif problems:
-        print("\n".join(problems))
-    else:
-        print("ok")
+    _emit(output, {"ok": not problems, "problems": problems}, "\n".join(problems) if problems else "ok")
     return 1 if problems else 0
 
 
@@ -176,7 +230,12 @@ def cmd_watch(channel: grpc.Channel, output: str, namespace: str | None, from_se
             return 1
         for e in batch.events:
             fields = _event_fields(e)
-            print(json.dumps(fields) if output == "json" else _event_line(fields), flush=True)
+            if output == "json":
+                print(json.dumps(fields), flush=True)
+            elif output == "yaml":
+                print("---\n" + yaml.safe_dump(fields, sort_keys=False), end="", flush=True)
+            else:
+                print(_event_line(fields), flush=True)
             seen += 1
             if count is not None and seen >= count:
                 return 0
@@ -200,47 +259,111 @@ def cmd_health(channel: grpc.Channel, output: str, service: str, liveness: bool,
     if output == "json":
         print(json.dumps({"service": service, "status": status}))
     else:
-        print(status)
+        _emit(output, {"service": service, "status": status}, status)
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     return 0 if serving or (liveness and reply.status == health_pb2.HealthCheckResponse.NOT_SERVING) else 1
 
 
-def cmd_evict(channel: grpc.Channel, output: str, namespace: str, timeout: float) -> int:
-    reply = admin_pb2_grpc.AdminStub(channel).ClearNamespace(
-        admin_pb2.ClearNamespaceRequest(namespace=namespace), timeout=timeout
-    )
-    if output == "json":
-        print(json.dumps({"namespace": namespace, "removed": reply.removed, "remaining": reply.remaining}))
+def cmd_evict(client: Client, output: str, namespace: str | None, session: str | None, everything: bool) -> int:
+    if everything:
+        if namespace:
+            raise ValueError("evict: --all takes no --namespace")
+        scope = "all namespaces"
+        removed, remaining = client.evict(all=True)
+    elif session:
+        if not namespace:
+            raise ValueError("evict: --session needs --namespace")
+        scope = f"session {session} of {namespace}"
+        removed, remaining = client.evict(namespace, session_id=session)
+    elif namespace:
+        scope = namespace
+        removed, remaining = client.evict(namespace)
     else:
-        print(f"{namespace}: {reply.removed} blocks removed")
-    if reply.remaining:
-        print(
-            f"kvctl: {reply.remaining} blocks of {namespace} are being read or moved and stay; run evict again",
-            file=sys.stderr,
-        )
+        raise ValueError("evict: give --namespace, --session with --namespace, or --all")
+    data = {"namespace": namespace, "session": session, "all": everything, "removed": removed, "remaining": remaining}
+    _emit(output, data, f"{scope}: {removed} blocks removed")
+    if remaining:
+        print(f"kvctl: {remaining} blocks of {scope} are being read or moved and stay; run evict again", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_sessions(client: Client, output: str, action: str, session: str | None, namespace: str | None) -> int:
+    if action == "show" and not session:
+        raise ValueError("sessions show: give a session id")
+    if action == "list" and session:
+        raise ValueError("sessions list takes no session id (use: sessions show ID)")
+    infos = client.sessions(namespace, session)
+    if action == "show":
+        _emit(output, asdict(infos[0]), "\n".join(f"{k}: {v}" for k, v in asdict(infos[0]).items()))
+        return 0
+    rows = [
+        [x.namespace, x.session_id, x.state + (f" ({x.tool})" if x.tool else ""), "yes" if x.inferred else "no",
+         x.turns, f"{x.held_blocks}/{x.chain_blocks}", f"{x.idle_s:.0f}s"]
+        for x in infos
+    ]
+    _emit(output, [asdict(x) for x in infos],
+          _table(rows, ["NAMESPACE", "SESSION", "STATE", "INFERRED", "TURNS", "HELD/CHAIN", "IDLE"]))
+    return 0
+
+
+def cmd_pin(client: Client, output: str, unpin: bool, namespace: str, session: str | None, hashes: list[int]) -> int:
+    if bool(session) == bool(hashes):
+        raise ValueError(f"{'unpin' if unpin else 'pin'}: give block hashes or --session, not both or neither")
+    result = (client.unpin if unpin else client.pin)(namespace, hashes, session_id=session)
+    verb = "unpinned" if unpin else "pinned"
+    missing = "not pinned" if unpin else "not held"
+    _emit(output, asdict(result), f"{result.changed} blocks {verb} ({result.not_held} {missing}); {result.pinned} pinned in all")
+    return 0
+
+
+def cmd_policy(client: Client, output: str, action: str, name: str | None) -> int:
+    if action == "get":
+        if name:
+            raise ValueError("policy get takes no name")
+        policy, available = client.policy()
+    else:
+        if not name:
+            raise ValueError("policy set: give a policy name")
+        client.set_policy(name)
+        policy, available = client.policy()
+    _emit(output, {"policy": policy, "available": available}, policy)
+    return 0
+
+
+def cmd_drain(client: Client, output: str, wait: float, exit: bool) -> int:
+    if wait <= 0:
+        raise ValueError("drain: --wait must be positive")
+    r = client.drain(wait, exit)
+    text = f"drained: {r.written} blocks written to NVMe, {r.pending} pending, {r.leases} leases open"
+    _emit(output, asdict(r), text + ("; exiting" if r.exiting else "; resume with `kvctl resume`"))
+    return 1 if r.pending or r.leases else 0
+
+
+def cmd_resume(client: Client, output: str) -> int:
+    was = client.resume()
+    _emit(output, {"was_draining": was}, "serving" if was else "serving (was not drained)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     address = args.addr or default_address()
+    token = args.token or os.environ.get("KVD_TOKEN") or None
     try:
-        if args.command == "health":
-            with grpc.insecure_channel(grpc_target(address)) as channel:
-                return cmd_health(channel, args.output, args.service, args.liveness, args.timeout)
-        with Client(address, shared_memory=False, timeout=args.timeout) as client:
-            client.wait_ready(args.timeout)
-            if args.command == "status":
-                return cmd_status(client, args.output)
-            if args.command == "blocks":
-                return cmd_blocks(client, args.output, args.namespace, args.limit)
-            if args.command == "check":
-                return cmd_check(client, args.output)
-        with grpc.insecure_channel(grpc_target(address)) as channel:
-            if args.command == "watch":
+        if args.tls_ca or args.tls_cert or args.tls_key:
+            tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
+        else:
+            tls = TlsFiles.from_env()
+        if args.command in ("health", "watch"):
+            raw, channel = open_channel(address, token=token, tls=tls)
+            with contextlib.closing(raw):
+                if args.command == "health":
+                    return cmd_health(channel, args.output, args.service, args.liveness, args.timeout)
                 return cmd_watch(channel, args.output, args.namespace, args.from_seq, args.count)
-            return cmd_evict(channel, args.output, args.namespace, args.timeout)
+        with Client(address, shared_memory=False, timeout=args.timeout, token=token, tls=tls) as client:
+            client.wait_ready(args.timeout)
+            return _run(client, args)
     except ClientError as exc:
         print(f"kvctl: {exc.code.name.lower()}: {exc.details}", file=sys.stderr)
         return 1
@@ -252,6 +375,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
+    command, output = args.command, args.output
+    if command == "status":
+        return cmd_status(client, output)
+    if command == "blocks":
+        return cmd_blocks(client, output, args.namespace, args.limit)
+    if command == "check":
+        return cmd_check(client, output)
+    if command == "evict":
+        return cmd_evict(client, output, args.namespace, args.session, args.all)
+    if command == "sessions":
+        return cmd_sessions(client, output, args.action, args.session, args.namespace)
+    if command in ("pin", "unpin"):
+        return cmd_pin(client, output, command == "unpin", args.namespace, args.session, args.hashes)
+    if command == "policy":
+        return cmd_policy(client, output, args.action, args.name)
+    if command == "drain":
+        return cmd_drain(client, output, args.wait, args.exit)
+    return cmd_resume(client, output)
 
 
 if __name__ == "__main__":

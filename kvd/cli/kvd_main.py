@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-events-replay", metavar="ENDPOINT", help="replay ROUTER socket, e.g. tcp://*:5558")
     serve.add_argument("--kv-events-buffer", type=int, help="messages kept for replay (default 10000)")
     serve.add_argument("--kv-events-pod", metavar="ID", help="the pod of topic kv@POD@NAMESPACE (default: the host name)")
+    serve.add_argument(
+        "--drain-seconds", type=float,
+        help="on SIGTERM, how long leases may finish and kept blocks go to NVMe before exit (default 25)",
+    )
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
     serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -129,6 +133,7 @@ SERVE_FLAGS = (
     "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
     "lease_seconds", "slab_bytes",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
+    "drain_seconds",
 )
 
 

@@ -1,11 +1,15 @@
 """The Python client of a kvd daemon: ``kvd.client.Client(address)``."""
 
+from kvd.client.channel import TlsFiles
 from kvd.client.client import (
     BlockInfo,
     Client,
     ClientError,
+    DrainResult,
     NamespaceInfo,
+    PinResult,
     Score,
+    SessionInfo,
     Snapshot,
     Status,
     TierInfo,
@@ -18,11 +22,15 @@ __all__ = [
     "BlockInfo",
     "Client",
     "ClientError",
+    "DrainResult",
     "NamespaceInfo",
+    "PinResult",
     "Score",
+    "SessionInfo",
     "Snapshot",
     "Status",
     "TierInfo",
+    "TlsFiles",
     "ViewEvent",
     "WatchBatch",
     "default_address",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from kvd.client.channel import TlsFiles, open_channel
 from kvd.tiers.dram import ArenaMapping, open_arena
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
@@ -77,6 +78,38 @@ class Status:
     write_behind_queue: int
     recovered_blocks: int
     dropped_on_recovery: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as the daemon sees it; seconds on the daemon's clock."""
+
+    namespace: str
+    session_id: str
+    state: str  # active, idle, tool_pause, ended
+    inferred: bool  # kvd inferred it from chains (no hint named it)
+    turns: int
+    chain_blocks: int
+    held_blocks: int
+    tool: str | None
+    expected_pause_s: float | None
+    idle_s: float
+    paused_s: float | None  # tool_pause only
+
+
+@dataclass(frozen=True)
+class PinResult:
+    changed: int  # blocks pinned (or unpinned) by the call
+    not_held: int  # hashes not held (pin) or not pinned (unpin)
+    pinned: int  # blocks pinned in all afterwards
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    written: int  # blocks written to NVMe by the drain
+    pending: int  # kept blocks still without an NVMe copy
+    leases: int  # leases still open when it returned
+    exiting: bool
 
 
 @dataclass(frozen=True)
@@ -166,18 +199,6 @@ def default_address() -> str:
     return os.environ.get("KVD_ADDR") or f"unix://{os.path.abspath(DEFAULT_SOCKET)}"
 
 
-def grpc_target(address: str) -> str:
-    """``unix:///abs/path``, ``unix:rel/path``, a bare path, or ``host:port`` -> a gRPC target."""
-    if address.startswith("unix:"):
-        return address
-    if address.startswith(("/", "./", "../")):
-        return f"unix://{os.path.abspath(address)}"
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is neither unix:///path nor host:port")
-    return address
-
-
 def _u64(values: Sequence[int], what: str) -> list[int]:
     out = list(values)
     for v in out:
@@ -197,8 +218,12 @@ class Client:
         timeout: float = 60.0,
         batch_bytes: int = 64 << 20,
         pipeline_depth: int = 2,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
-        """``shared_memory``: None tries the arena and falls back to inline; True requires it."""
+        """``shared_memory``: None tries the arena and falls back to inline; True requires it.
+        ``token``: the daemon's admin bearer token (Admin calls over TCP need it); ``tls``:
+        CA and optional client certificate for a daemon serving TCP with TLS."""
         self.address = address or default_address()
         self.timeout = timeout
         self.batch_bytes = batch_bytes
@@ -209,7 +234,7 @@ class Client:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self._channel = grpc.insecure_channel(grpc_target(self.address), options=options)
+        self._raw_channel, self._channel = open_channel(self.address, token=token, tls=tls, options=options)
         self._engine = engine_pb2_grpc.EngineStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._view = view_pb2_grpc.ViewStub(self._channel)
@@ -223,7 +248,7 @@ class Client:
         if self._arena is not None:
             self._arena.close()
             self._arena = None
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -234,7 +259,7 @@ class Client:
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the daemon answers; ClientError(UNAVAILABLE) after ``timeout`` seconds."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise ClientError(grpc.StatusCode.UNAVAILABLE, f"no kvd daemon answers at {self.address}") from None
 
@@ -435,6 +460,60 @@ class Client:
         """Wait until every committed block has a durable NVMe copy; returns blocks still pending."""
         req = admin_pb2.SyncRequest(timeout_s=timeout_s)
         return self._call(self._admin.Sync, req, timeout=timeout_s + self.timeout).pending
+
+    # -- operator API (kvctl) ---------------------------------------------------------------
+    def evict(
+        self, namespace: str | None = None, session_id: str | None = None, all: bool = False
+    ) -> tuple[int, int]:
+        """Drop a session's own blocks (``namespace`` + ``session_id``), a namespace's, or
+        ``all``; (removed, still held because in use)."""
+        req = admin_pb2.EvictRequest(namespace=namespace or "", session_id=session_id or "", all=all)
+        r = self._call(self._admin.Evict, req)
+        return r.removed, r.remaining
+
+    def pin(self, namespace: str, hashes: Sequence[int] = (), session_id: str | None = None) -> PinResult:
+        """Keep held blocks in place whatever the policy says: ``hashes``, or a session's chain."""
+        req = admin_pb2.PinRequest(namespace=namespace, hashes=_u64(hashes, "hashes"), session_id=session_id or "")
+        r = self._call(self._admin.Pin, req)
+        return PinResult(r.changed, r.not_held, r.pinned)
+
+    def unpin(self, namespace: str, hashes: Sequence[int] = (), session_id: str | None = None) -> PinResult:
+        """Let the policy decide about these blocks again (``not_held``: were not pinned)."""
+        req = admin_pb2.PinRequest(namespace=namespace, hashes=_u64(hashes, "hashes"), session_id=session_id or "")
+        r = self._call(self._admin.Unpin, req)
+        return PinResult(r.changed, r.not_held, r.pinned)
+
+    def sessions(self, namespace: str | None = None, session_id: str | None = None) -> list[SessionInfo]:
+        """Sessions the daemon knows, most recently active first (one, with ``session_id``)."""
+        req = admin_pb2.ListSessionsRequest(namespace=namespace or "", session_id=session_id or "")
+        return [
+            SessionInfo(
+                x.namespace, x.session_id, x.state, x.inferred, x.turns, x.chain_blocks, x.held_blocks,
+                x.tool or None, x.expected_pause_s if x.HasField("expected_pause_s") else None, x.idle_s,
+                x.paused_s if x.state == "tool_pause" else None,
+            )
+            for x in self._call(self._admin.ListSessions, req).sessions
+        ]
+
+    def policy(self) -> tuple[str, list[str]]:
+        """(the retention policy in use, the policies the daemon can switch to)."""
+        r = self._call(self._admin.GetPolicy, admin_pb2.GetPolicyRequest())
+        return r.policy, list(r.available)
+
+    def set_policy(self, name: str) -> str:
+        """Switch the retention policy at run time; returns the policy now in use."""
+        return self._call(self._admin.SetPolicy, admin_pb2.SetPolicyRequest(policy=name)).policy
+
+    def drain(self, timeout_s: float = 60.0, exit: bool = False) -> DrainResult:
+        """Stop new stores and loads, let leases finish, write kept blocks to NVMe; with
+        ``exit`` the daemon then exits 0 (as on SIGTERM), else it stays drained until resume()."""
+        req = admin_pb2.DrainRequest(timeout_s=timeout_s, exit=exit)
+        r = self._call(self._admin.Drain, req, timeout=timeout_s + self.timeout)
+        return DrainResult(r.written, r.pending, r.leases, r.exiting)
+
+    def resume(self) -> bool:
+        """Serve again after drain(); True when the daemon was draining."""
+        return self._call(self._admin.Resume, admin_pb2.ResumeRequest()).was_draining
 
     # -- internals ------------------------------------------------------------------------
     def _call(self, method, request, timeout: float | None = None):

@@ -39,3 +39,9 @@ class SessionStateError(KvdError):
     """A session event that the session's state does not allow (e.g. resume when not paused)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Unavailable(KvdError):
+    """The daemon is draining: it takes no new stores or loads until resumed or restarted."""
+
+    code = "UNAVAILABLE"

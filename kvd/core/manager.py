@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvd.core.catalog import BlockRecord, Copy, Namespace
-from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
+from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace, UnknownSession
 from kvd.core.events import Event, EventLog
 from kvd.core.sessions import SESSION_EVENTS, Session, SessionTable
 from kvd.policies import Policy
@@ -191,6 +191,8 @@ class KvCore:
         self._write_behind: deque[BlockRecord] = deque()
         self._quarantine: deque[tuple[float, Slot]] = deque()  # (release time, DRAM slot)
         self._promoting: dict[int, Transfer] = {}  # id(DRAM copy being promoted) -> transfer
+        self._pinned: set[tuple[str, int]] = set()  # held blocks no policy may evict or demote
+        self._draining = False  # write every kept DRAM block down, write-behind or not
 
     # -- namespaces -----------------------------------------------------------------------
     def check_geometry(self, name: str, block_tokens: int, block_bytes: int) -> bool:
@@ -247,13 +249,104 @@ class KvCore:
         block is left. The namespace and its geometry stay registered.
         """
         ns = self.namespace(name)
-        for record in list(ns.blocks.values()):
-            for tier, copy in list(record.copies.items()):
-                if copy.ready and not copy.readers:
-                    self._drop_copy(ns, record, tier, copy, reason="cleared")
+        self._drop_unread(ns, list(ns.blocks.values()), "cleared")
         if not ns.blocks:
             self.events.cleared(name, self.clock())
         return len(ns.blocks)
+
+    # -- operator actions -----------------------------------------------------------------
+    def evict_session(self, namespace: str, session_id: str) -> tuple[int, int]:
+        """Drop the blocks only ``session_id`` holds (not a shared prefix, not a block in
+        another live session's chain) from every tier. Returns (blocks removed, blocks left
+        because a transfer or a load uses them). Raises UnknownNamespace, UnknownSession."""
+        ns = self.namespace(namespace)
+        session = self.sessions.get(namespace, session_id)
+        if session is None:
+            raise UnknownSession(f"session {session_id!r} of {namespace!r} is unknown")
+        records = []
+        for h in dict.fromkeys(session.chain):
+            record = ns.blocks.get(h)
+            if record is not None and self.sessions.owner(record.key) is session:
+                if not self.sessions.is_shared(record.key):
+                    records.append(record)
+        remaining = self._drop_unread(ns, records, "evicted_by_operator")
+        return len(records) - remaining, remaining
+
+    def evict_all(self) -> tuple[int, int]:
+        """Drop every block of every namespace (as :meth:`clear_namespace` each).
+        Returns (blocks removed, blocks left because a transfer or a load uses them)."""
+        removed = remaining = 0
+        for ns in self.namespaces():
+            before = len(ns.blocks)
+            left = self.clear_namespace(ns.name)
+            removed, remaining = removed + before - left, remaining + left
+        return removed, remaining
+
+    def pin(self, namespace: str, hashes: Sequence[int]) -> tuple[int, int]:
+        """Keep the held blocks among ``hashes`` where they are: no tier evicts or demotes a
+        pinned copy, whatever the policy says (an operator's evict still drops it). Returns
+        (blocks newly pinned, hashes not held). Raises UnknownNamespace, InvalidArgument."""
+        ns = self.namespace(namespace)
+        self._check_hash_count(hashes)
+        changed = missing = 0
+        for h in hashes:
+            record = ns.blocks.get(h)
+            if record is None or record.fastest_ready() is None:
+                missing += 1
+            elif record.key not in self._pinned:
+                self._pinned.add(record.key)
+                changed += 1
+        return changed, missing
+
+    def unpin(self, namespace: str, hashes: Sequence[int]) -> tuple[int, int]:
+        """Let the policy decide about ``hashes`` again. Returns (blocks unpinned, hashes
+        that were not pinned)."""
+        self.namespace(namespace)
+        self._check_hash_count(hashes)
+        changed = 0
+        for h in set(hashes):
+            if (namespace, h) in self._pinned:
+                self._pinned.discard((namespace, h))
+                changed += 1
+        return changed, len(set(hashes)) - changed
+
+    @property
+    def pinned_count(self) -> int:
+        return len(self._pinned)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Hand every held copy to ``policy`` and decide with it from now on. Each tier's
+        copies enter least valuable first by the old policy, so a recency policy keeps
+        their order; the new policy then hears of every known session."""
+        now = self.clock()
+        for tier in self.tiers:
+            # on_stored takes a chain root first and touches it leaf first: hand the most
+            # valuable first so that the least valuable is the least recent.
+            keys = list(self.policy.victims(tier, now))[::-1]
+            if keys:
+                policy.on_stored(tier, keys, now)
+        policy.on_sessions(self.sessions.sessions(), [], set(), now)
+        self.policy = policy
+
+    def start_drain(self) -> int:
+        """Queue every held DRAM block without an NVMe copy for writing down, with or
+        without write-behind (the policy's ``worth_demoting`` still filters, at planning);
+        stores made while draining are queued too. Returns the blocks queued."""
+        self._draining = True
+        if not self._writes_behind:
+            return 0
+        queued = 0
+        for ns in self.namespaces():
+            for record in ns.blocks.values():
+                dram = record.copies.get("dram")
+                if dram is not None and dram.ready and "nvme" not in record.copies:
+                    self._write_behind.append(record)
+                    queued += 1
+        return queued
+
+    def stop_drain(self) -> None:
+        """Back to the configured write-behind (what is queued still goes down)."""
+        self._draining = False
 
     # -- lookup ---------------------------------------------------------------------------
     def lookup(self, namespace: str, hashes: Sequence[int], session_id: str | None = None) -> list[str]:
@@ -655,7 +748,7 @@ class KvCore:
     @property
     def _writes_behind(self) -> bool:
         # With an HBM tier on top, blocks reach NVMe by demotion through DRAM instead.
-        return self.config.write_behind and self.top == "dram" and "nvme" in self.spaces
+        return (self.config.write_behind or self._draining) and self.top == "dram" and "nvme" in self.spaces
 
     def plan_write_behind(self, max_blocks: int) -> list[Transfer]:
         """Up to ``max_blocks`` transfers copying committed DRAM blocks down to NVMe
@@ -829,11 +922,20 @@ class KvCore:
         for copy_id, count in readers.items():
             if expected.get(copy_id, 0) != count:
                 problems.append(f"a copy has {count} readers, leases and transfers account for {expected.get(copy_id, 0)}")
+        live = {(ns.name, h) for ns in self._namespaces.values() for h in ns.blocks}
+        if self._pinned - live:
+            problems.append(f"{len(self._pinned - live)} pinned keys name no held block")
         problems += self.policy.check(held)
         problems += self.sessions.check()
         return problems
 
     # -- internals ------------------------------------------------------------------------
+    def _check_hash_count(self, hashes: Sequence[int]) -> None:
+        if not hashes:
+            raise InvalidArgument("no hashes given")
+        if len(hashes) > self.config.max_lookup_hashes:
+            raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per call")
+
     def _validate_blocks(self, ns: Namespace, blocks: Sequence[BlockSpec]) -> None:
         if not blocks:
             raise InvalidArgument("no blocks given")
@@ -917,7 +1019,7 @@ class KvCore:
         for key in self.policy.victims(tier, now):
             record = self._record(key)
             copy = record.copies.get(tier) if record is not None else None
-            if record is None or copy is None or not copy.ready or copy.readers:
+            if record is None or copy is None or not copy.ready or copy.readers or key in self._pinned:
                 continue
             if max_priority is not None and self.policy.priority(key, tier, now) > max_priority:
                 break
@@ -1014,7 +1116,19 @@ class KvCore:
             )
         if not record.copies:
             del ns.blocks[record.hash]
+            self._pinned.discard(record.key)
         ns.refresh(record)
+
+    def _drop_unread(self, ns: Namespace, records: Iterable[BlockRecord], reason: str) -> int:
+        """Drop every readable copy of ``records`` that nothing reads; returns how many of
+        them are left (a copy being written, read or moved stays until that ends)."""
+        left = 0
+        for record in records:
+            for tier, copy in list(record.copies.items()):
+                if copy.ready and not copy.readers:
+                    self._drop_copy(ns, record, tier, copy, reason=reason)
+            left += 1 if record.copies else 0
+        return left
 
     def _undo_store_items(self, ns: Namespace, items: list[tuple[BlockRecord, Copy] | None]) -> None:
         for item in items:

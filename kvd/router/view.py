@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvd.client import Client, ClientError
-from kvd.client.client import grpc_target
+from kvd.client.channel import grpc_target
 from kvd.router.index import BlockIndex, MemoryIndex
 from kvd.tiers import TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc

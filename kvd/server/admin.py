@@ -1,19 +1,32 @@
-"""The Admin gRPC service (kvctl): status, paged block listing, invariant check, sync, clear."""
+"""The Admin gRPC service (kvctl): status, paged block listing, invariant check, sync,
+eviction, pinning, sessions, the policy, drain."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from kvd import __version__
-from kvd.core.errors import InvalidArgument
+from kvd.core.errors import InvalidArgument, UnknownSession
+from kvd.policies import DAEMON_POLICIES, make_policy
 from kvd.server.codec import block_key
+from kvd.server.drain import DrainResult
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, unary_rpc
 from kvd.tiers import TIER_CODES
 from kvd.v1 import admin_pb2, admin_pb2_grpc
 
 
+class DaemonControl(Protocol):
+    """What Admin may ask of the running daemon beyond its state."""
+
+    async def drain(self, timeout_s: float, exit: bool) -> DrainResult: ...
+    async def resume(self) -> bool: ...
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, state: DaemonState) -> None:
+    def __init__(self, state: DaemonState, control: DaemonControl) -> None:
         self.s = state
+        self.control = control
 
     @unary_rpc
     async def Status(self, request, context):
@@ -81,15 +94,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Sync(self, request, context):
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
-        deadline = self.s.clock() + (request.timeout_s or 60.0)
-        mover = self.s.mover
-        mover.syncs_waiting += 1
-        try:
-            while self.s.core.write_behind_pending and self.s.clock() < deadline:
-                await mover.wait_progress(mover.batches_done, max(0.0, deadline - self.s.clock()))
-        finally:
-            mover.syncs_waiting -= 1
-        return admin_pb2.SyncResponse(pending=self.s.core.write_behind_pending)
+        pending = await self.s.mover.flush(request.timeout_s or 60.0)
+        return admin_pb2.SyncResponse(pending=pending)
 
     @unary_rpc
     async def ClearNamespace(self, request, context):
@@ -98,3 +104,112 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         before = len(self.s.core.namespace(request.namespace).blocks)  # NOT_FOUND if unknown
         remaining = self.s.core.clear_namespace(request.namespace)
         return admin_pb2.ClearNamespaceResponse(removed=before - remaining, remaining=remaining)
+
+    @unary_rpc
+    async def Evict(self, request, context):
+        core = self.s.core
+        if request.all:
+            if request.namespace or request.session_id:
+                raise InvalidArgument("evict all takes no namespace or session")
+            removed, remaining = core.evict_all()
+        elif request.session_id:
+            if not request.namespace:
+                raise InvalidArgument("evicting a session needs its namespace")
+            removed, remaining = core.evict_session(request.namespace, request.session_id)
+        elif request.namespace:
+            before = len(core.namespace(request.namespace).blocks)
+            remaining = core.clear_namespace(request.namespace)
+            removed = before - remaining
+        else:
+            raise InvalidArgument("evict needs a session, a namespace or all")
+        return admin_pb2.EvictResponse(removed=removed, remaining=remaining)
+
+    def _pin_hashes(self, request) -> list[int]:
+        if request.session_id and request.hashes:
+            raise InvalidArgument("pin either hashes or a session, not both")
+        if not request.session_id:
+            return list(request.hashes)
+        self.s.core.namespace(request.namespace)  # NOT_FOUND for an unknown namespace first
+        session = self.s.core.sessions.get(request.namespace, request.session_id)
+        if session is None:
+            raise UnknownSession(f"session {request.session_id!r} of {request.namespace!r} is unknown")
+        if not session.chain:
+            raise InvalidArgument(f"session {request.session_id!r} has no blocks yet")
+        return list(dict.fromkeys(session.chain))
+
+    @unary_rpc
+    async def Pin(self, request, context):
+        changed, not_held = self.s.core.pin(request.namespace, self._pin_hashes(request))
+        return admin_pb2.PinResponse(changed=changed, not_held=not_held, pinned=self.s.core.pinned_count)
+
+    @unary_rpc
+    async def Unpin(self, request, context):
+        changed, not_pinned = self.s.core.unpin(request.namespace, self._pin_hashes(request))
+        return admin_pb2.PinResponse(changed=changed, not_held=not_pinned, pinned=self.s.core.pinned_count)
+
+    @unary_rpc
+    async def ListSessions(self, request, context):
+        core = self.s.core
+        if request.namespace:
+            core.namespace(request.namespace)
+        if request.session_id and not request.namespace:
+            raise InvalidArgument("a session id needs its namespace")
+        now = self.s.clock()
+        sessions = [
+            x
+            for x in core.sessions.sessions()
+            if (not request.namespace or x.namespace == request.namespace)
+            and (not request.session_id or x.id == request.session_id)
+        ]
+        if request.session_id and not sessions:
+            raise UnknownSession(f"session {request.session_id!r} of {request.namespace!r} is unknown")
+        sessions.sort(key=lambda x: x.last_active, reverse=True)
+        out = []
+        for x in sessions:
+            ns = core.namespace(x.namespace)
+            chain = dict.fromkeys(x.chain)
+            held = sum(1 for h in chain if h in ns.visible)
+            out.append(
+                admin_pb2.SessionInfo(
+                    namespace=x.namespace,
+                    session_id=x.id,
+                    state=x.state,
+                    inferred=x.inferred,
+                    turns=x.turns,
+                    chain_blocks=len(chain),
+                    held_blocks=held,
+                    tool=x.tool or "",
+                    expected_pause_s=x.expected_pause_s,
+                    idle_s=max(0.0, now - x.last_active),
+                    paused_s=max(0.0, now - x.paused_at) if x.paused_at is not None else 0.0,
+                )
+            )
+        return admin_pb2.ListSessionsResponse(sessions=out)
+
+    @unary_rpc
+    async def GetPolicy(self, request, context):
+        return admin_pb2.GetPolicyResponse(policy=self.s.policy_name, available=list(DAEMON_POLICIES))
+
+    @unary_rpc
+    async def SetPolicy(self, request, context):
+        if request.policy not in DAEMON_POLICIES:
+            raise InvalidArgument(
+                f"policy {request.policy!r} cannot run in the daemon; available: {', '.join(DAEMON_POLICIES)}"
+            )
+        if request.policy != self.s.policy_name:
+            self.s.core.set_policy(make_policy(request.policy, self.s.core.sessions))
+            self.s.policy_name = request.policy
+        return admin_pb2.GetPolicyResponse(policy=self.s.policy_name, available=list(DAEMON_POLICIES))
+
+    @unary_rpc
+    async def Drain(self, request, context):
+        if request.timeout_s < 0:
+            raise InvalidArgument("timeout_s must not be negative")
+        result = await self.control.drain(request.timeout_s or 60.0, request.exit)
+        return admin_pb2.DrainResponse(
+            written=result.written, pending=result.pending, leases=result.leases, exiting=request.exit
+        )
+
+    @unary_rpc
+    async def Resume(self, request, context):
+        return admin_pb2.ResumeResponse(was_draining=await self.control.resume())

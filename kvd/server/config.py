@@ -35,6 +35,7 @@ class ServeConfig:
     kv_events_replay: str | None = None  # ZMQ endpoint of its replay ROUTER socket
     kv_events_buffer: int = 10_000  # published messages kept for replay
     kv_events_pod: str | None = None  # the <pod> of topic kv@<pod>@<namespace>; None: the host name
+    drain_seconds: float = 25.0  # SIGTERM: time for leases to finish and kept blocks to reach NVMe
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -48,6 +49,8 @@ class ServeConfig:
             raise ValueError("--lease-seconds must be positive")
         if self.event_buffer <= 0:
             raise ValueError("--event-buffer must be positive")
+        if self.drain_seconds < 0:
+            raise ValueError("--drain-seconds must not be negative")
         if self.io_threads <= 0:
             raise ValueError("--io-threads must be positive")
         for flag, endpoint in (("--kv-events", self.kv_events), ("--kv-events-replay", self.kv_events_replay)):

@@ -28,6 +28,7 @@ from kvd.policies import make_policy
 from kvd.server.admin import AdminService
 from kvd.server.codec import NAMESPACE_PREFIX, parse_block_key, parse_block_meta, parse_namespace
 from kvd.server.config import ServeConfig
+from kvd.server.drain import DrainResult, ShuttingDown, drain, resume
 from kvd.server.engine import EngineService
 from kvd.server.metrics import DaemonMetrics
 from kvd.server.mover import Mover
@@ -137,6 +138,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self._tasks: list[asyncio.Task] = []
+        self.stopping = asyncio.Event()  # set by SIGTERM/SIGINT or a drain with exit
 
     async def start(self) -> None:
         state = self.state
@@ -164,7 +166,7 @@ class Daemon:
         interceptors = [state.metrics.interceptor()] if state.metrics is not None else None
         server = grpc.aio.server(options=options, interceptors=interceptors)
         engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, self), server)
         view = ViewService(state, self.config.dram_to_hbm_gbps, self.config.nvme_to_dram_gbps)
         view_pb2_grpc.add_ViewServicer_to_server(view, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -218,6 +220,30 @@ class Daemon:
         for name in ("", *SERVICES):
             await self.health.set(name, status)
 
+    async def drain(self, timeout_s: float, exit: bool) -> DrainResult:
+        """Health NOT_SERVING, then :func:`kvd.server.drain.drain`; with ``exit`` the daemon
+        then stops as on SIGTERM (after this call's reply went out)."""
+        await self.set_serving(False)
+        result = await drain(self.state, timeout_s)
+        if exit:
+            self.stopping.set()
+        return result
+
+    async def resume(self) -> bool:
+        """Serve again after a drain without exit; FAILED_PRECONDITION once stopping."""
+        if self.stopping.is_set():
+            raise ShuttingDown("kvd is shutting down; it cannot resume")
+        was = resume(self.state)
+        await self.set_serving(True)
+        return was
+
+    async def shutdown(self) -> None:
+        """SIGTERM: drain within ``drain_seconds``, then stop."""
+        log.info("stopping: draining for up to %.0f s", self.config.drain_seconds)
+        await self.set_serving(False)
+        await drain(self.state, self.config.drain_seconds)
+        await self.stop()
+
     async def stop(self, grace_s: float = 5.0) -> None:
         # NOT_SERVING for good: a set_serving(True) racing the shutdown cannot undo it.
         await self.health.enter_graceful_shutdown()
@@ -250,14 +276,12 @@ class Daemon:
 
 async def serve_async(config: ServeConfig) -> None:
     daemon = Daemon(config)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, daemon.stopping.set)
     await daemon.start()
-    await stop.wait()
-    log.info("stopping")
-    await daemon.stop()
+    await daemon.stopping.wait()
+    await daemon.shutdown()
 
 
 def serve(config: ServeConfig) -> None:

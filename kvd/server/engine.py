@@ -85,6 +85,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         self, namespace: str, specs: list[BlockSpec], lease_seconds: float, session_id: str | None = None
     ) -> StoreGrant:
         """PrepareStore, waiting (bounded) while the mover makes room."""
+        self.s.require_serving()
         return await self._with_room(
             lambda: self.s.core.prepare_store(namespace, specs, lease_seconds, session_id=session_id)
         )
@@ -128,6 +129,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         The promotions run in a task of their own that a cancelled request does not cancel:
         every transfer the core planned is reported back, whatever happens to the caller.
         """
+        self.s.require_serving()
         grant = await self._with_room(lambda: self.s.core.prepare_load(namespace, hashes, lease_seconds))
         if self.s.metrics is not None:
             self.s.metrics.loaded(namespace, hashes, grant.found)

@@ -108,6 +108,18 @@ class Mover:
                 return False
         return True
 
+    async def flush(self, timeout: float) -> int:
+        """Write down everything write-behind has queued, without waiting for traffic to
+        pause, for up to ``timeout`` seconds. Returns the blocks still pending."""
+        deadline = self.clock() + timeout
+        self.syncs_waiting += 1
+        try:
+            while self.core.write_behind_pending and self.clock() < deadline:
+                await self.wait_progress(self.batches_done, max(0.0, deadline - self.clock()))
+        finally:
+            self.syncs_waiting -= 1
+        return self.core.write_behind_pending
+
     async def _run(self) -> None:
         """Keep up to ``max_inflight`` batches moving: the disk stays busy while a batch's
         fdatasync and manifest sync run, and requests waiting for room see each batch land."""

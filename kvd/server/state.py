@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kvd.core.errors import KvdError
+from kvd.core.errors import KvdError, Unavailable
 from kvd.core.eventbuffer import EventBuffer
 from kvd.core.events import BlockRemoved
 from kvd.core.manager import KvCore
@@ -35,6 +35,7 @@ STATUS = {
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "INTERNAL": grpc.StatusCode.INTERNAL,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -56,11 +57,16 @@ class DaemonState:
     watch_cursors: dict[object, int] = field(default_factory=dict)  # open Watch stream -> next seq it sends
     epoch: bytes = field(default_factory=lambda: secrets.token_bytes(8))  # per daemon start
     unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
+    draining: bool = False  # stores and loads are refused (UNAVAILABLE) until resumed
     _events_changed: asyncio.Event | None = field(default=None, init=False)
+    _core_changed: asyncio.Event | None = field(default=None, init=False)
 
     def after_core(self) -> None:
         """Apply the mechanism effects of the core's new events, publish them to the
         Watch buffer (and the ZMQ publisher), then wake the mover."""
+        if self._core_changed is not None:
+            self._core_changed.set()
+            self._core_changed = None
         events = self.core.take_events()
         if events and self.events is not None:
             self.events.extend(events)
@@ -85,6 +91,17 @@ class DaemonState:
         if self._events_changed is None:
             self._events_changed = asyncio.Event()
         return self._events_changed
+
+    def core_changed(self) -> asyncio.Event:
+        """An event set after the next core call (a fresh one after each)."""
+        if self._core_changed is None:
+            self._core_changed = asyncio.Event()
+        return self._core_changed
+
+    def require_serving(self) -> None:
+        """Raise Unavailable while draining: no new store or load may start."""
+        if self.draining:
+            raise Unavailable("kvd is draining: it takes no new stores or loads (kvctl drain, or shutting down)")
 
     def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
         """Persist a new namespace's geometry first, then make it live: a namespace that

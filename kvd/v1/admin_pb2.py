@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvd.v1 import types_pb2 as kvd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvd/v1/admin.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"\x0f\n\rStatusRequest\"\x89\x01\n\nTierStatus\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x10\n\x08location\x18\x05 \x01(\t\x12\x11\n\tdirect_io\x18\x06 \x01(\x08\"_\n\x0fNamespaceStatus\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\"\xf6\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12!\n\x05tiers\x18\x04 \x03(\x0b\x32\x12.kvd.v1.TierStatus\x12+\n\nnamespaces\x18\x05 \x03(\x0b\x32\x17.kvd.v1.NamespaceStatus\x12\x0e\n\x06leases\x18\x06 \x01(\r\x12\x1a\n\x12write_behind_queue\x18\x07 \x01(\x04\x12\x18\n\x10recovered_blocks\x18\x08 \x01(\x04\x12\x1b\n\x13\x64ropped_on_recovery\x18\t \x01(\x04\"M\n\x11ListBlocksRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListBlocksResponse\x12!\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x11.kvd.v1.BlockInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0e\n\x0c\x43heckRequest\"-\n\rCheckResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\" \n\x0bSyncRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"\x1f\n\x0cSyncResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x04\"*\n\x15\x43learNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"<\n\x16\x43learNamespaceResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x32\xbf\x02\n\x05\x41\x64min\x12\x37\n\x06Status\x12\x15.kvd.v1.StatusRequest\x1a\x16.kvd.v1.StatusResponse\x12\x43\n\nListBlocks\x12\x19.kvd.v1.ListBlocksRequest\x1a\x1a.kvd.v1.ListBlocksResponse\x12\x34\n\x05\x43heck\x12\x14.kvd.v1.CheckRequest\x1a\x15.kvd.v1.CheckResponse\x12\x31\n\x04Sync\x12\x13.kvd.v1.SyncRequest\x1a\x14.kvd.v1.SyncResponse\x12O\n\x0e\x43learNamespace\x12\x1d.kvd.v1.ClearNamespaceRequest\x1a\x1e.kvd.v1.ClearNamespaceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvd/v1/admin.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"\x0f\n\rStatusRequest\"\x89\x01\n\nTierStatus\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x10\n\x08location\x18\x05 \x01(\t\x12\x11\n\tdirect_io\x18\x06 \x01(\x08\"_\n\x0fNamespaceStatus\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\"\xf6\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12!\n\x05tiers\x18\x04 \x03(\x0b\x32\x12.kvd.v1.TierStatus\x12+\n\nnamespaces\x18\x05 \x03(\x0b\x32\x17.kvd.v1.NamespaceStatus\x12\x0e\n\x06leases\x18\x06 \x01(\r\x12\x1a\n\x12write_behind_queue\x18\x07 \x01(\x04\x12\x18\n\x10recovered_blocks\x18\x08 \x01(\x04\x12\x1b\n\x13\x64ropped_on_recovery\x18\t \x01(\x04\"M\n\x11ListBlocksRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x12ListBlocksResponse\x12!\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x11.kvd.v1.BlockInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0e\n\x0c\x43heckRequest\"-\n\rCheckResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\" \n\x0bSyncRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"\x1f\n\x0cSyncResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x04\"*\n\x15\x43learNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"<\n\x16\x43learNamespaceResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\"B\n\x0c\x45victRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"3\n\rEvictResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\"C\n\nPinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"@\n\x0bPinResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x04\x12\x10\n\x08not_held\x18\x02 \x01(\x04\x12\x0e\n\x06pinned\x18\x03 \x01(\x04\"<\n\x13ListSessionsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xf3\x01\n\x0bSessionInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08inferred\x18\x04 \x01(\x08\x12\r\n\x05turns\x18\x05 \x01(\r\x12\x14\n\x0c\x63hain_blocks\x18\x06 \x01(\x04\x12\x13\n\x0bheld_blocks\x18\x07 \x01(\x04\x12\x0c\n\x04tool\x18\x08 \x01(\t\x12\x1d\n\x10\x65xpected_pause_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06idle_s\x18\n \x01(\x01\x12\x10\n\x08paused_s\x18\x0b \x01(\x01\x42\x13\n\x11_expected_pause_s\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.kvd.v1.SessionInfo\"\x12\n\x10GetPolicyRequest\"6\n\x11GetPolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x03(\t\"\"\n\x10SetPolicyRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\"/\n\x0c\x44rainRequest\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\x12\x0c\n\x04\x65xit\x18\x02 \x01(\x08\"R\n\rDrainResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\x12\x0f\n\x07pending\x18\x02 \x01(\x04\x12\x0e\n\x06leases\x18\x03 \x01(\r\x12\x0f\n\x07\x65xiting\x18\x04 \x01(\x08\"\x0f\n\rResumeRequest\"&\n\x0eResumeResponse\x12\x14\n\x0cwas_draining\x18\x01 \x01(\x08\x32\x95\x06\n\x05\x41\x64min\x12\x37\n\x06Status\x12\x15.kvd.v1.StatusRequest\x1a\x16.kvd.v1.StatusResponse\x12\x43\n\nListBlocks\x12\x19.kvd.v1.ListBlocksRequest\x1a\x1a.kvd.v1.ListBlocksResponse\x12\x34\n\x05\x43heck\x12\x14.kvd.v1.CheckRequest\x1a\x15.kvd.v1.CheckResponse\x12\x31\n\x04Sync\x12\x13.kvd.v1.SyncRequest\x1a\x14.kvd.v1.SyncResponse\x12O\n\x0e\x43learNamespace\x12\x1d.kvd.v1.ClearNamespaceRequest\x1a\x1e.kvd.v1.ClearNamespaceResponse\x12\x34\n\x05\x45vict\x12\x14.kvd.v1.EvictRequest\x1a\x15.kvd.v1.EvictResponse\x12.\n\x03Pin\x12\x12.kvd.v1.PinRequest\x1a\x13.kvd.v1.PinResponse\x12\x30\n\x05Unpin\x12\x12.kvd.v1.PinRequest\x1a\x13.kvd.v1.PinResponse\x12I\n\x0cListSessions\x12\x1b.kvd.v1.ListSessionsRequest\x1a\x1c.kvd.v1.ListSessionsResponse\x12@\n\tGetPolicy\x12\x18.kvd.v1.GetPolicyRequest\x1a\x19.kvd.v1.GetPolicyResponse\x12@\n\tSetPolicy\x12\x18.kvd.v1.SetPolicyRequest\x1a\x19.kvd.v1.GetPolicyResponse\x12\x34\n\x05\x44rain\x12\x14.kvd.v1.DrainRequest\x1a\x15.kvd.v1.DrainResponse\x12\x37\n\x06Resume\x12\x15.kvd.v1.ResumeRequest\x1a\x16.kvd.v1.ResumeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,6 +56,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLEARNAMESPACEREQUEST']._serialized_end=886
   _globals['_CLEARNAMESPACERESPONSE']._serialized_start=888
   _globals['_CLEARNAMESPACERESPONSE']._serialized_end=948
-  _globals['_ADMIN']._serialized_start=951
-  _globals['_ADMIN']._serialized_end=1270
+  _globals['_EVICTREQUEST']._serialized_start=950
+  _globals['_EVICTREQUEST']._serialized_end=1016
+  _globals['_EVICTRESPONSE']._serialized_start=1018
+  _globals['_EVICTRESPONSE']._serialized_end=1069
+  _globals['_PINREQUEST']._serialized_start=1071
+  _globals['_PINREQUEST']._serialized_end=1138
+  _globals['_PINRESPONSE']._serialized_start=1140
+  _globals['_PINRESPONSE']._serialized_end=1204
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1206
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1266
+  _globals['_SESSIONINFO']._serialized_start=1269
+  _globals['_SESSIONINFO']._serialized_end=1512
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1514
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1575
+  _globals['_GETPOLICYREQUEST']._serialized_start=1577
+  _globals['_GETPOLICYREQUEST']._serialized_end=1595
+  _globals['_GETPOLICYRESPONSE']._serialized_start=1597
+  _globals['_GETPOLICYRESPONSE']._serialized_end=1651
+  _globals['_SETPOLICYREQUEST']._serialized_start=1653
+  _globals['_SETPOLICYREQUEST']._serialized_end=1687
+  _globals['_DRAINREQUEST']._serialized_start=1689
+  _globals['_DRAINREQUEST']._serialized_end=1736
+  _globals['_DRAINRESPONSE']._serialized_start=1738
+  _globals['_DRAINRESPONSE']._serialized_end=1820
+  _globals['_RESUMEREQUEST']._serialized_start=1822
+  _globals['_RESUMEREQUEST']._serialized_end=1837
+  _globals['_RESUMERESPONSE']._serialized_start=1839
+  _globals['_RESUMERESPONSE']._serialized_end=1877
+  _globals['_ADMIN']._serialized_start=1880
+  _globals['_ADMIN']._serialized_end=2669
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,46 @@ class AdminStub:
                 request_serializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceRequest.SerializeToString,
                 response_deserializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/kvd.v1.Admin/Evict',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.EvictRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/kvd.v1.Admin/Pin',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/kvd.v1.Admin/Unpin',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/kvd.v1.Admin/ListSessions',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/kvd.v1.Admin/GetPolicy',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/kvd.v1.Admin/SetPolicy',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/kvd.v1.Admin/Drain',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/kvd.v1.Admin/Resume',
+                request_serializer=kvd_dot_v1_dot_admin__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=kvd_dot_v1_dot_admin__pb2.ResumeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -100,6 +140,68 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """Drop blocks from every tier: one session's own blocks (not those another live session
+        or a shared prefix holds), a namespace's, or all. NOT_FOUND for an unknown namespace or
+        session; INVALID_ARGUMENT unless exactly one scope is given.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pin(self, request, context):
+        """Keep blocks where they are, whatever the policy says, until unpinned (or evicted by an
+        operator). Only held blocks can be pinned; the others are counted as not held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Sessions the daemon knows (hinted or inferred), most recently active first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Switch the retention policy at run time; held blocks keep their relative order (the old
+        policy's least valuable stay the first victims). INVALID_ARGUMENT for an unknown policy
+        or one that cannot run in a daemon (belady).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Stop taking new stores and loads (UNAVAILABLE), report NOT_SERVING to health checks,
+        let leases in flight finish, write the blocks the policy wants kept to NVMe and sync
+        the manifest. With `exit` the daemon then exits 0, as on SIGTERM; without, it stays
+        drained until Resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Serve again after a Drain without `exit`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +229,46 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClearNamespace,
                     request_deserializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceRequest.FromString,
                     response_serializer=kvd_dot_v1_dot_admin__pb2.ClearNamespaceResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.EvictRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.EvictResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.PinRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.PinRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.PinResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.ListSessionsRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.GetPolicyRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.SetPolicyRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=kvd_dot_v1_dot_admin__pb2.ResumeRequest.FromString,
+                    response_serializer=kvd_dot_v1_dot_admin__pb2.ResumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +406,222 @@ class Admin:
             '/kvd.v1.Admin/ClearNamespace',
             kvd_dot_v1_dot_admin__pb2.ClearNamespaceRequest.SerializeToString,
             kvd_dot_v1_dot_admin__pb2.ClearNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/Evict',
+            kvd_dot_v1_dot_admin__pb2.EvictRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/Pin',
+            kvd_dot_v1_dot_admin__pb2.PinRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/Unpin',
+            kvd_dot_v1_dot_admin__pb2.PinRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/ListSessions',
+            kvd_dot_v1_dot_admin__pb2.ListSessionsRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/GetPolicy',
+            kvd_dot_v1_dot_admin__pb2.GetPolicyRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/SetPolicy',
+            kvd_dot_v1_dot_admin__pb2.SetPolicyRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/Drain',
+            kvd_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvd.v1.Admin/Resume',
+            kvd_dot_v1_dot_admin__pb2.ResumeRequest.SerializeToString,
+            kvd_dot_v1_dot_admin__pb2.ResumeResponse.FromString,
             options,
             channel_credentials,
             insecure,
