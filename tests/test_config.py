@@ -48,6 +48,9 @@ def test_the_clients_variables_are_not_settings():
         ("", {"KVD_IO_THREADS": "many"}, "$KVD_IO_THREADS"),
         ("", {"KVD_WRITE_BEHIND": "maybe"}, "$KVD_WRITE_BEHIND: expected true or false"),
         ("", {"KVD_NOPE": "1"}, "$KVD_NOPE: unknown setting"),
+        ("metrics_port = 70000\n", {}, "--metrics-port must be a TCP port, 1..65535"),
+        ('metrics_port = "9400"\n', {"KVD_METRICS_PORT": "nine"}, "$KVD_METRICS_PORT"),
+        ('metrics_host = ""\n', {}, "--metrics-host must be an address"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_its_key(tmp_path, text, env, message):
@@ -60,8 +63,18 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
+def test_metrics_settings_come_from_file_env_and_flags(tmp_path):
+    assert ServeConfig().metrics_port is None  # off unless asked for
+    path = write(tmp_path, 'metrics_port = 9400\nmetrics_host = "127.0.0.1"\n')
+    assert load_config(path).metrics_port == 9400
+    config = load_config(path, {"KVD_METRICS_PORT": "9401"})
+    assert (config.metrics_port, config.metrics_host) == (9401, "127.0.0.1")
+    assert load_config(path, {"KVD_METRICS_PORT": ""}).metrics_port is None  # empty: off
+    assert load_config(path, {}, {"metrics_port": 0}).metrics_port == 0  # 0: off, as a flag
+
+
 def test_printed_config_reads_back_the_same(tmp_path):
-    config = load_config(None, {"KVD_TCP": "127.0.0.1:7000", "KVD_NVME_DIR": '/var/lib/"kvd"'})
+    config = load_config(None, {"KVD_TCP": "127.0.0.1:7000", "KVD_TCP_INSECURE": "1", "KVD_NVME_DIR": '/var/lib/"kvd"'})
     text = to_toml(config)
     assert tomllib.loads(text)["tcp"] == "127.0.0.1:7000"
     assert load_config(write(tmp_path, text)) == config

@@ -323,8 +323,8 @@ def test_metrics_are_wired_from_the_container_port_to_the_servicemonitor(rendere
     assert monitor["metadata"].get("namespace") == service["metadata"].get("namespace")
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     config = serve_config(kvd)
-    if hasattr(config, "metrics_port"):  # once `kvd serve` has --metrics-port, the args must set it
-        assert config.metrics_port == 9400
+    assert config.metrics_port == 9400  # the container port the Service targets
+    assert config.metrics_host == "0.0.0.0"  # reachable from the pod's IP, not loopback only
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
