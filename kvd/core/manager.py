@@ -840,8 +840,14 @@ class KvCore:
         return self.events.take()
 
     def retention_class(self, key: tuple[str, int], tier: str) -> str | None:
-        """The retention class of ``key``'s copy in ``tier`` as the policy sees it (None: not
-        held there, or the policy keeps no classes). Changes nothing."""
+        """The retention class of ``key``'s copy in ``tier``: ``pinned`` while an operator's
+        pin holds it (:meth:`pin`), else as the policy sees it (None: not held there, or the
+        policy keeps no classes). Changes nothing."""
+        if key in self._pinned:
+            record = self._record(key)
+            copy = record.copies.get(tier) if record is not None else None
+            if copy is not None and copy.ready:
+                return "pinned"
         return self.policy.retention_class(key, tier)
 
     def blocks(self, namespace: str | None = None) -> Iterable[BlockRecord]:
@@ -1106,10 +1112,10 @@ class KvCore:
         see :class:`~kvd.core.events.BlockRemoved`."""
         if record.copies.get(tier) is not copy:
             return
+        retention_class = self.retention_class(record.key, tier) if copy.ready else None  # while held
         del record.copies[tier]
         self.spaces[tier].free(copy.slot)
         if copy.ready:
-            retention_class = self.retention_class(record.key, tier)  # before the policy forgets it
             self.policy.on_removed(tier, record.key)
             self.events.removed(
                 ns.name, record.hash, tier, reason or "discarded", self.clock(), retention_class, cause
