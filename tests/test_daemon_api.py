@@ -40,7 +40,7 @@ def test_unix_socket_is_group_accessible_only(daemon):
 
 def test_tcp_listener_serves_inline(daemon_factory):
     port = _free_port()
-    d = daemon_factory(extra=["--tcp", f"127.0.0.1:{port}"]).start()
+    d = daemon_factory(extra=["--tcp", f"127.0.0.1:{port}", "--tcp-insecure"]).start()
     with Client(f"127.0.0.1:{port}", shared_memory=False) as c:
         c.register_namespace("m", 16, 4096)
         blocks = [os.urandom(4096) for _ in range(3)]

@@ -118,7 +118,7 @@ def inproc(tmp_path):
 
 def test_serving_on_the_unix_socket_and_on_tcp(daemon_factory, kvctl):
     port = _free_port()
-    d = daemon_factory(nvme="0", extra=["--tcp", f"127.0.0.1:{port}"]).start()
+    d = daemon_factory(nvme="0", extra=["--tcp", f"127.0.0.1:{port}", "--tcp-insecure"]).start()
     for address in (d.address, f"127.0.0.1:{port}"):
         for service in ("", *SERVICES):
             assert _check(address, service) == SERVING, (address, service)

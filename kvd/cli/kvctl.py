@@ -3,7 +3,7 @@ check, drain/resume, health.
 
 ``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock); ``--token``
 to ``KVD_TOKEN`` (Admin calls over TCP need it); ``--tls-ca/--tls-cert/--tls-key`` to
-``KVD_TLS_CA/CERT/KEY``. ``-o table|json|yaml``. Errors print one line on stderr and exit
+``KVD_TLS_CA``, ``KVD_TLS_CLIENT_CERT``, ``KVD_TLS_CLIENT_KEY``. ``-o table|json|yaml``. Errors print one line on stderr and exit
 non-zero (1: the daemon refused or is unreachable; 2: usage).
 """
 

@@ -38,7 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--nvme-dir", type=Path, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
     serve.add_argument("--nvme-bytes", type=_size, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
-    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (off by default)")
+    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP, with TLS (off by default)")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="TCP: the daemon's certificate (chain)")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="TCP: the certificate's private key")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM", help="TCP: demand client certificates signed by this CA (mTLS)"
+    )
+    serve.add_argument(
+        "--tcp-insecure", action="store_true", default=None, help="TCP without TLS (a trusted network only)"
+    )
+    serve.add_argument(
+        "--admin-token-file", type=Path, metavar="FILE",
+        help="Admin calls over TCP need 'authorization: Bearer <token in FILE>' (without it Admin is unix-only)",
+    )
+    serve.add_argument("--socket-group", metavar="GROUP", help="group owning the unix socket (mode 0660)")
     serve.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at :PORT/metrics (off by default)"
     )
@@ -133,7 +146,7 @@ SERVE_FLAGS = (
     "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
     "lease_seconds", "slab_bytes",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
-    "drain_seconds",
+    "drain_seconds", "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
 )
 
 

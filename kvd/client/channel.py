@@ -15,6 +15,9 @@ from pathlib import Path
 import grpc
 
 
+CLIENT_ENV = {"ca": "KVD_TLS_CA", "cert": "KVD_TLS_CLIENT_CERT", "key": "KVD_TLS_CLIENT_KEY"}
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files: ``ca`` verifies the daemon; ``cert`` and ``key`` (both or neither) are
@@ -35,8 +38,8 @@ class TlsFiles:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> TlsFiles | None:
-        """``KVD_TLS_CA``, ``KVD_TLS_CERT``, ``KVD_TLS_KEY``; None when none is set."""
-        paths = {k: environ.get(f"KVD_TLS_{k.upper()}") for k in ("ca", "cert", "key")}
+        """``KVD_TLS_CA``, ``KVD_TLS_CLIENT_CERT``, ``KVD_TLS_CLIENT_KEY``; None when none is set."""
+        paths = {k: environ.get(v) for k, v in CLIENT_ENV.items()}
         if not any(paths.values()):
             return None
         return cls(**{k: Path(v) if v else None for k, v in paths.items()})

@@ -17,7 +17,13 @@ class ServeConfig:
     hbm_bytes: int = 0  # daemon-owned GPU pool; 0: none (and none without CUDA)
     nvme_dir: Path = Path("var/kvd")
     nvme_bytes: int = 4 * GiB
-    tcp: str | None = None  # HOST:PORT, off unless asked for
+    tcp: str | None = None  # HOST:PORT, off unless asked for; TLS unless tcp_insecure
+    tls_cert: Path | None = None  # PEM certificate (chain) the daemon presents on TCP
+    tls_key: Path | None = None  # its private key
+    tls_client_ca: Path | None = None  # mutual TLS: TCP clients must present a certificate it signed
+    tcp_insecure: bool = False  # TCP without TLS: a trusted network only (tests, a loopback router)
+    admin_token_file: Path | None = None  # Admin calls over TCP need `authorization: Bearer <its content>`
+    socket_group: str | None = None  # group (name or gid) owning the unix socket, mode 0660; None: the daemon's
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None or 0: off
     metrics_host: str = "0.0.0.0"  # every interface: a Prometheus in the cluster scrapes the pod
     shm_dir: Path = Path("/dev/shm")  # where the DRAM arena file lives
@@ -62,6 +68,7 @@ class ServeConfig:
             raise ValueError("--kv-events-buffer must be positive")
         if self.kv_events_pod is not None and (not self.kv_events_pod or "@" in self.kv_events_pod):
             raise ValueError("--kv-events-pod must be non-empty and without '@' (topics are kv@<pod>@<namespace>)")
+        self._validate_security()
         if self.tcp is not None:
             host, sep, port = self.tcp.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -70,6 +77,50 @@ class ServeConfig:
             raise ValueError(f"--metrics-port must be a TCP port, 1..65535 (0: off), got {self.metrics_port}")
         if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
             raise ValueError(f"--metrics-host must be an address or host name, got {self.metrics_host!r}")
+
+    def _validate_security(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.tls_cert is not None and self.tcp is None:
+            raise ValueError("--tls-cert is for TCP: add --tcp HOST:PORT")
+        if self.tcp is not None and self.tls_cert is None and not self.tcp_insecure:
+            raise ValueError("--tcp needs --tls-cert and --tls-key (or --tcp-insecure on a trusted network)")
+        if self.tcp_insecure and self.tls_cert is not None:
+            raise ValueError("--tcp-insecure contradicts --tls-cert")
+        for flag, path in (
+            ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key), ("--tls-client-ca", self.tls_client_ca),
+            ("--admin-token-file", self.admin_token_file),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag}: no such file {path}")
+        if self.admin_token_file is not None and not self.admin_token():
+            raise ValueError(f"--admin-token-file: {self.admin_token_file} is empty")
+        if self.socket_group is not None:
+            self.socket_gid()
+
+    def admin_token(self) -> str | None:
+        """The admin bearer token (the file's content without surrounding whitespace)."""
+        if self.admin_token_file is None:
+            return None
+        try:
+            return self.admin_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--admin-token-file: cannot read {self.admin_token_file}: {exc}") from None
+
+    def socket_gid(self) -> int | None:
+        """The unix socket's group id, from a name or a number; None: the daemon's own."""
+        import grp
+
+        if self.socket_group is None:
+            return None
+        if self.socket_group.isdigit():
+            return int(self.socket_group)
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ValueError(f"--socket-group: no group named {self.socket_group!r}") from None
 
     @property
     def arena_path(self) -> Path:

@@ -23,7 +23,8 @@ from kvd.server.config import ServeConfig
 ENV_PREFIX = "KVD_"
 _HINTS = typing.get_type_hints(ServeConfig)
 FIELDS = {f.name: _HINTS[f.name] for f in fields(ServeConfig)}
-_NOT_SETTINGS = {"KVD_ADDR", "KVD_TOKEN"}  # the clients' variables, not the daemon's
+# the clients' variables (kvctl, kvd.client), not the daemon's
+_NOT_SETTINGS = {"KVD_ADDR", "KVD_TOKEN", "KVD_TLS_CA", "KVD_TLS_CLIENT_CERT", "KVD_TLS_CLIENT_KEY"}
 
 
 class ConfigError(ValueError):

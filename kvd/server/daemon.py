@@ -26,6 +26,7 @@ from kvd.core.manager import CoreConfig, KvCore
 from kvd.core.sessions import SessionTable
 from kvd.policies import make_policy
 from kvd.server.admin import AdminService
+from kvd.server.auth import AdminAuth
 from kvd.server.codec import NAMESPACE_PREFIX, parse_block_key, parse_block_meta, parse_namespace
 from kvd.server.config import ServeConfig
 from kvd.server.drain import DrainResult, ShuttingDown, drain, resume
@@ -127,6 +128,18 @@ def open_hbm(config: ServeConfig) -> HbmPool | None:
     return pool
 
 
+def tls_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS for the TCP port (None: --tcp-insecure); mutual when a client CA is configured."""
+    if config.tls_cert is None:
+        return None
+    ca = config.tls_client_ca.read_bytes() if config.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
 class Daemon:
     """The running daemon: state + gRPC server + background tasks."""
 
@@ -163,7 +176,8 @@ class Daemon:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        interceptors = [state.metrics.interceptor()] if state.metrics is not None else None
+        interceptors = [state.metrics.interceptor()] if state.metrics is not None else []
+        interceptors.append(AdminAuth(self.config.admin_token()))
         server = grpc.aio.server(options=options, interceptors=interceptors)
         engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, self), server)
@@ -185,12 +199,21 @@ class Daemon:
         if server.add_insecure_port(f"unix:{socket.resolve()}") == 0:
             raise OSError(f"cannot listen on unix socket {socket}")
         if self.config.tcp:
-            if server.add_insecure_port(self.config.tcp) == 0:
+            credentials = tls_credentials(self.config)
+            if credentials is None:
+                log.warning("TCP %s without TLS (--tcp-insecure): use it on a trusted network only", self.config.tcp)
+                port = server.add_insecure_port(self.config.tcp)
+            else:
+                port = server.add_secure_port(self.config.tcp, credentials)
+            if port == 0:
                 raise OSError(f"cannot listen on tcp {self.config.tcp}")
         # The servicer starts out SERVING for ""; nothing may say so before the last step below.
         await self.set_serving(False)
         await server.start()
         os.chmod(socket, 0o660)
+        gid = self.config.socket_gid()
+        if gid is not None:
+            os.chown(socket, -1, gid)
         self.server = server
         self._tasks.append(asyncio.get_running_loop().create_task(self._reap_leases(), name="kvd-reaper"))
         state.mover.wake()  # blocks restored from NVMe need nothing, but a queue may exist
