@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -302,49 +303,41 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 return handler._replace(**{kind: self._timed(behavior, service, method)})
         return handler
 
-    def _observe(self, service: str, method: str, start: float, code: str | None, context) -> None:
-        if code is None:
-            status = context.code()
-            code = status.name if status is not None else "OK"
-        self.histogram.labels(service, method, code).observe(time.perf_counter() - start)
+    @contextlib.contextmanager
+    def _timing(self, service: str, method: str, context) -> Iterator[None]:
+        """Observe the time the block takes, under the status the call ends with."""
+        start, code = time.perf_counter(), None
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise  # the servicer's own status: context.code() has it
+        except Exception:
+            code = "UNKNOWN"
+            raise
+        finally:
+            if code is None:
+                status = context.code()
+                code = status.name if status is not None else "OK"
+            self.histogram.labels(service, method, code).observe(time.perf_counter() - start)
 
     def _timed(self, behavior, service: str, method: str):
         """``behavior`` wrapped to time it, of the same kind (gRPC dispatches on it)."""
-        observe = self._observe
+        timing = self._timing
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request, context):
-                start, code = time.perf_counter(), None
-                try:
+                with timing(service, method, context):
                     async for item in behavior(request, context):
                         yield item
-                except (asyncio.CancelledError, GeneratorExit):
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    code = "UNKNOWN"
-                    raise
-                finally:
-                    observe(service, method, start, code, context)
 
             return stream
 
         async def call(request, context):
-            start, code = time.perf_counter(), None
-            try:
+            with timing(service, method, context):
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                code = "UNKNOWN"
-                raise
-            finally:
-                observe(service, method, start, code, context)
 
         return call
