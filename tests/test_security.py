@@ -178,6 +178,19 @@ def test_mutual_tls_demands_a_client_certificate_from_its_ca(daemon_factory, pki
         assert local.lookup("m", [1, 2]) == ["dram", "dram"]
 
 
+def test_a_router_follows_a_tls_daemon(daemon_factory, pki):
+    from kvd.router import GlobalView
+
+    d, address = tls_daemon(daemon_factory, pki)
+    with d.client() as local:
+        local.register_namespace("m", 16, BLOCK)
+        local.store("m", [1, 2], [os.urandom(BLOCK) for _ in range(2)])
+        snap = local.snapshot()
+    with GlobalView([address], tls=TlsFiles(ca=pki["ca"])) as view:
+        assert view.wait_for(address, snap.epoch, snap.as_of_seq, timeout=30)
+        assert view.score("m", [1, 2]).nodes[address].matched_blocks == 2
+
+
 # -- the admin token ----------------------------------------------------------------------------
 def admin_status(address: str, pki, token: str | None) -> grpc.StatusCode:
     with Client(address, shared_memory=False, timeout=5, tls=TlsFiles(ca=pki["ca"]), token=token) as c:

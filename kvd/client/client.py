@@ -157,6 +157,7 @@ class Snapshot:
     epoch: bytes
     as_of_seq: int
     blocks: list[BlockInfo]
+    block_tokens: dict[str, int]  # tokens per block of each namespace in the snapshot
 
 
 @dataclass(frozen=True)
@@ -439,7 +440,9 @@ class Client:
             blocks += [_block_info(b) for b in r.blocks]
             token = r.next_page_token
             if not token:
-                return Snapshot(first.epoch, first.as_of_seq, blocks)
+                return Snapshot(
+                    first.epoch, first.as_of_seq, blocks, {n.namespace: n.block_tokens for n in first.namespaces}
+                )
 
     def score(self, namespace: str, hashes: Sequence[int]) -> Score:
         """How much of ``hashes``' prefix the daemon holds, per tier, and its load time."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvd.client import Client, ClientError
-from kvd.client.channel import grpc_target
+from kvd.client.channel import TlsFiles, open_channel
 from kvd.router.index import BlockIndex, MemoryIndex
 from kvd.tiers import TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc
@@ -46,8 +46,11 @@ class RouteScore:
 class _Feed:
     """One daemon's stream into the index, run by a thread until stopped."""
 
-    def __init__(self, address: str, index: BlockIndex, changed: threading.Condition, retry_s: float) -> None:
+    def __init__(
+        self, address: str, index: BlockIndex, changed: threading.Condition, retry_s: float, tls: TlsFiles | None
+    ) -> None:
         self.address = address
+        self.tls = tls
         self.index = index
         self.changed = changed
         self.retry_s = retry_s
@@ -72,8 +75,8 @@ class _Feed:
         while not self._stop.is_set():
             try:
                 with (
-                    Client(self.address, shared_memory=False) as client,
-                    grpc.insecure_channel(grpc_target(self.address)) as channel,
+                    Client(self.address, shared_memory=False, tls=self.tls) as client,
+                    open_channel(self.address, tls=self.tls)[0] as channel,
                 ):
                     self._client, self._channel = client, channel
                     if self._stop.is_set():
@@ -138,7 +141,7 @@ class _Feed:
 
     def _resync(self, client: Client) -> None:
         snapshot = client.snapshot()
-        self.block_tokens = {ns.name: ns.block_tokens for ns in client.status().namespaces}
+        self.block_tokens = dict(snapshot.block_tokens)
         self.index.drop_node(self.address)
         self.index.apply(self.address, ((b.namespace, b.hash, t) for b in snapshot.blocks for t in b.tiers), ())
         self.epoch = snapshot.epoch
@@ -165,7 +168,11 @@ class GlobalView:
         tier_weights: dict[str, float] | None = None,
         index: BlockIndex | None = None,
         retry_s: float = 0.5,
+        tls: TlsFiles | None = None,
     ) -> None:
+        """``tls``: the CA (and client certificate, for mutual TLS) of daemons serving TCP
+        with TLS; None: plain connections (unix sockets, --tcp-insecure)."""
+        self.tls = tls
         self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
         self.index = index if index is not None else MemoryIndex()
         self.retry_s = retry_s
@@ -177,7 +184,7 @@ class GlobalView:
     def add_node(self, address: str) -> None:
         if address in self._feeds:
             raise ValueError(f"{address} is already in the view")
-        self._feeds[address] = _Feed(address, self.index, self._changed, self.retry_s)
+        self._feeds[address] = _Feed(address, self.index, self._changed, self.retry_s, self.tls)
 
     def remove_node(self, address: str) -> None:
         """Stop following a daemon and forget what it holds."""

@@ -110,11 +110,16 @@ class ViewService(view_pb2_grpc.ViewServicer):
     async def Snapshot(self, request, context):
         as_of = self.s.events.next_seq
         records, next_token = held_page(self.s.core, request.namespace, request.page_size, request.page_token)
+        names = [self.s.core.namespace(request.namespace)] if request.namespace else self.s.core.namespaces()
         return view_pb2.SnapshotResponse(
             epoch=self.s.epoch,
             as_of_seq=as_of,
             blocks=[block_info(r) for r in records],
             next_page_token=next_token,
+            namespaces=[
+                view_pb2.NamespaceGeometry(namespace=n.name, block_tokens=n.block_tokens, block_bytes=n.block_bytes)
+                for n in names
+            ],
         )
 
     @unary_rpc

@@ -118,16 +118,28 @@ class SnapshotRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SnapshotResponse(_message.Message):
-    __slots__ = ("epoch", "as_of_seq", "blocks", "next_page_token")
+    __slots__ = ("epoch", "as_of_seq", "blocks", "next_page_token", "namespaces")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     AS_OF_SEQ_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     epoch: bytes
     as_of_seq: int
     blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.BlockInfo]
     next_page_token: str
-    def __init__(self, epoch: _Optional[bytes] = ..., as_of_seq: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceGeometry]
+    def __init__(self, epoch: _Optional[bytes] = ..., as_of_seq: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceGeometry, _Mapping]]] = ...) -> None: ...
+
+class NamespaceGeometry(_message.Message):
+    __slots__ = ("namespace", "block_tokens", "block_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    block_tokens: int
+    block_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("namespace", "hashes")
