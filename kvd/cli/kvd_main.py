@@ -4,7 +4,6 @@ a trace through the daemon's core; `kvd gen-workload` writes a synthetic trace."
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -75,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
     serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
+    serve.add_argument("--log-format", help="text (default) or json: one object per line, with request ids")
 
     cfg = sub.add_parser("config", help="the daemon's configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -146,7 +146,8 @@ SERVE_FLAGS = (
     "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
     "lease_seconds", "slab_bytes",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
-    "drain_seconds", "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
+    "drain_seconds", "log_level", "log_format",
+    "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
 )
 
 
@@ -175,7 +176,6 @@ def _config_print(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kvd.server.config_file import ConfigError, load_config
 
     try:
@@ -186,6 +186,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"kvd serve: {exc}", file=sys.stderr)
         return 2
+    from kvd.server import logs
+
+    logs.configure(config.log_level, config.log_format)
     if config.kv_events is not None:
         try:
             import kvd.server.kv_events  # noqa: F401 - pyzmq and msgspec are an optional extra

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 
-
 CLIENT_ENV = {"ca": "KVD_TLS_CA", "cert": "KVD_TLS_CLIENT_CERT", "key": "KVD_TLS_CLIENT_KEY"}
 
 

@@ -28,10 +28,11 @@ _CHAIN = object()  # parents omitted: each block's parent is the previous hash i
 class ClientError(Exception):
     """A daemon call failed: ``code`` is the gRPC status code, ``details`` its message."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.request_id = request_id  # the daemon's id of the failed call, as in its logs
 
 
 SESSION_EVENT_KINDS = {
@@ -198,6 +199,11 @@ def _block_info(b) -> BlockInfo:
 def default_address() -> str:
     """``KVD_ADDR`` if set, else the default socket of `make serve` (./var/kvd.sock)."""
     return os.environ.get("KVD_ADDR") or f"unix://{os.path.abspath(DEFAULT_SOCKET)}"
+
+
+def _request_id(exc: grpc.RpcError) -> str | None:
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return next((v for k, v in trailing or () if k == "x-request-id"), None)
 
 
 def _u64(values: Sequence[int], what: str) -> list[int]:
@@ -523,7 +529,7 @@ class Client:
         try:
             return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise ClientError(exc.code(), exc.details() or "") from None
+            raise ClientError(exc.code(), exc.details() or "", _request_id(exc)) from None
 
     def _batches(self, sizes: list[int]) -> Iterator[tuple[int, int]]:
         """Index ranges whose bytes stay under the batch size (at least one block each).

@@ -41,6 +41,8 @@ class ServeConfig:
     kv_events_replay: str | None = None  # ZMQ endpoint of its replay ROUTER socket
     kv_events_buffer: int = 10_000  # published messages kept for replay
     kv_events_pod: str | None = None  # the <pod> of topic kv@<pod>@<namespace>; None: the host name
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
+    log_format: str = "text"  # text, or json: one object per line with the request id
     drain_seconds: float = 25.0  # SIGTERM: time for leases to finish and kept blocks to reach NVMe
 
     def validate(self) -> None:
@@ -55,6 +57,12 @@ class ServeConfig:
             raise ValueError("--lease-seconds must be positive")
         if self.event_buffer <= 0:
             raise ValueError("--event-buffer must be positive")
+        from kvd.server.logs import LOG_FORMATS, LOG_LEVELS
+
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.drain_seconds < 0:
             raise ValueError("--drain-seconds must not be negative")
         if self.io_threads <= 0:

@@ -8,11 +8,11 @@ effects (an NVMe copy removed -> its manifest entry deleted) and wakes the mover
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from kvd.core.eventbuffer import EventBuffer
 from kvd.core.events import BlockRemoved
 from kvd.core.manager import KvCore
 from kvd.server.codec import block_key, namespace_key, namespace_value
+from kvd.server.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from kvd.tiers import Slot
 from kvd.tiers.dram import DramArena
 from kvd.tiers.nvme import NvmeStore
@@ -120,26 +121,39 @@ class DaemonState:
             view.release()
 
 
-def _abort_args(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def _rpc_name(servicer, method) -> str:
+    return f"{type(servicer).__name__.removesuffix('Service')}/{method.__name__}"
+
+
+def _abort_args(exc: BaseException, rpc: str) -> tuple[grpc.StatusCode, str]:
+    """The status for ``exc``, logged with the RPC and its request id: a request the core
+    refused at INFO, anything else (a bug) at ERROR with its traceback."""
     if isinstance(exc, KvdError):
+        log.info("%s: %s: %s", rpc, exc.code, exc, extra={"method": rpc, "code": exc.code})
         return STATUS[exc.code], str(exc)
-    request_id = uuid.uuid4().hex[:12]
-    log.exception("internal error (request %s)", request_id)
-    return grpc.StatusCode.INTERNAL, f"internal error (request {request_id}): {type(exc).__name__}: {exc}"
+    log.exception("%s: internal error", rpc, extra={"method": rpc, "code": "INTERNAL"})
+    details = f"internal error (request {request_id.get()}): {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, details
 
 
 def unary_rpc(method):
-    """Map the core's errors to gRPC statuses; anything else is INTERNAL and logged."""
+    """Map the core's errors to gRPC statuses; anything else is INTERNAL and logged. The
+    call runs under its request id (see kvd.server.logs); a failure returns it as trailing
+    metadata ``x-request-id``."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        token = request_id.set(new_request_id(context.invocation_metadata()))
         try:
-            return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            code, details = _abort_args(exc)
+            try:
+                return await method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+                code, details = _abort_args(exc, _rpc_name(self, method))
+            finally:
+                self.s.after_core()  # whatever the core did before an error still takes effect
+            await context.abort(code, details, trailing_metadata=((REQUEST_ID_HEADER, request_id.get()),))
         finally:
-            self.s.after_core()  # whatever the core did before an error still takes effect
-        await context.abort(code, details)
+            request_id.reset(token)
 
     return wrapper
 
@@ -149,14 +163,19 @@ def streaming_rpc(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        token = request_id.set(new_request_id(context.invocation_metadata()))
         try:
-            async for item in method(self, request, context):
-                yield item
-            return
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            code, details = _abort_args(exc)
+            try:
+                async for item in method(self, request, context):
+                    yield item
+                return
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+                code, details = _abort_args(exc, _rpc_name(self, method))
+            finally:
+                self.s.after_core()
+            await context.abort(code, details, trailing_metadata=((REQUEST_ID_HEADER, request_id.get()),))
         finally:
-            self.s.after_core()
-        await context.abort(code, details)
+            with contextlib.suppress(ValueError):  # a generator closed from another context
+                request_id.reset(token)
 
     return wrapper
