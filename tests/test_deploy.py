@@ -258,6 +258,9 @@ def test_probes_run_kvctl_health_on_the_daemons_socket(rendered, name):
         assert args.addr == f"unix://{socket}", probe_name
         assert args.liveness == (probe_name == "livenessProbe"), probe_name  # draining stays alive
         assert args.timeout < probe["timeoutSeconds"], f"{probe_name}: kvctl must give up before the kubelet"
+    # SIGTERM: the drain, then 5 s of gRPC grace, must end before the kubelet's SIGKILL.
+    pod = only(rendered[name], "DaemonSet")["spec"]["template"]["spec"]
+    assert serve_config(kvd).drain_seconds + 5 < pod["terminationGracePeriodSeconds"]
     startup = kvd["startupProbe"]
     # Recovery reads every NVMe block before the socket opens: give it an hour.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
