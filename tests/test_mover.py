@@ -120,3 +120,29 @@ def test_a_failing_read_completes_the_promotion_as_a_miss(tmp_path):
         assert core.lookup("m", [1]) == ["nvme"]  # an error, not a verdict on the copy
 
     run_with_mover(tmp_path, scenario)
+
+
+class DropEverything(LruPolicy):
+    """LRU that keeps nothing below DRAM (as typed does for an ended session's blocks)."""
+
+    def worth_demoting(self, key, tier, now):
+        return False
+
+
+def test_a_flush_ends_when_planning_drops_the_whole_queue(tmp_path):
+    """A Sync or drain whose queue holds only blocks the policy drops returns at once; it
+    used to wait for a batch that never came, for its whole timeout."""
+
+    async def scenario(core, arena, nvme, mover, now):
+        core.set_policy(DropEverything())
+        store(core, arena, 1, 0x11)
+        mover.foreground()  # as a store does: write-behind waits for traffic to pause
+        mover.wake()
+        await asyncio.sleep(0)  # the mover looks, and leaves the queue to a quieter moment
+        assert core.write_behind_pending == 1
+        pending = await asyncio.wait_for(mover.flush(600), 10)  # the bound catches the hang
+        assert (pending, nvme.data) == (0, {})
+        assert core.lookup("m", [1]) == ["dram"]
+        assert core.check() == []
+
+    run_with_mover(tmp_path, scenario)

@@ -115,7 +115,18 @@ class Mover:
         self.syncs_waiting += 1
         try:
             while self.core.write_behind_pending and self.clock() < deadline:
-                await self.wait_progress(self.batches_done, max(0.0, deadline - self.clock()))
+                seen = self.batches_done
+                self.wake()
+                async with self._progress:
+                    # Planning may empty the queue without a batch (it drops blocks the
+                    # policy does not keep below): that ends the wait too.
+                    def done(seen: int = seen) -> bool:
+                        return self.batches_done > seen or not self.core.write_behind_pending
+
+                    try:
+                        await asyncio.wait_for(self._progress.wait_for(done), max(0.0, deadline - self.clock()))
+                    except TimeoutError:
+                        break
         finally:
             self.syncs_waiting -= 1
         return self.core.write_behind_pending
@@ -138,6 +149,9 @@ class Mover:
                     self.after_core()
                 if not transfers:
                     delay = None
+                    if self.syncs_waiting and not self.core.write_behind_pending:
+                        async with self._progress:  # a flush waits for this queue to empty
+                            self._progress.notify_all()
                     break
                 inflight.add(asyncio.create_task(self._land(transfers)))
             if len(inflight) < self.max_inflight:
