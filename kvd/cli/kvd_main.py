@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         bench_sub.add_parser("connector", help="gather/scatter of paged KV blocks vs memcpy (device copy on a GPU)")
     )
 
+    from kvd.bench.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(
+        bench_sub.add_parser("soak", help="many concurrent clients on loopback TCP: errors, latency, daemon RSS"), _size
+    )
+
     from kvd.replay.cli import add_arguments as add_replay_arguments
     from kvd.replay.workload import add_arguments as add_workload_arguments
 
@@ -131,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.connector import run_cli as run_connector
 
         return run_connector(args)
+    if args.command == "bench" and args.bench == "soak":
+        from kvd.bench.soak import run_cli as run_soak
+
+        return run_soak(args)
     if args.command == "replay":
         from kvd.replay.cli import run_cli as run_replay
 
