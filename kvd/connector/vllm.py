@@ -1,0 +1,294 @@
+"""``KvdConnector``: vLLM's (0.32, 0.33) KV connector, backed by the node's kvd daemon.
+
+Start vLLM with::
+
+    --kv-transfer-config '{"kv_connector": "KvdConnector", "kv_connector_module_path": "kvd.connector.vllm",
+      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+      "kv_connector_extra_config": {"kvd_address": "unix:///run/kvd/kvd.sock"}}'
+
+It stays thin: the scheduler side asks the daemon what it holds (``Lookup``) and plans, per
+step, which blocks to load and save (``kvd.connector.plan``); the worker side copies those
+blocks between vLLM's paged caches and the daemon's shared-memory arena
+(``kvd.connector.paged`` and ``kvd.client``). Blocks are keyed by vLLM's own block hashes.
+Loads and saves are synchronous within the step that needs them: a load completes in
+``start_load_kv`` before the forward; a save completes in ``wait_for_save`` after it, so no
+request ever waits on kvd between steps and vLLM frees blocks as usual.
+
+``kv_connector_extra_config`` keys: ``kvd_address`` (default ``$KVD_ADDR`` or
+./var/kvd.sock), ``kvd_namespace`` (default: the served model name), ``kvd_shared_memory``
+(default: required for a unix socket, else inline bytes over gRPC), ``kvd_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from kvd.client import Client, ClientError
+from kvd.connector.paged import PagedLayout
+from kvd.connector.plan import (
+    LoadSpec,
+    NewRequestStep,
+    Planner,
+    RunningRequestStep,
+    SaveSpec,
+    SessionHints,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+# A child of vLLM's logger, so its messages follow vLLM's logging configuration.
+logger = init_logger("vllm.kvd_connector")
+
+MAX_NAMESPACE = 200  # the daemon takes up to 256 characters
+
+
+@dataclass
+class KvdConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, per step: blocks to load before the forward, to save after it."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+def namespace_for(vllm_config: VllmConfig, tp_rank: int, pp_rank: int) -> str:
+    """The kvd namespace of one worker's shard: model, KV dtype, block size and rank. Blocks
+    of different models, dtypes, geometries or shards never match."""
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    model_config = vllm_config.model_config
+    name = extra.get("kvd_namespace") or model_config.served_model_name or model_config.model
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
+    par = vllm_config.parallel_config
+    suffix = (
+        f"|{dtype}|b{vllm_config.cache_config.block_size}"
+        f"|tp{tp_rank}of{par.tensor_parallel_size}|pp{pp_rank}of{par.pipeline_parallel_size}"
+    )
+    name = str(name)
+    if len(name) + len(suffix) > MAX_NAMESPACE:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = f"{name[: MAX_NAMESPACE - len(suffix) - 17]}~{digest}"
+    return name + suffix
+
+
+class KvdConnector(KVConnectorBase_V1):
+    """vLLM <-> kvd. One instance in the scheduler (role SCHEDULER), one per worker (WORKER)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError(
+                f"KvdConnector supports models with one KV cache group, this one has "
+                f"{len(kv_cache_config.kv_cache_groups)} (hybrid attention is not supported yet)"
+            )
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self._block_size = vllm_config.cache_config.block_size
+        self._num_blocks = kv_cache_config.num_blocks
+        address = extra.get("kvd_address")
+        shm = extra.get("kvd_shared_memory")
+        if shm is None and address and str(address).startswith("unix:"):
+            shm = True  # a local daemon: block bytes go through the arena, never inline
+        self._client = Client(address, shared_memory=shm, timeout=float(extra.get("kvd_timeout_s", 60.0)))
+        par = vllm_config.parallel_config
+        if role == KVConnectorRole.SCHEDULER:
+            self._planner = Planner(self._block_size)
+            # A block is loadable only if every shard of it is held.
+            self._namespaces = [
+                namespace_for(vllm_config, tp, pp)
+                for pp in range(par.pipeline_parallel_size)
+                for tp in range(par.tensor_parallel_size)
+            ]
+            self._namespace = self._namespaces[0]
+        else:
+            from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+            self._namespace = namespace_for(vllm_config, get_tensor_model_parallel_rank(), get_pp_group().rank_in_group)
+            self._layout: PagedLayout | None = None
+            self._load_errors: set[int] = set()
+        logger.info("KvdConnector (%s): daemon %s, namespace %s", role.name, self._client.address, self._namespace)
+
+    # ==============================
+    # Scheduler side
+    # ==============================
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` whose blocks kvd holds (every shard of them).
+        Asks the daemon each time and changes nothing but the session's turn (idempotent).
+        Loads are synchronous (False): they complete in the step's ``start_load_kv``."""
+        hints = self._hints(request)
+        keys = self._planner.lookup_keys(request)
+        held = 0
+        if keys and len(keys) * self._block_size > num_computed_tokens:
+            held = len(keys)
+            for ns in self._namespaces:
+                try:
+                    held = min(held, len(self._client.lookup(ns, keys, session_id=hints.session_id)))
+                except ClientError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: no worker registered yet
+                        logger.warning("kvd lookup failed, computing request %s: %s", request.request_id, exc)
+                    held = 0
+                    break
+        return self._planner.matched(request.request_id, num_computed_tokens, held), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """Remember the request's blocks; with ``num_external_tokens`` plan their load."""
+        self._planner.allocated(request, blocks.get_block_ids()[0], num_external_tokens, self._hints(request))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """The loads planned since the last step, and the saves of the blocks this step fills."""
+        scheduled: list[NewRequestStep | RunningRequestStep] = [
+            NewRequestStep(r.req_id, r.block_ids[0], r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            ids = new_ids[0] if new_ids is not None else []
+            if req_id in cached.resumed_req_ids:
+                scheduled.append(NewRequestStep(req_id, ids, cached.num_computed_tokens[i], resumed=True))
+            else:
+                scheduled.append(RunningRequestStep(req_id, ids, cached.num_computed_tokens[i]))
+        plan = self._planner.step(
+            scheduled, scheduler_output.num_scheduled_tokens, scheduler_output.scheduled_spec_decode_tokens
+        )
+        return KvdConnectorMetadata(loads=plan.loads, saves=plan.saves)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Blocks whose load failed are recomputed by vLLM: plan to save them again."""
+        self._planner.load_failed(connector_output.invalid_block_ids or ())
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Tell kvd the session's turn ended, or that it pauses on a tool call (hinted by
+        ``kv_transfer_params={"kvd": {"tool": ..., "expected_pause_s": ...}}``). Saves are
+        done by now, so vLLM may free the blocks at once (False)."""
+        hints = self._planner.finished(request.request_id) or self._hints(request)
+        if hints.session_id is not None:
+            kind = "tool_pause" if hints.tool else "turn_end"
+            try:
+                self._client.session_event(
+                    self._namespace, hints.session_id, kind, tool=hints.tool, expected_pause_s=hints.expected_pause_s
+                )
+            except ClientError as exc:
+                logger.warning("kvd session event %s of %s failed: %s", kind, hints.session_id, exc)
+        return False, None
+
+    def take_events(self):
+        """kvd publishes what it holds itself (``kvd serve --kv-events``, in vLLM's format and
+        with removals), so the connector adds no events of its own to vLLM's stream."""
+        return ()
+
+    def _hints(self, request: Request) -> SessionHints:
+        try:
+            return SessionHints.parse(request.kv_transfer_params, getattr(request, "session_id", None))
+        except ValueError as exc:
+            logger.warning("request %s: ignoring kvd hints: %s", request.request_id, exc)
+            return SessionHints(session_id=getattr(request, "session_id", None))
+
+    # ==============================
+    # Worker side
+    # ==============================
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Read the layout vLLM hands over and register this shard's namespace with it."""
+        self._layout = PagedLayout(kv_caches, self._num_blocks)
+        self._client.register_namespace(self._namespace, self._block_size, self._layout.block_bytes)
+        logger.info(
+            "KvdConnector: %d layers, %d bytes a block, shared memory: %s",
+            len(self._layout.layers), self._layout.block_bytes, self._client.shared_memory,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Copy this step's planned blocks from kvd into the paged caches, before the forward.
+        A block kvd no longer has (evicted, or failed its checksum) is reported by
+        ``get_block_ids_with_load_errors`` and recomputed by vLLM."""
+        meta = self._meta()
+        if not meta.loads:
+            return
+        layout = self._require_layout()
+        hashes = [h for spec in meta.loads for h in spec.hashes]
+        block_ids = [b for spec in meta.loads for b in spec.block_ids]
+        rows = layout.staging(len(hashes))
+        try:
+            found = self._client.load_into(self._namespace, hashes, [r.numpy() for r in rows])
+        except ClientError as exc:
+            logger.warning("kvd load of %d blocks failed; vLLM recomputes them: %s", len(hashes), exc)
+            found = [False] * len(hashes)
+        ok = [i for i, f in enumerate(found) if f]
+        self._load_errors.update(b for b, f in zip(block_ids, found) if not f)
+        if len(ok) < len(found):
+            logger.warning("kvd: %d of %d blocks failed to load; vLLM recomputes them", len(found) - len(ok), len(found))
+        layout.scatter([block_ids[i] for i in ok], rows[ok] if len(ok) < len(found) else rows)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing to wait for: ``start_load_kv`` copied every layer before the forward (on a
+        GPU, queued ahead of it on the same stream)."""
+        return None
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        """Saves are gathered for all layers at once in ``wait_for_save``, after the forward
+        has written every layer; a per-layer copy here would add a copy per layer per step."""
+        return None
+
+    def wait_for_save(self) -> None:
+        """Copy the blocks this step filled into kvd (after the forward wrote them)."""
+        meta = self._meta()
+        if not meta.saves:
+            return
+        layout = self._require_layout()
+        block_ids = [b for spec in meta.saves for b in spec.block_ids]
+        rows = layout.gather(block_ids)
+        lo = 0
+        for spec in meta.saves:
+            hi = lo + len(spec.block_ids)
+            try:
+                self._client.store(
+                    self._namespace, spec.hashes, [r.numpy() for r in rows[lo:hi]], spec.parents, spec.session_id
+                )
+            except ClientError as exc:
+                # A best-effort cache: a lost save is a later miss, never a wrong answer.
+                logger.warning("kvd save of %d blocks of request %s failed: %s", hi - lo, spec.req_id, exc)
+            lo = hi
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Loads and saves finish within their step, so no request is ever still in flight."""
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Block ids whose load from kvd failed since the last call (vLLM recomputes them)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        self._client.close()
+
+    def _meta(self) -> KvdConnectorMetadata:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvdConnectorMetadata):
+            raise TypeError(f"KvdConnector got {type(meta).__name__} metadata")
+        return meta
+
+    def _require_layout(self) -> PagedLayout:
+        if self._layout is None:
+            raise RuntimeError("KvdConnector: blocks to move before register_kv_caches")
+        return self._layout
