@@ -1,0 +1,71 @@
+"""`kvd bench soak`, tiny: the real daemon on loopback TCP, concurrent clients, disconnects
+mid-store; the report's shape and its verdicts (no errors, no leaked lease or slot, check ok).
+The full run (64 clients, 60 s) and its figures are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvd.bench.soak import SoakConfig, block_data, block_hash
+
+pytestmark = pytest.mark.timeout(180)
+
+RPCS = {"store", "load", "lookup", "session_event", "prepare_store_abandoned", "store_inline_cancelled"}
+
+
+def kvd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvd.cli.kvd_main", *args], capture_output=True, text=True, timeout=150
+    )
+
+
+def test_a_tiny_soak_reports_no_errors_and_no_leaks(tmp_path):
+    r = kvd(
+        "bench", "soak", "--json", "--clients", "4", "--seconds", "3", "--processes", "2",
+        "--lease-seconds", "1", "--disconnect-every", "3", "--dir", str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["errors"], report["error_samples"], report["wrong_bytes"]) == (0, [], 0)
+    assert report["check_ok"] is True and report["check_problems"] == []
+    assert (report["leases_end"], report["dram_leaked_bytes"], report["abandoned_blocks_visible"]) == (0, 0, 0)
+    assert report["disconnects"] >= 4  # every client disconnected mid-store at least once
+    assert report["sessions"] >= 4 and report["load_blocks_found"] > 0
+    assert set(report["rpc"]) == RPCS
+    for name, figures in report["rpc"].items():
+        assert figures["count"] > 0, name
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"], name
+        assert figures["ops_per_s"] == pytest.approx(figures["count"] / report["elapsed_s"]), name
+    assert report["elapsed_s"] >= 3
+    assert 0 < report["rss_start_bytes"] and 0 < report["rss_end_bytes"]
+    assert report["rss_growth"] == pytest.approx(report["rss_end_bytes"] / report["rss_start_bytes"] - 1)
+    assert list(tmp_path.iterdir()) == []  # the daemon's scratch directory is gone
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--clients", "0"], "--clients, --processes, --max-ops and --disconnect-every must be positive"),
+        (["--block-bytes", "1000"], "--block-bytes must be a positive multiple of 4096"),
+        (["--clients", "64", "--dram-bytes", "8MiB"], "--dram-bytes must hold every client's longest chain"),
+        (["--seconds", "0"], "--seconds and --lease-seconds must be positive"),
+    ],
+)
+def test_bad_settings_are_one_line_before_any_daemon_starts(tmp_path, args, message):
+    r = kvd("bench", "soak", "--json", "--dir", str(tmp_path / "scratch"), *args)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvd bench soak: ") and message in r.stderr
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_block_contents_follow_from_the_hash():
+    h = block_hash(0, "c1-s0", 2, 1)
+    assert h == block_hash(0, "c1-s0", 2, 1) != block_hash(1, "c1-s0", 2, 1)
+    assert 0 <= h < 1 << 64
+    assert block_data(h, 4096) == block_data(h, 4096) != block_data(h + 1, 4096)
+    assert len(block_data(h, 8192)) == 8192
+    SoakConfig().validate()  # the defaults (64 clients) fit the default DRAM
