@@ -214,3 +214,16 @@ def test_paged_layout_errors():
         layout.scatter([0, 1], layout.gather([0]))
     with pytest.raises(ValueError, match="kernel blocks per block"):
         PagedLayout({"a": torch.zeros(4, 2), "b": torch.zeros(8, 2)}, 4)
+
+
+def test_bench_e2e_without_a_vllm_environment_is_one_line_and_exit_1(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "kvd.cli.kvd_main", "bench", "connector", "--tokens", "64", "--layers", "1",
+         "--repeat", "1", "--e2e", "--vllm-python", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"kvd bench connector: --e2e needs a vLLM environment: {tmp_path / 'none'} is missing (make vllm-cpu-env)"

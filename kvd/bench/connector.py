@@ -16,8 +16,8 @@ holds ``--cache-blocks`` blocks and the context's block ids (a shuffled walk ove
 in batches of ``--window-blocks`` into one window of slots at shuffled page-aligned offsets
 (as arena slots are): every byte of the context moves; only the memory is reused.
 
-``e2e`` is the end-to-end time of a vLLM engine's second run of a prompt against its first
-(prefill saved); this bench leaves it null: the connector's own measurement fills it.
+``e2e`` (with ``--e2e``) is the end-to-end time of a vLLM engine's second run of a prompt
+against its first (prefill saved), from :mod:`kvd.bench.connector_e2e`; null without it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from kvd.bench import run_and_report
+from kvd.bench.connector_e2e import add_arguments as add_e2e_arguments
+from kvd.bench.connector_e2e import run_e2e
 
 GB = 1e9
 PAGE = 4096
@@ -51,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-blocks", type=int, default=256, help="slots reused per batch (default 256)")
     p.add_argument("--repeat", type=int, default=3, help="passes per figure; the best is reported (default 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the caches live")
+    add_e2e_arguments(p)
 
 
 def _geometry(args) -> dict:
@@ -195,7 +198,8 @@ def run(args) -> dict:
             "hbm": with_ratios(measure(hbm, backends), limits["device_copy_gbps"]),
             "pinned_host": with_ratios(measure(pinned, backends), limits["d2h_pinned_gbps"]),
         }
-    result["e2e"] = None  # vLLM second run vs first (prefill saved): measured by the connector's bench
+    # vLLM's second run of a prompt vs its first (prefill saved): kvd.bench.connector_e2e
+    result["e2e"] = run_e2e(args) if getattr(args, "e2e", False) else None
     return result
 
 
