@@ -47,52 +47,21 @@ def tokens(n: int, seed: int) -> list[int]:
 
 def make_model(path: Path) -> None:
     """A tiny random-weight Llama (2 layers, 2 KV heads of 64) saved with transformers."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from kvd.bench.connector_e2e import make_model as make
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        bos_token_id=0, eos_token_id=VOCAB - 1, pad_token_id=0, initializer_range=0.5,
-    )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
+    make(path, layers=2, hidden=128, heads=2, kv_heads=2, head_dim=64, vocab=VOCAB, max_len=1024)
 
 
 def _engine(model: str, kvd_address: str | None):
-    from vllm import LLM
+    from kvd.bench.connector_e2e import engine
 
-    kwargs = {}
-    if kvd_address:
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "KvdConnector",
-            "kv_connector_module_path": "kvd.connector.vllm",
-            "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"kvd_address": kvd_address, "kvd_namespace": "tiny-llama"},
-        }
-    return LLM(
-        model=model, skip_tokenizer_init=True, dtype="bfloat16", block_size=BLOCK, max_model_len=1024,
-        max_num_seqs=4, seed=0, enable_prefix_caching=True, gpu_memory_utilization=0.1, enforce_eager=True,
-        kv_cache_memory_bytes=128 << 20, **kwargs,
-    )
+    return engine(model, kvd_address, BLOCK, 1024, namespace="tiny-llama", kv_cache_bytes=128 << 20)
 
 
 def _generate(llm, prompt: list[int], kvd: dict | None = None) -> dict:
-    from vllm import SamplingParams
+    from kvd.bench.connector_e2e import generate
 
-    extra = {"kv_transfer_params": {"kvd": kvd}} if kvd else None
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False,
-                            extra_args=extra)
-    t0 = time.perf_counter()
-    [out] = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-    return {
-        "prompt_tokens": len(prompt),
-        "tokens": list(out.outputs[0].token_ids),
-        "num_cached_tokens": out.num_cached_tokens,
-        "seconds": time.perf_counter() - t0,
-    }
+    return generate(llm, prompt, MAX_TOKENS, kvd)
 
 
 def _session_state(client, namespace: str) -> dict | None:

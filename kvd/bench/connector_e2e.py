@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -45,7 +44,8 @@ def make_model(path: Path, layers: int, hidden: int, heads: int, kv_heads: int, 
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
 
 
-def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, namespace: str = "bench"):
+def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, namespace: str = "bench",
+           kv_cache_bytes: int = 1 << 30):
     """A vLLM engine on the model, with KvdConnector when ``kvd_address`` is given."""
     from vllm import LLM
 
@@ -61,7 +61,7 @@ def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, n
     return LLM(
         model=model, skip_tokenizer_init=True, dtype="bfloat16", block_size=block_size, max_model_len=max_len,
         max_num_seqs=4, seed=0, enable_prefix_caching=True, enforce_eager=True, gpu_memory_utilization=0.1,
-        kv_cache_memory_bytes=int(os.environ.get("KVD_BENCH_KV_CACHE_BYTES", 1 << 30)), **kwargs,
+        kv_cache_memory_bytes=kv_cache_bytes, **kwargs,
     )
 
 
