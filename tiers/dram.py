@@ -32,6 +32,7 @@ import numpy as np
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
 from kvd.tiers.base import Buffer, Tier, byte_view
+from kvd.tiers.health import TierHealth
 
 HEADER_BYTES = 4096
 ARENA_MAGIC = b"KVDARENA"
@@ -123,6 +124,8 @@ class DramArena(Tier):
                 f"got {capacity_bytes}"
             )
         self._path = Path(path)
+        # Faults the daemon sees in this tier (no free slot for a store or a promotion).
+        self.health = TierHealth("dram")
         self._file_bytes = HEADER_BYTES + capacity_bytes
         self._lock = threading.Lock()
         self.space = ExtentAllocator([(HEADER_BYTES, capacity_bytes)], page_bytes)

@@ -46,6 +46,8 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
 from kvd.tiers.base import Buffer, CorruptBlockError, Tier, byte_view
+from kvd.tiers.health import CHECKSUM, TierHealth
+from kvd.tiers.io import REAL_IO, FileIO
 
 log = logging.getLogger("kvd.tiers.nvme")
 
@@ -116,13 +118,13 @@ def _is_aligned(mv: memoryview) -> bool:
     return np.frombuffer(mv, dtype=np.uint8).ctypes.data % ALIGN == 0
 
 
-def _vectored_all(io, fd: int, views: list[memoryview], offset: int) -> None:
-    """Run ``io`` (os.pwritev or os.preadv) until every byte of ``views`` moved, resuming
-    after short transfers."""
+def _vectored_all(io, fd: int, views: list[memoryview], offset: int, reading: bool) -> None:
+    """Run ``io`` (a FileIO's pwritev, or preadv when ``reading``) until every byte of
+    ``views`` moved, resuming after short transfers."""
     while views:
         done = io(fd, views, offset)
         if done <= 0:
-            if io is os.preadv:
+            if reading:
                 # The slab is shorter than the slot: truncated behind our back; data is gone.
                 raise CorruptBlockError(f"slab file ends before offset {offset}")
             raise OSError(errno.EIO, "pwritev made no progress")
@@ -132,14 +134,6 @@ def _vectored_all(io, fd: int, views: list[memoryview], offset: int) -> None:
             views = views[1:]
         if done:
             views = [views[0][done:], *views[1:]]
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    _vectored_all(os.pwritev, fd, views, offset)
-
-
-def _preadv_all(fd: int, views: list[memoryview], offset: int) -> None:
-    _vectored_all(os.preadv, fd, views, offset)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -175,9 +169,14 @@ class NvmeStore(Tier):
         slab_bytes: int = DEFAULT_SLAB_BYTES,
         page_bytes: int = 4096,
         direct_io: bool = True,
+        io: FileIO | None = None,
+        health: TierHealth | None = None,
     ) -> None:
         """``direct_io`` False asks for buffered I/O + fdatasync from the start (no warning):
-        for filesystems known to refuse O_DIRECT, and for tests of that path."""
+        for filesystems known to refuse O_DIRECT, and for tests of that path. ``io`` is the
+        file layer every slab and manifest write goes through (the real one by default; a
+        :class:`kvd.tiers.faults.FaultyIO` in tests). ``health`` hears every I/O failure and
+        success (:attr:`health`; a fresh :class:`TierHealth` by default)."""
         if page_bytes <= 0 or page_bytes & (page_bytes - 1) or page_bytes % ALIGN:
             raise ValueError(
                 f"page_bytes must be a power of two multiple of {ALIGN}, got {page_bytes}"
@@ -195,6 +194,8 @@ class NvmeStore(Tier):
         full, rest = divmod(capacity, slab_bytes)
         self._slab_sizes = [slab_bytes] * full + ([rest] if rest else [])
         self._lock = threading.Lock()
+        self._io = io if io is not None else REAL_IO
+        self.health = health if health is not None else TierHealth("nvme")
         self._written: dict[int, _Written] = {}  # slot offset -> last durable write
         self._local = threading.local()  # per-thread bounce buffer
         self._fds: list[int] = []
@@ -281,15 +282,19 @@ class NvmeStore(Tier):
                 self._written.pop(slot.offset, None)
         checksums = [xxhash.xxh3_64_intdigest(src) for _, src in plan]
         touched: set[int] = set()
-        for k, within, members in self._runs(plan):
-            views = [plan[i][1] for i in members]
-            if len(views) == 1:
-                self._write_bytes(self._fds[k], within, views[0])
-            else:
-                _pwritev_all(self._fds[k], views, within)
-            touched.add(k)
-        for k in sorted(touched):
-            os.fdatasync(self._fds[k])
+        try:
+            for k, within, members in self._runs(plan):
+                views = [plan[i][1] for i in members]
+                if len(views) == 1:
+                    self._write_bytes(self._fds[k], within, views[0])
+                else:
+                    self._pwritev_all(self._fds[k], views, within)
+                touched.add(k)
+        except OSError as exc:
+            self.health.fault("write", exc)
+            raise
+        self._sync_files(sorted(touched), self._io.fdatasync)
+        self.health.ok("write")
         with self._lock:
             for (slot, src), checksum in zip(plan, checksums):
                 if self.space.is_allocated(slot):
@@ -315,9 +320,15 @@ class NvmeStore(Tier):
             raise ValueError(f"output buffer holds {dst.nbytes} bytes, need {nbytes}")
         dst = dst[:nbytes]
         k, within = self._locate(slot)
-        self._read_bytes(self._fds[k], within, dst)
+        try:
+            self._read_bytes(self._fds[k], within, dst)
+        except (OSError, CorruptBlockError) as exc:
+            self.health.fault("read", exc)
+            raise
         if xxhash.xxh3_64_intdigest(dst) != rec.checksum:
+            self.health.fault("read", CHECKSUM, f"{slot}: checksum mismatch")
             raise CorruptBlockError(f"{slot}: checksum mismatch")
+        self.health.ok("read")
 
     def read_many(self, items: list[tuple[Slot, int, Buffer]]) -> list[Exception | None]:
         """:meth:`read_into` for a batch: ``(slot, nbytes, out)`` each; None where it verified.
@@ -354,14 +365,18 @@ class NvmeStore(Tier):
                 if len(members) == 1:
                     self._read_bytes(self._fds[k], within, views[members[0]])
                 else:
-                    _preadv_all(self._fds[k], [views[i] for i in members], within)
+                    self._preadv_all(self._fds[k], [views[i] for i in members], within)
             except (CorruptBlockError, OSError) as exc:
+                self.health.fault("read", exc)
                 for i in members:
                     results[i] = exc
                 continue
             for i in members:
                 if xxhash.xxh3_64_intdigest(views[i]) != records[i].checksum:
                     results[i] = CorruptBlockError(f"{items[i][0]}: checksum mismatch")
+                    self.health.fault("read", CHECKSUM, f"{items[i][0]}: checksum mismatch")
+        if runs and not any(isinstance(r, (OSError, CorruptBlockError)) for r in results):
+            self.health.ok("read")
         return results
 
     # -- manifest -------------------------------------------------------------------------
@@ -385,22 +400,26 @@ class NvmeStore(Tier):
                     )
                 batch.put(_MANIFEST + entry.key, _encode_entry(entry))
         if not batch.is_empty():
-            self._db_handle().write(batch, self._sync)
+            self._write_manifest(batch, self._sync)
 
     def forget(self, keys: list[bytes]) -> None:
         """Delete manifest entries (one WriteBatch). Not synced: an entry resurrected by a
-        power loss points at bytes that no longer verify, or at identical bytes."""
+        power loss points at bytes that no longer verify, or at identical bytes. A failed
+        delete is recorded in :attr:`health` and otherwise ignored, for the same reason:
+        the stale entry can cost a miss after a restart, never a wrong byte."""
         batch = WriteBatch(raw_mode=True)
         for key in keys:
             batch.delete(_MANIFEST + key)
         if not batch.is_empty():
-            self._db_handle().write(batch)
+            try:
+                self._write_manifest(batch)
+            except OSError:
+                pass  # recorded (and logged once) by _write_manifest
 
     def sync(self) -> None:
         """Make everything written so far durable: the slabs fsynced, the manifest's
         memtable flushed to its files and its write-ahead log synced (a drain ends so)."""
-        for fd in list(self._fds):
-            os.fsync(fd)
+        self._sync_files(range(len(self._fds)), self._io.fsync)
         db = self._db_handle()
         db.flush(True)
         db.flush_wal(True)
@@ -471,7 +490,7 @@ class NvmeStore(Tier):
             batch = WriteBatch(raw_mode=True)
             for key in doomed:
                 batch.delete(_MANIFEST + key)
-            self._db_handle().write(batch, self._sync)
+            self._write_manifest(batch, self._sync)
             log.warning(
                 "nvme recovery in %s dropped %d manifest entries (%s)",
                 self._dir,
@@ -483,13 +502,17 @@ class NvmeStore(Tier):
     # -- side metadata --------------------------------------------------------------------
     def meta_put(self, key: bytes, value: bytes) -> None:
         """Durably store ``value`` under ``key`` in the side keyspace (synced write)."""
-        self._db_handle().put(_META + key, value, self._sync)
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_META + key, value)
+        self._write_manifest(batch, self._sync)
 
     def meta_get(self, key: bytes) -> bytes | None:
         return self._db_handle().get(_META + key)
 
     def meta_delete(self, key: bytes) -> None:
-        self._db_handle().delete(_META + key, self._sync)
+        batch = WriteBatch(raw_mode=True)
+        batch.delete(_META + key)
+        self._write_manifest(batch, self._sync)
 
     def meta_items(self, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
         """Side entries whose key starts with ``prefix``, in key order (prefix kept)."""
@@ -615,7 +638,7 @@ class NvmeStore(Tier):
             fd = -1
             if self.direct_io and o_direct:
                 try:
-                    fd = os.open(path, flags | o_direct)
+                    fd = self._io.open(path, flags | o_direct)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
@@ -626,7 +649,7 @@ class NvmeStore(Tier):
                         "filesystem under %s refuses O_DIRECT; using buffered I/O + fdatasync",
                         self._dir,
                     )
-                fd = os.open(path, flags)
+                fd = self._io.open(path, flags)
             self._fds.append(fd)
             self._inodes.append(os.fstat(fd).st_ino)
 
@@ -653,12 +676,39 @@ class NvmeStore(Tier):
     def _release(self) -> None:
         fds, self._fds = self._fds, []
         for fd in fds:
-            os.close(fd)
+            self._io.close(fd)
         db, self._db = self._db, None
         if db is not None:
             db.close()
 
     # -- internals ------------------------------------------------------------------------
+    def _pwritev_all(self, fd: int, views: list[memoryview], offset: int) -> None:
+        _vectored_all(self._io.pwritev, fd, views, offset, reading=False)
+
+    def _preadv_all(self, fd: int, views: list[memoryview], offset: int) -> None:
+        _vectored_all(self._io.preadv, fd, views, offset, reading=True)
+
+    def _sync_files(self, slabs, sync) -> None:
+        """``sync`` (the io's fdatasync or fsync) each slab file of ``slabs``; a failure is
+        recorded as a ``sync`` fault and raised."""
+        try:
+            for k in slabs:
+                sync(self._fds[k])
+        except OSError as exc:
+            self.health.fault("sync", exc)
+            raise
+        self.health.ok("sync")
+
+    def _write_manifest(self, batch: WriteBatch, options: WriteOptions | None = None) -> None:
+        """Apply ``batch`` to the manifest through the io; a failure is recorded as a
+        ``manifest`` fault and raised (OSError)."""
+        try:
+            self._io.write_batch(self._db_handle(), batch, options)
+        except OSError as exc:
+            self.health.fault("manifest", exc)
+            raise
+        self.health.ok("manifest")
+
     def _db_handle(self) -> Rdict:
         if self._db is None:
             raise ValueError("store is closed")
@@ -730,7 +780,7 @@ class NvmeStore(Tier):
         if n == 0:
             return
         if not self.direct_io:
-            _pwritev_all(fd, [src], within)
+            self._pwritev_all(fd, [src], within)
             return
         body = n - n % ALIGN
         tail = n - body
@@ -743,7 +793,7 @@ class NvmeStore(Tier):
                 bounce[:tail] = src[body:]
                 bounce[tail:ALIGN] = _ZEROS[: ALIGN - tail]
                 views.append(bounce[:ALIGN])
-            _pwritev_all(fd, views, within)
+            self._pwritev_all(fd, views, within)
             return
         bounce = self._bounce()
         for pos in range(0, n, _BOUNCE_BYTES):
@@ -751,7 +801,7 @@ class NvmeStore(Tier):
             padded = -(-chunk // ALIGN) * ALIGN
             bounce[:chunk] = src[pos : pos + chunk]
             bounce[chunk:padded] = _ZEROS[: padded - chunk]
-            _pwritev_all(fd, [bounce[:padded]], within + pos)
+            self._pwritev_all(fd, [bounce[:padded]], within + pos)
 
     def _read_bytes(self, fd: int, within: int, dst: memoryview) -> None:
         """Fill ``dst`` from ``within``, never touching memory past ``dst``."""
@@ -759,7 +809,7 @@ class NvmeStore(Tier):
         if n == 0:
             return
         if not self.direct_io:
-            _preadv_all(fd, [dst], within)
+            self._preadv_all(fd, [dst], within)
             return
         body = n - n % ALIGN
         tail = n - body
@@ -768,7 +818,7 @@ class NvmeStore(Tier):
             bounce = self._bounce() if tail else None
             if bounce is not None:
                 views.append(bounce[:ALIGN])
-            _preadv_all(fd, views, within)
+            self._preadv_all(fd, views, within)
             if bounce is not None:
                 dst[body:] = bounce[:tail]
             return
@@ -784,7 +834,7 @@ class NvmeStore(Tier):
         for pos in range(0, n, _BOUNCE_BYTES):
             chunk = min(_BOUNCE_BYTES, n - pos)
             padded = -(-chunk // ALIGN) * ALIGN
-            _preadv_all(fd, [bounce[:padded]], within + pos)
+            self._preadv_all(fd, [bounce[:padded]], within + pos)
             yield bounce[:chunk]
 
     def _verify_one(self, entry: ManifestEntry) -> bool:
