@@ -136,6 +136,14 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _health(tier) -> str:
+    """``ok``, or ``degraded`` and the faults that degrade it: ``degraded (write ENOSPC x3)``."""
+    if not tier.degraded:
+        return "ok"
+    active = ", ".join(f"{f.op} {f.errno} x{f.count}" for f in tier.faults if f.active)
+    return f"degraded ({active})" if active else "degraded"
+
+
 def cmd_status(client: Client, output: str) -> int:
     st = client.status()
     if output != "table":
@@ -147,10 +155,10 @@ def cmd_status(client: Client, output: str) -> int:
           f"write-behind queue {st.write_behind_queue}  recovered {st.recovered_blocks} (dropped {st.dropped_on_recovery})")
     rows = [
         [t.name, format_size(t.capacity_bytes), format_size(t.used_bytes),
-         f"{100 * t.used_bytes / t.capacity_bytes:.1f}%" if t.capacity_bytes else "-", t.blocks, t.location]
+         f"{100 * t.used_bytes / t.capacity_bytes:.1f}%" if t.capacity_bytes else "-", t.blocks, _health(t), t.location]
         for t in st.tiers
     ]
-    print(_table(rows, ["TIER", "CAPACITY", "USED", "USE", "BLOCKS", "LOCATION"]))
+    print(_table(rows, ["TIER", "CAPACITY", "USED", "USE", "BLOCKS", "HEALTH", "LOCATION"]))
     if st.namespaces:
         print()
         rows = [[n.name, n.block_tokens, format_size(n.block_bytes), n.blocks] for n in st.namespaces]

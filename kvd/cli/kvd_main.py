@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-seconds", type=float,
         help="on SIGTERM, how long leases may finish and kept blocks go to NVMe before exit (default 25)",
     )
+    serve.add_argument(
+        "--room-wait-seconds", type=float,
+        help="how long a store or load waits for DRAM room before RESOURCE_EXHAUSTED (default 10)",
+    )
+    # A test and chaos facility (docs/reliability.md), hidden from --help; refused without KVD_ALLOW_FAULTS=1.
+    serve.add_argument("--fault-plan", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
     serve.add_argument("--no-verify-on-start", action="store_true", help="skip reading every recovered block at start")
     serve.add_argument("--log-level", help="DEBUG, INFO (default), WARNING or ERROR")
@@ -156,7 +162,7 @@ SERVE_FLAGS = (
     "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
     "lease_seconds", "slab_bytes",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
-    "drain_seconds", "log_level", "log_format",
+    "drain_seconds", "log_level", "log_format", "room_wait_seconds", "fault_plan",
     "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
 )
 

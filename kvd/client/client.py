@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -51,6 +51,17 @@ class SessionState:
 
 
 @dataclass(frozen=True)
+class TierFault:
+    """Faults of one kind in one tier since the daemon started (docs/reliability.md)."""
+
+    op: str  # write, read, sync, manifest (NVMe); allocate (DRAM)
+    errno: str  # EIO, ENOSPC, ... or checksum
+    count: int
+    last_error: str
+    active: bool  # still degrades the tier
+
+
+@dataclass(frozen=True)
 class TierInfo:
     name: str
     capacity_bytes: int
@@ -58,6 +69,8 @@ class TierInfo:
     blocks: int
     location: str
     direct_io: bool
+    degraded: bool = False  # a fault the tier has not yet recovered from
+    faults: list[TierFault] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -387,7 +400,10 @@ class Client:
             uptime_s=r.uptime_s,
             policy=r.policy,
             tiers=[
-                TierInfo(TIER_NAME[t.tier], t.capacity_bytes, t.used_bytes, t.blocks, t.location, t.direct_io)
+                TierInfo(
+                    TIER_NAME[t.tier], t.capacity_bytes, t.used_bytes, t.blocks, t.location, t.direct_io, t.degraded,
+                    [TierFault(f.op, f.errno, f.count, f.last_error, f.active) for f in t.faults],
+                )
                 for t in r.tiers
             ],
             namespaces=[NamespaceInfo(n.namespace, n.block_tokens, n.block_bytes, n.blocks) for n in r.namespaces],

@@ -11,6 +11,7 @@ from kvd.policies import DAEMON_POLICIES, make_policy
 from kvd.server.codec import block_key
 from kvd.server.drain import DrainResult
 from kvd.server.listing import block_info, held_page
+from kvd.server.metrics import tier_healths
 from kvd.server.state import DaemonState, unary_rpc
 from kvd.tiers import TIER_CODES
 from kvd.v1 import admin_pb2, admin_pb2_grpc
@@ -31,8 +32,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @unary_rpc
     async def Status(self, request, context):
         stats = self.s.core.stats()
+        healths = tier_healths(self.s)
         tiers = []
         for usage in stats.tiers:
+            health = healths.get(usage.tier)
+            faults = health.faults() if health is not None else []
             location, direct = "", False
             if usage.tier == "dram":
                 location = str(self.s.arena.path)
@@ -46,6 +50,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     blocks=usage.blocks,
                     location=location,
                     direct_io=direct,
+                    degraded=any(f.active for f in faults),
+                    faults=[
+                        admin_pb2.TierFault(op=f.op, errno=f.errno, count=f.count, last_error=f.last_error, active=f.active)
+                        for f in faults
+                    ],
                 )
             )
         return admin_pb2.StatusResponse(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 GiB = 1 << 30
+# The fault plan is a test and chaos facility: refused unless this variable is "1", so that
+# no production config file or stray KVD_FAULT_PLAN turns fault injection on by accident.
+ALLOW_FAULTS_ENV = "KVD_ALLOW_FAULTS"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class ServeConfig:
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
     log_format: str = "text"  # text, or json: one object per line with the request id
     drain_seconds: float = 25.0  # SIGTERM: time for leases to finish and kept blocks to reach NVMe
+    room_wait_seconds: float = 10.0  # a store or load waits at most this long for DRAM room, then RESOURCE_EXHAUSTED
+    fault_plan: Path | None = None  # tests/chaos only (needs KVD_ALLOW_FAULTS=1): JSON rules, see kvd/tiers/faults.py
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -67,6 +73,16 @@ class ServeConfig:
             raise ValueError("--drain-seconds must not be negative")
         if self.io_threads <= 0:
             raise ValueError("--io-threads must be positive")
+        if not self.room_wait_seconds > 0:
+            raise ValueError("--room-wait-seconds must be positive")
+        if self.fault_plan is not None:
+            if os.environ.get(ALLOW_FAULTS_ENV) != "1":
+                raise ValueError(
+                    f"--fault-plan injects disk faults (a test facility); it needs {ALLOW_FAULTS_ENV}=1 in the environment"
+                )
+            from kvd.tiers.faults import FaultPlan
+
+            FaultPlan.load(self.fault_plan)  # ValueError naming the file, the rule and the field
         for flag, endpoint in (("--kv-events", self.kv_events), ("--kv-events-replay", self.kv_events_replay)):
             if endpoint is not None and not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
                 raise ValueError(f"{flag} must be a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH), got {endpoint!r}")

@@ -24,7 +24,7 @@ ENV_PREFIX = "KVD_"
 _HINTS = typing.get_type_hints(ServeConfig)
 FIELDS = {f.name: _HINTS[f.name] for f in fields(ServeConfig)}
 # the clients' variables (kvctl, kvd.client), not the daemon's
-_NOT_SETTINGS = {"KVD_ADDR", "KVD_TOKEN", "KVD_TLS_CA", "KVD_TLS_CLIENT_CERT", "KVD_TLS_CLIENT_KEY"}
+_NOT_SETTINGS = {"KVD_ADDR", "KVD_TOKEN", "KVD_TLS_CA", "KVD_TLS_CLIENT_CERT", "KVD_TLS_CLIENT_KEY", "KVD_ALLOW_FAULTS"}
 
 
 class ConfigError(ValueError):

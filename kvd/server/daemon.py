@@ -54,7 +54,10 @@ def build_state(config: ServeConfig) -> DaemonState:
     nvme = None
     if config.nvme_bytes:
         config.nvme_dir.mkdir(parents=True, exist_ok=True)
-        nvme = NvmeStore(config.nvme_dir, config.nvme_bytes, slab_bytes=config.slab_bytes, page_bytes=config.page_bytes)
+        nvme = NvmeStore(
+            config.nvme_dir, config.nvme_bytes, slab_bytes=config.slab_bytes, page_bytes=config.page_bytes,
+            io=fault_io(config),
+        )
     config.shm_dir.mkdir(parents=True, exist_ok=True)
     arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
     # The core allocates and frees through the tiers themselves (pure bookkeeping), so a
@@ -76,6 +79,17 @@ def build_state(config: ServeConfig) -> DaemonState:
         recover(state, verify=config.verify_on_start)
     state.events = EventBuffer(config.event_buffer, next_seq=core.events.next_seq)
     return state
+
+
+def fault_io(config: ServeConfig):
+    """The NVMe tier's file layer: the real one, or faults by ``--fault-plan`` (tests)."""
+    if config.fault_plan is None:
+        return None
+    from kvd.tiers.faults import FaultPlan, FaultyIO
+
+    plan = FaultPlan.load(config.fault_plan)
+    log.warning("fault injection is on: %d rules from %s (a test facility)", len(plan.rules), config.fault_plan)
+    return FaultyIO(plan)
 
 
 def recover(state: DaemonState, verify: bool) -> None:
@@ -179,7 +193,7 @@ class Daemon:
         interceptors = [state.metrics.interceptor()] if state.metrics is not None else []
         interceptors.append(AdminAuth(self.config.admin_token()))
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state), server)
+        engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state, self.config.room_wait_seconds), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, self), server)
         view = ViewService(state, self.config.dram_to_hbm_gbps, self.config.nvme_to_dram_gbps)
         view_pb2_grpc.add_ViewServicer_to_server(view, server)

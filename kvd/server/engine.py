@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from kvd.core.errors import InvalidArgument, NoSpace, UnknownLease
+from kvd.core.errors import InvalidArgument, KvdError, NoSpace, UnknownLease
 from kvd.core.manager import BlockSpec, StoreGrant, Wait
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.tiers import TIER_CODES
@@ -20,8 +20,8 @@ SESSION_KINDS = {
     engine_pb2.TOOL_RESUME: "tool_resume",
     engine_pb2.SESSION_END: "session_end",
 }
-WAIT_ROUNDS = 50  # bound on mover rounds one request waits for room
-WAIT_ROUND_S = 5.0
+ROOM_WAIT_S = 10.0  # default bound on a request's wait for DRAM room (kvd serve --room-wait-seconds)
+PROMOTION_WAIT_S = 250.0  # bound on a load's wait for another load's promotion of the same blocks
 
 
 def tier_runs(codes: list[int]) -> list[tuple[int, int]]:
@@ -42,8 +42,9 @@ def slot_ref(slot) -> types_pb2.SlotRef:
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
-    def __init__(self, state: DaemonState) -> None:
+    def __init__(self, state: DaemonState, room_wait_s: float = ROOM_WAIT_S) -> None:
         self.s = state
+        self.room_wait_s = room_wait_s
 
     @unary_rpc
     async def RegisterNamespace(self, request, context):
@@ -87,21 +88,49 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         """PrepareStore, waiting (bounded) while the mover makes room."""
         self.s.require_serving()
         return await self._with_room(
-            lambda: self.s.core.prepare_store(namespace, specs, lease_seconds, session_id=session_id)
+            lambda: self.s.core.prepare_store(namespace, specs, lease_seconds, session_id=session_id),
+            namespace, len(specs),
         )
 
-    async def _with_room(self, attempt):
-        """Run a core call that may answer Wait (demotions under way), retrying as the mover
-        lands batches; a bounded number of rounds, then RESOURCE_EXHAUSTED."""
-        self.s.mover.foreground()
-        for _ in range(WAIT_ROUNDS):
-            seen = self.s.mover.batches_done
-            result = attempt()
-            self.s.after_core()
-            if not isinstance(result, Wait):
-                return result
-            await self.s.mover.wait_progress(seen, WAIT_ROUND_S)
-        raise NoSpace("timed out waiting for demotions to make room")
+    async def _with_room(self, attempt, namespace: str, blocks: int):
+        """Run a core call that may answer Wait (demotions or write-behind under way),
+        retrying as the mover lands batches, for at most ``room_wait_s`` seconds; then
+        RESOURCE_EXHAUSTED. This is the backpressure of a disk slower than the stores: the
+        wait is bounded, and so is what waits (the request's blocks are not read meanwhile).
+
+        A refusal for want of DRAM room is a DRAM ``allocate`` fault (ENOSPC) unless the
+        request could not fit even in an empty tier (the client's error, not a fault).
+        """
+        mover, health = self.s.mover, self.s.arena.health
+        mover.foreground()
+        deadline = self.s.clock() + self.room_wait_s
+        try:
+            while True:
+                seen = mover.batches_done
+                result = attempt()
+                self.s.after_core()
+                if not isinstance(result, Wait):
+                    health.ok("allocate")
+                    return result
+                left = deadline - self.s.clock()
+                if left <= 0:
+                    raise NoSpace(
+                        f"no DRAM room after waiting {self.room_wait_s:g} s: writes to NVMe are not keeping up "
+                        f"with demotions ({self.s.core.write_behind_pending} blocks queued for NVMe); retry later"
+                    )
+                await mover.wait_progress(seen, left)
+        except NoSpace as exc:
+            if self._could_fit(namespace, blocks):
+                health.fault("allocate", "ENOSPC", str(exc))
+            raise
+
+    def _could_fit(self, namespace: str, blocks: int) -> bool:
+        """Whether ``blocks`` blocks of ``namespace`` fit in an empty DRAM tier."""
+        try:
+            block_bytes = self.s.core.namespace(namespace).block_bytes
+        except KvdError:
+            return False
+        return blocks * self.s.arena.slot_bytes(block_bytes) <= self.s.arena.capacity_bytes
 
     @unary_rpc
     async def CommitStore(self, request, context):
@@ -130,13 +159,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         every transfer the core planned is reported back, whatever happens to the caller.
         """
         self.s.require_serving()
-        grant = await self._with_room(lambda: self.s.core.prepare_load(namespace, hashes, lease_seconds))
+        grant = await self._with_room(
+            lambda: self.s.core.prepare_load(namespace, hashes, lease_seconds), namespace, len(hashes)
+        )
         if self.s.metrics is not None:
             self.s.metrics.loaded(namespace, hashes, grant.found)
         if grant.promotions:
             await asyncio.shield(asyncio.ensure_future(self.s.mover.promote(grant.promotions)))
         if grant.awaiting:
-            await self.s.mover.wait_landed(grant.awaiting, WAIT_ROUND_S * WAIT_ROUNDS)
+            await self.s.mover.wait_landed(grant.awaiting, PROMOTION_WAIT_S)
         return grant.lease_id, grant.expires_at
 
     @unary_rpc

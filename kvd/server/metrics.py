@@ -38,6 +38,7 @@ from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, 
 from kvd.core.manager import Transfer
 from kvd.core.sessions import STATES
 from kvd.tiers import TIER_NAMES
+from kvd.tiers.health import TierHealth
 
 NO_CLASS = "none"  # the class label under a policy that keeps no classes (lru)
 EVENT_KINDS = {
@@ -58,6 +59,7 @@ class TierGauge:
     capacity_bytes: int
     used_bytes: int
     blocks: int
+    degraded: bool = False  # the tier's TierHealth: a fault not yet followed by enough successes
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,15 @@ class StateCollector:
         capacity = GaugeMetricFamily("kvd_tier_capacity_bytes", "Bytes the tier can hold.", labels=["tier"])
         used = GaugeMetricFamily("kvd_tier_used_bytes", "Bytes of the tier's slots in use.", labels=["tier"])
         blocks = GaugeMetricFamily("kvd_tier_blocks", "Readable block copies held in the tier.", labels=["tier"])
+        degraded = GaugeMetricFamily(
+            "kvd_tier_degraded", "1 while the tier is degraded by a fault it has not recovered from.", labels=["tier"]
+        )
         for t in snap.tiers:
             capacity.add_metric([t.tier], t.capacity_bytes)
             used.add_metric([t.tier], t.used_bytes)
             blocks.add_metric([t.tier], t.blocks)
-        yield from (capacity, used, blocks)
+            degraded.add_metric([t.tier], int(t.degraded))
+        yield from (capacity, used, blocks, degraded)
         sessions = GaugeMetricFamily("kvd_sessions", "Sessions in the session table, by state.", labels=["state"])
         for state in STATES:
             sessions.add_metric([state], snap.sessions.get(state, 0))
@@ -148,6 +154,14 @@ class DaemonMetrics:
             ["src", "dst", "kind"], registry=r,
         )
         self.events = Counter("kvd_events_total", "Events published to Watch streams, by kind.", ["kind"], registry=r)
+        self.tier_faults = Counter(
+            "kvd_tier_faults_total", "Failed tier operations (I/O errors, checksum mismatches, no free slot).",
+            ["tier", "op", "errno"], registry=r,
+        )
+        for health in tier_healths(state).values():
+            for record in health.faults():  # faults before metrics existed (recovery)
+                self.tier_faults.labels(health.tier, record.op, record.errno).inc(record.count)
+            health.listeners.append(self.fault)  # I/O threads call it: Counter is thread safe
         self.rpc_seconds = Histogram(
             "kvd_rpc_duration_seconds", "Time to handle a gRPC call, by service, method and status code.",
             ["service", "method", "code"], buckets=RPC_BUCKETS, registry=r,
@@ -178,6 +192,10 @@ class DaemonMetrics:
                     self.evictions.labels(event.tier, cls, event.cause or event.reason).inc()
         for kind, n in kinds.items():
             self.events.labels(kind).inc(n)
+
+    def fault(self, tier: str, op: str, errno: str) -> None:
+        """A tier's TierHealth recorded one fault."""
+        self.tier_faults.labels(tier, op, errno).inc()
 
     def looked_up(self, runs: Sequence[tuple[int, int]], misses: int) -> None:
         """A Lookup's answer: ``runs`` of (tier code, blocks) of the held prefix."""
@@ -224,8 +242,12 @@ class DaemonMetrics:
     def snapshot(self) -> Snapshot:
         """The gauges' values now. Call on the event loop's thread (it reads the core)."""
         core = self.state.core
+        healths = tier_healths(self.state)
         tiers = [
-            TierGauge(t, core.spaces[t].capacity_bytes, core.spaces[t].used_bytes, self._blocks.get(t, 0))
+            TierGauge(
+                t, core.spaces[t].capacity_bytes, core.spaces[t].used_bytes, self._blocks.get(t, 0),
+                t in healths and healths[t].degraded,
+            )
             for t in core.tiers
         ]
         events = self.state.events
@@ -275,6 +297,13 @@ class DaemonMetrics:
 
     def interceptor(self) -> RpcMetricsInterceptor:
         return RpcMetricsInterceptor(self.rpc_seconds)
+
+
+def tier_healths(state) -> dict[str, TierHealth]:
+    """The TierHealth of each tier the daemon runs, by tier name (the core's spaces are the
+    tiers themselves; a bare allocator, as in replays and unit tests, has none)."""
+    spaces = state.core.spaces.items()
+    return {name: space.health for name, space in spaces if isinstance(getattr(space, "health", None), TierHealth)}
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

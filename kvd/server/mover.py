@@ -8,6 +8,11 @@ Write-behind yields to foreground traffic: while stores and loads keep arriving 
 until they pause for ``quiet_s``, unless DRAM's free space is under ``urgent_free_fraction``
 (evictions would otherwise have to demote synchronously) or a Sync is waiting. Demotions
 and promotions never wait.
+
+Logging: a disk or manifest error (OSError) is logged by the NVMe tier's TierHealth, once per
+kind of fault until the tier recovers, and counted in metrics; the mover only retries (after
+``error_backoff_s`` for write-behind), so a failing disk does not log once per batch. Anything
+else that escapes a batch is a bug and is logged each time with its traceback.
 """
 
 from __future__ import annotations
@@ -195,7 +200,7 @@ class Mover:
         except Exception as exc:  # a disk or manifest error must not strand the transfers
             self.errors += 1
             self._backoff_until = self.clock() + self.error_backoff_s
-            log.error("writing %d blocks to NVMe failed: %s: %s", len(transfers), type(exc).__name__, exc)
+            _log_failure(exc, "writing %d blocks to NVMe failed", len(transfers))
             ok = False
         for t in transfers:
             self.core.complete_transfer(t, ok=ok)
@@ -237,7 +242,7 @@ class Mover:
         for part, results in zip(parts, outcomes):
             if isinstance(results, BaseException):
                 self.errors += 1
-                log.error("reading %d blocks from NVMe failed: %s: %s", len(part), type(results).__name__, results)
+                _log_failure(results, "reading %d blocks from NVMe failed", len(part))
                 results = ["error"] * len(part)
             for t, result in zip(part, results):
                 if result == "corrupt":
@@ -279,6 +284,14 @@ class Mover:
                 out.append("corrupt")
             else:
                 self.errors += 1
-                log.error("reading block %x from NVMe failed: %s", t.record.hash, err)
+                _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
                 out.append("error")
         return out
+
+
+def _log_failure(exc: BaseException, what: str, *args) -> None:
+    """A medium's failure (OSError: TierHealth logged its first) at DEBUG; a bug at ERROR."""
+    if isinstance(exc, OSError):
+        log.debug(what + ": %s", *args, exc)
+    else:
+        log.error(what + ": %s: %s", *args, type(exc).__name__, exc, exc_info=exc)

@@ -12,20 +12,38 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStatus(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "location", "direct_io")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "location", "direct_io", "degraded", "faults")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     DIRECT_IO_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
     tier: _types_pb2.Tier
     capacity_bytes: int
     used_bytes: int
     blocks: int
     location: str
     direct_io: bool
-    def __init__(self, tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., location: _Optional[str] = ..., direct_io: _Optional[bool] = ...) -> None: ...
+    degraded: bool
+    faults: _containers.RepeatedCompositeFieldContainer[TierFault]
+    def __init__(self, tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., location: _Optional[str] = ..., direct_io: _Optional[bool] = ..., degraded: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[TierFault, _Mapping]]] = ...) -> None: ...
+
+class TierFault(_message.Message):
+    __slots__ = ("op", "errno", "count", "last_error", "active")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    errno: str
+    count: int
+    last_error: str
+    active: bool
+    def __init__(self, op: _Optional[str] = ..., errno: _Optional[str] = ..., count: _Optional[int] = ..., last_error: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class NamespaceStatus(_message.Message):
     __slots__ = ("namespace", "block_tokens", "block_bytes", "blocks")
