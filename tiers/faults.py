@@ -59,7 +59,8 @@ class FaultRule:
     torn_bytes: int | None = None  # write: only the first N bytes reach the file, then the
     # errno is raised; without an errno the full length is reported written (a lost write)
     delay_s: float = 0.0  # seconds added to each call it acts on
-    bytes_per_s: float | None = None  # and the call's bytes at this rate (a slow disk)
+    bytes_per_s: float | None = None  # the calls it acts on share this bandwidth, one at a
+    # time, as on one slow disk: a call of N bytes holds the "disk" for N / bytes_per_s
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -168,6 +169,7 @@ class FaultyIO:
         self.inner = inner
         self.sleep = sleep
         self._lock = threading.Lock()
+        self._disk = threading.Lock()  # held through a bandwidth delay: one transfer at a time
         self._names: dict[int, str] = {}  # fd -> the file's name, for the ``file`` filter
         self._matched = [0] * len(plan.rules)
         self._acted = [0] * len(plan.rules)
@@ -193,9 +195,11 @@ class FaultyIO:
         return None
 
     def _delay(self, rule: FaultRule, nbytes: int) -> None:
-        seconds = rule.delay_s + (nbytes / rule.bytes_per_s if rule.bytes_per_s else 0.0)
-        if seconds > 0:
-            self.sleep(seconds)
+        if rule.delay_s > 0:
+            self.sleep(rule.delay_s)  # latency: calls wait side by side
+        if rule.bytes_per_s:
+            with self._disk:  # bandwidth: calls queue for the one "disk"
+                self.sleep(nbytes / rule.bytes_per_s)
 
     # -- FileIO ---------------------------------------------------------------------------
     def open(self, path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
