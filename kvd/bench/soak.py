@@ -237,7 +237,7 @@ class _Session:
             if self.turns % self.cfg.disconnect_every == 0:
                 self.disconnect_mid_store(sid, chain)
             new = [block_hash(self.cfg.seed, sid, turn, i) for i in range(self.cfg.blocks_per_turn)]
-            self.timed("session_event", c.session_event, NAMESPACE, sid, "turn_start", chain + new)
+            self.timed("session_turn_start", c.session_event, NAMESPACE, sid, "turn_start", chain + new)
             self.timed("lookup", c.lookup, NAMESPACE, chain + new)
             self.check_load(chain)
             if turn == 0:  # the first turn (re)stores the shared prefix: most of it is held
@@ -248,12 +248,12 @@ class _Session:
             chain += new
             if self.rng.random() < 0.5:
                 tool = self.rng.choice(TOOLS)
-                self.timed("session_event", c.session_event, NAMESPACE, sid, "tool_pause", tool=tool,
+                self.timed("session_tool_pause", c.session_event, NAMESPACE, sid, "tool_pause", tool=tool,
                            expected_pause_s=self.rng.uniform(1, 30))
                 self.timed("lookup", c.lookup, NAMESPACE, chain)
-                self.timed("session_event", c.session_event, NAMESPACE, sid, "tool_resume")
-            self.timed("session_event", c.session_event, NAMESPACE, sid, "turn_end")
-        self.timed("session_event", c.session_event, NAMESPACE, sid, "session_end")
+                self.timed("session_tool_resume", c.session_event, NAMESPACE, sid, "tool_resume")
+            self.timed("session_turn_end", c.session_event, NAMESPACE, sid, "turn_end")
+        self.timed("session_session_end", c.session_event, NAMESPACE, sid, "session_end")
 
     def check_load(self, chain: list[int]) -> None:
         loaded = self.timed("load", self.client.load, NAMESPACE, chain)

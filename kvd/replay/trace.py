@@ -134,6 +134,8 @@ def _load(path: str | os.PathLike[str]) -> list[Record]:
                 obj = loads(raw)
             except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bad UTF-8
                 raise TraceError(path, lineno, f"not valid JSON: {exc}") from None
+            except RecursionError:  # arrays or objects nested thousands deep
+                raise TraceError(path, lineno, "not valid JSON: nested too deeply") from None
             if type(obj) is not dict:
                 raise TraceError(path, lineno, f"a request must be a JSON object, got {type(obj).__name__}")
             records.append((lineno, obj))

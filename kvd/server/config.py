@@ -53,8 +53,8 @@ class ServeConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
-        if self.dram_bytes < self.page_bytes:
-            raise ValueError(f"--dram-bytes must be at least one page ({self.page_bytes} bytes)")
+        if self.dram_bytes < self.page_bytes or self.dram_bytes % self.page_bytes:
+            raise ValueError(f"--dram-bytes must be a whole number of pages ({self.page_bytes} bytes), at least one")
         if self.nvme_bytes and self.nvme_bytes < self.page_bytes:
             raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or at least {self.page_bytes} bytes")
         if self.hbm_bytes < 0 or self.hbm_bytes % self.page_bytes:

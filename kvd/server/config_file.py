@@ -9,6 +9,7 @@ where it came from and the key.
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 import typing
@@ -86,14 +87,17 @@ def _coerce(where: str, key: str, raw: Any, from_text: bool) -> Any:
         if kind is float:
             if isinstance(raw, bool) or not isinstance(raw, int | float | str):
                 raise ValueError("expected a number")
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # NaN passes every `<= 0` check: refuse it here
+                raise ValueError("expected a finite number")
+            return value
         if kind is Path:
-            if not isinstance(raw, str):
+            if not isinstance(raw, str) or "\0" in raw:
                 raise ValueError("expected a path")
             return Path(raw)
         if kind is str:
-            if not isinstance(raw, str):
-                raise ValueError("expected a string")
+            if not isinstance(raw, str) or "\0" in raw:
+                raise ValueError("expected a string without NUL characters")
             return raw
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc} (got {raw!r})") from None
