@@ -68,6 +68,7 @@ class SoakConfig:
     dram_bytes: int = 128 << 20
     nvme_bytes: int = 512 << 20
     lease_seconds: float = 5.0  # the daemon's default lease (and quarantine of expired slots)
+    event_buffer: int = 100_000  # the daemon's Watch ring (its default): it fills as the run goes
     warmup_seconds: float | None = None  # None: a sixth of the run
     processes: int = 4
     max_ops: int = 1_000_000  # per client
@@ -136,7 +137,8 @@ class SoakDaemon:
             "--socket", str(self.socket), "--tcp", self.tcp, "--tcp-insecure",
             "--dram-bytes", str(cfg.dram_bytes), "--nvme-bytes", str(cfg.nvme_bytes),
             "--nvme-dir", str(root / "nvme"), "--shm-dir", str(root / "shm"), "--slab-bytes", str(64 << 20),
-            "--lease-seconds", str(cfg.lease_seconds), "--log-level", "WARNING",
+            "--lease-seconds", str(cfg.lease_seconds), "--event-buffer", str(cfg.event_buffer),
+            "--log-level", "WARNING",
         ]
         self.log_path = root / "kvd.log"
         with open(self.log_path, "ab") as log:
@@ -476,6 +478,10 @@ def add_arguments(p: argparse.ArgumentParser, size) -> None:
         "--lease-seconds", type=float, default=d.lease_seconds,
         help=f"the daemon's lease, also how long an expired lease's slots wait before reuse (default {d.lease_seconds:g})",
     )
+    p.add_argument(
+        "--event-buffer", type=int, default=d.event_buffer,
+        help=f"the daemon's Watch ring, in events (default {d.event_buffer}, the daemon's own default)",
+    )
     p.add_argument("--warmup-seconds", type=float, help="when rss_start is sampled (default: a sixth of --seconds)")
     p.add_argument(
         "--disconnect-every", type=int, default=d.disconnect_every, help="turns between disconnects mid-store"
@@ -489,7 +495,7 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = SoakConfig(
             clients=args.clients, seconds=args.seconds, max_ops=args.max_ops, processes=args.processes,
             block_bytes=args.block_bytes, dram_bytes=args.dram_bytes, nvme_bytes=args.nvme_bytes,
-            lease_seconds=args.lease_seconds, warmup_seconds=args.warmup_seconds, disconnect_every=args.disconnect_every, seed=args.seed, dir=args.dir,
+            lease_seconds=args.lease_seconds, event_buffer=args.event_buffer, warmup_seconds=args.warmup_seconds, disconnect_every=args.disconnect_every, seed=args.seed, dir=args.dir,
         )
         return run(cfg)
 
