@@ -242,6 +242,19 @@ def test_manifest_write_failing_keeps_blocks_in_dram(daemon_factory, tmp_path, a
         assert assert_never_wrong(c.load(NS, hashes), blocks) == list(range(n))
 
 
+def test_a_namespace_the_manifest_cannot_record_is_unavailable_not_internal(
+    daemon_factory, tmp_path, allow_faults
+):
+    d = faulty_daemon(daemon_factory, tmp_path, [{"op": "manifest", "errno": "EIO", "times": 1}]).start()
+    with d.client() as c:
+        with pytest.raises(ClientError) as info:
+            c.register_namespace(NS, TOKENS, BLOCK)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "cannot be recorded in the NVMe manifest" in info.value.details
+        assert c.register_namespace(NS, TOKENS, BLOCK) is True  # the fault passed: it works
+        assert c.check() == []
+
+
 def test_nvme_write_fault_clears_after_successful_writes(daemon_factory, tmp_path, allow_faults, kvctl, wait_until):
     d = faulty_daemon(daemon_factory, tmp_path, [{"op": "write", "errno": "EIO", "times": 1}]).start()
     hashes, blocks = make_hashes(1 + CLEAR_AFTER, seed=73), make_blocks(1 + CLEAR_AFTER)

@@ -108,7 +108,13 @@ class DaemonState:
         """Persist a new namespace's geometry first, then make it live: a namespace that
         serves blocks is always one a restart knows."""
         if self.core.check_geometry(name, block_tokens, block_bytes) and self.nvme is not None:
-            self.nvme.meta_put(namespace_key(name), namespace_value(block_tokens, block_bytes))
+            try:
+                self.nvme.meta_put(namespace_key(name), namespace_value(block_tokens, block_bytes))
+            except OSError as exc:
+                # Not the caller's fault and maybe passing (the manifest's disk): retry later.
+                raise Unavailable(
+                    f"namespace {name!r} cannot be recorded in the NVMe manifest ({exc.strerror or exc}); retry later"
+                ) from None
         created = self.core.register_namespace(name, block_tokens, block_bytes)
         self.after_core()
         return created
