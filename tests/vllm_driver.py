@@ -3,16 +3,23 @@
 Run by tests/test_vllm_e2e.py with ``.venv-vllm-cpu/bin/python`` (``make vllm-cpu-env``):
 
     python tests/vllm_driver.py make-model DIR
-    python tests/vllm_driver.py run --model DIR --out FILE [--kvd-address unix:///... --nvme-dir DIR]
+    python tests/vllm_driver.py run --model DIR --out FILE [--kvd-address unix:///... --nvme-dir DIR
+                                   [--async-load] [--kv-events ipc:///...]]
 
 ``run`` without ``--kvd-address`` is the baseline engine (vLLM's own prefix cache only).
-With it, the engine runs with ``KvdConnector`` and three scenarios run in one engine:
+With it, the engine runs with ``KvdConnector`` (``--async-load``: ``kvd_async_load``, loads
+in the background, in a namespace of its own so it starts from an empty kvd) and three
+scenarios run in one engine:
 
 1. ``repeat``: a prompt, ``llm.reset_prefix_cache()``, the same prompt again;
 2. ``session``: a two-turn session, turn 2 extends turn 1 (prompt + output + new tokens),
    the engine's own cache reset in between; turn 1 hints a tool pause;
 3. ``corrupt``: a prompt, its blocks pushed out of kvd's DRAM onto NVMe, one block's bytes
    corrupted in the slab file, the engine's cache reset, the prompt again.
+
+With ``--kv-events`` the engine publishes vLLM's KV events there (ZMQ); the driver subscribes
+before the scenarios and reports every ``BlockStored``/``BlockRemoved`` it received, decoded
+with vLLM's own ``KVEventBatch``.
 
 vLLM spawns processes, hence the main-module guard.
 """
@@ -24,6 +31,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,10 +60,65 @@ def make_model(path: Path) -> None:
     make(path, layers=2, hidden=128, heads=2, kv_heads=2, head_dim=64, vocab=VOCAB, max_len=1024)
 
 
-def _engine(model: str, kvd_address: str | None):
+def _engine(model: str, kvd_address: str | None, namespace: str, async_load: bool, kv_events: str | None):
     from kvd.bench.connector_e2e import engine
 
-    return engine(model, kvd_address, BLOCK, 1024, namespace="tiny-llama", kv_cache_bytes=128 << 20)
+    return engine(model, kvd_address, BLOCK, 1024, namespace=namespace, kv_cache_bytes=128 << 20,
+                  async_load=async_load, kv_events=kv_events)
+
+
+class EventSink:
+    """Subscribes to vLLM's KV-event publisher; decodes each batch with vLLM's classes."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+        self.events: list = []
+        self.seqs: list[int] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        while not self._stop.is_set():
+            if not self._sock.poll(100, zmq.POLLIN):
+                continue
+            _topic, seq, payload = self._sock.recv_multipart()
+            batch = decoder.decode(payload)
+            with self._lock:
+                self.seqs.append(int.from_bytes(seq, "big"))
+                self.events.extend(batch.events)
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if any(predicate(e) for e in self.events):
+                    return
+            self._stop.wait(0.05)
+        raise TimeoutError("the KV event awaited never arrived")
+
+    def report(self) -> dict:
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        self._stop.set()
+        self._thread.join()
+        stored = [{"medium": e.medium, "hashes": list(e.block_hashes), "parent": e.parent_block_hash,
+                   "tokens": list(e.token_ids), "block_size": e.block_size, "session_id": e.session_id}
+                  for e in self.events if isinstance(e, BlockStored)]
+        removed = [{"medium": e.medium, "hashes": list(e.block_hashes)} for e in self.events
+                   if isinstance(e, BlockRemoved)]
+        gaps = any(b != a + 1 for a, b in zip(self.seqs, self.seqs[1:]))
+        return {"stored": stored, "removed": removed, "batches": len(self.seqs), "seq_gaps": gaps}
 
 
 def _generate(llm, prompt: list[int], kvd: dict | None = None) -> dict:
@@ -65,22 +128,18 @@ def _generate(llm, prompt: list[int], kvd: dict | None = None) -> dict:
 
 
 def _session_state(client, namespace: str) -> dict | None:
-    from kvd.v1 import admin_pb2, admin_pb2_grpc
-
-    stub = admin_pb2_grpc.AdminStub(client._channel)
-    for s in stub.ListSessions(admin_pb2.ListSessionsRequest(), timeout=10).sessions:
-        if s.session_id == SESSION:
-            return {"state": s.state, "tool": s.tool, "turns": s.turns}
+    for s in client.sessions(namespace=namespace, session_id=SESSION):
+        return {"state": s.state, "tool": s.tool or "", "turns": s.turns}
     return None
 
 
-def _push_out_of_dram(client, block_bytes: int) -> None:
+def _push_out_of_dram(client, block_bytes: int, seed: int) -> None:
     """Store unrelated blocks (another namespace) until the daemon's DRAM holds none of ours."""
     status = client.status()
     dram = next(t for t in status.tiers if t.name == "dram")
     n = 2 * dram.capacity_bytes // block_bytes
     client.register_namespace("filler", BLOCK, block_bytes)
-    rng = random.Random(9)
+    rng = random.Random(9 + seed)  # other blocks than an earlier run's push (held ones are not rewritten)
     hashes = [rng.getrandbits(63) for _ in range(n)]
     for lo in range(0, n, 8):
         client.store("filler", hashes[lo : lo + 8], [os.urandom(block_bytes) for _ in hashes[lo : lo + 8]])
@@ -104,22 +163,49 @@ def _corrupt_on_disk(nvme_dir: Path, block: bytes) -> str:
     raise RuntimeError("the block's bytes are in no slab file")
 
 
+VARIANT_SEEDS = {"sync": 0, "async": 100}  # the async run's prompts differ: its blocks are its own
+
+
 def run(args) -> dict:
-    result: dict = {"kvd": bool(args.kvd_address)}
+    """The baseline runs both variants' prompts; a kvd engine runs its own variant's."""
+    variant = "async" if args.async_load else "sync"
+    result: dict = {"kvd": bool(args.kvd_address), "variant": variant}
+    name = "tiny-llama-async" if args.async_load else "tiny-llama"
     t0 = time.perf_counter()
-    llm = _engine(args.model, args.kvd_address)
+    llm = _engine(args.model, args.kvd_address, name, args.async_load, args.kv_events)
     result["engine_start_s"] = time.perf_counter() - t0
-    client = None
-    ns = None
+    sink = EventSink(args.kv_events) if args.kv_events else None
+    client = ns = None
     if args.kvd_address:
         from kvd.client import Client
 
         client = Client(args.kvd_address)
-        (ns,) = [n.name for n in client.status().namespaces if n.name.startswith("tiny-llama|")]
+        (ns,) = [n.name for n in client.status().namespaces if n.name.startswith(name + "|")]
         result["namespace"] = ns
+        result[variant] = scenarios(llm, client, ns, Path(args.nvme_dir), VARIANT_SEEDS[variant])
+    else:
+        for v, seed in VARIANT_SEEDS.items():
+            result[v] = scenarios(llm, None, None, None, seed)
+    if sink is not None:
+        # A last prompt: once its own GPU event is in, every earlier batch is (ZMQ keeps order).
+        last = tokens(BLOCK + 1, 5)
+        _generate(llm, last)
+        sink.wait_for(lambda e: getattr(e, "token_ids", None) == last[:BLOCK])
+        result["events"] = sink.report()
+        result["events"]["repeat_keys"] = _keys(llm, tokens(*_prompt("repeat", VARIANT_SEEDS[variant])))
+    return result
 
+
+def _prompt(name: str, seed: int) -> tuple[int, int]:
+    n, s = PROMPTS[name]
+    return n, s + seed
+
+
+def scenarios(llm, client, ns: str | None, nvme_dir: Path | None, seed: int) -> dict:
+    result: dict = {}
     # 1. repeat
-    p = tokens(*PROMPTS["repeat"])
+    llm.reset_prefix_cache()
+    p = tokens(*_prompt("repeat", seed))
     first = _generate(llm, p)
     llm.reset_prefix_cache()
     second = _generate(llm, p)
@@ -129,13 +215,13 @@ def run(args) -> dict:
 
     # 2. session: turn 2 = turn 1's prompt + its output + new tokens
     llm.reset_prefix_cache()
-    t1 = tokens(*PROMPTS["turn1"])
+    t1 = tokens(*_prompt("turn1", seed))
     hint = {"session_id": SESSION, "tool": "run_tests", "expected_pause_s": 30}
     turn1 = _generate(llm, t1, hint if client else None)
     if client:
         turn1["session_after"] = _session_state(client, ns)
     llm.reset_prefix_cache()
-    t2 = t1 + turn1["tokens"] + tokens(TURN2_NEW, 4)
+    t2 = t1 + turn1["tokens"] + tokens(TURN2_NEW, 4 + seed)
     turn2 = _generate(llm, t2, {"session_id": SESSION} if client else None)
     if client:
         turn2["session_after"] = _session_state(client, ns)
@@ -143,20 +229,19 @@ def run(args) -> dict:
 
     # 3. corrupt
     llm.reset_prefix_cache()
-    p3 = tokens(*PROMPTS["corrupt"])
+    p3 = tokens(*_prompt("corrupt", seed))
     before = _generate(llm, p3)
     result["corrupt"] = {"first": before}
     if client:
         keys = _keys(llm, p3)
         assert client.sync() == 0
         original = client.load(ns, keys)
-        _push_out_of_dram(client, len(original[0]))
+        _push_out_of_dram(client, len(original[0]), seed)
         tiers = {b.hash: b.tiers for b in client.list_blocks(ns)}
         result["corrupt"]["tiers_before"] = [tiers.get(k) for k in keys]
-        result["corrupt"]["slab"] = _corrupt_on_disk(Path(args.nvme_dir), original[CORRUPT_BLOCK])
+        result["corrupt"]["slab"] = _corrupt_on_disk(nvme_dir, original[CORRUPT_BLOCK])
         llm.reset_prefix_cache()
-        again = _generate(llm, p3)
-        result["corrupt"]["again"] = again
+        result["corrupt"]["again"] = _generate(llm, p3)
         assert client.sync() == 0
         reloaded = client.load(ns, keys)
         result["corrupt"]["restored_identical"] = [a == b for a, b in zip(original, reloaded)]
@@ -196,6 +281,8 @@ def main(argv: list[str]) -> int:
     rn.add_argument("--out", type=Path, required=True)
     rn.add_argument("--kvd-address")
     rn.add_argument("--nvme-dir")
+    rn.add_argument("--async-load", action="store_true")
+    rn.add_argument("--kv-events")
     args = parser.parse_args(argv)
     if args.cmd == "make-model":
         make_model(args.path)

@@ -45,8 +45,10 @@ def make_model(path: Path, layers: int, hidden: int, heads: int, kv_heads: int, 
 
 
 def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, namespace: str = "bench",
-           kv_cache_bytes: int = 1 << 30):
-    """A vLLM engine on the model, with KvdConnector when ``kvd_address`` is given."""
+           kv_cache_bytes: int = 1 << 30, async_load: bool = False, kv_events: str | None = None):
+    """A vLLM engine on the model, with KvdConnector when ``kvd_address`` is given (loading in
+    the background with ``async_load``); ``kv_events``: a ZMQ endpoint vLLM publishes its KV
+    events on."""
     from vllm import LLM
 
     kwargs = {}
@@ -56,8 +58,11 @@ def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, n
             "kv_connector_module_path": "kvd.connector.vllm",
             "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"kvd_address": kvd_address, "kvd_namespace": namespace},
+            "kv_connector_extra_config": {"kvd_address": kvd_address, "kvd_namespace": namespace,
+                                          "kvd_async_load": async_load},
         }
+    if kv_events:
+        kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv_events}
     return LLM(
         model=model, skip_tokenizer_init=True, dtype="bfloat16", block_size=block_size, max_model_len=max_len,
         max_num_seqs=4, seed=0, enable_prefix_caching=True, enforce_eager=True, gpu_memory_utilization=0.1,

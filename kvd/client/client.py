@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from kvd.client.channel import TlsFiles, open_channel
-from kvd.tiers.dram import ArenaMapping, open_arena
+from kvd.tiers.dram import HEADER_BYTES, ArenaMapping, open_arena
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
 DEFAULT_SOCKET = "var/kvd.sock"
 MAX_MESSAGE_BYTES = 256 << 20
 TIER_NAME = {types_pb2.TIER_HBM: "hbm", types_pb2.TIER_DRAM: "dram", types_pb2.TIER_NVME: "nvme"}
 _CHAIN = object()  # parents omitted: each block's parent is the previous hash in the list
+
+SlotCopy = Callable[[memoryview, list[int], list[int]], None]
+"""``copy(pages, indexes, offsets)``: move block ``indexes[i]`` (a position in the call's
+hashes) to or from ``pages[offsets[i] : offsets[i] + block_bytes]``; ``pages`` is the mapped
+arena's data pages (writable), valid only during the call."""
 
 
 class ClientError(Exception):
@@ -227,6 +232,21 @@ def _u64(values: Sequence[int], what: str) -> list[int]:
     return out
 
 
+def _block_specs(hashes: list[int], parents: Sequence[int | None] | None, sizes: list[int]) -> list:
+    """BlockSpecs of a store: ``parents`` omitted, each block's parent is the previous hash."""
+    if parents is None:
+        parents = [None, *hashes[:-1]]
+    elif len(parents) != len(hashes):
+        raise ValueError(f"{len(hashes)} hashes but {len(parents)} parents")
+    specs = []
+    for h, p, n in zip(hashes, parents, sizes):
+        spec = types_pb2.BlockSpec(hash=h, nbytes=n)
+        if p is not None:
+            spec.parent = _u64([p], "parents")[0]
+        specs.append(spec)
+    return specs
+
+
 class Client:
     """A connection to one kvd daemon. Thread-safe for concurrent calls; close() when done."""
 
@@ -324,20 +344,17 @@ class Client:
         hashes = _u64(hashes, "hashes")
         if len(blocks) != len(hashes):
             raise ValueError(f"{len(hashes)} hashes but {len(blocks)} blocks")
-        if parents is None:
-            parents = [None, *hashes[:-1]]
-        elif len(parents) != len(hashes):
-            raise ValueError(f"{len(hashes)} hashes but {len(parents)} parents")
-        specs = []
-        for h, p, b in zip(hashes, parents, blocks):
-            spec = types_pb2.BlockSpec(hash=h, nbytes=memoryview(b).nbytes)
-            if p is not None:
-                spec.parent = _u64([p], "parents")[0]
-            specs.append(spec)
+        specs = _block_specs(hashes, parents, [memoryview(b).nbytes for b in blocks])
         shm = self._ensure_arena()
         ranges = list(self._batches([s.nbytes for s in specs]))
         if shm:
-            return self._store_shm(namespace, specs, blocks, ranges, session_id)
+
+            def fill(arena: ArenaMapping, lo: int, slots) -> None:
+                for slot, block in zip(slots, blocks[lo : lo + len(slots)]):
+                    if slot.write:
+                        arena.copy_in(slot.slot.offset, block)
+
+            return self._store_shm(namespace, specs, fill, ranges, session_id)
         return sum(self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id) for lo, hi in ranges)
 
     def load(self, namespace: str, hashes: Sequence[int]) -> list[bytes | None]:
@@ -346,7 +363,11 @@ class Client:
         shm = self._ensure_arena()
         ranges = list(self._batches([self._namespace_block_bytes(namespace)] * len(hashes)))
         if shm:
-            return self._load_shm(namespace, hashes, ranges, None)
+
+            def drain(arena: ArenaMapping, lo: int, slots) -> list:
+                return [bytes(arena.view(s.slot.offset, s.nbytes)) if s.found else None for s in slots]
+
+            return self._load_shm(namespace, hashes, ranges, drain, missing=None)
         out: list[bytes | None] = []
         for lo, hi in ranges:
             out += self._load_inline(namespace, hashes[lo:hi])
@@ -360,7 +381,14 @@ class Client:
         shm = self._ensure_arena()
         ranges = list(self._batches([memoryview(o).nbytes for o in outs]))
         if shm:
-            return self._load_shm(namespace, hashes, ranges, outs)
+
+            def drain(arena: ArenaMapping, lo: int, slots) -> list[bool]:
+                for s, out in zip(slots, outs[lo:]):
+                    if s.found:
+                        arena.copy_out(s.slot.offset, memoryview(out).cast("B")[: s.nbytes])
+                return [s.found for s in slots]
+
+            return self._load_shm(namespace, hashes, ranges, drain)
         found: list[bool] = []
         for lo, hi in ranges:
             for data, buf in zip(self._load_inline(namespace, hashes[lo:hi]), outs[lo:hi]):
@@ -368,6 +396,60 @@ class Client:
                     memoryview(buf).cast("B")[: len(data)] = data
                 found.append(data is not None)
         return found
+
+    def arena_pages(self) -> memoryview | None:
+        """The mapped arena's data pages (what :meth:`store_slots`/:meth:`load_slots` hand
+        their copy functions), or None when block bytes go inline. Drop the view before
+        :meth:`close` (an unmap with live views is a BufferError)."""
+        if not self._ensure_arena():
+            return None
+        return self._arena.view(HEADER_BYTES, self._arena.capacity_bytes)
+
+    def store_slots(
+        self,
+        namespace: str,
+        hashes: Sequence[int],
+        block_bytes: int,
+        copy: SlotCopy,
+        parents: Sequence[int | None] | None = None,
+        session_id: str | None = None,
+    ) -> int:
+        """Store ``block_bytes``-byte blocks whose bytes ``copy`` writes straight into the
+        arena slots PrepareStore grants (no buffer of the caller's in between); it is called
+        once per batch, with only the blocks the daemon does not hold yet. Returns how many
+        were written. Needs the arena: FAILED_PRECONDITION without it (use :meth:`store`)."""
+        hashes = _u64(hashes, "hashes")
+        if block_bytes <= 0:
+            raise ValueError(f"block_bytes must be positive, got {block_bytes}")
+        specs = _block_specs(hashes, parents, [block_bytes] * len(hashes))
+        self._require_arena()
+
+        def fill(arena: ArenaMapping, lo: int, slots) -> None:
+            picked = [(lo + i, s.slot.offset - HEADER_BYTES) for i, s in enumerate(slots) if s.write]
+            if picked:
+                copy(arena.view(HEADER_BYTES, arena.capacity_bytes), [i for i, _ in picked], [o for _, o in picked])
+
+        return self._store_shm(namespace, specs, fill, list(self._batches([block_bytes] * len(hashes))), session_id)
+
+    def load_slots(self, namespace: str, hashes: Sequence[int], block_bytes: int, copy: SlotCopy) -> list[bool]:
+        """Load blocks by letting ``copy`` read them straight from the arena slots PrepareLoad
+        pins (called once per batch with the blocks found); True where a block was found and
+        its lease held to the end (False: missing, failed its checksum, or its lease expired
+        while copying, so what ``copy`` read cannot be trusted). Needs the arena, as
+        :meth:`store_slots`."""
+        hashes = _u64(hashes, "hashes")
+        if block_bytes <= 0:
+            raise ValueError(f"block_bytes must be positive, got {block_bytes}")
+        self._require_arena()
+
+        def drain(arena: ArenaMapping, lo: int, slots) -> list[bool]:
+            found = [s.found for s in slots]
+            picked = [(lo + i, s.slot.offset - HEADER_BYTES) for i, s in enumerate(slots) if s.found]
+            if picked:
+                copy(arena.view(HEADER_BYTES, arena.capacity_bytes), [i for i, _ in picked], [o for _, o in picked])
+            return found
+
+        return self._load_shm(namespace, hashes, list(self._batches([block_bytes] * len(hashes))), drain)
 
     def session_event(
         self,
@@ -600,14 +682,22 @@ class Client:
         except grpc.RpcError as exc:
             raise ClientError(exc.code(), exc.details() or "") from None
 
+    def _require_arena(self) -> None:
+        if not self._ensure_arena():
+            raise ClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the arena of the daemon at {self.address} is not mapped (block bytes go inline)",
+            )
+
     def _arena_for(self, arena_id: bytes) -> ArenaMapping:
         if not self._ensure_arena(arena_id):
             raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
         return self._arena
 
-    def _store_shm(self, namespace, specs, blocks, ranges, session_id) -> int:
+    def _store_shm(self, namespace, specs, fill, ranges, session_id) -> int:
         """Pipelined: the next ``pipeline_depth`` batches' PrepareStore calls are in flight while
-        this batch's bytes are copied, so the daemon allocates (and evicts) ahead of the copy.
+        this batch's bytes are copied (``fill(arena, lo, slots)``: the batch starting at index
+        ``lo``), so the daemon allocates (and evicts) ahead of the copy.
 
         At most ``pipeline_depth + 1`` batches hold slots at once: a batch's commit has
         landed before the batch ``pipeline_depth + 1`` after it is prepared.
@@ -625,13 +715,10 @@ class Client:
         commits: deque = deque()
         pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
         try:
-            for i, (lo, hi) in enumerate(ranges):
+            for i, (lo, _hi) in enumerate(ranges):
                 grant = self._result(pending.popleft())
                 try:
-                    arena = self._arena_for(grant.arena_id)
-                    for slot, block in zip(grant.slots, blocks[lo:hi]):
-                        if slot.write:
-                            arena.copy_in(slot.slot.offset, block)
+                    fill(self._arena_for(grant.arena_id), lo, grant.slots)
                 except BaseException:
                     commits.append(commit(grant.lease_id, abort=True))
                     raise
@@ -651,9 +738,11 @@ class Client:
             results = [self._result(f) for f in commits]
         return committed + sum(r.committed for r in results)
 
-    def _load_shm(self, namespace, hashes, ranges, outs) -> list:
+    def _load_shm(self, namespace, hashes, ranges, drain, missing=False) -> list:
         """Pipelined like _store_shm: the next PrepareLoads (promotions from NVMe) run while this
-        batch is copied, and at most ``pipeline_depth + 1`` batches are pinned at once."""
+        batch is copied (``drain(arena, lo, slots)`` returns the batch's results), and at most
+        ``pipeline_depth + 1`` batches are pinned at once. A block whose lease expired while it
+        was copied reads as ``missing``."""
 
         def prepare(lo: int, hi: int):
             req = engine_pb2.PrepareLoadRequest(namespace=namespace, hashes=hashes[lo:hi])
@@ -674,7 +763,7 @@ class Client:
                 # The lease expired while we copied: the slots may have been reused, so what
                 # we read cannot be trusted. Report those blocks as missing.
                 for j in range(lo, min(hi, len(result))):
-                    result[j] = None if outs is None else False
+                    result[j] = missing
 
         completes: deque = deque()  # (lo, hi, CompleteLoad future)
         pending = deque(prepare(*r) for r in ranges[: self.pipeline_depth])
@@ -682,15 +771,7 @@ class Client:
             for i, (lo, hi) in enumerate(ranges):
                 grant = self._result(pending.popleft())
                 try:
-                    arena = self._arena_for(grant.arena_id)
-                    for j, slot in enumerate(grant.slots, lo):
-                        if not slot.found:
-                            result.append(None if outs is None else False)
-                        elif outs is None:
-                            result.append(bytes(arena.view(slot.slot.offset, slot.nbytes)))
-                        else:
-                            arena.copy_out(slot.slot.offset, memoryview(outs[j]).cast("B")[: slot.nbytes])
-                            result.append(True)
+                    result += drain(self._arena_for(grant.arena_id), lo, grant.slots)
                 finally:
                     completes.append((lo, hi, complete(grant.lease_id)))
                 while len(completes) > 1:  # as in _store_shm: settle the previous, then prepare

@@ -1,123 +1,82 @@
-"""The worker side's copies between an engine's paged KV caches and kvd's contiguous blocks.
+"""The worker side's view of an engine's paged KV caches, over :class:`kvd.native.PagedKv`.
 
-An engine hands over one tensor per attention layer, its first axis the block id (vLLM 0.32
-and 0.33 give per-layer views, blocks first; the rest of the shape is the attention backend's
-business and is not looked at). A kvd block is the bytes of that block id in every layer, in
-layer order: ``layer_bytes[0]`` bytes of layer 0, then layer 1's, and so on.
+vLLM (0.32, 0.33) hands a connector one tensor per attention layer with its blocks on axis 0:
+``num_blocks`` engine blocks, or ``num_blocks * r`` kernel blocks when the attention kernel's
+block is ``1/r`` of the engine's (vLLM's own offloading connector relies on the same). The
+rest of the shape is the attention backend's business and is read from the strides, never
+assumed (:func:`kvd.native.layout_of`).
 
-``gather`` and ``scatter`` go through a host staging buffer: on a CPU host it is plain memory,
-on a GPU host it is pinned so the device copies are DMA. The kvd client then copies between
-the staging rows and the daemon's shared-memory arena slots (never inline over gRPC on a
-local daemon).
+A kvd block (a *slot*) is the bytes of one engine block in every layer, layer 0 first; with
+kernel blocks, engine block ``b``'s slot holds its ``r`` kernel blocks in order inside each
+layer's part. Every copy goes straight between the caches and the caller's slots: the
+daemon's shared-memory arena at the offsets PrepareStore/PrepareLoad grant, or a staging
+buffer when block bytes must travel inline (a remote daemon).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class LayerView:
-    name: str
-    cache: torch.Tensor  # blocks first: cache[i] is kernel block i of this layer
-    block_bytes: int  # bytes of one engine block in this layer (``kernel_blocks`` kernel blocks)
+from kvd.native import PagedKv
 
 
-class PagedLayout:
-    """The registered caches of one worker. ``num_blocks`` engine blocks; when the attention
-    kernel's block is smaller than the engine's, one engine block is ``kernel_blocks``
-    consecutive kernel blocks."""
+def blocks_first(name: str, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``cache`` as ``(num_blocks, ...)`` (a view): kernel blocks grouped under their engine
+    block. ValueError when axis 0 is not ``num_blocks`` or a multiple of it."""
+    if cache.dim() < 2 or cache.shape[0] % num_blocks:
+        raise ValueError(
+            f"layer {name}: a cache of shape {tuple(cache.shape)} does not have {num_blocks} blocks "
+            f"(or a multiple) on axis 0, as vLLM hands caches to connectors"
+        )
+    if cache.shape[0] == num_blocks:
+        return cache
+    return cache.unflatten(0, (num_blocks, cache.shape[0] // num_blocks))
+
+
+class PagedCaches:
+    """The registered caches of one worker: ``num_blocks`` engine blocks of ``block_bytes``
+    bytes (all layers). Copies are :class:`PagedKv`'s (host numpy on the CPU, CUDA kernels
+    or torch on a GPU) and return once the bytes are in place."""
 
     def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
         if not kv_caches:
             raise ValueError("no KV caches were registered")
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.names = list(kv_caches)
+        views = [blocks_first(name, cache, num_blocks) for name, cache in kv_caches.items()]
+        # block_dim explicit: vLLM puts blocks on axis 0, and inferring the axis by its size
+        # is ambiguous when another axis happens to have num_blocks entries.
+        self.paged = PagedKv(views, block_dim=0, num_blocks=num_blocks)
         self.num_blocks = num_blocks
-        layers: list[LayerView] = []
-        ratio = None
-        for name, cache in kv_caches.items():
-            cache = _blocks_first(name, cache, num_blocks)
-            r = cache.shape[0] // num_blocks
-            if ratio not in (None, r):
-                raise ValueError(f"layer {name}: {r} kernel blocks per block, other layers have {ratio}")
-            ratio = r
-            layers.append(LayerView(name, cache, r * cache[0].numel() * cache.element_size()))
-        self.layers = layers
-        self.kernel_blocks = ratio
-        self.device = layers[0].cache.device
-        self.block_bytes = sum(layer.block_bytes for layer in layers)
-        self._staging = torch.empty((0, self.block_bytes), dtype=torch.uint8)
+        self.block_bytes = self.paged.slot_bytes
+        self.on_cuda = self.paged.on_cuda
+        self._staging = np.empty((0, self.block_bytes), dtype=np.uint8)
 
     def geometry(self) -> str:
-        """A digest-able description of the layout: layer shapes, dtypes and block bytes."""
-        return ";".join(f"{v.name}:{tuple(v.cache.shape)}:{v.cache.dtype}:{v.block_bytes}" for v in self.layers)
-
-    def staging(self, n: int) -> torch.Tensor:
-        """``n`` rows of ``block_bytes`` host bytes (reused; pinned on a GPU host)."""
-        if self._staging.shape[0] < n:
-            pin = self.device.type == "cuda"
-            self._staging = torch.empty((max(n, 2 * self._staging.shape[0]), self.block_bytes), dtype=torch.uint8,
-                                        pin_memory=pin)
-        return self._staging[:n]
-
-    def _kernel_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
-        for b in block_ids:
-            if not 0 <= b < self.num_blocks:
-                raise ValueError(f"block id {b} is outside the cache's {self.num_blocks} blocks")
-        r = self.kernel_blocks
-        ids = torch.tensor(list(block_ids), dtype=torch.long)
-        if r > 1:
-            ids = (ids[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
-        return ids.to(self.device)
-
-    def gather(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
-        """Blocks ``block_ids`` of every layer into host rows (``out`` or the staging buffer);
-        returns the rows, complete (device copies synchronized)."""
-        n = len(block_ids)
-        rows = self.staging(n) if out is None else out
-        if n == 0:
-            return rows
-        ids = self._kernel_ids(block_ids)
-        offset = 0
-        for layer in self.layers:
-            picked = layer.cache.index_select(0, ids).reshape(n, -1).view(torch.uint8)
-            rows[:, offset : offset + layer.block_bytes].copy_(picked, non_blocking=True)
-            offset += layer.block_bytes
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return rows
-
-    def scatter(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
-        """Host rows into blocks ``block_ids`` of every layer. On a GPU the copies are queued
-        on the current stream, so the forward that follows on it reads the loaded blocks."""
-        n = len(block_ids)
-        if n == 0:
-            return
-        if rows.shape[0] != n or rows.shape[1] != self.block_bytes:
-            raise ValueError(f"rows of shape {tuple(rows.shape)} for {n} blocks of {self.block_bytes} bytes")
-        ids = self._kernel_ids(block_ids)
-        offset = 0
-        for layer in self.layers:
-            cache = layer.cache
-            part = rows[:, offset : offset + layer.block_bytes].to(cache.device, non_blocking=True)
-            part = part.contiguous().view(cache.dtype).reshape(len(ids), *cache.shape[1:])
-            cache.index_copy_(0, ids, part)
-            offset += layer.block_bytes
-
-
-def _blocks_first(name: str, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """``cache`` with the block axis first (a view). vLLM hands caches over blocks first; a
-    layout with the block axis elsewhere (e.g. K and V stacked in front) is moved, not copied."""
-    if cache.dim() >= 2 and cache.shape[0] >= num_blocks and cache.shape[0] % num_blocks == 0:
-        return cache
-    axes = [d for d in range(cache.dim()) if cache.shape[d] == num_blocks]
-    if len(axes) != 1:
-        raise ValueError(
-            f"layer {name}: cannot find the block axis of a cache of shape {tuple(cache.shape)} "
-            f"({num_blocks} blocks)"
+        """A description of the layout: layer names, shapes, dtypes and block bytes."""
+        return ";".join(
+            f"{n}:{tuple(c.shape)}:{c.dtype}:{lay.block_bytes}"
+            for n, c, lay in zip(self.names, self.paged.caches, self.paged.layouts)
         )
-    return cache.movedim(axes[0], 0)
+
+    def gather(self, block_ids: Sequence[int], dst: Any, offsets: Sequence[int] | None = None) -> None:
+        """Blocks ``block_ids`` into slots ``dst[offsets[i]:...]`` (or staging rows)."""
+        if block_ids:
+            self.paged.gather(block_ids, dst, offsets)
+
+    def scatter(self, block_ids: Sequence[int], src: Any, offsets: Sequence[int] | None = None) -> None:
+        """Slots ``src[offsets[i]:...]`` (or staging rows) into blocks ``block_ids``."""
+        if block_ids:
+            self.paged.scatter(block_ids, src, offsets)
+
+    def staging(self, n: int) -> np.ndarray:
+        """``n`` rows of ``block_bytes`` host bytes, reused: the inline path's buffer (block
+        bytes sent over gRPC when the daemon's arena cannot be mapped)."""
+        if self._staging.shape[0] < n:
+            self._staging = np.empty((max(n, 2 * self._staging.shape[0]), self.block_bytes), dtype=np.uint8)
+        return self._staging[:n]

@@ -88,13 +88,17 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class SaveSpec:
-    """Copy the engine's block ``block_ids[i]`` into kvd as ``hashes[i]`` (parent ``parents[i]``)."""
+    """Copy the engine's block ``block_ids[i]`` into kvd as ``hashes[i]`` (parent ``parents[i]``);
+    they are the request's blocks ``first, first + 1, ...``. ``save_id`` names this save in
+    the worker's report of it (unique per planner)."""
 
     req_id: str
     session_id: str | None
     hashes: list[int]
     parents: list[int | None]
     block_ids: list[int]
+    first: int = 0
+    save_id: int = 0
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Planner:
         self._lookups: dict[str, tuple[int, int]] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._loads: list[LoadSpec] = []
+        self._save_ids = 0
 
     def lookup_keys(self, request: EngineRequest) -> list[int]:
         """The keys a lookup asks kvd for: the full blocks of all tokens but the last (the
@@ -213,8 +218,10 @@ class Planner:
                 lo = tracked.saved_upto
                 hashes = [block_key(h) for h in keys[lo:full]]
                 parents: list[int | None] = [block_key(keys[lo - 1]) if lo else None, *hashes[:-1]]
+                self._save_ids += 1
                 plan.saves.append(
-                    SaveSpec(s.req_id, tracked.hints.session_id, hashes, parents, tracked.block_ids[lo:full])
+                    SaveSpec(s.req_id, tracked.hints.session_id, hashes, parents, tracked.block_ids[lo:full], lo,
+                             self._save_ids)
                 )
                 tracked.saved_upto = full
         return plan
@@ -229,6 +236,11 @@ class Planner:
                 if b in failed:
                     tracked.saved_upto = i
                     break
+
+    def request(self, req_id: str) -> EngineRequest | None:
+        """The engine request of a tracked (allocated, not finished) request."""
+        tracked = self._tracked.get(req_id)
+        return tracked.request if tracked else None
 
     def hints(self, req_id: str) -> SessionHints | None:
         tracked = self._tracked.get(req_id)

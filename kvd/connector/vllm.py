@@ -8,20 +8,23 @@ Start vLLM with::
 
 It stays thin: the scheduler side asks the daemon what it holds (``Lookup``) and plans, per
 step, which blocks to load and save (``kvd.connector.plan``); the worker side copies those
-blocks between vLLM's paged caches and the daemon's shared-memory arena
-(``kvd.connector.paged`` and ``kvd.client``). Blocks are keyed by vLLM's own block hashes.
-Loads and saves are synchronous within the step that needs them: a load completes in
-``start_load_kv`` before the forward; a save completes in ``wait_for_save`` after it, so no
-request ever waits on kvd between steps and vLLM frees blocks as usual.
+blocks straight between vLLM's paged caches and the daemon's shared-memory arena slots
+(``kvd.connector.transfer`` over ``kvd.native.PagedKv``). Blocks are keyed by vLLM's own
+block hashes. A save completes in ``wait_for_save`` after the step's forward, so vLLM frees
+blocks as usual. A load completes in ``start_load_kv`` before the forward (the default), or,
+with ``kvd_async_load``, on a background thread while the request waits in vLLM's
+``WAITING_FOR_REMOTE_KVS`` and other requests keep running; ``get_finished`` reports it done.
 
 ``kv_connector_extra_config`` keys: ``kvd_address`` (default ``$KVD_ADDR`` or
 ./var/kvd.sock), ``kvd_namespace`` (default: the served model name), ``kvd_shared_memory``
-(default: required for a unix socket, else inline bytes over gRPC), ``kvd_timeout_s``.
+(default: required for a unix socket, else inline bytes over gRPC), ``kvd_timeout_s``,
+``kvd_async_load`` (default false).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +34,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.logger import init_logger
 
 from kvd.client import Client, ClientError
-from kvd.connector.paged import PagedLayout
+from kvd.connector.events import stored_event
+from kvd.connector.paged import PagedCaches
 from kvd.connector.plan import (
     LoadSpec,
     NewRequestStep,
@@ -44,9 +49,11 @@ from kvd.connector.plan import (
     SaveSpec,
     SessionHints,
 )
+from kvd.connector.transfer import BackgroundLoads, Transfers
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -63,10 +70,28 @@ MAX_NAMESPACE = 200  # the daemon takes up to 256 characters
 
 @dataclass
 class KvdConnectorMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, per step: blocks to load before the forward, to save after it."""
+    """Scheduler -> worker, per step: blocks to load (before the forward, or in the
+    background when ``load_async``), blocks to save after it."""
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    load_async: bool = False
+
+
+@dataclass
+class KvdWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: the outcome of each save (``SaveSpec.save_id``). With
+    several workers (tensor/pipeline shards) a save counts as stored only if every shard
+    stored it: kvd can serve a block only when it holds all its shards."""
+
+    stored: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KvdWorkerMetadata:
+        if not isinstance(other, KvdWorkerMetadata):
+            raise TypeError(f"cannot aggregate KvdWorkerMetadata with {type(other).__name__}")
+        failed = self.failed | other.failed
+        return KvdWorkerMetadata(stored=(self.stored & other.stored) - failed, failed=failed | (self.stored ^ other.stored))
 
 
 def namespace_for(vllm_config: VllmConfig, tp_rank: int, pp_rank: int) -> str:
@@ -109,9 +134,17 @@ class KvdConnector(KVConnectorBase_V1):
         if shm is None and address and str(address).startswith("unix:"):
             shm = True  # a local daemon: block bytes go through the arena, never inline
         self._client = Client(address, shared_memory=shm, timeout=float(extra.get("kvd_timeout_s", 60.0)))
+        self._async_load = extra.get("kvd_async_load", False)
+        if not isinstance(self._async_load, bool):
+            raise ValueError(f"kv_connector_extra_config kvd_async_load must be true or false, got {self._async_load!r}")
         par = vllm_config.parallel_config
         if role == KVConnectorRole.SCHEDULER:
             self._planner = Planner(self._block_size)
+            events = vllm_config.kv_events_config
+            # Events are made only when vLLM publishes them (--kv-events-config).
+            self._emit_events = bool(events is not None and events.enable_kv_cache_events)
+            self._pending_events: dict[int, KVCacheEvent] = {}  # save_id -> its BlockStored
+            self._events: list[KVCacheEvent] = []
             # A block is loadable only if every shard of it is held.
             self._namespaces = [
                 namespace_for(vllm_config, tp, pp)
@@ -123,8 +156,10 @@ class KvdConnector(KVConnectorBase_V1):
             from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
             self._namespace = namespace_for(vllm_config, get_tensor_model_parallel_rank(), get_pp_group().rank_in_group)
-            self._layout: PagedLayout | None = None
+            self._transfers: Transfers | None = None
+            self._background: BackgroundLoads | None = None
             self._load_errors: set[int] = set()
+            self._save_outcomes = KvdWorkerMetadata()
         logger.info("KvdConnector (%s): daemon %s, namespace %s", role.name, self._client.address, self._namespace)
 
     # ==============================
@@ -134,7 +169,8 @@ class KvdConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` whose blocks kvd holds (every shard of them).
         Asks the daemon each time and changes nothing but the session's turn (idempotent).
-        Loads are synchronous (False): they complete in the step's ``start_load_kv``."""
+        The load is asynchronous (True) with ``kvd_async_load``; else it completes in the
+        step's ``start_load_kv``, before the forward."""
         hints = self._hints(request)
         keys = self._planner.lookup_keys(request)
         held = 0
@@ -148,7 +184,8 @@ class KvdConnector(KVConnectorBase_V1):
                         logger.warning("kvd lookup failed, computing request %s: %s", request.request_id, exc)
                     held = 0
                     break
-        return self._planner.matched(request.request_id, num_computed_tokens, held), False
+        matched = self._planner.matched(request.request_id, num_computed_tokens, held)
+        return matched, self._async_load and matched > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Remember the request's blocks; with ``num_external_tokens`` plan their load."""
@@ -170,11 +207,26 @@ class KvdConnector(KVConnectorBase_V1):
         plan = self._planner.step(
             scheduled, scheduler_output.num_scheduled_tokens, scheduler_output.scheduled_spec_decode_tokens
         )
-        return KvdConnectorMetadata(loads=plan.loads, saves=plan.saves)
+        if self._emit_events:
+            for save in plan.saves:
+                request = self._planner.request(save.req_id)
+                self._pending_events[save.save_id] = stored_event(
+                    request, save.first, len(save.hashes), self._block_size, save.session_id or request.session_id
+                )
+        return KvdConnectorMetadata(loads=plan.loads, saves=plan.saves, load_async=self._async_load)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Blocks whose load failed are recomputed by vLLM: plan to save them again."""
+        """Blocks whose load failed are recomputed by vLLM: plan to save them again. Saves
+        the workers confirmed become ``BlockStored`` events for ``take_events``."""
         self._planner.load_failed(connector_output.invalid_block_ids or ())
+        outcome = connector_output.kv_connector_worker_meta
+        if isinstance(outcome, KvdWorkerMetadata):
+            for save_id in outcome.stored:
+                event = self._pending_events.pop(save_id, None)
+                if event is not None:
+                    self._events.append(event)
+            for save_id in outcome.failed:
+                self._pending_events.pop(save_id, None)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Tell kvd the session's turn ended, or that it pauses on a tool call (hinted by
@@ -191,10 +243,13 @@ class KvdConnector(KVConnectorBase_V1):
                 logger.warning("kvd session event %s of %s failed: %s", kind, hints.session_id, exc)
         return False, None
 
-    def take_events(self):
-        """kvd publishes what it holds itself (``kvd serve --kv-events``, in vLLM's format and
-        with removals), so the connector adds no events of its own to vLLM's stream."""
-        return ()
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """``BlockStored`` (medium ``CPU``) for the blocks kvd holds since the last call
+        because this engine saved them (the workers confirmed it); vLLM publishes them with
+        its own KV events. Nothing when vLLM's KV events are off. Removals are not reported:
+        see :mod:`kvd.connector.events` (``kvd serve --kv-events`` publishes them)."""
+        events, self._events = self._events, []
+        return events
 
     def _hints(self, request: Request) -> SessionHints:
         try:
@@ -208,39 +263,41 @@ class KvdConnector(KVConnectorBase_V1):
     # ==============================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Read the layout vLLM hands over and register this shard's namespace with it."""
-        self._layout = PagedLayout(kv_caches, self._num_blocks)
-        self._client.register_namespace(self._namespace, self._block_size, self._layout.block_bytes)
+        """Read the layout vLLM hands over and register this shard's namespace with it; on a
+        GPU host, register the daemon's arena with CUDA so copies reach it directly."""
+        caches = PagedCaches(kv_caches, self._num_blocks)
+        self._client.register_namespace(self._namespace, self._block_size, caches.block_bytes)
+        self._transfers = Transfers(self._client, self._namespace, caches)
+        if self._async_load:
+            self._background = BackgroundLoads(self._transfers)
         logger.info(
-            "KvdConnector: %d layers, %d bytes a block, shared memory: %s",
-            len(self._layout.layers), self._layout.block_bytes, self._client.shared_memory,
+            "KvdConnector: %d layers, %d bytes a block, shared memory: %s, async loads: %s",
+            len(caches.names), caches.block_bytes, self._transfers.shared_memory, self._async_load,
         )
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Copy this step's planned blocks from kvd into the paged caches, before the forward.
-        A block kvd no longer has (evicted, or failed its checksum) is reported by
-        ``get_block_ids_with_load_errors`` and recomputed by vLLM."""
+        """Copy this step's planned blocks from kvd into the paged caches: before the forward,
+        or (``load_async``) start them on the background thread. A block kvd no longer has
+        (evicted, or failed its checksum) is reported by ``get_block_ids_with_load_errors``
+        and recomputed by vLLM."""
         meta = self._meta()
         if not meta.loads:
             return
-        layout = self._require_layout()
+        transfers = self._require_transfers()
+        if meta.load_async:
+            if self._background is None:
+                raise RuntimeError("KvdConnector: an asynchronous load, but kvd_async_load is off on this worker")
+            for spec in meta.loads:
+                self._background.submit(spec.req_id, spec.hashes, spec.block_ids)
+            return
         hashes = [h for spec in meta.loads for h in spec.hashes]
         block_ids = [b for spec in meta.loads for b in spec.block_ids]
-        rows = layout.staging(len(hashes))
-        try:
-            found = self._client.load_into(self._namespace, hashes, [r.numpy() for r in rows])
-        except ClientError as exc:
-            logger.warning("kvd load of %d blocks failed; vLLM recomputes them: %s", len(hashes), exc)
-            found = [False] * len(hashes)
-        ok = [i for i, f in enumerate(found) if f]
-        self._load_errors.update(b for b, f in zip(block_ids, found) if not f)
-        if len(ok) < len(found):
-            logger.warning("kvd: %d of %d blocks failed to load; vLLM recomputes them", len(found) - len(ok), len(found))
-        layout.scatter([block_ids[i] for i in ok], rows[ok] if len(ok) < len(found) else rows)
+        self._load_errors.update(transfers.load(hashes, block_ids))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing to wait for: ``start_load_kv`` copied every layer before the forward (on a
-        GPU, queued ahead of it on the same stream)."""
+        """Nothing to wait for: a synchronous load copied every layer before the forward (on
+        a GPU, in order on the copy's stream, which it synchronized), and an asynchronous
+        one is not read before ``get_finished`` reports it."""
         return None
 
     def save_kv_layer(
@@ -255,31 +312,42 @@ class KvdConnector(KVConnectorBase_V1):
         meta = self._meta()
         if not meta.saves:
             return
-        layout = self._require_layout()
-        block_ids = [b for spec in meta.saves for b in spec.block_ids]
-        rows = layout.gather(block_ids)
-        lo = 0
+        transfers = self._require_transfers()
         for spec in meta.saves:
-            hi = lo + len(spec.block_ids)
-            try:
-                self._client.store(
-                    self._namespace, spec.hashes, [r.numpy() for r in rows[lo:hi]], spec.parents, spec.session_id
-                )
-            except ClientError as exc:
-                # A best-effort cache: a lost save is a later miss, never a wrong answer.
-                logger.warning("kvd save of %d blocks of request %s failed: %s", hi - lo, spec.req_id, exc)
-            lo = hi
+            ok = transfers.save(spec.hashes, spec.parents, spec.block_ids, spec.session_id)
+            (self._save_outcomes.stored if ok else self._save_outcomes.failed).add(spec.save_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Loads and saves finish within their step, so no request is ever still in flight."""
-        return None, None
+        """Requests whose asynchronous load is over (loaded or failed: its failed blocks are
+        reported by ``get_block_ids_with_load_errors`` in the same step). Saves finish
+        within their step, so no request is ever still sending."""
+        if self._background is None:
+            return None, None
+        done = self._background.finished()
+        for failed in done.values():
+            self._load_errors.update(failed)
+        return None, set(done) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids whose load from kvd failed since the last call (vLLM recomputes them)."""
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        """The outcome of the saves since the last call (None when there were none)."""
+        outcome = self._save_outcomes
+        if not outcome.stored and not outcome.failed:
+            return None
+        self._save_outcomes = KvdWorkerMetadata()
+        return outcome
+
     def shutdown(self) -> None:
+        """Let running background loads finish, unregister the arena, close the client."""
+        if self._role == KVConnectorRole.WORKER:
+            if self._background is not None:
+                self._background.close()
+            if self._transfers is not None:
+                self._transfers.close()
         self._client.close()
 
     def _meta(self) -> KvdConnectorMetadata:
@@ -288,7 +356,7 @@ class KvdConnector(KVConnectorBase_V1):
             raise TypeError(f"KvdConnector got {type(meta).__name__} metadata")
         return meta
 
-    def _require_layout(self) -> PagedLayout:
-        if self._layout is None:
+    def _require_transfers(self) -> Transfers:
+        if self._transfers is None:
             raise RuntimeError("KvdConnector: blocks to move before register_kv_caches")
-        return self._layout
+        return self._transfers

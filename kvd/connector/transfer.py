@@ -1,0 +1,193 @@
+"""The worker side's block moves between an engine's paged caches and a kvd daemon.
+
+With the daemon's shared-memory arena mapped (a local daemon), a save gathers the blocks
+straight into the slots PrepareStore grants and a load scatters them straight from the slots
+PrepareLoad pins: one copy each way, no buffer in between, and only slot offsets travel over
+gRPC. On a GPU host the arena's data pages are registered with CUDA (cudaHostRegister,
+``kvd.native.cuda.pin``) once, so the copy kernels reach them directly by DMA. Without the
+arena (a remote daemon), block bytes go inline over gRPC through one host staging buffer.
+
+:class:`BackgroundLoads` runs loads on a thread of their own, for vLLM's asynchronous
+loading protocol: the engine keeps stepping other requests while a request's blocks arrive
+(e.g. promoted from NVMe by the daemon), and learns of each finished load by request id.
+
+Nothing here imports vLLM; ``torch`` (through :mod:`kvd.connector.paged`) is required.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from kvd.client import Client, ClientError
+from kvd.connector.paged import PagedCaches
+
+log = logging.getLogger("vllm.kvd_connector")
+
+
+class Transfers:
+    """Loads and saves of one worker's shard (``namespace``). Thread-safe: a background load
+    may run while the engine's thread saves."""
+
+    def __init__(self, client: Client, namespace: str, caches: PagedCaches) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.caches = caches
+        self.shared_memory = client.shared_memory
+        self._pinned: int | None = None  # address of the arena pages registered with CUDA
+        self._pin_lock = threading.Lock()
+        if self.shared_memory and caches.on_cuda:
+            pages = client.arena_pages()
+            if pages is not None:
+                self._pin(pages)
+            del pages  # a live view would stop the client from unmapping the arena
+
+    # -- loads and saves --------------------------------------------------------------------
+    def load(self, hashes: Sequence[int], block_ids: Sequence[int]) -> list[int]:
+        """Copy blocks ``hashes[i]`` from kvd into engine blocks ``block_ids[i]``; returns the
+        block ids that did not arrive (missing in kvd, failed its checksum, a lease expired
+        mid-copy, or the call failed), which the engine must recompute."""
+        if len(hashes) != len(block_ids):
+            raise ValueError(f"{len(hashes)} hashes but {len(block_ids)} block ids")
+        if not hashes:
+            return []
+        caches = self.caches
+        try:
+            if self.shared_memory:
+
+                def copy(pages: memoryview, indexes: list[int], offsets: list[int]) -> None:
+                    self._ensure_pinned(pages)
+                    caches.scatter([block_ids[i] for i in indexes], pages, offsets)
+
+                found = self.client.load_slots(self.namespace, hashes, caches.block_bytes, copy)
+            else:
+                rows = caches.staging(len(hashes))
+                found = self.client.load_into(self.namespace, hashes, list(rows))
+                ok = [i for i, f in enumerate(found) if f]
+                caches.scatter([block_ids[i] for i in ok], rows, [i * caches.block_bytes for i in ok])
+        except ClientError as exc:
+            log.warning("kvd load of %d blocks failed; vLLM recomputes them: %s", len(hashes), exc)
+            return list(block_ids)
+        failed = [b for b, f in zip(block_ids, found) if not f]
+        if failed:
+            log.warning("kvd: %d of %d blocks failed to load; vLLM recomputes them", len(failed), len(hashes))
+        return failed
+
+    def save(
+        self,
+        hashes: Sequence[int],
+        parents: Sequence[int | None],
+        block_ids: Sequence[int],
+        session_id: str | None,
+    ) -> bool:
+        """Copy engine blocks ``block_ids[i]`` into kvd as ``hashes[i]``; True when kvd holds
+        them all afterwards (written now or already held). A failed save is logged: kvd is a
+        cache, so a lost save is a later miss, never a wrong answer."""
+        if len(hashes) != len(block_ids):
+            raise ValueError(f"{len(hashes)} hashes but {len(block_ids)} block ids")
+        if not hashes:
+            return True
+        caches = self.caches
+        try:
+            if self.shared_memory:
+
+                def copy(pages: memoryview, indexes: list[int], offsets: list[int]) -> None:
+                    self._ensure_pinned(pages)
+                    caches.gather([block_ids[i] for i in indexes], pages, offsets)
+
+                self.client.store_slots(self.namespace, hashes, caches.block_bytes, copy, parents, session_id)
+            else:
+                rows = caches.staging(len(hashes))
+                caches.gather(block_ids, rows)
+                self.client.store(self.namespace, hashes, list(rows), parents, session_id)
+        except ClientError as exc:
+            log.warning("kvd save of %d blocks failed: %s", len(hashes), exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Unregister the arena from CUDA (before the client unmaps it)."""
+        with self._pin_lock:
+            if self._pinned is not None:
+                from kvd.native.cuda import unpin
+
+                unpin(self._pinned)
+                self._pinned = None
+
+    # -- pinning ----------------------------------------------------------------------------
+    def _ensure_pinned(self, pages: memoryview) -> None:
+        """On a GPU host, keep the mapped arena registered with CUDA: the client maps a new
+        arena when the daemon restarts, and the kernels need the one they copy to."""
+        if self.caches.on_cuda and _address(pages) != self._pinned:
+            self._pin(pages)
+
+    def _pin(self, pages: memoryview) -> None:
+        from kvd.native.cuda import cupy_available, pin, unpin
+
+        with self._pin_lock:
+            if _address(pages) == self._pinned:
+                return
+            if not cupy_available():
+                # torch's copies still work from pageable memory, through a bounce buffer.
+                log.warning("kvd: CuPy is missing, the arena is not registered with CUDA (slower copies)")
+                return
+            if self._pinned is not None:
+                try:
+                    unpin(self._pinned)
+                except Exception as exc:  # the old mapping is gone already: nothing left to undo
+                    log.info("kvd: unregistering the previous arena: %s", exc)
+            self._pinned = pin(pages)
+            log.info("kvd: arena registered with CUDA (%d bytes)", pages.nbytes)
+
+
+def _address(pages: memoryview) -> int:
+    return np.frombuffer(pages, dtype=np.uint8).ctypes.data
+
+
+class BackgroundLoads:
+    """Loads that run on one background thread, in submission order; the engine polls
+    :meth:`finished` for the requests whose load is over (with the blocks that failed)."""
+
+    def __init__(self, transfers: Transfers) -> None:
+        self._transfers = transfers
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvd-load")
+        self._running: dict[str, list[tuple[Future, list[int]]]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, req_id: str, hashes: Sequence[int], block_ids: Sequence[int]) -> None:
+        ids = list(block_ids)
+        future = self._pool.submit(self._transfers.load, list(hashes), ids)
+        with self._lock:
+            self._running.setdefault(req_id, []).append((future, ids))
+
+    def finished(self) -> dict[str, list[int]]:
+        """Requests whose loads are all over since the last call: request id -> failed block
+        ids. An unexpected error in a load counts all its blocks as failed (and is logged)."""
+        done: dict[str, list[int]] = {}
+        with self._lock:
+            for req_id, jobs in list(self._running.items()):
+                if all(f.done() for f, _ in jobs):
+                    del self._running[req_id]
+                    done[req_id] = [b for f, ids in jobs for b in self._outcome(f, ids)]
+        return done
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def close(self) -> None:
+        """Wait for running loads (their blocks must not be freed under them), then stop."""
+        self._pool.shutdown(wait=True)
+
+    @staticmethod
+    def _outcome(future: Future, block_ids: list[int]) -> list[int]:
+        exc = future.exception()
+        if exc is None:
+            return future.result()
+        log.error("kvd background load of %d blocks failed; vLLM recomputes them", len(block_ids), exc_info=exc)
+        return block_ids
