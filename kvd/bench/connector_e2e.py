@@ -88,7 +88,8 @@ def _drive(args) -> dict:
     rng = random.Random(args.seed)
     prompt = [rng.randrange(1, args.vocab - 1) for _ in range(args.tokens)]
     t0 = time.perf_counter()
-    llm = engine(args.model, args.kvd_address, args.block_tokens, args.max_len)
+    llm = engine(args.model, args.kvd_address, args.block_tokens, args.max_len, namespace=args.namespace,
+                 async_load=args.async_load)
     start_s = time.perf_counter() - t0
     generate(llm, [rng.randrange(1, args.vocab - 1) for _ in range(2 * args.block_tokens + 1)], 1)  # warm-up
     first = generate(llm, prompt, args.max_tokens)
@@ -104,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-tokens", type=int, default=4000, help="prompt tokens of the e2e run (default 4000)")
     p.add_argument("--e2e-layers", type=int, default=4, help="layers of the e2e model (default 4)")
     p.add_argument("--e2e-hidden", type=int, default=512, help="hidden size of the e2e model (default 512)")
+    p.add_argument("--e2e-async", action="store_true",
+                   help="also run an engine with kvd_async_load (loads in the background) and report it")
 
 
 def run_e2e(args: argparse.Namespace) -> dict:
@@ -138,18 +141,26 @@ def run_e2e(args: argparse.Namespace) -> dict:
         try:
             with Client(f"unix://{sock}") as c:
                 c.wait_ready(timeout=60)
-            out = root / "e2e.json"
-            drive = [str(python), "-m", "kvd.bench.connector_e2e", "drive", "--model", str(model), "--out", str(out),
-                     "--kvd-address", f"unix://{sock}", "--tokens", str(args.e2e_tokens), "--max-len", str(max_len)]
-            _run(drive, root / "drive.log")
-            result = json.loads(out.read_text())
+            results = {}
+            for variant in ("sync", "async") if getattr(args, "e2e_async", False) else ("sync",):
+                out = root / f"e2e-{variant}.json"
+                # Each variant in its own namespace: its first run finds nothing in kvd.
+                drive = [str(python), "-m", "kvd.bench.connector_e2e", "drive", "--model", str(model), "--out",
+                         str(out), "--kvd-address", f"unix://{sock}", "--tokens", str(args.e2e_tokens), "--max-len",
+                         str(max_len), "--namespace", f"bench-{variant}"]
+                if variant == "async":
+                    drive.append("--async-load")
+                _run(drive, root / f"drive-{variant}.log")
+                results[variant] = json.loads(out.read_text())
         finally:
             daemon.terminate()
             daemon.wait(timeout=60)
+    for r in results.values():
+        if not r["first"]["tokens"] == r["second"]["tokens"] == results["sync"]["first"]["tokens"]:
+            raise RuntimeError("a run generated other tokens than the sync engine's first")
+    result = results["sync"]
     first, second = result["first"], result["second"]
-    if first["tokens"] != second["tokens"]:
-        raise RuntimeError("the second run generated other tokens than the first")
-    return {
+    figures = {
         "model": {"layers": args.e2e_layers, "hidden": args.e2e_hidden, "kv_heads": heads, "head_dim": head_dim,
                   "block_tokens": block, "kv_bytes_per_token": 2 * args.e2e_layers * heads * head_dim * 2},
         "prompt_tokens": first["prompt_tokens"],
@@ -160,6 +171,12 @@ def run_e2e(args: argparse.Namespace) -> dict:
         "second_cached_tokens": second["num_cached_tokens"],
         "speedup": first["seconds"] / second["seconds"],
     }
+    if "async" in results:
+        a = results["async"]
+        figures["async"] = {"first_s": a["first"]["seconds"], "second_s": a["second"]["seconds"],
+                            "second_cached_tokens": a["second"]["num_cached_tokens"],
+                            "speedup": a["first"]["seconds"] / a["second"]["seconds"]}
+    return figures
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -190,6 +207,8 @@ def main(argv: list[str]) -> int:
     dr.add_argument("--block-tokens", type=int, default=32)
     dr.add_argument("--vocab", type=int, default=1024)
     dr.add_argument("--seed", type=int, default=0)
+    dr.add_argument("--namespace", default="bench")
+    dr.add_argument("--async-load", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "make-model":
         make_model(args.path, args.layers, args.hidden, args.heads, args.heads, 128, args.vocab, args.max_len)
