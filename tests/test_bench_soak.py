@@ -14,7 +14,10 @@ from kvd.bench.soak import SoakConfig, block_data, block_hash
 
 pytestmark = pytest.mark.timeout(180)
 
-RPCS = {"store", "load", "lookup", "session_event", "prepare_store_abandoned", "store_inline_cancelled"}
+SESSION_KINDS = ("turn_start", "tool_pause", "tool_resume", "turn_end", "session_end")
+RPCS = {"store", "load", "lookup", "prepare_store_abandoned", "store_inline_cancelled"} | {
+    f"session_{kind}" for kind in SESSION_KINDS
+}
 
 
 def kvd(*args: str) -> subprocess.CompletedProcess:
