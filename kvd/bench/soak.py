@@ -367,7 +367,7 @@ def _percentiles(values: list[float], seconds: float) -> dict:
 def run(cfg: SoakConfig) -> dict:
     cfg.validate()
     cfg.dir.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="kvd-soak-", dir=cfg.dir))
+    root = Path(tempfile.mkdtemp(prefix="kvd-soak-", dir=cfg.dir)).resolve()  # unix:// needs an absolute path
     daemon = SoakDaemon(root, cfg)
     try:
         return _measure(cfg, daemon)
