@@ -287,6 +287,23 @@ def test_expire_by_idle_time():
     assert t.check() == []
 
 
+def test_an_ended_session_drops_its_chain_and_is_forgotten_after_its_grace():
+    t = SessionTable(SessionConfig(ended_expiry_s=60.0, idle_expiry_s=1e9))
+    t.turn_start(NS, "old", [9], now=0)  # live and older than "a": does not hold the forgetting back
+    t.turn_start(NS, "a", [1, 2, 3], now=0)
+    t.end(NS, "a", now=10)
+    a = t.get(NS, "a")
+    assert a.chain == [] and t.refs == {k(9): 1}  # nothing held, nothing kept for it
+    assert t.expire(now=69.9) == 0
+    with pytest.raises(SessionStateError, match="has ended"):
+        t.turn_end(NS, "a", 50)  # within the grace: a late event is refused as after the end
+    assert t.expire(now=70.0) == 1 and t.get(NS, "a") is None
+    with pytest.raises(UnknownSession):
+        t.turn_end(NS, "a", 71)  # forgotten: an unknown session now
+    assert t.turn_start(NS, "a", [1], now=72).turns == 1  # the id may start a new session
+    assert [s.id for s in t.sessions()] == ["old", "a"] and t.check() == []
+
+
 def test_expire_beyond_max_sessions_forgets_the_least_recently_active():
     t = SessionTable(SessionConfig(max_sessions=2, idle_expiry_s=1e9))
     t.turn_start(NS, "a", [1], now=0)

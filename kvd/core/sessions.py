@@ -82,6 +82,7 @@ class Observation:
 class SessionConfig:
     max_sessions: int = 100_000  # the least recently active are forgotten beyond this
     idle_expiry_s: float = 3600.0  # a session idle this long is treated as ended
+    ended_expiry_s: float = 60.0  # an ended session is forgotten this long after its end
     max_shared_keys: int = 1_000_000  # keys remembered as once shared (the oldest forgotten)
 
 
@@ -102,6 +103,7 @@ class SessionTable:
         self._changed: list[Session] = []  # state changes since take_changes()
         self._reclassified: set[BlockKey] = set()  # keys whose sharing changed
         self._observations: list[Observation] = []
+        self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()  # ended sessions -> end time
 
     # -- queries --------------------------------------------------------------------------
     def get(self, namespace: str, session_id: str) -> Session | None:
@@ -227,9 +229,24 @@ class SessionTable:
         self._release(session)
         return session
 
+    def _forget_chain(self, session: Session) -> None:
+        """An ended session holds nothing: its chain goes (memory), its record stays a
+        while (``ended_expiry_s``) so late events about it are refused, not taken as new."""
+        session.chain = []
+        session.last_partial = False
+        self._ended[session.key] = session.last_active
+
     def expire(self, now: float) -> int:
-        """End sessions idle past ``idle_expiry_s`` or beyond ``max_sessions``; returns how many."""
+        """End sessions idle past ``idle_expiry_s`` or beyond ``max_sessions``, and forget
+        those ended ``ended_expiry_s`` ago; returns how many were ended or forgotten."""
         ended = 0
+        while self._ended:
+            key, at = next(iter(self._ended.items()))
+            if now - at < self.config.ended_expiry_s:
+                break
+            del self._ended[key]
+            self._sessions.pop(key, None)
+            ended += 1
         while self._sessions:
             session = next(iter(self._sessions.values()))
             too_many = len(self._sessions) > self.config.max_sessions
@@ -239,6 +256,7 @@ class SessionTable:
                 self._set_state(session, ENDED, now)
                 self._release(session)
             del self._sessions[session.key]
+            self._ended.pop(session.key, None)
             ended += 1
         return ended
 
@@ -379,6 +397,7 @@ class SessionTable:
         self._untail(session)
         for h in set(session.chain):
             self._unref((session.namespace, h), session)
+        self._forget_chain(session)
 
     def _learn_resume(self, session: Session, now: float) -> None:
         if session.state == TOOL_PAUSE and session.paused_at is not None:
