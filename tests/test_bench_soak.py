@@ -46,6 +46,7 @@ def test_a_tiny_soak_reports_no_errors_and_no_leaks(tmp_path):
     assert report["elapsed_s"] >= 3
     assert 0 < report["rss_start_bytes"] and 0 < report["rss_end_bytes"]
     assert report["rss_growth"] == pytest.approx(report["rss_end_bytes"] / report["rss_start_bytes"] - 1)
+    assert isinstance(report["tiers_full_at_rss_start"], bool) and 0 < report["warmup_s"] <= report["elapsed_s"]
     assert list((tmp_path / "scratch").iterdir()) == []  # the daemon's scratch directory is gone
 
 

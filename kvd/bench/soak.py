@@ -18,8 +18,10 @@ sessions until ``--seconds`` have passed or each made ``--max-ops`` calls:
 ``errors`` counts every failed call (any gRPC error outside the two cancelled streams above),
 every block loaded with bytes other than those stored, and every abandoned block visible at
 the end. ``rss_*`` are the daemon's VmRSS from /proc: ``rss_start_bytes`` sampled after the
-warm-up (``--warmup-seconds``, when the arena and the Python heap have reached their working
-size), ``rss_end_bytes`` when the clients stop; ``rss_growth`` = end / start - 1. At the end,
+warm-up — at least ``--warmup-seconds`` and until every tier is full (``tiers_full_at_rss_start``;
+at most half the run), so that the catalog, the Watch ring and the Python heap are at their
+bounds and growth from there can only be a leak — ``rss_end_bytes`` when the clients stop;
+``rss_growth`` = end / start - 1. At the end,
 after the abandoned leases expired and their quarantined slots came back, ``leases_end``
 must be 0, ``dram_leaked_bytes`` (DRAM bytes in use beyond the held blocks' slots) 0, and
 Admin.Check pass (``check_ok``). Latencies are milliseconds per client call (a store or a
@@ -66,9 +68,13 @@ class SoakConfig:
     seconds: float = 60.0
     block_bytes: int = 32 << 10
     dram_bytes: int = 128 << 20
-    nvme_bytes: int = 512 << 20
+    # Small enough to fill in the first seconds: from then on every tier, and so the catalog,
+    # is at its bound, and RSS growth can only be a leak.
+    nvme_bytes: int = 160 << 20
     lease_seconds: float = 5.0  # the daemon's default lease (and quarantine of expired slots)
-    event_buffer: int = 100_000  # the daemon's Watch ring (its default): it fills as the run goes
+    # The daemon's Watch ring, in events. Its default of 100,000 takes longer than a 60 s run
+    # to fill at this event rate, and its filling would read as growth; this one wraps early.
+    event_buffer: int = 10_000
     warmup_seconds: float | None = None  # None: a sixth of the run
     processes: int = 4
     max_ops: int = 1_000_000  # per client
@@ -379,6 +385,11 @@ def run(cfg: SoakConfig) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _tiers_full(admin: Client, fraction: float = 0.95) -> bool:
+    """Whether every tier of the daemon is at least ``fraction`` used."""
+    return all(t.used_bytes >= fraction * t.capacity_bytes for t in admin.status().tiers)
+
+
 def _measure(cfg: SoakConfig, daemon: SoakDaemon) -> dict:
     pid = daemon.proc.pid
     with Client(daemon.unix) as admin:
@@ -407,21 +418,28 @@ def _measure(cfg: SoakConfig, daemon: SoakDaemon) -> dict:
         go.set()
         next_sample = start_at
         rss_start = None
-        while not all(f.done() for f in futures):
-            now = time.time()
-            if now >= next_sample:
-                rss_samples.append(rss(pid)["VmRSS"])
-                next_sample += 1.0
-            if rss_start is None and now >= start_at + cfg.warmup:
-                rss_start = rss(pid)
-            wake_at = next_sample if rss_start is not None else min(next_sample, start_at + cfg.warmup)
-            concurrent.futures.wait(futures, timeout=max(0.01, wake_at - now))
+        tiers_full = False
+        with Client(daemon.unix) as admin:
+            while not all(f.done() for f in futures):
+                now = time.time()
+                if now >= next_sample:
+                    rss_samples.append(rss(pid)["VmRSS"])
+                    next_sample += 1.0
+                    if rss_start is None:
+                        tiers_full = _tiers_full(admin)
+                # The warm-up ends once it lasted --warmup-seconds and every tier is full (the
+                # catalog at its bound), or at half the run, full or not (reported).
+                if rss_start is None and now >= start_at + cfg.warmup and (tiers_full or now >= start_at + cfg.seconds / 2):
+                    rss_start = rss(pid)
+                    warmup_s = now - start_at
+                wake_at = next_sample if rss_start is not None else min(next_sample, max(now, start_at + cfg.warmup))
+                concurrent.futures.wait(futures, timeout=max(0.01, wake_at - now))
         rss_end = rss(pid)
         ended_at = time.time()
         for f in futures:
             stats.merge(f.result())
     if rss_start is None:  # the run ended before its warm-up did
-        rss_start = rss_end
+        rss_start, warmup_s = rss_end, ended_at - start_at
     elapsed = ended_at - start_at
     with Client(daemon.unix) as admin:
         # Abandoned leases expire (ABANDON_LEASE_S), then their slots sit out one quarantine
@@ -454,6 +472,8 @@ def _measure(cfg: SoakConfig, daemon: SoakDaemon) -> dict:
         "rss_start_bytes": rss_start["VmRSS"],
         "rss_end_bytes": rss_end["VmRSS"],
         "rss_growth": rss_end["VmRSS"] / rss_start["VmRSS"] - 1,
+        "warmup_s": warmup_s,
+        "tiers_full_at_rss_start": tiers_full,
         "rss_anon_start_bytes": rss_start["RssAnon"],
         "rss_anon_end_bytes": rss_end["RssAnon"],
         "rss_samples_mib": [round(x / (1 << 20), 1) for x in rss_samples],
@@ -473,16 +493,18 @@ def add_arguments(p: argparse.ArgumentParser, size) -> None:
     p.add_argument("--processes", type=int, default=d.processes, help=f"client processes (default {d.processes})")
     p.add_argument("--block-bytes", type=size, default=d.block_bytes, metavar="SIZE", help="block size (default 32KiB)")
     p.add_argument("--dram-bytes", type=size, default=d.dram_bytes, metavar="SIZE", help="daemon DRAM (default 128MiB)")
-    p.add_argument("--nvme-bytes", type=size, default=d.nvme_bytes, metavar="SIZE", help="daemon NVMe (default 512MiB)")
+    p.add_argument("--nvme-bytes", type=size, default=d.nvme_bytes, metavar="SIZE", help="daemon NVMe (default 160MiB: full within seconds)")
     p.add_argument(
         "--lease-seconds", type=float, default=d.lease_seconds,
         help=f"the daemon's lease, also how long an expired lease's slots wait before reuse (default {d.lease_seconds:g})",
     )
     p.add_argument(
         "--event-buffer", type=int, default=d.event_buffer,
-        help=f"the daemon's Watch ring, in events (default {d.event_buffer}, the daemon's own default)",
+        help=f"the daemon's Watch ring, in events (default {d.event_buffer}: it wraps within the warm-up)",
     )
-    p.add_argument("--warmup-seconds", type=float, help="when rss_start is sampled (default: a sixth of --seconds)")
+    p.add_argument(
+        "--warmup-seconds", type=float, help="rss_start is sampled this late at least, and once every tier is full (default: a sixth of --seconds)",
+    )
     p.add_argument(
         "--disconnect-every", type=int, default=d.disconnect_every, help="turns between disconnects mid-store"
     )
