@@ -9,6 +9,7 @@ Units: every size is bytes; slots are page-aligned runs (see :mod:`kvd.tiers.all
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
@@ -37,10 +38,13 @@ class CorruptBlockError(Exception):
 
 
 class Tier(ABC):
-    """Bytes at slots. Subclasses: DramArena (shared memory), NvmeStore (slab files)."""
+    """Bytes at slots. Subclasses: DramArena (shared memory), NvmeStore (slab files),
+    HbmPool (GPU memory). Slot bookkeeping is thread-safe under ``_lock`` (the core
+    allocates on the event loop while I/O threads free)."""
 
     name: str
     space: ExtentAllocator
+    _lock: threading.Lock
 
     @property
     def capacity_bytes(self) -> int:
@@ -60,15 +64,18 @@ class Tier(ABC):
 
     def allocate(self, nbytes: int) -> Slot | None:
         """A slot for ``nbytes`` or None when full. Pure bookkeeping, no I/O."""
-        return self.space.allocate(nbytes)
+        with self._lock:
+            return self.space.allocate(nbytes)
 
     def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
         """Up to ``count`` slots of ``nbytes`` (fewer when full). Pure bookkeeping."""
-        return self.space.allocate_many(nbytes, count)
+        with self._lock:
+            return self.space.allocate_many(nbytes, count)
 
     def free(self, slot: Slot) -> None:
         """Return a slot. Raises ValueError for a slot that is not allocated."""
-        self.space.free(slot)
+        with self._lock:
+            self.space.free(slot)
 
     def is_allocated(self, slot: Slot) -> bool:
         return self.space.is_allocated(slot)

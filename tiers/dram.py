@@ -177,19 +177,6 @@ class DramArena(Tier):
     def header(self) -> ArenaHeader:
         return self._header
 
-    # -- bookkeeping ----------------------------------------------------------------------
-    def allocate(self, nbytes: int) -> Slot | None:
-        with self._lock:
-            return self.space.allocate(nbytes)
-
-    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
-        with self._lock:
-            return self.space.allocate_many(nbytes, count)
-
-    def free(self, slot: Slot) -> None:
-        with self._lock:
-            self.space.free(slot)
-
     # -- data -----------------------------------------------------------------------------
     def view(self, slot: Slot) -> memoryview:
         """A writable, zero-copy view of exactly ``slot.length`` bytes of the arena.

@@ -65,19 +65,6 @@ class HbmPool(Tier):
         self.device = str(self._pool.device)
         self._closed = False
 
-    # -- bookkeeping ----------------------------------------------------------------------
-    def allocate(self, nbytes: int) -> Slot | None:
-        with self._lock:
-            return self.space.allocate(nbytes)
-
-    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
-        with self._lock:
-            return self.space.allocate_many(nbytes, count)
-
-    def free(self, slot: Slot) -> None:
-        with self._lock:
-            self.space.free(slot)
-
     # -- data -----------------------------------------------------------------------------
     @property
     def pool(self) -> Any:

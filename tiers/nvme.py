@@ -236,14 +236,6 @@ class NvmeStore(Tier):
         return [self._slab_path(k) for k in range(len(self._slab_sizes))]
 
     # -- bookkeeping ----------------------------------------------------------------------
-    def allocate(self, nbytes: int) -> Slot | None:
-        with self._lock:
-            return self.space.allocate(nbytes)
-
-    def allocate_many(self, nbytes: int, count: int) -> list[Slot]:
-        with self._lock:
-            return self.space.allocate_many(nbytes, count)
-
     def free(self, slot: Slot) -> None:
         """Return ``slot`` and forget its checksum. Its manifest entry, if any, stays (a
         stale entry fails verification once the slot is reused); call :meth:`forget`."""
