@@ -73,3 +73,20 @@ def test_block_contents_follow_from_the_hash():
     assert block_data(h, 4096) == block_data(h, 4096) != block_data(h + 1, 4096)
     assert len(block_data(h, 8192)) == 8192
     SoakConfig().validate()  # the defaults (64 clients) fit the default DRAM
+
+
+def test_a_daemon_that_does_not_come_up_is_not_left_running(tmp_path, monkeypatch):
+    from kvd.bench import soak
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def spy(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(soak, "START_TIMEOUT_S", 0.0)  # give up before the socket can appear
+    monkeypatch.setattr(soak.subprocess, "Popen", spy)
+    with pytest.raises(RuntimeError, match="kvd serve did not start"):
+        soak.SoakDaemon(tmp_path, SoakConfig())
+    assert len(started) == 1 and started[0].poll() is not None  # killed and reaped

@@ -150,13 +150,20 @@ class SoakDaemon:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self.unix = f"unix://{self.socket}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kvd serve did not start: {self.log_path.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)  # polling while the daemon starts
-        with Client(self.unix) as probe:
-            probe.wait_ready(60)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not self.socket.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"kvd serve did not start: {self.log_path.read_text(errors='replace')[-2000:]}"
+                    )
+                time.sleep(0.05)  # polling while the daemon starts
+            with Client(self.unix) as probe:
+                probe.wait_ready(60)
+        except BaseException:
+            self.proc.kill()  # a daemon that never served is not left running
+            self.proc.wait()
+            raise
 
     def stop(self) -> int:
         if self.proc.poll() is None:
