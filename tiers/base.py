@@ -80,6 +80,14 @@ class Tier(ABC):
     def is_allocated(self, slot: Slot) -> bool:
         return self.space.is_allocated(slot)
 
+    @staticmethod
+    def _fitting(slot: Slot, data: Buffer) -> memoryview:
+        """``data`` as read-only bytes; ValueError when they do not fit in ``slot``."""
+        src = byte_view(data, writable=False)
+        if src.nbytes > slot.length:
+            raise ValueError(f"{src.nbytes} bytes do not fit in {slot}")
+        return src
+
     @abstractmethod
     def write(self, slot: Slot, data: Buffer) -> None:
         """Store ``data`` (at most ``slot.length`` bytes) in ``slot``.

@@ -191,9 +191,7 @@ class DramArena(Tier):
     def write(self, slot: Slot, data: Buffer) -> None:
         """Copy ``data`` (at most ``slot.length`` bytes) to the start of ``slot``."""
         self._require_allocated(slot)
-        src = byte_view(data, writable=False)
-        if src.nbytes > slot.length:
-            raise ValueError(f"{src.nbytes} bytes do not fit in {slot}")
+        src = self._fitting(slot, data)
         self._mv[slot.offset : slot.offset + src.nbytes] = src
 
     def read_into(self, slot: Slot, nbytes: int, out: Buffer) -> None:

@@ -79,9 +79,7 @@ class HbmPool(Tier):
 
     def write(self, slot: Slot, data: Buffer) -> None:
         self._require_allocated(slot)
-        src = byte_view(data, writable=False)
-        if src.nbytes > slot.length:
-            raise ValueError(f"{src.nbytes} bytes do not fit in {slot}")
+        src = self._fitting(slot, data)
         if src.nbytes:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read

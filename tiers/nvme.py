@@ -259,11 +259,9 @@ class NvmeStore(Tier):
         seen: set[int] = set()
         with self._lock:
             for slot, data in items:
-                src = byte_view(data, writable=False)
                 if not self.space.is_allocated(slot):
                     raise ValueError(f"{slot} is not allocated")
-                if src.nbytes > slot.length:
-                    raise ValueError(f"{src.nbytes} bytes do not fit in {slot}")
+                src = self._fitting(slot, data)
                 if slot.offset in seen:
                     raise ValueError(f"{slot} appears twice in one batch")
                 seen.add(slot.offset)
