@@ -145,6 +145,28 @@ def test_drain_writes_kept_blocks_down_without_write_behind():
     assert core.check() == []
 
 
+def test_drain_with_hbm_on_top_writes_each_block_down_from_its_fastest_copy():
+    clock = FakeClock()
+    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 2), ("nvme", 8))}
+    core = KvCore(spaces, LruPolicy(), clock, CoreConfig(write_behind=True, lease_seconds=10))
+    core.register_namespace(NS, 16, PAGE)
+    store(core, 1, 2)
+    assert core.plan_write_behind(10) == []  # with HBM on top, blocks go down by demotion
+    # Prefix LRU demotes the chain's tail, 2, keeping its ancestor 1 in HBM.
+    assert isinstance(core.prepare_store(NS, specs(3, parent=2)), Wait)
+    run_mover(core)
+    store(core, 3, parent=2)
+    assert core.lookup(NS, [1, 2, 3]) == ["hbm", "dram", "hbm"]
+    assert core.start_drain() == 3
+    transfers = core.plan_write_behind(10)
+    links = sorted((t.record.hash, t.src_tier, t.dst_tier) for t in transfers)
+    assert links == [(1, "hbm", "nvme"), (2, "dram", "nvme"), (3, "hbm", "nvme")]
+    for t in transfers:
+        core.complete_transfer(t, ok=True)
+    assert core.write_behind_pending == 0 and core.check() == []
+    assert sorted(r.hash for r in core.blocks(NS) if "nvme" in r.copies) == [1, 2, 3]
+
+
 def test_drain_without_nvme_queues_nothing():
     core, _ = make_core(4)
     store(core, 1)

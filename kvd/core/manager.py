@@ -329,7 +329,7 @@ class KvCore:
         self.policy = policy
 
     def start_drain(self) -> int:
-        """Queue every held DRAM block without an NVMe copy for writing down, with or
+        """Queue every held DRAM (or HBM) block without an NVMe copy for writing down, with or
         without write-behind (the policy's ``worth_demoting`` still filters, at planning);
         stores made while draining are queued too. Returns the blocks queued."""
         self._draining = True
@@ -338,8 +338,7 @@ class KvCore:
         queued = 0
         for ns in self.namespaces():
             for record in ns.blocks.values():
-                dram = record.copies.get("dram")
-                if dram is not None and dram.ready and "nvme" not in record.copies:
+                if "nvme" not in record.copies and self._above_nvme(record) is not None:
                     self._write_behind.append(record)
                     queued += 1
         return queued
@@ -747,12 +746,26 @@ class KvCore:
 
     @property
     def _writes_behind(self) -> bool:
-        # With an HBM tier on top, blocks reach NVMe by demotion through DRAM instead.
-        return (self.config.write_behind or self._draining) and self.top == "dram" and "nvme" in self.spaces
+        # With an HBM tier on top, blocks reach NVMe by demotion through DRAM instead; a
+        # drain writes them down from whichever tier above NVMe holds them.
+        if "nvme" not in self.spaces:
+            return False
+        return self._draining or (self.config.write_behind and self.top == "dram")
+
+    def _above_nvme(self, record: BlockRecord) -> tuple[str, Copy] | None:
+        """The fastest ready copy of ``record`` above NVMe (tier, copy), or None."""
+        for tier in self.tiers:
+            if tier == "nvme":
+                break
+            copy = record.copies.get(tier)
+            if copy is not None and copy.ready:
+                return tier, copy
+        return None
 
     def plan_write_behind(self, max_blocks: int) -> list[Transfer]:
-        """Up to ``max_blocks`` transfers copying committed DRAM blocks down to NVMe
-        (not those the policy would not keep below: ephemeral ones)."""
+        """Up to ``max_blocks`` transfers copying committed blocks down to NVMe from DRAM
+        (from HBM, for a drain, where HBM holds the only copy) — not those the policy
+        would not keep below (ephemeral ones)."""
         out: list[Transfer] = []
         if not self._writes_behind:
             self._write_behind.clear()
@@ -760,15 +773,14 @@ class KvCore:
         now = self.clock()
         while self._write_behind and len(out) < max_blocks:
             record = self._write_behind[0]
-            dram = record.copies.get("dram")
+            source = self._above_nvme(record)
             ns = self._namespaces.get(record.namespace)
             if (
-                dram is None
-                or not dram.ready
+                source is None
                 or "nvme" in record.copies
                 or ns is None
                 or ns.blocks.get(record.hash) is not record
-                or not self.policy.worth_demoting(record.key, "dram", now)
+                or not self.policy.worth_demoting(record.key, source[0], now)
             ):
                 self._write_behind.popleft()  # evicted, already down, replaced, or not worth it
                 continue
@@ -776,7 +788,7 @@ class KvCore:
             if not isinstance(room, Slot):
                 break  # NVMe is full of blocks in flight; try again after they land
             self._write_behind.popleft()
-            out.append(self._start_transfer("write_behind", record, "dram", "nvme", Copy(room)))
+            out.append(self._start_transfer("write_behind", record, source[0], "nvme", Copy(room)))
         return out
 
     def complete_transfer(self, transfer: Transfer, ok: bool, corrupt: bool = False) -> None:
