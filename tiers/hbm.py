@@ -11,18 +11,23 @@ torch is optional: without it, or without a CUDA device, :class:`HbmPool` raises
 :class:`HbmUnavailable` with the reason and the daemon runs without an HBM tier.
 ``device="cpu"`` builds the same pool in host memory; tests use it to run the tier's own
 code where no GPU is lent. All sizes are bytes.
+
+Engines on the node open the pool themselves (:meth:`HbmPool.handle`, :mod:`kvd.tiers.hbm_share`):
+a CUDA pool through a CUDA IPC handle, a host pool through a shared-memory file.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
 from kvd.tiers.base import Buffer, Tier, byte_view
+from kvd.tiers.hbm_share import PoolHandle, SharedPool
 
 
 class HbmUnavailable(RuntimeError):
@@ -53,7 +58,9 @@ class HbmPool(Tier):
 
     name = "hbm"
 
-    def __init__(self, capacity_bytes: int, page_bytes: int = 4096, device: str = "cuda") -> None:
+    def __init__(
+        self, capacity_bytes: int, page_bytes: int = 4096, device: str = "cuda", share_dir: Path | None = None
+    ) -> None:
         if capacity_bytes <= 0 or page_bytes <= 0 or capacity_bytes % page_bytes:
             raise ValueError(
                 f"capacity_bytes must be a positive multiple of page_bytes {page_bytes}, got {capacity_bytes}"
@@ -61,9 +68,16 @@ class HbmPool(Tier):
         self._torch = _torch_for(device)
         self.space = ExtentAllocator([(0, capacity_bytes)], page_bytes)
         self._lock = threading.Lock()
-        self._pool = self._torch.empty(capacity_bytes, dtype=self._torch.uint8, device=device)
+        self._shared = SharedPool.create(self._torch, capacity_bytes, device, share_dir)
+        self._pool = self._shared.tensor
         self.device = str(self._pool.device)
         self._closed = False
+
+    def handle(self) -> PoolHandle:
+        """What an engine process on this node needs to open the pool (:func:`open_pool`):
+        the copies between its paged cache and a slot here are then device-to-device."""
+        self._require_open()
+        return self._shared.handle
 
     # -- data -----------------------------------------------------------------------------
     @property
@@ -79,13 +93,7 @@ class HbmPool(Tier):
 
     def write(self, slot: Slot, data: Buffer) -> None:
         self._require_allocated(slot)
-        src = self._fitting(slot, data)
-        if src.nbytes:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
-                host = self._torch.from_numpy(np.frombuffer(src, dtype=np.uint8))
-            self._pool[slot.offset : slot.offset + src.nbytes].copy_(host)
-            self._sync()
+        self.write_range(slot, 0, self._fitting(slot, data))
 
     def read_into(self, slot: Slot, nbytes: int, out: Buffer) -> None:
         """Copy the first ``nbytes`` of ``slot`` into ``out`` (HBM keeps no checksums)."""
@@ -100,6 +108,28 @@ class HbmPool(Tier):
             host.copy_(self._pool[slot.offset : slot.offset + nbytes])
             self._sync()
 
+    def write_range(self, slot: Slot, offset: int, data: Buffer) -> None:
+        """Copy ``data`` into ``slot`` at byte ``offset`` (ValueError outside the slot)."""
+        self._require_allocated(slot)
+        src = byte_view(data, writable=False)
+        if offset < 0 or offset + src.nbytes > slot.length:
+            raise ValueError(f"{src.nbytes} bytes at {offset} do not fit in {slot}")
+        if src.nbytes:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
+                host = self._torch.from_numpy(np.frombuffer(src, dtype=np.uint8))
+            start = slot.offset + offset
+            self._pool[start : start + src.nbytes].copy_(host)
+            self._sync()
+
+    def read_range(self, slot: Slot, offset: int, n: int) -> bytes:
+        """``n`` bytes of ``slot`` from byte ``offset`` (ValueError outside the slot)."""
+        self._require_allocated(slot)
+        if offset < 0 or n < 0 or offset + n > slot.length:
+            raise ValueError(f"{n} bytes at {offset} lie outside {slot}")
+        start = slot.offset + offset
+        return self._pool[start : start + n].cpu().numpy().tobytes()
+
     # -- health ---------------------------------------------------------------------------
     def check(self) -> list[str]:
         problems = [f"allocator: {p}" for p in self.space.check()]
@@ -113,10 +143,12 @@ class HbmPool(Tier):
         return problems
 
     def close(self) -> None:
-        """Release the pool (idempotent). Views handed out keep their memory alive."""
+        """Release the pool (idempotent). Views handed out keep their memory alive; the
+        shared-memory file of a host pool is unlinked."""
         if not self._closed:
             self._closed = True
             self._pool = self._pool.new_empty(0)
+            self._shared.close()
 
     def _sync(self) -> None:
         if self._pool.is_cuda:
