@@ -8,6 +8,7 @@ gathers into, and `kvd serve --hbm-bytes` on a machine without CUDA.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -97,3 +98,166 @@ def test_serve_rejects_an_unaligned_hbm_size_with_one_line(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["kvd serve: --hbm-bytes must be 0 (no HBM tier) or a multiple of 4096 bytes"]
+
+
+def test_serve_rejects_an_unknown_hbm_device_with_one_line(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "kvd.cli.kvd_main", "serve", "--hbm-bytes", "1MiB", "--hbm-device", "tpu",
+         "--socket", str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["kvd serve: --hbm-device must be cuda, cuda:N or cpu, got 'tpu'"]
+
+
+# -- sharing the pool with engines ------------------------------------------------------------
+
+OPEN_AND_READ = """
+import sys
+from kvd.tiers.hbm_share import OpenedPool, PoolHandle
+kind, size, pool_id, path, ipc, index, offset, n = sys.argv[1:]
+handle = PoolHandle(kind, int(size), bytes.fromhex(pool_id), path, bytes.fromhex(ipc), int(index))
+pool = OpenedPool(handle)
+t = pool.tensor
+sys.stdout.write(t[int(offset) : int(offset) + int(n)].cpu().numpy().tobytes().hex())
+t[int(offset)] = 0x5A  # the daemon must see what an engine writes
+del t
+pool.close()
+"""
+
+
+def _open_in_child(handle, offset: int, n: int) -> bytes:
+    args = [handle.kind, str(handle.capacity_bytes), handle.pool_id.hex(), handle.path, handle.ipc.hex(),
+            str(handle.device_index), str(offset), str(n)]
+    res = subprocess.run([sys.executable, "-c", OPEN_AND_READ, *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return bytes.fromhex(res.stdout)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_another_process_opens_the_pool_and_shares_its_bytes(device, tmp_path):
+    pytest.importorskip("torch")
+    if device == "cuda":
+        pytest.importorskip("cupy")
+    pool = HbmPool(16 * 4096, device=device, share_dir=tmp_path)
+    handle = pool.handle()
+    assert handle.kind == ("file" if device == "cpu" else "cuda_ipc") and handle.capacity_bytes == 16 * 4096
+    slot = pool.allocate(3 * 4096)
+    data = bytes(range(256)) * 48
+    pool.write(slot, data)
+    assert _open_in_child(handle, slot.offset, len(data)) == data
+    out = bytearray(1)
+    pool.read_into(slot, 1, out)
+    assert out == b"\x5a"
+    pool.close()
+    assert list(tmp_path.iterdir()) == []  # a host pool's file goes with it
+
+
+def test_a_pool_without_a_share_dir_cannot_be_shared_and_bad_handles_are_refused(tmp_path):
+    pytest.importorskip("torch")
+    from kvd.tiers.hbm_share import OpenedPool, PoolHandle, PoolUnshareable
+
+    with pytest.raises(PoolUnshareable, match="cannot be opened by engines"):
+        HbmPool(4096, device="cpu").handle()
+    with pytest.raises(ValueError, match="unknown pool kind 'rdma'"):
+        OpenedPool(PoolHandle("rdma", 4096, b"x" * 16))
+    pool = HbmPool(2 * 4096, device="cpu", share_dir=tmp_path)
+    wrong = PoolHandle("file", 4096, pool.handle().pool_id, path=pool.handle().path)
+    with pytest.raises(ValueError, match="the daemon says 4096"):
+        OpenedPool(wrong)
+    pool.close()
+
+
+# -- the daemon with an HBM tier (--hbm-device cpu: the pool in host memory) ----------------------
+
+BLOCK = 256 * 1024
+
+
+def hbm_daemon(daemon_factory, **kwargs):
+    return daemon_factory(dram="2MiB", nvme="32MiB", extra=["--hbm-bytes", "1MiB", "--hbm-device", "cpu"], **kwargs)
+
+
+def test_stores_land_in_hbm_cascade_down_and_load_back_from_every_tier(daemon_factory, kvctl):
+    pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    blocks = [bytes([i]) * BLOCK for i in range(16)]  # 4 MiB: HBM holds 4, DRAM 8, NVMe the rest
+    keys = list(range(1, 17))
+    with d.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        assert c.store("m", keys, blocks) == 16
+        tiers = c.lookup("m", keys)
+        assert set(tiers) == {"hbm", "dram", "nvme"} and tiers.count("hbm") <= 4
+        assert c.load("m", keys) == blocks
+        outs = [bytearray(BLOCK) for _ in keys]
+        assert c.load_into("m", keys, outs) == [True] * 16 and [bytes(o) for o in outs] == blocks
+        assert c.check() == []
+        status = {t.name: t for t in c.status().tiers}
+        assert status["hbm"].capacity_bytes == 1 << 20 and status["hbm"].location == "cpu"
+    assert "HBM tier: 1048576 bytes in host memory" in d.log()
+    res = kvctl(d, "status")
+    assert res.returncode == 0 and "hbm" in res.stdout
+
+
+def test_slot_copies_get_the_pool_tensor_for_hbm_slots(daemon_factory):
+    torch = pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    seen = []
+
+    def write(pages, indexes, offsets):
+        seen.append(type(pages).__name__)
+        for i, off in zip(indexes, offsets):
+            pages[off : off + BLOCK] = torch.full((BLOCK,), 40 + i, dtype=torch.uint8)
+
+    got = {}
+
+    def read(pages, indexes, offsets):
+        for i, off in zip(indexes, offsets):
+            got[i] = bytes(pages[off : off + BLOCK].numpy()) if isinstance(pages, torch.Tensor) else bytes(
+                pages[off : off + BLOCK]
+            )
+
+    with d.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        assert c.store_slots("m", [7, 8], BLOCK, write) == 2
+        assert set(seen) == {"Tensor"}  # stores land in HBM: the pool itself, no arena view
+        assert c.lookup("m", [7, 8]) == ["hbm", "hbm"]
+        assert c.load_slots("m", [7, 8, 9], BLOCK, read) == [True, True, False]
+        assert got == {0: bytes([40]) * BLOCK, 1: bytes([41]) * BLOCK}
+
+
+def test_sigterm_writes_hbm_only_blocks_to_nvme_and_a_restart_serves_them(daemon_factory):
+    pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    blocks = [bytes([i + 1]) * BLOCK for i in range(3)]
+    with d.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        c.store("m", [1, 2, 3], blocks)
+        assert c.lookup("m", [1, 2, 3]) == ["hbm"] * 3  # no copy below HBM yet
+    assert d.kill(signal.SIGTERM) == 0
+    assert not list(d.shm_dir.glob("kvd-hbm-*"))  # the pool's file went with the daemon
+    d.start()
+    with d.client() as c:
+        assert c.lookup("m", [1, 2, 3]) == ["nvme"] * 3
+        assert c.load("m", [1, 2, 3]) == blocks
+        assert c.check() == []
+
+
+def test_a_block_corrupt_on_nvme_is_not_promoted_into_hbm(daemon_factory):
+    pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    marked = b"\xab" * BLOCK
+    with d.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        c.store("m", [1], [marked])
+        c.store("m", list(range(100, 116)), [bytes([i]) * BLOCK for i in range(16)], parents=[None] * 16)
+        c.sync()
+        assert c.lookup("m", [1]) == ["nvme"]
+        slab = next(p for p in d.nvme_dir.glob("slab-*") if marked in p.read_bytes())
+        raw = bytearray(slab.read_bytes())
+        at = raw.index(marked)
+        raw[at + 100] ^= 0xFF
+        slab.write_bytes(raw)
+        assert c.load("m", [1]) == [None]  # missing, never wrong
+        assert c.lookup("m", [1]) == []
+        assert c.check() == []
+    assert "failed its checksum on NVMe: dropped" in d.log()

@@ -58,24 +58,32 @@ def runs(tmp_path_factory):
     # DRAM for 64 of the tiny model's 32 KiB blocks: the corrupt scenario pushes its blocks
     # onto NVMe with unrelated stores; LRU so that push evicts exactly the oldest.
     d = DaemonProcess(root / "kvd", dram="2MiB", nvme="64MiB", extra=["--policy", "lru"])
-    d.root.mkdir()
-    d.start()
-    try:
-        for variant, extra, level in (("sync", [], "INFO"), ("async", ["--async-load"], "DEBUG")):
-            # DEBUG for the async run: vLLM logs each asynchronous receive it completes.
-            drive(python, "run", "--model", str(model), "--out", str(root / f"{variant}.json"),
-                  "--kvd-address", d.address, "--nvme-dir", str(d.nvme_dir),
-                  "--kv-events", f"ipc://{root}/events-{variant}", *extra, log=root / f"{variant}.log", level=level)
-        with d.client() as c:
-            problems = c.check()
-    finally:
-        d.stop()
+    # The same, with an HBM tier on top (its pool in host memory, --hbm-device cpu): stores
+    # land in the pool and loads read from it, through the pool the connector opens itself.
+    h = DaemonProcess(root / "kvd-hbm", dram="2MiB", nvme="64MiB",
+                      extra=["--policy", "lru", "--hbm-bytes", "1MiB", "--hbm-device", "cpu"])
+    problems = {}
+    for daemon, runs_here in ((d, (("sync", [], "INFO"), ("async", ["--async-load"], "DEBUG"))),
+                              (h, (("hbm", [], "INFO"),))):
+        daemon.root.mkdir()
+        daemon.start()
+        try:
+            for variant, extra, level in runs_here:
+                # DEBUG for the async run: vLLM logs each asynchronous receive it completes.
+                drive(python, "run", "--model", str(model), "--out", str(root / f"{variant}.json"),
+                      "--kvd-address", daemon.address, "--nvme-dir", str(daemon.nvme_dir),
+                      "--kv-events", f"ipc://{root}/events-{variant}", *extra, log=root / f"{variant}.log",
+                      level=level)
+                with daemon.client() as c:
+                    problems[variant] = c.check()
+        finally:
+            daemon.stop()
     base = json.loads((root / "base.json").read_text())
     return {
         "base": base,
-        **{v: json.loads((root / f"{v}.json").read_text()) for v in ("sync", "async")},
-        **{f"{v}_log": (root / f"{v}.log").read_text(errors="replace") for v in ("sync", "async")},
-        "daemon_log": d.log(),
+        **{v: json.loads((root / f"{v}.json").read_text()) for v in DRIVEN},
+        **{f"{v}_log": (root / f"{v}.log").read_text(errors="replace") for v in DRIVEN},
+        "daemon_log": {"sync": d.log(), "async": d.log(), "hbm": h.log()},
         "problems": problems,
     }
 
@@ -85,27 +93,30 @@ def full_blocks(tokens: int) -> int:
     return (tokens - 1) // BLOCK * BLOCK
 
 
-VARIANTS = pytest.mark.parametrize("variant", ["sync", "async"])
+DRIVEN = {"sync": "sync", "async": "async", "hbm": "sync"}  # our run -> the driver's variant (prompts)
+VARIANTS = pytest.mark.parametrize("variant", list(DRIVEN))
 
 
 @VARIANTS
 def test_repeat_prompt_comes_from_kvd(runs, variant):
-    base, kvd = runs["base"][variant]["repeat"], runs[variant][variant]["repeat"]
+    base, kvd = runs["base"][DRIVEN[variant]]["repeat"], runs[variant][DRIVEN[variant]]["repeat"]
     first, second = kvd["first"], kvd["second"]
     assert len(set(first["tokens"])) > 1  # the random model says something, not one token
     assert first["num_cached_tokens"] == 0
     # The engine's own cache was reset: every full block of the prompt came from kvd.
     assert second["num_cached_tokens"] == full_blocks(first["prompt_tokens"]) == 192
     assert kvd["held_blocks"] == first["prompt_tokens"] // BLOCK
+    # Loaded from the arena (DRAM), or from the HBM pool when the daemon has one.
+    assert kvd["held_in"] == (["hbm"] if variant == "hbm" else ["dram"])
     assert second["tokens"] == first["tokens"] == base["first"]["tokens"]
     # The baseline engine, its cache reset, recomputes: nothing cached.
     assert base["second"]["num_cached_tokens"] == 0
-    assert runs["problems"] == []
+    assert runs["problems"][variant] == []
 
 
 @VARIANTS
 def test_session_turn_two_gets_turn_one_from_kvd(runs, variant):
-    base, kvd = runs["base"][variant]["session"], runs[variant][variant]["session"]
+    base, kvd = runs["base"][DRIVEN[variant]]["session"], runs[variant][DRIVEN[variant]]["session"]
     t1, t2 = kvd["turn1"], kvd["turn2"]
     assert t1["tokens"] == base["turn1"]["tokens"]
     assert t2["tokens"] == base["turn2"]["tokens"]
@@ -121,18 +132,18 @@ def test_session_turn_two_gets_turn_one_from_kvd(runs, variant):
 
 @VARIANTS
 def test_corrupt_block_is_reported_and_recomputed(runs, variant):
-    base, kvd = runs["base"][variant]["corrupt"], runs[variant][variant]["corrupt"]
+    base, kvd = runs["base"][DRIVEN[variant]]["corrupt"], runs[variant][DRIVEN[variant]]["corrupt"]
     log = runs[f"{variant}_log"]
     n = kvd["first"]["prompt_tokens"] // BLOCK
     assert kvd["tiers_before"] == [["nvme"]] * n  # DRAM copies gone: loads read the slab
     assert kvd["again"]["tokens"] == kvd["first"]["tokens"] == base["first"]["tokens"] == base["again"]["tokens"]
     # The daemon found the corrupted copy, vLLM was told and recomputed from that block on.
-    assert "failed its checksum on NVMe: dropped" in runs["daemon_log"]
+    assert "failed its checksum on NVMe: dropped" in runs["daemon_log"][variant]
     assert "Recovered from KV load failure: 1 request(s) rescheduled" in log
     assert "kvd: 1 of 7 blocks failed to load" in log
     # The recomputed block was saved again, byte for byte what it was before.
     assert kvd["restored_identical"] == [True] * n
-    assert runs["problems"] == []
+    assert runs["problems"][variant] == []
 
 
 

@@ -135,10 +135,11 @@ def _session_state(client, namespace: str) -> dict | None:
 
 
 def _push_out_of_dram(client, block_bytes: int, seed: int) -> None:
-    """Store unrelated blocks (another namespace) until the daemon's DRAM holds none of ours."""
+    """Store unrelated blocks (another namespace) until the daemon's DRAM (and HBM, when it
+    has one) holds none of ours."""
     status = client.status()
-    dram = next(t for t in status.tiers if t.name == "dram")
-    n = 2 * dram.capacity_bytes // block_bytes
+    above_nvme = sum(t.capacity_bytes for t in status.tiers if t.name in ("hbm", "dram"))
+    n = 2 * above_nvme // block_bytes
     client.register_namespace("filler", BLOCK, block_bytes)
     rng = random.Random(9 + seed)  # other blocks than an earlier run's push (held ones are not rewritten)
     hashes = [rng.getrandbits(63) for _ in range(n)]
@@ -209,10 +210,12 @@ def scenarios(llm, client, ns: str | None, nvme_dir: Path | None, seed: int) -> 
     p = tokens(*_prompt("repeat", seed))
     first = _generate(llm, p)
     llm.reset_prefix_cache()
+    held = client.lookup(ns, _keys(llm, p)) if client else []
     second = _generate(llm, p)
     result["repeat"] = {"first": first, "second": second}
     if client:
-        result["repeat"]["held_blocks"] = len(client.lookup(ns, _keys(llm, p)))
+        result["repeat"]["held_blocks"] = len(held)
+        result["repeat"]["held_in"] = sorted(set(held))  # the tiers the second run loaded from
 
     # 2. session: turn 2 = turn 1's prompt + its output + new tokens
     llm.reset_prefix_cache()

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--hbm-bytes", type=_size, metavar="SIZE",
         help="daemon-owned GPU pool, 0 for none (default 0); without CUDA the daemon logs why and runs without it",
     )
+    serve.add_argument(
+        "--hbm-device", metavar="DEV",
+        help="the HBM pool's device: cuda (default), cuda:N, or cpu (host memory standing in for HBM, for tests)",
+    )
     serve.add_argument("--nvme-dir", type=Path, metavar="DIR", help=f"NVMe tier directory (default {d.nvme_dir})")
     serve.add_argument("--nvme-bytes", type=_size, metavar="SIZE", help="NVMe tier, 0 for none (default 4GiB)")
     serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP, with TLS (off by default)")
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 SERVE_FLAGS = (
     "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
-    "lease_seconds", "slab_bytes",
+    "lease_seconds", "slab_bytes", "hbm_device",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
     "drain_seconds", "log_level", "log_format", "room_wait_seconds", "fault_plan",
     "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",

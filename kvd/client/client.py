@@ -9,14 +9,17 @@ sends the bytes inline over gRPC streams instead. ``Client.shared_memory`` says 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from kvd.client.channel import TlsFiles, open_channel
 from kvd.tiers.dram import HEADER_BYTES, ArenaMapping, open_arena
+from kvd.tiers.hbm_share import OpenedPool, PoolHandle, PoolUnshareable
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
 DEFAULT_SOCKET = "var/kvd.sock"
@@ -24,10 +27,12 @@ MAX_MESSAGE_BYTES = 256 << 20
 TIER_NAME = {types_pb2.TIER_HBM: "hbm", types_pb2.TIER_DRAM: "dram", types_pb2.TIER_NVME: "nvme"}
 _CHAIN = object()  # parents omitted: each block's parent is the previous hash in the list
 
-SlotCopy = Callable[[memoryview, list[int], list[int]], None]
+SlotCopy = Callable[[Any, list[int], list[int]], None]
 """``copy(pages, indexes, offsets)``: move block ``indexes[i]`` (a position in the call's
 hashes) to or from ``pages[offsets[i] : offsets[i] + block_bytes]``; ``pages`` is the mapped
-arena's data pages (writable), valid only during the call."""
+arena's data pages (a writable memoryview) or, for blocks in the daemon's HBM tier, its pool
+(a 1-D uint8 torch tensor on the pool's device), valid only during the call. A batch may
+call it once for each."""
 
 
 class ClientError(Exception):
@@ -281,14 +286,21 @@ class Client:
         self._want_shm = shared_memory
         self._block_bytes: dict[str, int] = {}
         self._arena: ArenaMapping | None = None
+        self._hbm: OpenedPool | None = None  # the daemon's HBM pool, when it has one
         self._shm_checked = False
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
+        self._unmap()
+        self._raw_channel.close()
+
+    def _unmap(self) -> None:
+        if self._hbm is not None:
+            self._hbm.close()
+            self._hbm = None
         if self._arena is not None:
             self._arena.close()
             self._arena = None
-        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -352,7 +364,7 @@ class Client:
             def fill(arena: ArenaMapping, lo: int, slots) -> None:
                 for slot, block in zip(slots, blocks[lo : lo + len(slots)]):
                     if slot.write:
-                        arena.copy_in(slot.slot.offset, block)
+                        self._copy_in(arena, slot.slot, block)
 
             return self._store_shm(namespace, specs, fill, ranges, session_id)
         return sum(self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id) for lo, hi in ranges)
@@ -365,7 +377,7 @@ class Client:
         if shm:
 
             def drain(arena: ArenaMapping, lo: int, slots) -> list:
-                return [bytes(arena.view(s.slot.offset, s.nbytes)) if s.found else None for s in slots]
+                return [self._read(arena, s.slot, s.nbytes) if s.found else None for s in slots]
 
             return self._load_shm(namespace, hashes, ranges, drain, missing=None)
         out: list[bytes | None] = []
@@ -385,7 +397,7 @@ class Client:
             def drain(arena: ArenaMapping, lo: int, slots) -> list[bool]:
                 for s, out in zip(slots, outs[lo:]):
                     if s.found:
-                        arena.copy_out(s.slot.offset, memoryview(out).cast("B")[: s.nbytes])
+                        self._copy_out(arena, s.slot, memoryview(out).cast("B")[: s.nbytes])
                 return [s.found for s in slots]
 
             return self._load_shm(namespace, hashes, ranges, drain)
@@ -425,9 +437,7 @@ class Client:
         self._require_arena()
 
         def fill(arena: ArenaMapping, lo: int, slots) -> None:
-            picked = [(lo + i, s.slot.offset - HEADER_BYTES) for i, s in enumerate(slots) if s.write]
-            if picked:
-                copy(arena.view(HEADER_BYTES, arena.capacity_bytes), [i for i, _ in picked], [o for _, o in picked])
+            self._copy_slots(arena, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.write])
 
         return self._store_shm(namespace, specs, fill, list(self._batches([block_bytes] * len(hashes))), session_id)
 
@@ -443,11 +453,8 @@ class Client:
         self._require_arena()
 
         def drain(arena: ArenaMapping, lo: int, slots) -> list[bool]:
-            found = [s.found for s in slots]
-            picked = [(lo + i, s.slot.offset - HEADER_BYTES) for i, s in enumerate(slots) if s.found]
-            if picked:
-                copy(arena.view(HEADER_BYTES, arena.capacity_bytes), [i for i, _ in picked], [o for _, o in picked])
-            return found
+            self._copy_slots(arena, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.found])
+            return [s.found for s in slots]
 
         return self._load_shm(namespace, hashes, list(self._batches([block_bytes] * len(hashes))), drain)
 
@@ -632,12 +639,14 @@ class Client:
     def _batches(self, sizes: list[int]) -> Iterator[tuple[int, int]]:
         """Index ranges whose bytes stay under the batch size (at least one block each).
 
-        With the arena mapped, a batch is also at most 1/(pipeline_depth + 1) of it: that
-        many batches are leased at once, and they must fit beside each other.
+        With the arena mapped, a batch is also at most 1/(pipeline_depth + 1) of it (of the
+        HBM pool, when the daemon has one: stores land and loads are pinned there): that many
+        batches are leased at once, and they must fit beside each other.
         """
         cap = self.batch_bytes
         if self._arena is not None:
-            cap = min(cap, self._arena.capacity_bytes // (self.pipeline_depth + 1))
+            top = self._hbm.handle.capacity_bytes if self._hbm is not None else self._arena.capacity_bytes
+            cap = min(cap, top // (self.pipeline_depth + 1))
         lo, acc = 0, 0
         for i, size in enumerate(sizes):
             if i > lo and acc + size > cap:
@@ -662,19 +671,63 @@ class Client:
         if self._shm_checked and self._arena is None and arena_id is None:
             return False
         self._shm_checked = True
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
+        self._unmap()
         if self._want_shm is False:
             return False
         info = self._call(self._engine.GetArena, engine_pb2.GetArenaRequest())
         try:
             self._arena = open_arena(info.path, expected_arena_id=info.arena_id)
-        except (OSError, ValueError) as exc:
+            if info.HasField("hbm"):
+                h = info.hbm
+                handle = PoolHandle(h.kind, h.capacity_bytes, h.pool_id, h.path, h.ipc_handle, h.device_index)
+                self._hbm = OpenedPool(handle)
+        except (OSError, ValueError, ImportError, PoolUnshareable) as exc:
+            # Without the HBM pool the slots of its blocks are out of reach: go inline.
+            self._unmap()
             if self._want_shm:
                 raise ClientError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot map the arena: {exc}") from None
             return False
         return arena_id is None or self._arena.arena_id == arena_id
+
+    # -- slot bytes: the arena (DRAM slots) or the HBM pool ---------------------------------
+    def _pool(self):
+        if self._hbm is None:
+            raise ClientError(grpc.StatusCode.INTERNAL, "the daemon granted an HBM slot but announced no HBM pool")
+        return self._hbm.tensor
+
+    def _copy_in(self, arena: ArenaMapping, ref, data) -> None:
+        if ref.tier != types_pb2.TIER_HBM:
+            arena.copy_in(ref.offset, data)
+            return
+        import numpy as np
+        import torch
+
+        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
+            host = torch.from_numpy(src)
+        self._pool()[ref.offset : ref.offset + src.size].copy_(host)
+
+    def _read(self, arena: ArenaMapping, ref, nbytes: int) -> bytes:
+        if ref.tier != types_pb2.TIER_HBM:
+            return bytes(arena.view(ref.offset, nbytes))
+        return self._pool()[ref.offset : ref.offset + nbytes].cpu().numpy().tobytes()
+
+    def _copy_out(self, arena: ArenaMapping, ref, out: memoryview) -> None:
+        if ref.tier != types_pb2.TIER_HBM:
+            arena.copy_out(ref.offset, out)
+            return
+        out[:] = self._read(arena, ref, out.nbytes)
+
+    def _copy_slots(self, arena: ArenaMapping, copy: SlotCopy, picked: list) -> None:
+        """Call ``copy`` once per slot space among ``picked`` ((index, SlotRef) pairs): the
+        arena's data pages with offsets from their first byte, or the HBM pool's tensor."""
+        dram = [(i, ref.offset - HEADER_BYTES) for i, ref in picked if ref.tier != types_pb2.TIER_HBM]
+        hbm = [(i, ref.offset) for i, ref in picked if ref.tier == types_pb2.TIER_HBM]
+        if dram:
+            copy(arena.view(HEADER_BYTES, arena.capacity_bytes), [i for i, _ in dram], [o for _, o in dram])
+        if hbm:
+            copy(self._pool(), [i for i, _ in hbm], [o for _, o in hbm])
 
     def _result(self, future):
         try:

@@ -3,9 +3,11 @@
 With the daemon's shared-memory arena mapped (a local daemon), a save gathers the blocks
 straight into the slots PrepareStore grants and a load scatters them straight from the slots
 PrepareLoad pins: one copy each way, no buffer in between, and only slot offsets travel over
-gRPC. On a GPU host the arena's data pages are registered with CUDA (cudaHostRegister,
-``kvd.native.cuda.pin``) once, so the copy kernels reach them directly by DMA. Without the
-arena (a remote daemon), block bytes go inline over gRPC through one host staging buffer.
+gRPC. When the daemon has an HBM tier, those slots are in its GPU pool (opened through CUDA
+IPC by the client) and the copies are device-to-device. On a GPU host the arena's data
+pages are registered with CUDA (cudaHostRegister, ``kvd.native.cuda.pin``) once, so the copy
+kernels reach them directly by DMA. Without the arena (a remote daemon), block bytes go
+inline over gRPC through one host staging buffer.
 
 :class:`BackgroundLoads` runs loads on a thread of their own, for vLLM's asynchronous
 loading protocol: the engine keeps stepping other requests while a request's blocks arrive
@@ -119,9 +121,12 @@ class Transfers:
                 self._pinned = None
 
     # -- pinning ----------------------------------------------------------------------------
-    def _ensure_pinned(self, pages: memoryview) -> None:
+    def _ensure_pinned(self, pages) -> None:
         """On a GPU host, keep the mapped arena registered with CUDA: the client maps a new
-        arena when the daemon restarts, and the kernels need the one they copy to."""
+        arena when the daemon restarts, and the kernels need the one they copy to. (Slots in
+        the daemon's HBM pool come as a device tensor: nothing to register.)"""
+        if not isinstance(pages, memoryview):
+            return
         if self.caches.on_cuda and _address(pages) != self._pinned:
             self._pin(pages)
 

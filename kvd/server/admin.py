@@ -40,6 +40,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             location, direct = "", False
             if usage.tier == "dram":
                 location = str(self.s.arena.path)
+            elif usage.tier == "hbm" and self.s.hbm is not None:
+                location = self.s.hbm.device
             elif usage.tier == "nvme" and self.s.nvme is not None:
                 location, direct = str(self.s.nvme.directory), self.s.nvme.direct_io
             tiers.append(
@@ -83,6 +85,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Check(self, request, context):
         problems = [f"core: {p}" for p in self.s.core.check()]
         problems += [f"dram: {p}" for p in self.s.arena.check()]
+        if self.s.hbm is not None:
+            problems += [f"hbm: {p}" for p in self.s.hbm.check()]
         if self.s.nvme is not None:
             problems += [f"nvme: {p}" for p in self.s.nvme.check()]
             # Every readable NVMe copy is in the manifest; every manifest entry is an NVMe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ class ServeConfig:
     socket: Path = Path("var/kvd.sock")
     dram_bytes: int = 1 * GiB
     hbm_bytes: int = 0  # daemon-owned GPU pool; 0: none (and none without CUDA)
+    hbm_device: str = "cuda"  # cuda, cuda:N, or cpu: a host-memory stand-in that runs the HBM path (tests)
     nvme_dir: Path = Path("var/kvd")
     nvme_bytes: int = 4 * GiB
     tcp: str | None = None  # HOST:PORT, off unless asked for; TLS unless tcp_insecure
@@ -59,6 +61,8 @@ class ServeConfig:
             raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or at least {self.page_bytes} bytes")
         if self.hbm_bytes < 0 or self.hbm_bytes % self.page_bytes:
             raise ValueError(f"--hbm-bytes must be 0 (no HBM tier) or a multiple of {self.page_bytes} bytes")
+        if not re.fullmatch(r"cuda(:\d+)?|cpu", self.hbm_device):
+            raise ValueError(f"--hbm-device must be cuda, cuda:N or cpu, got {self.hbm_device!r}")
         if self.lease_seconds <= 0:
             raise ValueError("--lease-seconds must be positive")
         if self.event_buffer <= 0:

@@ -37,6 +37,7 @@ from kvd.server.state import DaemonState
 from kvd.server.view import ViewService
 from kvd.tiers.dram import DramArena
 from kvd.tiers.hbm import HbmPool, HbmUnavailable
+from kvd.tiers.hbm_share import PoolUnshareable
 from kvd.tiers.nvme import NvmeStore
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, view_pb2, view_pb2_grpc
 
@@ -47,8 +48,9 @@ SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin", "kvd.v1.View")
 REAP_INTERVAL_S = 0.5
 
 
-def build_state(config: ServeConfig) -> DaemonState:
-    """Tiers, policy and core, with the NVMe tier's surviving blocks re-entered."""
+def build_state(config: ServeConfig, hbm: HbmPool | None = None) -> DaemonState:
+    """Tiers (``hbm`` on top when given), policy and core, with the NVMe tier's surviving
+    blocks re-entered."""
     config.validate()
     clock = time.monotonic
     nvme = None
@@ -62,7 +64,8 @@ def build_state(config: ServeConfig) -> DaemonState:
     arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
     # The core allocates and frees through the tiers themselves (pure bookkeeping), so a
     # tier's own records follow its slots (NvmeStore forgets a freed slot's checksum).
-    spaces = {"dram": arena}
+    spaces = {"hbm": hbm} if hbm is not None else {}
+    spaces["dram"] = arena
     if nvme is not None:
         spaces["nvme"] = nvme
     sessions = SessionTable()
@@ -74,7 +77,7 @@ def build_state(config: ServeConfig) -> DaemonState:
         lease_prefix=secrets.token_hex(4) + "-",
         sessions=sessions,
     )
-    state = DaemonState(core, arena, nvme, clock, config.policy, started_at=clock())
+    state = DaemonState(core, arena, nvme, clock, config.policy, started_at=clock(), hbm=hbm)
     if nvme is not None:
         recover(state, verify=config.verify_on_start)
     state.events = EventBuffer(config.event_buffer, next_seq=core.events.next_seq)
@@ -124,21 +127,35 @@ def recover(state: DaemonState, verify: bool) -> None:
 
 def open_hbm(config: ServeConfig) -> HbmPool | None:
     """The daemon-owned GPU pool of ``--hbm-bytes``, or None: when none is asked for, or when
-    CUDA is not available here (one log line says why; the daemon serves without it).
+    CUDA is not available here, or the pool could not be shared with engines (one log line
+    says why; the daemon serves without it). With a pool, HBM is the core's top tier: stores
+    land there and loads read from there, by device-to-device copies of the engines.
 
-    The pool is held for the engine data path; the core's tiers stay DRAM and NVMe for now.
+    ``--hbm-device cpu`` makes the pool in host memory (a shared-memory file beside the
+    arena): the same daemon, client and connector code runs where no GPU is lent (tests).
     Raises OSError when CUDA is present but the pool cannot be allocated.
     """
     if not config.hbm_bytes:
         return None
+    device = config.hbm_device
+    config.shm_dir.mkdir(parents=True, exist_ok=True)  # a host pool's file lives beside the arena
     try:
-        pool = HbmPool(config.hbm_bytes, config.page_bytes)
+        pool = HbmPool(config.hbm_bytes, config.page_bytes, device=device, share_dir=config.shm_dir)
     except HbmUnavailable as exc:
         log.warning("no HBM tier: CUDA not available (%s)", exc)
         return None
     except RuntimeError as exc:  # torch's out-of-memory and CUDA errors
         raise OSError(f"cannot allocate the {config.hbm_bytes}-byte HBM pool: {exc}") from None
-    log.info("HBM tier: %d bytes on %s", config.hbm_bytes, pool.device)
+    try:
+        pool.handle()
+    except PoolUnshareable as exc:
+        pool.close()
+        log.warning("no HBM tier: %s", exc)
+        return None
+    if device == "cpu":
+        log.warning("HBM tier: %d bytes in host memory (--hbm-device cpu: a stand-in for tests)", config.hbm_bytes)
+    else:
+        log.info("HBM tier: %d bytes on %s", config.hbm_bytes, pool.device)
     return pool
 
 
@@ -159,8 +176,13 @@ class Daemon:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.state = build_state(config)
         self.hbm = open_hbm(config)
+        try:
+            self.state = build_state(config, self.hbm)
+        except BaseException:
+            if self.hbm is not None:
+                self.hbm.close()  # a host pool's shared-memory file must not outlive us
+            raise
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvd-io")
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -184,7 +206,9 @@ class Daemon:
             )
             publisher.start()  # before any RPC can make an event
             state.kv_events = publisher
-        state.mover = Mover(state.core, state.arena, state.nvme, self.executor, state.after_core, metrics=state.metrics)
+        state.mover = Mover(
+            state.core, state.arena, state.nvme, self.executor, state.after_core, metrics=state.metrics, hbm=state.hbm
+        )
         state.mover.start()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

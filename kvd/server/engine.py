@@ -37,8 +37,20 @@ def block_specs(blocks) -> list[BlockSpec]:
     return [BlockSpec(b.hash, b.parent if b.HasField("parent") else None, b.nbytes) for b in blocks]
 
 
-def slot_ref(slot) -> types_pb2.SlotRef:
-    return types_pb2.SlotRef(offset=slot.offset, length=slot.length)
+def slot_ref(slot, tier: int) -> types_pb2.SlotRef:
+    return types_pb2.SlotRef(offset=slot.offset, length=slot.length, tier=tier)
+
+
+def hbm_pool_info(pool) -> engine_pb2.HbmPool:
+    h = pool.handle()
+    return engine_pb2.HbmPool(
+        kind=h.kind,
+        capacity_bytes=h.capacity_bytes,
+        pool_id=h.pool_id,
+        path=h.path,
+        ipc_handle=h.ipc,
+        device_index=h.device_index,
+    )
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
@@ -54,8 +66,16 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     async def GetArena(self, request, context):
         arena = self.s.arena
         return engine_pb2.GetArenaResponse(
-            path=str(arena.path), arena_id=arena.arena_id, file_bytes=arena.file_bytes, page_bytes=arena.space.page_bytes
+            path=str(arena.path),
+            arena_id=arena.arena_id,
+            file_bytes=arena.file_bytes,
+            page_bytes=arena.space.page_bytes,
+            hbm=hbm_pool_info(self.s.hbm) if self.s.hbm is not None else None,
         )
+
+    @property
+    def _top_code(self) -> int:
+        return TIER_CODES[self.s.core.top]
 
     @unary_rpc
     async def Lookup(self, request, context):
@@ -77,7 +97,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             lease_seconds=grant.expires_at - self.s.clock(),
             arena_id=self.s.arena.arena_id,
             slots=[
-                engine_pb2.StoreSlot(write=True, slot=slot_ref(s)) if s else engine_pb2.StoreSlot(write=False)
+                engine_pb2.StoreSlot(write=True, slot=slot_ref(s, self._top_code))
+                if s
+                else engine_pb2.StoreSlot(write=False)
                 for s in grant.slots
             ],
         )
@@ -98,10 +120,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         RESOURCE_EXHAUSTED. This is the backpressure of a disk slower than the stores: the
         wait is bounded, and so is what waits (the request's blocks are not read meanwhile).
 
-        A refusal for want of DRAM room is a DRAM ``allocate`` fault (ENOSPC) unless the
-        request could not fit even in an empty tier (the client's error, not a fault).
+        A refusal for want of room in the top tier (DRAM, or HBM when present) is its
+        ``allocate`` fault (ENOSPC, for DRAM's health) unless the request could not fit even
+        in an empty tier (the client's error, not a fault).
         """
-        mover, health = self.s.mover, self.s.arena.health
+        mover, health = self.s.mover, getattr(self.s.top_tier, "health", None)
         mover.foreground()
         deadline = self.s.clock() + self.room_wait_s
         try:
@@ -110,27 +133,31 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 result = attempt()
                 self.s.after_core()
                 if not isinstance(result, Wait):
-                    health.ok("allocate")
+                    if health is not None:
+                        health.ok("allocate")
                     return result
                 left = deadline - self.s.clock()
                 if left <= 0:
+                    top = self.s.core.top
+                    behind = "writes to NVMe are not keeping up" if top == "dram" else "moves down to DRAM are slow"
                     raise NoSpace(
-                        f"no DRAM room after waiting {self.room_wait_s:g} s: writes to NVMe are not keeping up "
-                        f"with demotions ({self.s.core.write_behind_pending} blocks queued for NVMe); retry later"
+                        f"no {top.upper()} room after waiting {self.room_wait_s:g} s: {behind} with demotions "
+                        f"({self.s.core.write_behind_pending} blocks queued for NVMe); retry later"
                     )
                 await mover.wait_progress(seen, left)
         except NoSpace as exc:
-            if self._could_fit(namespace, blocks):
+            if health is not None and self._could_fit(namespace, blocks):
                 health.fault("allocate", "ENOSPC", str(exc))
             raise
 
     def _could_fit(self, namespace: str, blocks: int) -> bool:
-        """Whether ``blocks`` blocks of ``namespace`` fit in an empty DRAM tier."""
+        """Whether ``blocks`` blocks of ``namespace`` fit in an empty top tier."""
         try:
             block_bytes = self.s.core.namespace(namespace).block_bytes
         except KvdError:
             return False
-        return blocks * self.s.arena.slot_bytes(block_bytes) <= self.s.arena.capacity_bytes
+        top = self.s.top_tier
+        return blocks * top.slot_bytes(block_bytes) <= top.capacity_bytes
 
     @unary_rpc
     async def CommitStore(self, request, context):
@@ -147,7 +174,9 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             lease_seconds=expires_at - self.s.clock(),
             arena_id=self.s.arena.arena_id,
             slots=[
-                engine_pb2.LoadSlot(found=True, slot=slot_ref(s[0]), nbytes=s[1]) if s else engine_pb2.LoadSlot()
+                engine_pb2.LoadSlot(found=True, slot=slot_ref(s[0], self._top_code), nbytes=s[1])
+                if s
+                else engine_pb2.LoadSlot()
                 for s in slots
             ],
         )
@@ -227,11 +256,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         received[index] += len(data)
         if slot is None:
             return  # already held: the bytes are not needed
-        view = self.s.arena.view(slot)
-        try:
-            view[offset : offset + len(data)] = data
-        finally:
-            view.release()
+        self.s.write_slot(slot, offset, data)
 
     @unary_rpc
     async def SessionEvent(self, request, context):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -27,6 +28,7 @@ from kvd.core.manager import KvCore, Transfer
 from kvd.server.codec import block_key, block_meta
 from kvd.tiers import CorruptBlockError
 from kvd.tiers.dram import DramArena
+from kvd.tiers.hbm import HbmPool
 from kvd.tiers.nvme import ManifestEntry, NvmeStore
 
 log = logging.getLogger("kvd.mover")
@@ -48,10 +50,12 @@ class Mover:
         clock: Callable[[], float] = time.monotonic,
         prefetch_interval_s: float = 0.25,
         metrics=None,  # kvd.server.metrics.DaemonMetrics: hears every transfer's outcome
+        hbm: HbmPool | None = None,
     ) -> None:
         self.core = core
         self.arena = arena
         self.nvme = nvme
+        self.hbm = hbm
         self.executor = executor
         self.after_core = after_core
         self.batch_blocks = batch_blocks
@@ -192,26 +196,34 @@ class Mover:
             self._progress.notify_all()
 
     async def write_down(self, transfers: list[Transfer]) -> None:
-        """DRAM -> NVMe: write the batch, one fdatasync per slab file, then the manifest."""
+        """Down a tier. To NVMe (from DRAM, or from HBM in a drain): write the batch, one
+        fdatasync per slab file, then the manifest. HBM -> DRAM: copy each block."""
         loop = asyncio.get_running_loop()
+        to_nvme = [t for t in transfers if t.dst_tier == "nvme"]
+        others = [t for t in transfers if t.dst_tier != "nvme"]
+        if others:
+            await self._run_copies(others, "moving %d blocks down failed")
+        if not to_nvme:
+            self.after_core()
+            return
         try:
-            await loop.run_in_executor(self.executor, self._write_batch, transfers)
+            await loop.run_in_executor(self.executor, self._write_batch, to_nvme)
             ok = True
         except Exception as exc:  # a disk or manifest error must not strand the transfers
             self.errors += 1
             self._backoff_until = self.clock() + self.error_backoff_s
-            _log_failure(exc, "writing %d blocks to NVMe failed", len(transfers))
+            _log_failure(exc, "writing %d blocks to NVMe failed", len(to_nvme))
             ok = False
-        for t in transfers:
+        for t in to_nvme:
             self.core.complete_transfer(t, ok=ok)
         if self.metrics is not None:
-            self.metrics.landed(transfers, [ok] * len(transfers))
+            self.metrics.landed(to_nvme, [ok] * len(to_nvme))
         self.after_core()
 
     def _write_batch(self, transfers: list[Transfer]) -> None:
         if self.nvme is None:
             raise OSError("no NVMe tier")
-        views = [self.arena.view(t.src.slot)[: t.nbytes] for t in transfers]
+        views = [self._source(t) for t in transfers]
         try:
             checksums = self.nvme.write_many([(t.dst.slot, v) for t, v in zip(transfers, views)])
         finally:
@@ -231,8 +243,18 @@ class Mover:
         )
 
     async def promote(self, transfers: list[Transfer]) -> None:
-        """NVMe -> DRAM for a load: read the blocks straight into their arena slots, in a few
-        parallel batches (adjacent slots coalesce into one large read), each block verified."""
+        """Up a tier, for a load or a prefetch. NVMe -> DRAM: read the blocks straight into
+        their arena slots, in a few parallel batches (adjacent slots coalesce into one large
+        read), each block verified. Into HBM (from DRAM or NVMe): copy each block."""
+        others = [t for t in transfers if t.dst_tier != "dram" or t.src_tier != "nvme"]
+        if others:
+            await self._run_copies(others, "moving %d blocks up failed")
+            transfers = [t for t in transfers if t.dst_tier == "dram" and t.src_tier == "nvme"]
+            if not transfers:
+                self.after_core()
+                async with self._progress:
+                    self._progress.notify_all()
+                return
         loop = asyncio.get_running_loop()
         parts = [transfers[i :: self.read_parallelism] for i in range(self.read_parallelism)]
         parts = [p for p in parts if p]
@@ -287,6 +309,71 @@ class Mover:
                 _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
                 out.append("error")
         return out
+
+
+    # -- copies through HBM ------------------------------------------------------------------
+    async def _run_copies(self, transfers: list[Transfer], what: str) -> None:
+        """Run transfers that involve HBM (one block at a time: HBM has no batched I/O to
+        coalesce) and report each to the core."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.executor, self._copy_batch, transfers)
+        except Exception as exc:  # noqa: BLE001 - the transfers must be reported whatever failed
+            self.errors += 1
+            _log_failure(exc, what, len(transfers))
+            results = ["error"] * len(transfers)
+        for t, result in zip(transfers, results):
+            if result == "corrupt":
+                log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
+            self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
+        if self.metrics is not None:
+            self.metrics.landed(transfers, [r == "ok" for r in results])
+
+    def _copy_batch(self, transfers: list[Transfer]) -> list[str]:
+        out = []
+        for t in transfers:
+            if t.src_tier == "nvme":
+                if self.nvme is None:
+                    out.append("error")
+                    continue
+                buf = memoryview(mmap.mmap(-1, max(t.src.slot.length, 1)))  # page-aligned for direct I/O
+                err = self.nvme.read_many([(t.src.slot, t.nbytes, buf)])[0]
+                if err is not None:
+                    buf.release()
+                    out.append("corrupt" if isinstance(err, CorruptBlockError) else "error")
+                    if not isinstance(err, CorruptBlockError):
+                        _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
+                    continue
+                src = buf[: t.nbytes]
+            else:
+                src = self._source(t)
+            try:
+                if t.dst_tier == "hbm":
+                    self._require_hbm().write(t.dst.slot, src)
+                else:
+                    dst = self.arena.view(t.dst.slot)
+                    try:
+                        dst[: t.nbytes] = src
+                    finally:
+                        dst.release()
+                out.append("ok")
+            finally:
+                src.release()
+        return out
+
+    def _source(self, t: Transfer) -> memoryview:
+        """The bytes of a transfer's source copy in DRAM or HBM (HBM's through a host
+        buffer); the caller releases the view."""
+        if t.src_tier == "dram":
+            return self.arena.view(t.src.slot)[: t.nbytes]
+        buf = bytearray(t.nbytes)
+        self._require_hbm().read_into(t.src.slot, t.nbytes, buf)
+        return memoryview(buf)
+
+    def _require_hbm(self) -> HbmPool:
+        if self.hbm is None:
+            raise RuntimeError("a transfer through HBM, but the mover has no HBM pool")
+        return self.hbm
 
 
 def _log_failure(exc: BaseException, what: str, *args) -> None:

@@ -25,7 +25,9 @@ from kvd.core.manager import KvCore
 from kvd.server.codec import block_key, namespace_key, namespace_value
 from kvd.server.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from kvd.tiers import Slot
+from kvd.tiers.base import Tier
 from kvd.tiers.dram import DramArena
+from kvd.tiers.hbm import HbmPool
 from kvd.tiers.nvme import NvmeStore
 
 log = logging.getLogger("kvd.server")
@@ -59,6 +61,7 @@ class DaemonState:
     epoch: bytes = field(default_factory=lambda: secrets.token_bytes(8))  # per daemon start
     unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
     draining: bool = False  # stores and loads are refused (UNAVAILABLE) until resumed
+    hbm: HbmPool | None = None  # the HBM pool, the core's top tier when present
     _events_changed: asyncio.Event | None = field(default=None, init=False)
     _core_changed: asyncio.Event | None = field(default=None, init=False)
 
@@ -119,10 +122,29 @@ class DaemonState:
         self.after_core()
         return created
 
+    @property
+    def top_tier(self) -> Tier:
+        """The tier stores land in and loads read from: HBM when present, else DRAM."""
+        return self.hbm if self.hbm is not None else self.arena
+
     def slot_bytes(self, slot: Slot, offset: int, n: int) -> bytes:
+        """``n`` bytes from ``offset`` of a top-tier slot (for inline loads)."""
+        if self.hbm is not None:
+            return self.hbm.read_range(slot, offset, n)
         view = self.arena.view(slot)
         try:
             return bytes(view[offset : offset + n])
+        finally:
+            view.release()
+
+    def write_slot(self, slot: Slot, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of a top-tier slot (for inline stores)."""
+        if self.hbm is not None:
+            self.hbm.write_range(slot, offset, data)
+            return
+        view = self.arena.view(slot)
+        try:
+            view[offset : offset + len(data)] = data
         finally:
             view.release()
 

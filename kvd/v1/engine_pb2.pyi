@@ -68,16 +68,34 @@ class GetArenaRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetArenaResponse(_message.Message):
-    __slots__ = ("path", "arena_id", "file_bytes", "page_bytes")
+    __slots__ = ("path", "arena_id", "file_bytes", "page_bytes", "hbm")
     PATH_FIELD_NUMBER: _ClassVar[int]
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HBM_FIELD_NUMBER: _ClassVar[int]
     path: str
     arena_id: bytes
     file_bytes: int
     page_bytes: int
-    def __init__(self, path: _Optional[str] = ..., arena_id: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., page_bytes: _Optional[int] = ...) -> None: ...
+    hbm: HbmPool
+    def __init__(self, path: _Optional[str] = ..., arena_id: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., page_bytes: _Optional[int] = ..., hbm: _Optional[_Union[HbmPool, _Mapping]] = ...) -> None: ...
+
+class HbmPool(_message.Message):
+    __slots__ = ("kind", "capacity_bytes", "pool_id", "path", "ipc_handle", "device_index")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    capacity_bytes: int
+    pool_id: bytes
+    path: str
+    ipc_handle: bytes
+    device_index: int
+    def __init__(self, kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., pool_id: _Optional[bytes] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., device_index: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace", "hashes", "session_id")

@@ -19,12 +19,14 @@ TIER_DRAM: Tier
 TIER_NVME: Tier
 
 class SlotRef(_message.Message):
-    __slots__ = ("offset", "length")
+    __slots__ = ("offset", "length", "tier")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     offset: int
     length: int
-    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    tier: Tier
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class BlockSpec(_message.Message):
     __slots__ = ("hash", "parent", "nbytes")
