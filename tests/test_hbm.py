@@ -261,3 +261,44 @@ def test_a_block_corrupt_on_nvme_is_not_promoted_into_hbm(daemon_factory):
         assert c.lookup("m", [1]) == []
         assert c.check() == []
     assert "failed its checksum on NVMe: dropped" in d.log()
+
+
+def test_a_client_that_cannot_open_the_pool_goes_inline_and_loses_nothing(daemon_factory):
+    pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    (pool_file,) = d.shm_dir.glob("kvd-hbm-*")
+    pool_file.rename(pool_file.with_name("moved"))  # an engine pod that does not see the pool
+    blocks = [bytes([i + 1]) * BLOCK for i in range(6)]
+    with d.client() as c:
+        assert not c.shared_memory  # the arena alone would reach DRAM slots, not HBM ones
+        c.register_namespace("m", 16, BLOCK)
+        assert c.store("m", list(range(1, 7)), blocks) == 6  # inline: the daemon writes HBM
+        assert "hbm" in c.lookup("m", list(range(1, 7)))
+        assert c.load("m", list(range(1, 7))) == blocks
+        assert c.check() == []
+    with d.client(shared_memory=True) as c, pytest.raises(Exception) as info:
+        c.load("m", [1])
+    assert "cannot map the arena" in str(info.value) and "FAILED_PRECONDITION" in str(info.value)
+
+
+def test_a_pool_engines_cannot_open_is_no_hbm_tier_with_one_log_line(tmp_path, caplog):
+    pytest.importorskip("torch")
+    from kvd.server import daemon as daemon_module
+    from kvd.server.config import ServeConfig
+    from kvd.tiers.hbm_share import PoolUnshareable
+
+    class Unshareable(HbmPool):  # a CUDA pool made without CuPy behaves so
+        def handle(self):
+            raise PoolUnshareable("this cuda:0 pool cannot be opened by engines: a CUDA pool needs CuPy")
+
+    config = ServeConfig(hbm_bytes=1 << 20, hbm_device="cpu", shm_dir=tmp_path)
+    original = daemon_module.HbmPool
+    daemon_module.HbmPool = Unshareable
+    try:
+        with caplog.at_level("WARNING", logger="kvd.daemon"):
+            assert daemon_module.open_hbm(config) is None
+    finally:
+        daemon_module.HbmPool = original
+    lines = [r.getMessage() for r in caplog.records if "HBM" in r.getMessage()]
+    assert lines == ["no HBM tier: this cuda:0 pool cannot be opened by engines: a CUDA pool needs CuPy"]
+    assert list(tmp_path.iterdir()) == []  # the pool made for nothing is released

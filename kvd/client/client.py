@@ -287,6 +287,7 @@ class Client:
         self._block_bytes: dict[str, int] = {}
         self._arena: ArenaMapping | None = None
         self._hbm: OpenedPool | None = None  # the daemon's HBM pool, when it has one
+        self._top_bytes = 0  # size of the daemon's top tier (from GetArena; 0: not asked)
         self._shm_checked = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -639,14 +640,14 @@ class Client:
     def _batches(self, sizes: list[int]) -> Iterator[tuple[int, int]]:
         """Index ranges whose bytes stay under the batch size (at least one block each).
 
-        With the arena mapped, a batch is also at most 1/(pipeline_depth + 1) of it (of the
-        HBM pool, when the daemon has one: stores land and loads are pinned there): that many
-        batches are leased at once, and they must fit beside each other.
+        Once GetArena has told the size of the daemon's top tier (the arena, or the HBM pool
+        when it has one: stores land and loads are pinned there), a batch is also at most
+        1/(pipeline_depth + 1) of it: that many batches are leased at once (mapped or
+        inline), and they must fit beside each other.
         """
         cap = self.batch_bytes
-        if self._arena is not None:
-            top = self._hbm.handle.capacity_bytes if self._hbm is not None else self._arena.capacity_bytes
-            cap = min(cap, top // (self.pipeline_depth + 1))
+        if self._top_bytes:
+            cap = min(cap, self._top_bytes // (self.pipeline_depth + 1))
         lo, acc = 0, 0
         for i, size in enumerate(sizes):
             if i > lo and acc + size > cap:
@@ -675,6 +676,7 @@ class Client:
         if self._want_shm is False:
             return False
         info = self._call(self._engine.GetArena, engine_pb2.GetArenaRequest())
+        self._top_bytes = info.hbm.capacity_bytes if info.HasField("hbm") else info.file_bytes - HEADER_BYTES
         try:
             self._arena = open_arena(info.path, expected_arena_id=info.arena_id)
             if info.HasField("hbm"):
