@@ -124,6 +124,12 @@ def test_the_parent_linked_parts_of_one_store_extend_the_same_turn():
     assert t.observe_store(NS, None, [3, 4], now=0.2, parent=2) is s
     assert t.observe_store(NS, None, [1, 2, 3, 4], now=0.3) is s
     assert s.turns == 1 and s.chain == [1, 2, 3, 4] and len(t) == 1
+    # A part retried after later parts were stored (it waited for room while the client's
+    # pipeline sent them): the chain already holds it, the turn stays one.
+    assert t.observe_store(NS, None, [5], now=0.4, parent=4) is s
+    assert t.observe_store(NS, None, [6], now=0.4, parent=5) is s
+    assert t.observe_store(NS, None, [5], now=0.5, parent=4) is s
+    assert s.turns == 1 and s.chain == [1, 2, 3, 4, 5, 6] and len(t) == 1
     # The same for a hinted session's parts.
     h = t.observe_store(NS, "h", [20, 21], now=1)
     assert t.observe_store(NS, "h", [22], now=1.1, parent=21) is h

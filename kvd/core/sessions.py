@@ -187,9 +187,13 @@ class SessionTable:
                 session = candidate  # the very chain again: a retried store, not a new turn
                 part = True
         same_turn = part or (session is not None and not session.inferred)
-        if same_turn and session.state == ACTIVE and chain[: len(session.chain)] == session.chain:
-            # The turn under way storing (more of) its prompt: not a new turn.
-            if len(chain) > len(session.chain) or last_partial != session.last_partial:
+        common = min(len(chain), len(session.chain)) if session is not None else 0
+        if same_turn and session.state == ACTIVE and chain[:common] == session.chain[:common]:
+            # The turn under way storing (more of) its prompt: not a new turn. A part may
+            # also come again after later parts (a store retried while it waited for room,
+            # its successors pipelined behind it): then the chain already holds it.
+            longer = len(chain) > len(session.chain)
+            if longer or (len(chain) == len(session.chain) and last_partial != session.last_partial):
                 self._set_chain(session, chain, last_partial, same_turn=True)
             session.last_active = now
             self._sessions.move_to_end(session.key)
