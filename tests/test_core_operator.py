@@ -167,6 +167,16 @@ def test_drain_with_hbm_on_top_writes_each_block_down_from_its_fastest_copy():
     assert sorted(r.hash for r in core.blocks(NS) if "nvme" in r.copies) == [1, 2, 3]
 
 
+def test_without_write_behind_a_sync_queues_what_has_no_nvme_copy():
+    core, _ = make_core(4, nvme_blocks=8, write_behind=False)
+    store(core, 1, 2)
+    assert not core.writes_behind and core.write_behind_pending == 0
+    assert core.queue_write_down() == 2 and core.write_behind_pending == 2
+    assert run_mover(core) == 2 and core.write_behind_pending == 0
+    assert core.queue_write_down() == 0  # both have their NVMe copy now
+    assert make_core(4)[0].queue_write_down() == 0  # no NVMe tier: nothing to write down
+
+
 def test_drain_without_nvme_queues_nothing():
     core, _ = make_core(4)
     store(core, 1)

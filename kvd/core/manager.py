@@ -333,7 +333,18 @@ class KvCore:
         without write-behind (the policy's ``worth_demoting`` still filters, at planning);
         stores made while draining are queued too. Returns the blocks queued."""
         self._draining = True
-        if not self._writes_behind:
+        return self.queue_write_down()
+
+    @property
+    def writes_behind(self) -> bool:
+        """Whether committed blocks are queued for NVMe as they are stored (write-behind on,
+        DRAM on top, or a drain): if not, a Sync must queue them (:meth:`queue_write_down`)."""
+        return self._writes_behind
+
+    def queue_write_down(self) -> int:
+        """Queue every held block that has a copy above NVMe and none on NVMe for writing
+        down (a Sync or a drain); returns the blocks queued (0 without an NVMe tier)."""
+        if "nvme" not in self.spaces:
             return 0
         queued = 0
         for ns in self.namespaces():
@@ -767,7 +778,7 @@ class KvCore:
         (from HBM, for a drain, where HBM holds the only copy) — not those the policy
         would not keep below (ephemeral ones)."""
         out: list[Transfer] = []
-        if not self._writes_behind:
+        if "nvme" not in self.spaces:
             self._write_behind.clear()
             return out
         now = self.clock()
@@ -817,7 +828,7 @@ class KvCore:
         self._drop_copy(ns, record, transfer.dst_tier, transfer.dst, reason=None)
         if corrupt:
             self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
-        elif transfer.kind not in ("promote", "prefetch") and self._writes_behind and self._lower(transfer.src_tier):
+        elif transfer.kind not in ("promote", "prefetch") and "nvme" in self.spaces and self._lower(transfer.src_tier):
             self._write_behind.append(record)  # a failed write down is tried again later
 
     def is_inflight(self, transfer: Transfer) -> bool:

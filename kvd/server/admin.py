@@ -107,6 +107,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Sync(self, request, context):
         if request.timeout_s < 0:
             raise InvalidArgument("timeout_s must not be negative")
+        if not self.s.core.writes_behind:
+            # No write-behind (HBM on top, or --no-write-behind): a Sync writes down now
+            # what has no NVMe copy, or it would report blocks durable that are not.
+            self.s.core.queue_write_down()
+            self.s.after_core()
         pending = await self.s.mover.flush(request.timeout_s or 60.0)
         return admin_pb2.SyncResponse(pending=pending)
 
