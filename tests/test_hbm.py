@@ -115,12 +115,15 @@ def test_serve_rejects_an_unknown_hbm_device_with_one_line(tmp_path):
 OPEN_AND_READ = """
 import sys
 from kvd.tiers.hbm_share import OpenedPool, PoolHandle
-kind, size, pool_id, path, ipc, index, offset, n = sys.argv[1:]
-handle = PoolHandle(kind, int(size), bytes.fromhex(pool_id), path, bytes.fromhex(ipc), int(index))
+kind, size, pool_id, path, ipc, bus, offset, n = sys.argv[1:]
+handle = PoolHandle(kind, int(size), bytes.fromhex(pool_id), path, bytes.fromhex(ipc), bus)
 pool = OpenedPool(handle)
 t = pool.tensor
 sys.stdout.write(t[int(offset) : int(offset) + int(n)].cpu().numpy().tobytes().hex())
 t[int(offset)] = 0x5A  # the daemon must see what an engine writes
+if t.is_cuda:
+    import torch
+    torch.cuda.synchronize(t.device)
 del t
 pool.close()
 """
@@ -128,7 +131,7 @@ pool.close()
 
 def _open_in_child(handle, offset: int, n: int) -> bytes:
     args = [handle.kind, str(handle.capacity_bytes), handle.pool_id.hex(), handle.path, handle.ipc.hex(),
-            str(handle.device_index), str(offset), str(n)]
+            handle.pci_bus_id or "-", str(offset), str(n)]
     res = subprocess.run([sys.executable, "-c", OPEN_AND_READ, *args], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return bytes.fromhex(res.stdout)
@@ -139,7 +142,7 @@ def test_another_process_opens_the_pool_and_shares_its_bytes(device, tmp_path):
     pytest.importorskip("torch")
     if device == "cuda":
         pytest.importorskip("cupy")
-    pool = HbmPool(16 * 4096, device=device, share_dir=tmp_path)
+    pool = HbmPool(16 * 4096, device=device, share_path=tmp_path / "pool")
     handle = pool.handle()
     assert handle.kind == ("file" if device == "cpu" else "cuda_ipc") and handle.capacity_bytes == 16 * 4096
     slot = pool.allocate(3 * 4096)
@@ -153,15 +156,15 @@ def test_another_process_opens_the_pool_and_shares_its_bytes(device, tmp_path):
     assert list(tmp_path.iterdir()) == []  # a host pool's file goes with it
 
 
-def test_a_pool_without_a_share_dir_cannot_be_shared_and_bad_handles_are_refused(tmp_path):
+def test_a_pool_without_a_share_path_cannot_be_shared_and_bad_handles_are_refused(tmp_path):
     pytest.importorskip("torch")
     from kvd.tiers.hbm_share import OpenedPool, PoolHandle, PoolUnshareable
 
-    with pytest.raises(PoolUnshareable, match="cannot be opened by engines"):
+    with pytest.raises(PoolUnshareable, match="cannot be opened by engines: no shared-memory file"):
         HbmPool(4096, device="cpu").handle()
     with pytest.raises(ValueError, match="unknown pool kind 'rdma'"):
         OpenedPool(PoolHandle("rdma", 4096, b"x" * 16))
-    pool = HbmPool(2 * 4096, device="cpu", share_dir=tmp_path)
+    pool = HbmPool(2 * 4096, device="cpu", share_path=tmp_path / "pool")
     wrong = PoolHandle("file", 4096, pool.handle().pool_id, path=pool.handle().path)
     with pytest.raises(ValueError, match="the daemon says 4096"):
         OpenedPool(wrong)
@@ -263,14 +266,17 @@ def test_a_block_corrupt_on_nvme_is_not_promoted_into_hbm(daemon_factory):
     assert "failed its checksum on NVMe: dropped" in d.log()
 
 
-def test_a_client_that_cannot_open_the_pool_goes_inline_and_loses_nothing(daemon_factory):
+def test_a_client_that_cannot_open_the_pool_goes_inline_and_loses_nothing(daemon_factory, caplog):
     pytest.importorskip("torch")
     d = hbm_daemon(daemon_factory).start()
     (pool_file,) = d.shm_dir.glob("kvd-hbm-*")
+    assert pool_file.stat().st_mode & 0o777 == 0o660  # engines of the socket's group map it
     pool_file.rename(pool_file.with_name("moved"))  # an engine pod that does not see the pool
     blocks = [bytes([i + 1]) * BLOCK for i in range(6)]
     with d.client() as c:
-        assert not c.shared_memory  # the arena alone would reach DRAM slots, not HBM ones
+        with caplog.at_level("WARNING", logger="kvd.client"):
+            assert not c.shared_memory  # the arena alone would reach DRAM slots, not HBM ones
+        assert [r.getMessage()[:48] for r in caplog.records] == ["kvd: cannot open the daemon's HBM pool, block by"]
         c.register_namespace("m", 16, BLOCK)
         assert c.store("m", list(range(1, 7)), blocks) == 6  # inline: the daemon writes HBM
         assert "hbm" in c.lookup("m", list(range(1, 7)))
@@ -278,7 +284,8 @@ def test_a_client_that_cannot_open_the_pool_goes_inline_and_loses_nothing(daemon
         assert c.check() == []
     with d.client(shared_memory=True) as c, pytest.raises(Exception) as info:
         c.load("m", [1])
-    assert "cannot map the arena" in str(info.value) and "FAILED_PRECONDITION" in str(info.value)
+    assert "cannot open the daemon's HBM pool" in str(info.value) and "FAILED_PRECONDITION" in str(info.value)
+    assert d.log().count("no HBM tier") == 0
 
 
 def test_a_pool_engines_cannot_open_is_no_hbm_tier_with_one_log_line(tmp_path, caplog):
@@ -302,3 +309,20 @@ def test_a_pool_engines_cannot_open_is_no_hbm_tier_with_one_log_line(tmp_path, c
     lines = [r.getMessage() for r in caplog.records if "HBM" in r.getMessage()]
     assert lines == ["no HBM tier: this cuda:0 pool cannot be opened by engines: a CUDA pool needs CuPy"]
     assert list(tmp_path.iterdir()) == []  # the pool made for nothing is released
+
+
+def test_sync_writes_hbm_blocks_down_and_they_survive_a_kill(daemon_factory):
+    pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    blocks = [bytes([i + 1]) * BLOCK for i in range(3)]
+    with d.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        c.store("m", [1, 2, 3], blocks)
+        assert c.lookup("m", [1, 2, 3]) == ["hbm"] * 3  # no write-behind from HBM
+        assert c.sync() == 0  # so Sync writes them down itself before it answers
+    d.kill()  # SIGKILL: what Sync reported durable must be there
+    assert len(list(d.shm_dir.glob("kvd-hbm-*"))) == 1  # the killed daemon's pool file stays ...
+    d.start()
+    assert len(list(d.shm_dir.glob("kvd-hbm-*"))) == 1  # ... and the restarted one replaces it
+    with d.client() as c:
+        assert c.load("m", [1, 2, 3]) == blocks

@@ -59,7 +59,7 @@ class HbmPool(Tier):
     name = "hbm"
 
     def __init__(
-        self, capacity_bytes: int, page_bytes: int = 4096, device: str = "cuda", share_dir: Path | None = None
+        self, capacity_bytes: int, page_bytes: int = 4096, device: str = "cuda", share_path: Path | None = None
     ) -> None:
         if capacity_bytes <= 0 or page_bytes <= 0 or capacity_bytes % page_bytes:
             raise ValueError(
@@ -68,7 +68,7 @@ class HbmPool(Tier):
         self._torch = _torch_for(device)
         self.space = ExtentAllocator([(0, capacity_bytes)], page_bytes)
         self._lock = threading.Lock()
-        self._shared = SharedPool.create(self._torch, capacity_bytes, device, share_dir)
+        self._shared = SharedPool.create(self._torch, capacity_bytes, device, share_path)
         self._pool = self._shared.tensor
         self.device = str(self._pool.device)
         self._closed = False

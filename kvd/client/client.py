@@ -8,6 +8,7 @@ sends the bytes inline over gRPC streams instead. ``Client.shared_memory`` says 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections import deque
@@ -19,12 +20,13 @@ import grpc
 
 from kvd.client.channel import TlsFiles, open_channel
 from kvd.tiers.dram import HEADER_BYTES, ArenaMapping, open_arena
-from kvd.tiers.hbm_share import OpenedPool, PoolHandle, PoolUnshareable
+from kvd.tiers.hbm_share import OpenedPool, PoolHandle
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
 DEFAULT_SOCKET = "var/kvd.sock"
 MAX_MESSAGE_BYTES = 256 << 20
 TIER_NAME = {types_pb2.TIER_HBM: "hbm", types_pb2.TIER_DRAM: "dram", types_pb2.TIER_NVME: "nvme"}
+log = logging.getLogger("kvd.client")
 _CHAIN = object()  # parents omitted: each block's parent is the previous hash in the list
 
 SlotCopy = Callable[[Any, list[int], list[int]], None]
@@ -679,16 +681,24 @@ class Client:
         self._top_bytes = info.hbm.capacity_bytes if info.HasField("hbm") else info.file_bytes - HEADER_BYTES
         try:
             self._arena = open_arena(info.path, expected_arena_id=info.arena_id)
-            if info.HasField("hbm"):
-                h = info.hbm
-                handle = PoolHandle(h.kind, h.capacity_bytes, h.pool_id, h.path, h.ipc_handle, h.device_index)
-                self._hbm = OpenedPool(handle)
-        except (OSError, ValueError, ImportError, PoolUnshareable) as exc:
-            # Without the HBM pool the slots of its blocks are out of reach: go inline.
-            self._unmap()
+        except (OSError, ValueError) as exc:
             if self._want_shm:
                 raise ClientError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot map the arena: {exc}") from None
             return False
+        if info.HasField("hbm"):
+            h = info.hbm
+            try:
+                self._hbm = OpenedPool(PoolHandle(h.kind, h.capacity_bytes, h.pool_id, h.path, h.ipc_handle, h.pci_bus_id))
+            except Exception as exc:  # noqa: BLE001 - CUDA's errors are RuntimeErrors of their own
+                # Stores land in HBM and loads read there: without the pool the local path
+                # cannot reach the blocks, so the bytes go inline (the daemon copies).
+                self._unmap()
+                if self._want_shm:
+                    raise ClientError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"cannot open the daemon's HBM pool: {exc}"
+                    ) from None
+                log.warning("kvd: cannot open the daemon's HBM pool, block bytes go inline over gRPC: %s", exc)
+                return False
         return arena_id is None or self._arena.arena_id == arena_id
 
     # -- slot bytes: the arena (DRAM slots) or the HBM pool ---------------------------------

@@ -157,3 +157,9 @@ class ServeConfig:
 
         digest = hashlib.sha256(str(self.socket.resolve()).encode()).hexdigest()[:12]
         return self.shm_dir / f"kvd-arena-{digest}"
+
+    @property
+    def hbm_share_path(self) -> Path:
+        """The file of a host-memory HBM pool (``--hbm-device cpu``), beside the arena and
+        named like it, so a restarted daemon replaces its own."""
+        return self.arena_path.with_name(self.arena_path.name.replace("kvd-arena-", "kvd-hbm-", 1))

@@ -140,7 +140,7 @@ def open_hbm(config: ServeConfig) -> HbmPool | None:
     device = config.hbm_device
     config.shm_dir.mkdir(parents=True, exist_ok=True)  # a host pool's file lives beside the arena
     try:
-        pool = HbmPool(config.hbm_bytes, config.page_bytes, device=device, share_dir=config.shm_dir)
+        pool = HbmPool(config.hbm_bytes, config.page_bytes, device=device, share_path=config.hbm_share_path)
     except HbmUnavailable as exc:
         log.warning("no HBM tier: CUDA not available (%s)", exc)
         return None

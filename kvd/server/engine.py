@@ -49,7 +49,7 @@ def hbm_pool_info(pool) -> engine_pb2.HbmPool:
         pool_id=h.pool_id,
         path=h.path,
         ipc_handle=h.ipc,
-        device_index=h.device_index,
+        pci_bus_id=h.pci_bus_id,
     )
 
 

@@ -342,6 +342,7 @@ class Mover:
                     buf.release()
                     out.append("corrupt" if isinstance(err, CorruptBlockError) else "error")
                     if not isinstance(err, CorruptBlockError):
+                        self.errors += 1
                         _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
                     continue
                 src = buf[: t.nbytes]

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from kvd.v1 import types_pb2 as kvd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvd/v1/engine.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"\xb6\x01\n\x13SessionEventRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.kvd.v1.SessionEventKind\x12\x0e\n\x06hashes\x18\x04 \x03(\x04\x12\x0c\n\x04tool\x18\x05 \x01(\t\x12\x1d\n\x10\x65xpected_pause_s\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_expected_pause_s\"4\n\x14SessionEventResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\r\"X\n\x18RegisterNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\",\n\x19RegisterNamespaceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x11\n\x0fGetArenaRequest\"x\n\x10GetArenaResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x61rena_id\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x12\n\npage_bytes\x18\x04 \x01(\r\x12\x1c\n\x03hbm\x18\x05 \x01(\x0b\x32\x0f.kvd.v1.HbmPool\"x\n\x07HbmPool\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07pool_id\x18\x03 \x01(\x0c\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\nipc_handle\x18\x05 \x01(\x0c\x12\x14\n\x0c\x64\x65vice_index\x18\x06 \x01(\r\"F\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"5\n\x07TierRun\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"/\n\x0eLookupResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.kvd.v1.TierRun\"v\n\x13PrepareStoreRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"9\n\tStoreSlot\x12\r\n\x05write\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\"s\n\x14PrepareStoreResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.kvd.v1.StoreSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"E\n\x12\x43ommitStoreRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\r\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"(\n\x13\x43ommitStoreResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\"b\n\x12PrepareLoadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"H\n\x08LoadSlot\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"q\n\x13PrepareLoadResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvd.v1.LoadSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"\'\n\x13\x43ompleteLoadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14\x43ompleteLoadResponse\"]\n\x11StoreInlineHeader\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"9\n\nBlockChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x12StoreInlineRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.kvd.v1.StoreInlineHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvd.v1.BlockChunkH\x00\x42\x06\n\x04part\"6\n\x13StoreInlineResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\"J\n\x11LoadInlineRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"`\n\x12LoadInlineResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c*\x81\x01\n\x10SessionEventKind\x12\x1d\n\x19SESSION_EVENT_UNSPECIFIED\x10\x00\x12\x0e\n\nTURN_START\x10\x01\x12\x0c\n\x08TURN_END\x10\x02\x12\x0e\n\nTOOL_PAUSE\x10\x03\x12\x0f\n\x0bTOOL_RESUME\x10\x04\x12\x0f\n\x0bSESSION_END\x10\x05\x32\xdc\x05\n\x06\x45ngine\x12X\n\x11RegisterNamespace\x12 .kvd.v1.RegisterNamespaceRequest\x1a!.kvd.v1.RegisterNamespaceResponse\x12=\n\x08GetArena\x12\x17.kvd.v1.GetArenaRequest\x1a\x18.kvd.v1.GetArenaResponse\x12\x37\n\x06Lookup\x12\x15.kvd.v1.LookupRequest\x1a\x16.kvd.v1.LookupResponse\x12I\n\x0cPrepareStore\x12\x1b.kvd.v1.PrepareStoreRequest\x1a\x1c.kvd.v1.PrepareStoreResponse\x12\x46\n\x0b\x43ommitStore\x12\x1a.kvd.v1.CommitStoreRequest\x1a\x1b.kvd.v1.CommitStoreResponse\x12\x46\n\x0bPrepareLoad\x12\x1a.kvd.v1.PrepareLoadRequest\x1a\x1b.kvd.v1.PrepareLoadResponse\x12I\n\x0c\x43ompleteLoad\x12\x1b.kvd.v1.CompleteLoadRequest\x1a\x1c.kvd.v1.CompleteLoadResponse\x12H\n\x0bStoreInline\x12\x1a.kvd.v1.StoreInlineRequest\x1a\x1b.kvd.v1.StoreInlineResponse(\x01\x12\x45\n\nLoadInline\x12\x19.kvd.v1.LoadInlineRequest\x1a\x1a.kvd.v1.LoadInlineResponse0\x01\x12I\n\x0cSessionEvent\x12\x1b.kvd.v1.SessionEventRequest\x1a\x1c.kvd.v1.SessionEventResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kvd/v1/engine.proto\x12\x06kvd.v1\x1a\x12kvd/v1/types.proto\"\xb6\x01\n\x13SessionEventRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.kvd.v1.SessionEventKind\x12\x0e\n\x06hashes\x18\x04 \x03(\x04\x12\x0c\n\x04tool\x18\x05 \x01(\t\x12\x1d\n\x10\x65xpected_pause_s\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_expected_pause_s\"4\n\x14SessionEventResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\r\"X\n\x18RegisterNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x14\n\x0c\x62lock_tokens\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\",\n\x19RegisterNamespaceResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x11\n\x0fGetArenaRequest\"x\n\x10GetArenaResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08\x61rena_id\x18\x02 \x01(\x0c\x12\x12\n\nfile_bytes\x18\x03 \x01(\x04\x12\x12\n\npage_bytes\x18\x04 \x01(\r\x12\x1c\n\x03hbm\x18\x05 \x01(\x0b\x32\x0f.kvd.v1.HbmPool\"|\n\x07HbmPool\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07pool_id\x18\x03 \x01(\x0c\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\nipc_handle\x18\x05 \x01(\x0c\x12\x12\n\npci_bus_id\x18\x07 \x01(\tJ\x04\x08\x06\x10\x07\"F\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"5\n\x07TierRun\x12\x1a\n\x04tier\x18\x01 \x01(\x0e\x32\x0c.kvd.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"/\n\x0eLookupResponse\x12\x1d\n\x04runs\x18\x01 \x03(\x0b\x32\x0f.kvd.v1.TierRun\"v\n\x13PrepareStoreRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"9\n\tStoreSlot\x12\r\n\x05write\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\"s\n\x14PrepareStoreResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12 \n\x05slots\x18\x02 \x03(\x0b\x32\x11.kvd.v1.StoreSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"E\n\x12\x43ommitStoreRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\r\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"(\n\x13\x43ommitStoreResponse\x12\x11\n\tcommitted\x18\x01 \x01(\r\"b\n\x12PrepareLoadRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\r\x12\x12\n\nsession_id\x18\x04 \x01(\t\"H\n\x08LoadSlot\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x1d\n\x04slot\x18\x02 \x01(\x0b\x32\x0f.kvd.v1.SlotRef\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"q\n\x13PrepareLoadResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1f\n\x05slots\x18\x02 \x03(\x0b\x32\x10.kvd.v1.LoadSlot\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x61rena_id\x18\x04 \x01(\x0c\"\'\n\x13\x43ompleteLoadRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x16\n\x14\x43ompleteLoadResponse\"]\n\x11StoreInlineHeader\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12!\n\x06\x62locks\x18\x02 \x03(\x0b\x32\x11.kvd.v1.BlockSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"9\n\nBlockChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"n\n\x12StoreInlineRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.kvd.v1.StoreInlineHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.kvd.v1.BlockChunkH\x00\x42\x06\n\x04part\"6\n\x13StoreInlineResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07present\x18\x02 \x01(\r\"J\n\x11LoadInlineRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x04\x12\x12\n\nsession_id\x18\x03 \x01(\t\"`\n\x12LoadInlineResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c*\x81\x01\n\x10SessionEventKind\x12\x1d\n\x19SESSION_EVENT_UNSPECIFIED\x10\x00\x12\x0e\n\nTURN_START\x10\x01\x12\x0c\n\x08TURN_END\x10\x02\x12\x0e\n\nTOOL_PAUSE\x10\x03\x12\x0f\n\x0bTOOL_RESUME\x10\x04\x12\x0f\n\x0bSESSION_END\x10\x05\x32\xdc\x05\n\x06\x45ngine\x12X\n\x11RegisterNamespace\x12 .kvd.v1.RegisterNamespaceRequest\x1a!.kvd.v1.RegisterNamespaceResponse\x12=\n\x08GetArena\x12\x17.kvd.v1.GetArenaRequest\x1a\x18.kvd.v1.GetArenaResponse\x12\x37\n\x06Lookup\x12\x15.kvd.v1.LookupRequest\x1a\x16.kvd.v1.LookupResponse\x12I\n\x0cPrepareStore\x12\x1b.kvd.v1.PrepareStoreRequest\x1a\x1c.kvd.v1.PrepareStoreResponse\x12\x46\n\x0b\x43ommitStore\x12\x1a.kvd.v1.CommitStoreRequest\x1a\x1b.kvd.v1.CommitStoreResponse\x12\x46\n\x0bPrepareLoad\x12\x1a.kvd.v1.PrepareLoadRequest\x1a\x1b.kvd.v1.PrepareLoadResponse\x12I\n\x0c\x43ompleteLoad\x12\x1b.kvd.v1.CompleteLoadRequest\x1a\x1c.kvd.v1.CompleteLoadResponse\x12H\n\x0bStoreInline\x12\x1a.kvd.v1.StoreInlineRequest\x1a\x1b.kvd.v1.StoreInlineResponse(\x01\x12\x45\n\nLoadInline\x12\x19.kvd.v1.LoadInlineRequest\x1a\x1a.kvd.v1.LoadInlineResponse0\x01\x12I\n\x0cSessionEvent\x12\x1b.kvd.v1.SessionEventRequest\x1a\x1c.kvd.v1.SessionEventResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvd.v1.engine_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONEVENTKIND']._serialized_start=2125
-  _globals['_SESSIONEVENTKIND']._serialized_end=2254
+  _globals['_SESSIONEVENTKIND']._serialized_start=2129
+  _globals['_SESSIONEVENTKIND']._serialized_end=2258
   _globals['_SESSIONEVENTREQUEST']._serialized_start=52
   _globals['_SESSIONEVENTREQUEST']._serialized_end=234
   _globals['_SESSIONEVENTRESPONSE']._serialized_start=236
@@ -47,45 +47,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETARENARESPONSE']._serialized_start=445
   _globals['_GETARENARESPONSE']._serialized_end=565
   _globals['_HBMPOOL']._serialized_start=567
-  _globals['_HBMPOOL']._serialized_end=687
-  _globals['_LOOKUPREQUEST']._serialized_start=689
-  _globals['_LOOKUPREQUEST']._serialized_end=759
-  _globals['_TIERRUN']._serialized_start=761
-  _globals['_TIERRUN']._serialized_end=814
-  _globals['_LOOKUPRESPONSE']._serialized_start=816
-  _globals['_LOOKUPRESPONSE']._serialized_end=863
-  _globals['_PREPARESTOREREQUEST']._serialized_start=865
-  _globals['_PREPARESTOREREQUEST']._serialized_end=983
-  _globals['_STORESLOT']._serialized_start=985
-  _globals['_STORESLOT']._serialized_end=1042
-  _globals['_PREPARESTORERESPONSE']._serialized_start=1044
-  _globals['_PREPARESTORERESPONSE']._serialized_end=1159
-  _globals['_COMMITSTOREREQUEST']._serialized_start=1161
-  _globals['_COMMITSTOREREQUEST']._serialized_end=1230
-  _globals['_COMMITSTORERESPONSE']._serialized_start=1232
-  _globals['_COMMITSTORERESPONSE']._serialized_end=1272
-  _globals['_PREPARELOADREQUEST']._serialized_start=1274
-  _globals['_PREPARELOADREQUEST']._serialized_end=1372
-  _globals['_LOADSLOT']._serialized_start=1374
-  _globals['_LOADSLOT']._serialized_end=1446
-  _globals['_PREPARELOADRESPONSE']._serialized_start=1448
-  _globals['_PREPARELOADRESPONSE']._serialized_end=1561
-  _globals['_COMPLETELOADREQUEST']._serialized_start=1563
-  _globals['_COMPLETELOADREQUEST']._serialized_end=1602
-  _globals['_COMPLETELOADRESPONSE']._serialized_start=1604
-  _globals['_COMPLETELOADRESPONSE']._serialized_end=1626
-  _globals['_STOREINLINEHEADER']._serialized_start=1628
-  _globals['_STOREINLINEHEADER']._serialized_end=1721
-  _globals['_BLOCKCHUNK']._serialized_start=1723
-  _globals['_BLOCKCHUNK']._serialized_end=1780
-  _globals['_STOREINLINEREQUEST']._serialized_start=1782
-  _globals['_STOREINLINEREQUEST']._serialized_end=1892
-  _globals['_STOREINLINERESPONSE']._serialized_start=1894
-  _globals['_STOREINLINERESPONSE']._serialized_end=1948
-  _globals['_LOADINLINEREQUEST']._serialized_start=1950
-  _globals['_LOADINLINEREQUEST']._serialized_end=2024
-  _globals['_LOADINLINERESPONSE']._serialized_start=2026
-  _globals['_LOADINLINERESPONSE']._serialized_end=2122
-  _globals['_ENGINE']._serialized_start=2257
-  _globals['_ENGINE']._serialized_end=2989
+  _globals['_HBMPOOL']._serialized_end=691
+  _globals['_LOOKUPREQUEST']._serialized_start=693
+  _globals['_LOOKUPREQUEST']._serialized_end=763
+  _globals['_TIERRUN']._serialized_start=765
+  _globals['_TIERRUN']._serialized_end=818
+  _globals['_LOOKUPRESPONSE']._serialized_start=820
+  _globals['_LOOKUPRESPONSE']._serialized_end=867
+  _globals['_PREPARESTOREREQUEST']._serialized_start=869
+  _globals['_PREPARESTOREREQUEST']._serialized_end=987
+  _globals['_STORESLOT']._serialized_start=989
+  _globals['_STORESLOT']._serialized_end=1046
+  _globals['_PREPARESTORERESPONSE']._serialized_start=1048
+  _globals['_PREPARESTORERESPONSE']._serialized_end=1163
+  _globals['_COMMITSTOREREQUEST']._serialized_start=1165
+  _globals['_COMMITSTOREREQUEST']._serialized_end=1234
+  _globals['_COMMITSTORERESPONSE']._serialized_start=1236
+  _globals['_COMMITSTORERESPONSE']._serialized_end=1276
+  _globals['_PREPARELOADREQUEST']._serialized_start=1278
+  _globals['_PREPARELOADREQUEST']._serialized_end=1376
+  _globals['_LOADSLOT']._serialized_start=1378
+  _globals['_LOADSLOT']._serialized_end=1450
+  _globals['_PREPARELOADRESPONSE']._serialized_start=1452
+  _globals['_PREPARELOADRESPONSE']._serialized_end=1565
+  _globals['_COMPLETELOADREQUEST']._serialized_start=1567
+  _globals['_COMPLETELOADREQUEST']._serialized_end=1606
+  _globals['_COMPLETELOADRESPONSE']._serialized_start=1608
+  _globals['_COMPLETELOADRESPONSE']._serialized_end=1630
+  _globals['_STOREINLINEHEADER']._serialized_start=1632
+  _globals['_STOREINLINEHEADER']._serialized_end=1725
+  _globals['_BLOCKCHUNK']._serialized_start=1727
+  _globals['_BLOCKCHUNK']._serialized_end=1784
+  _globals['_STOREINLINEREQUEST']._serialized_start=1786
+  _globals['_STOREINLINEREQUEST']._serialized_end=1896
+  _globals['_STOREINLINERESPONSE']._serialized_start=1898
+  _globals['_STOREINLINERESPONSE']._serialized_end=1952
+  _globals['_LOADINLINEREQUEST']._serialized_start=1954
+  _globals['_LOADINLINEREQUEST']._serialized_end=2028
+  _globals['_LOADINLINERESPONSE']._serialized_start=2030
+  _globals['_LOADINLINERESPONSE']._serialized_end=2126
+  _globals['_ENGINE']._serialized_start=2261
+  _globals['_ENGINE']._serialized_end=2993
 # @@protoc_insertion_point(module_scope)

@@ -82,20 +82,20 @@ class GetArenaResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., arena_id: _Optional[bytes] = ..., file_bytes: _Optional[int] = ..., page_bytes: _Optional[int] = ..., hbm: _Optional[_Union[HbmPool, _Mapping]] = ...) -> None: ...
 
 class HbmPool(_message.Message):
-    __slots__ = ("kind", "capacity_bytes", "pool_id", "path", "ipc_handle", "device_index")
+    __slots__ = ("kind", "capacity_bytes", "pool_id", "path", "ipc_handle", "pci_bus_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     capacity_bytes: int
     pool_id: bytes
     path: str
     ipc_handle: bytes
-    device_index: int
-    def __init__(self, kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., pool_id: _Optional[bytes] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., device_index: _Optional[int] = ...) -> None: ...
+    pci_bus_id: str
+    def __init__(self, kind: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., pool_id: _Optional[bytes] = ..., path: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., pci_bus_id: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace", "hashes", "session_id")
