@@ -228,14 +228,20 @@ def test_slot_copies_get_the_pool_tensor_for_hbm_slots(daemon_factory):
         assert got == {0: bytes([40]) * BLOCK, 1: bytes([41]) * BLOCK}
 
 
-def test_sigterm_writes_hbm_only_blocks_to_nvme_and_a_restart_serves_them(daemon_factory):
-    pytest.importorskip("torch")
-    d = hbm_daemon(daemon_factory).start()
+def three_blocks_in_hbm(d) -> list[bytes]:
+    """Store three blocks into a fresh HBM daemon: they are in HBM only (no write-behind)."""
     blocks = [bytes([i + 1]) * BLOCK for i in range(3)]
     with d.client() as c:
         c.register_namespace("m", 16, BLOCK)
         c.store("m", [1, 2, 3], blocks)
-        assert c.lookup("m", [1, 2, 3]) == ["hbm"] * 3  # no copy below HBM yet
+        assert c.lookup("m", [1, 2, 3]) == ["hbm"] * 3
+    return blocks
+
+
+def test_sigterm_writes_hbm_only_blocks_to_nvme_and_a_restart_serves_them(daemon_factory):
+    pytest.importorskip("torch")
+    d = hbm_daemon(daemon_factory).start()
+    blocks = three_blocks_in_hbm(d)
     assert d.kill(signal.SIGTERM) == 0
     assert not list(d.shm_dir.glob("kvd-hbm-*"))  # the pool's file went with the daemon
     d.start()
@@ -314,12 +320,9 @@ def test_a_pool_engines_cannot_open_is_no_hbm_tier_with_one_log_line(tmp_path, c
 def test_sync_writes_hbm_blocks_down_and_they_survive_a_kill(daemon_factory):
     pytest.importorskip("torch")
     d = hbm_daemon(daemon_factory).start()
-    blocks = [bytes([i + 1]) * BLOCK for i in range(3)]
+    blocks = three_blocks_in_hbm(d)
     with d.client() as c:
-        c.register_namespace("m", 16, BLOCK)
-        c.store("m", [1, 2, 3], blocks)
-        assert c.lookup("m", [1, 2, 3]) == ["hbm"] * 3  # no write-behind from HBM
-        assert c.sync() == 0  # so Sync writes them down itself before it answers
+        assert c.sync() == 0  # no write-behind from HBM: Sync writes them down before it answers
     d.kill()  # SIGKILL: what Sync reported durable must be there
     assert len(list(d.shm_dir.glob("kvd-hbm-*"))) == 1  # the killed daemon's pool file stays ...
     d.start()
