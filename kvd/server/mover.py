@@ -313,41 +313,40 @@ class Mover:
 
     # -- copies through HBM ------------------------------------------------------------------
     async def _run_copies(self, transfers: list[Transfer], what: str) -> None:
-        """Run transfers that involve HBM (one block at a time: HBM has no batched I/O to
-        coalesce) and report each to the core."""
+        """Run transfers that involve HBM and report each to the core. Blocks from NVMe are
+        read in ``read_parallelism`` parallel parts, each part with one batched read (adjacent
+        slots coalesce) into a page-aligned bounce buffer, then copied up block by block."""
         loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(self.executor, self._copy_batch, transfers)
-        except Exception as exc:  # noqa: BLE001 - the transfers must be reported whatever failed
-            self.errors += 1
-            _log_failure(exc, what, len(transfers))
-            results = ["error"] * len(transfers)
-        for t, result in zip(transfers, results):
-            if result == "corrupt":
-                log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
-            self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
-        if self.metrics is not None:
-            self.metrics.landed(transfers, [r == "ok" for r in results])
+        from_nvme = sorted((t for t in transfers if t.src_tier == "nvme"), key=lambda t: t.src.slot.offset)
+        size = -(-len(from_nvme) // self.read_parallelism)  # contiguous runs coalesce best
+        parts = [from_nvme[i : i + size] for i in range(0, len(from_nvme), size)] if from_nvme else []
+        rest = [t for t in transfers if t.src_tier != "nvme"]
+        if rest:
+            parts.append(rest)
+        outcomes = await asyncio.gather(
+            *(loop.run_in_executor(self.executor, self._copy_batch, p) for p in parts), return_exceptions=True
+        )
+        for part, results in zip(parts, outcomes):
+            if isinstance(results, BaseException):  # the transfers must be reported whatever failed
+                self.errors += 1
+                _log_failure(results, what, len(part))
+                results = ["error"] * len(part)
+            for t, result in zip(part, results):
+                if result == "corrupt":
+                    log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
+                self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
+            if self.metrics is not None:
+                self.metrics.landed(part, [r == "ok" for r in results])
 
     def _copy_batch(self, transfers: list[Transfer]) -> list[str]:
-        out = []
-        for t in transfers:
-            if t.src_tier == "nvme":
-                if self.nvme is None:
-                    out.append("error")
-                    continue
-                buf = memoryview(mmap.mmap(-1, max(t.src.slot.length, 1)))  # page-aligned for direct I/O
-                err = self.nvme.read_many([(t.src.slot, t.nbytes, buf)])[0]
-                if err is not None:
-                    buf.release()
-                    out.append("corrupt" if isinstance(err, CorruptBlockError) else "error")
-                    if not isinstance(err, CorruptBlockError):
-                        self.errors += 1
-                        _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
-                    continue
-                src = buf[: t.nbytes]
-            else:
-                src = self._source(t)
+        """Copy each transfer's bytes to its destination (DRAM or HBM): "ok", "error" or
+        "corrupt" (an NVMe source that failed its checksum) per transfer."""
+        out = ["ok"] * len(transfers)
+        staged = self._read_nvme_sources(transfers, out)
+        for i, t in enumerate(transfers):
+            if out[i] != "ok":
+                continue
+            src = staged.pop(i) if i in staged else self._source(t)
             try:
                 if t.dst_tier == "hbm":
                     self._require_hbm().write(t.dst.slot, src)
@@ -357,10 +356,37 @@ class Mover:
                         dst[: t.nbytes] = src
                     finally:
                         dst.release()
-                out.append("ok")
             finally:
                 src.release()
         return out
+
+    def _read_nvme_sources(self, transfers: list[Transfer], out: list[str]) -> dict[int, memoryview]:
+        """Read the NVMe sources among ``transfers`` with one batched read into a bounce
+        buffer; their bytes by index. Marks failures in ``out``."""
+        picked = [(i, t) for i, t in enumerate(transfers) if t.src_tier == "nvme"]
+        if not picked:
+            return {}
+        if self.nvme is None:
+            for i, _ in picked:
+                out[i] = "error"
+            return {}
+        bounce = memoryview(mmap.mmap(-1, sum(t.src.slot.length for _, t in picked)))  # page-aligned
+        views, at = [], 0
+        for _, t in picked:
+            views.append(bounce[at : at + t.src.slot.length])
+            at += t.src.slot.length
+        errors = self.nvme.read_many([(t.src.slot, t.nbytes, v) for (_, t), v in zip(picked, views)])
+        staged = {}
+        for (i, t), view, err in zip(picked, views, errors):
+            if err is None:
+                staged[i] = view[: t.nbytes]
+            else:
+                out[i] = "corrupt" if isinstance(err, CorruptBlockError) else "error"
+                if out[i] == "error":
+                    self.errors += 1
+                    _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
+            view.release()
+        return staged
 
     def _source(self, t: Transfer) -> memoryview:
         """The bytes of a transfer's source copy in DRAM or HBM (HBM's through a host
