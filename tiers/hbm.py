@@ -30,6 +30,15 @@ from kvd.tiers.base import Buffer, Tier, byte_view
 from kvd.tiers.hbm_share import PoolHandle, SharedPool
 
 
+def host_tensor(data: Buffer) -> Any:
+    """``data`` as a 1-D uint8 CPU tensor sharing its memory (no copy), to copy from."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
+        return torch.from_numpy(np.frombuffer(byte_view(data, writable=False), dtype=np.uint8))
+
+
 class HbmUnavailable(RuntimeError):
     """No HBM pool can be made here; the message says why (no torch, no CUDA device)."""
 
@@ -115,11 +124,8 @@ class HbmPool(Tier):
         if offset < 0 or offset + src.nbytes > slot.length:
             raise ValueError(f"{src.nbytes} bytes at {offset} do not fit in {slot}")
         if src.nbytes:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
-                host = self._torch.from_numpy(np.frombuffer(src, dtype=np.uint8))
             start = slot.offset + offset
-            self._pool[start : start + src.nbytes].copy_(host)
+            self._pool[start : start + src.nbytes].copy_(host_tensor(src))
             self._sync()
 
     def read_range(self, slot: Slot, offset: int, n: int) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import grpc
 
 from kvd.client.channel import TlsFiles, open_channel
 from kvd.tiers.dram import HEADER_BYTES, ArenaMapping, open_arena
+from kvd.tiers.hbm import host_tensor
 from kvd.tiers.hbm_share import OpenedPool, PoolHandle
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
@@ -711,14 +711,8 @@ class Client:
         if ref.tier != types_pb2.TIER_HBM:
             arena.copy_in(ref.offset, data)
             return
-        import numpy as np
-        import torch
-
-        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch warns on read-only memory; it is only read
-            host = torch.from_numpy(src)
-        self._pool()[ref.offset : ref.offset + src.size].copy_(host)
+        host = host_tensor(data)
+        self._pool()[ref.offset : ref.offset + host.numel()].copy_(host)
 
     def _read(self, arena: ArenaMapping, ref, nbytes: int) -> bytes:
         if ref.tier != types_pb2.TIER_HBM:

@@ -139,9 +139,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 left = deadline - self.s.clock()
                 if left <= 0:
                     top = self.s.core.top
-                    behind = "writes to NVMe are not keeping up" if top == "dram" else "moves down to DRAM are slow"
+                    behind = "writes to NVMe are not keeping up with demotions" if top == "dram" else (
+                        "demotions to DRAM are not keeping up"
+                    )
                     raise NoSpace(
-                        f"no {top.upper()} room after waiting {self.room_wait_s:g} s: {behind} with demotions "
+                        f"no {top.upper()} room after waiting {self.room_wait_s:g} s: {behind} "
                         f"({self.s.core.write_behind_pending} blocks queued for NVMe); retry later"
                     )
                 await mover.wait_progress(seen, left)
