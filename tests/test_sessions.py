@@ -517,3 +517,23 @@ def test_core_plans_the_prefetch_of_a_paused_session():
     assert core.lookup(NS, A_CHAIN) == ["dram"] * 8
     assert core.plan_prefetch(64) == []  # nothing left to bring up
     assert core.check() == []
+
+
+def test_one_event_a_turn_lookup_starts_it_and_a_tool_pause_ends_it():
+    """The lean pattern README advises: Lookup(session_id) -> store -> tool_pause -> the next
+    Lookup(session_id). No turn_start, turn_end or tool_resume, and the pause is learned."""
+    sessions = SessionTable()
+    policy = TypedPolicy(sessions)
+    now = [0.0]
+    core = KvCore({"dram": ExtentAllocator([(0, 8 * PAGE)], PAGE)}, policy, lambda: now[0], sessions=sessions)
+    core.register_namespace(NS, 16, PAGE)
+    core.now = now
+    core.lookup(NS, [1, 2], session_id="a")
+    store(core, [1, 2], session_id="a")
+    core.now[0] = 3.0
+    assert core.session_event(NS, "a", "tool_pause", tool="pytest").state == TOOL_PAUSE
+    core.now[0] = 10.0
+    assert core.lookup(NS, [1, 2, 3], session_id="a") == ["dram", "dram"]
+    s = core.sessions.get(NS, "a")
+    assert (s.state, s.turns, s.chain) == (ACTIVE, 2, [1, 2, 3])
+    assert policy.pauses.samples("pytest") == 1
