@@ -50,6 +50,28 @@ def test_a_tiny_soak_reports_no_errors_and_no_leaks(tmp_path):
     assert list((tmp_path / "scratch").iterdir()) == []  # the daemon's scratch directory is gone
 
 
+def test_a_lean_soak_sends_one_session_event_a_turn(tmp_path):
+    r = kvd(
+        "bench", "soak", "--json", "--clients", "2", "--seconds", "2", "--processes", "1",
+        "--session-events", "lean", "--dir", "scratch", cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["errors"], report["wrong_bytes"], report["check_ok"]) == (0, 0, True)
+    rpc = report["rpc"]
+    assert "session_turn_start" not in rpc and "session_tool_resume" not in rpc
+    turns = rpc["session_tool_pause"]["count"] + rpc["session_turn_end"]["count"]
+    assert turns > 0 and rpc["lookup"]["count"] == turns  # one Lookup (with the session id) a turn
+
+
+def test_an_unknown_session_event_style_is_one_line_and_exit_2(tmp_path):
+    r = kvd("bench", "soak", "--session-events", "some", "--dir", str(tmp_path / "scratch"))
+    assert (r.returncode, r.stdout, r.stderr.count("\n")) == (2, "", 1)
+    assert "--session-events: invalid choice: 'some' (choose from 'all', 'lean')" in r.stderr
+    with pytest.raises(ValueError, match="--session-events must be one of all, lean"):
+        SoakConfig(session_events="some").validate()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -8,8 +8,11 @@ sessions until ``--seconds`` have passed or each made ``--max-ops`` calls:
 
 - a session starts with a shared prefix (a repository context every session reads), then
   each turn: ``turn_start`` with the chain, ``lookup``, ``load`` of the chain (bytes checked
-  against the deterministic content of each hash), ``store`` of a few new blocks, then a
-  ``tool_pause``/``tool_resume`` or a ``turn_end``; after a few turns, ``session_end``;
+  against the deterministic content of each hash), ``store`` of a few new blocks, then
+  (half the turns) ``tool_pause``/``lookup``/``tool_resume``, and ``turn_end``; after a few
+  turns, ``session_end``. With ``--session-events lean`` a turn sends one event: the
+  ``lookup`` carries the session id (it starts the turn), then a ``tool_pause`` or a
+  ``turn_end``;
 - every ``--disconnect-every`` turns a client disconnects mid-store instead: a PrepareStore
   on a fresh channel that is closed without CommitStore (its lease, asked for
   ``ABANDON_LEASE_S``, expires), or a StoreInline stream cancelled after half a block (the
@@ -58,6 +61,7 @@ ABANDON_LEASE_S = 1  # lease asked for by an abandoned PrepareStore
 TOOLS = ("bash", "pytest", "grep", "web")
 MAX_ERROR_SAMPLES = 10
 START_TIMEOUT_S = 120.0  # for the daemon and every client process to be ready
+SESSION_EVENT_STYLES = ("all", "lean")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class SoakConfig:
     turns_per_session: int = 6
     blocks_per_turn: int = 3
     disconnect_every: int = 10  # turns
+    # "all": every event kind, up to four a turn; "lean": one a turn (a tool_pause or a
+    # turn_end), the turn started by the Lookup's session_id (README, "Sessions").
+    session_events: str = "all"
     seed: int = 0
     dir: Path = Path("var/bench")
 
@@ -90,6 +97,8 @@ class SoakConfig:
             raise ValueError("--clients, --processes, --max-ops and --disconnect-every must be positive")
         if self.seconds <= 0 or self.lease_seconds <= 0:
             raise ValueError("--seconds and --lease-seconds must be positive")
+        if self.session_events not in SESSION_EVENT_STYLES:
+            raise ValueError(f"--session-events must be one of {', '.join(SESSION_EVENT_STYLES)}")
         if self.block_bytes < 1 or self.block_bytes % 4096:
             raise ValueError("--block-bytes must be a positive multiple of 4096")
         chain = self.shared_prefix_blocks + self.turns_per_session * self.blocks_per_turn
@@ -245,6 +254,7 @@ class _Session:
             self.stats.sessions += 1
         chain = list(self.shared)
         c = self.client
+        lean = self.cfg.session_events == "lean"
         for turn in range(self.cfg.turns_per_session):
             if time.time() >= stop_at or self.ops >= self.cfg.max_ops:
                 break
@@ -252,8 +262,11 @@ class _Session:
             if self.turns % self.cfg.disconnect_every == 0:
                 self.disconnect_mid_store(sid, chain)
             new = [block_hash(self.cfg.seed, sid, turn, i) for i in range(self.cfg.blocks_per_turn)]
-            self.timed("session_turn_start", c.session_event, NAMESPACE, sid, "turn_start", chain + new)
-            self.timed("lookup", c.lookup, NAMESPACE, chain + new)
+            if lean:
+                self.timed("lookup", c.lookup, NAMESPACE, chain + new, session_id=sid)  # starts the turn
+            else:
+                self.timed("session_turn_start", c.session_event, NAMESPACE, sid, "turn_start", chain + new)
+                self.timed("lookup", c.lookup, NAMESPACE, chain + new)
             self.check_load(chain)
             if turn == 0:  # the first turn (re)stores the shared prefix: most of it is held
                 self.timed("store", c.store, NAMESPACE, chain, [block_data(h, self.cfg.block_bytes) for h in chain],
@@ -265,6 +278,8 @@ class _Session:
                 tool = self.rng.choice(TOOLS)
                 self.timed("session_tool_pause", c.session_event, NAMESPACE, sid, "tool_pause", tool=tool,
                            expected_pause_s=self.rng.uniform(1, 30))
+                if lean:
+                    continue  # the pause ended the turn; the next turn's Lookup ends the pause
                 self.timed("lookup", c.lookup, NAMESPACE, chain)
                 self.timed("session_tool_resume", c.session_event, NAMESPACE, sid, "tool_resume")
             self.timed("session_turn_end", c.session_event, NAMESPACE, sid, "turn_end")
@@ -515,6 +530,10 @@ def add_arguments(p: argparse.ArgumentParser, size) -> None:
     p.add_argument(
         "--disconnect-every", type=int, default=d.disconnect_every, help="turns between disconnects mid-store"
     )
+    p.add_argument(
+        "--session-events", choices=SESSION_EVENT_STYLES, default=d.session_events,
+        help="all: every kind, up to four a turn; lean: one a turn (tool_pause or turn_end), the turn started by Lookup's session_id",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dir", type=Path, default=d.dir, help="scratch directory for the daemon (default var/bench)")
 
@@ -524,7 +543,7 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = SoakConfig(
             clients=args.clients, seconds=args.seconds, max_ops=args.max_ops, processes=args.processes,
             block_bytes=args.block_bytes, dram_bytes=args.dram_bytes, nvme_bytes=args.nvme_bytes,
-            lease_seconds=args.lease_seconds, event_buffer=args.event_buffer, warmup_seconds=args.warmup_seconds, disconnect_every=args.disconnect_every, seed=args.seed, dir=args.dir,
+            lease_seconds=args.lease_seconds, event_buffer=args.event_buffer, warmup_seconds=args.warmup_seconds, disconnect_every=args.disconnect_every, session_events=args.session_events, seed=args.seed, dir=args.dir,
         )
         return run(cfg)
 
