@@ -6,7 +6,8 @@ Pure objects: fed observations, asked for probabilities; time is seconds, given 
 - :class:`LognormalFit` fits a lognormal by Welford's running mean and variance of
   ``log(x)`` (tool pauses are lognormal: many short calls, a long tail).
 - :class:`PausePredictor` keeps one fit per tool and a pooled fit, each shrunk towards a
-  prior until it has seen enough samples; a hint's expected seconds becomes the median.
+  prior until it has seen enough samples; a hint's expected seconds becomes the median,
+  corrected by how far the tool's hints have been off (learned from hinted pauses).
 - :class:`ContinuePredictor` estimates P(another turn | turns so far) per turn bucket. A
   turn's outcome is known when the next turn starts, or, for the rest, once the turn is
   older than a maturity age (by then a session that was coming back would have).
@@ -156,15 +157,22 @@ class PriorConfig:
 
 
 BIN_EDGES = [0.05 * 10 ** (i / 8) for i in range(41)]  # 0.05 s .. 500,000 s, 8 bins a decade
+MIN_SIGMA = 0.05  # the sharpest a predicted pause gets (log seconds): ~5% either way
+HINT_RATIO_FLOOR = 1e-3  # actual / expected below this counts as this (a log of 0 has no mean)
 
 
 class PausePredictor:
     """Per-tool pause distributions learned online; unknown tools use the pooled one.
 
     Each is a histogram over log-spaced bins plus the prior's mass (``prior.weight``
-    samples' worth of a lognormal), so the first few samples move it gently. A hint's
-    expected seconds replaces the location: a lognormal with that median and the tool's
-    learned spread.
+    samples' worth of a lognormal), so the first few samples move it gently.
+
+    A hint's expected seconds replaces the location: a lognormal around the hint. How much
+    to trust it is learned from the tool's hinted pauses: the log of actual / expected has
+    a running mean (the hints' bias, added to the location) and spread (the sigma), both
+    shrunk towards "unbiased, as spread as the tool's own pauses" by ``prior.weight``
+    samples. Hints that come true make the prediction sharp; hints that say little leave
+    it as wide as the tool.
     """
 
     def __init__(self, prior: PriorConfig | None = None, model: str = "lognormal") -> None:
@@ -176,15 +184,22 @@ class PausePredictor:
         self._counts: dict[str | None, list[float]] = {}
         self._pooled = LognormalFit()
         self._pooled_counts = [0.0] * (len(BIN_EDGES) - 1)
+        self._hints: dict[str | None, LognormalFit] = {}  # tool -> fit of actual / expected
+        self._pooled_hints = LognormalFit(floor_s=HINT_RATIO_FLOOR)
         self._cache: dict[str | None, Empirical] = {}
         prior_dist = Lognormal(math.log(self.prior.median_s), self.prior.sigma)
         mass = [prior_dist.cdf(b) - prior_dist.cdf(a) for a, b in zip(BIN_EDGES, BIN_EDGES[1:])]
         norm = sum(mass) or 1.0
         self._prior_mass = [m / norm * self.prior.weight for m in mass]
 
-    def observe(self, tool: str | None, seconds: float) -> None:
+    def observe(self, tool: str | None, seconds: float, expected_s: float | None = None) -> None:
+        """A pause of ``tool`` lasted ``seconds``; ``expected_s``: what its hint said, if any."""
         if seconds < 0 or math.isnan(seconds):
             return
+        if expected_s is not None and expected_s > 0:
+            ratio = seconds / expected_s
+            self._hints.setdefault(tool, LognormalFit(floor_s=HINT_RATIO_FLOOR)).add(ratio)
+            self._pooled_hints.add(ratio)
         x = min(max(seconds, BIN_EDGES[0] * 1.0001), BIN_EDGES[-1] * 0.9999)
         i = bisect.bisect_right(BIN_EDGES, x) - 1
         self._fits.setdefault(tool, LognormalFit()).add(seconds)
@@ -209,8 +224,20 @@ class PausePredictor:
                 base = self._build(counts, fit)
             self._cache[tool] = base
         if expected_s is not None and expected_s > 0:
-            return Lognormal(math.log(expected_s), max(base.sigma, 0.05))
+            bias, sigma = self._hint_error(tool, base.sigma)
+            return Lognormal(math.log(expected_s) + bias, sigma)
         return base
+
+    def _hint_error(self, tool: str | None, spread: float) -> tuple[float, float]:
+        """(mean, sigma) of log(actual / expected) for ``tool``'s hints: its own fit once it
+        has two samples, else every tool's; shrunk towards (0, ``spread``)."""
+        fit = self._hints.get(tool)
+        if fit is None or fit.n < 2:
+            fit = self._pooled_hints
+        w, n = self.prior.weight, fit.n
+        bias = n * fit.mu / (n + w)
+        var = (max(n - 1, 0) * fit.sigma**2 + w * spread**2) / (max(n - 1, 0) + w)
+        return bias, max(math.sqrt(var), MIN_SIGMA)
 
     def pooled(self) -> Empirical | Lognormal:
         base = self._cache.get(_POOLED)
@@ -224,9 +251,9 @@ class PausePredictor:
         mu = (n * fit.mu + w * math.log(self.prior.median_s)) / (n + w) if n else math.log(self.prior.median_s)
         var = (max(n - 1, 0) * fit.sigma**2 + w * self.prior.sigma**2) / (max(n - 1, 0) + w)
         if self.model == "lognormal":
-            return Lognormal(mu, max(math.sqrt(var), 0.05))
+            return Lognormal(mu, max(math.sqrt(var), MIN_SIGMA))
         mass = [c + p for c, p in zip(counts, self._prior_mass)]
-        return Empirical(BIN_EDGES, mass, mu, max(math.sqrt(var), 0.05))
+        return Empirical(BIN_EDGES, mass, mu, max(math.sqrt(var), MIN_SIGMA))
 
 
 _POOLED = "\0pooled"

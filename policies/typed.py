@@ -188,7 +188,7 @@ class TypedPolicy(Policy):
         self._memo.clear()  # a session's value may change within one instant
         for obs in observations:
             if obs.kind == "pause":
-                self.pauses.observe(obs.tool, obs.seconds)
+                self.pauses.observe(obs.tool, obs.seconds, obs.expected_s)
             elif obs.kind == "turn" and obs.session is not None:
                 self.turns.reached(obs.session, obs.turns, obs.session.grown, now)
         for tier in self._groups:

@@ -187,6 +187,39 @@ def test_a_hints_expected_seconds_sets_the_median(model):
     assert pred.distribution("run_tests", expected_s=0.0) is pred.distribution("run_tests")
 
 
+@pytest.mark.parametrize("model", ["lognormal", "empirical"])
+def test_hints_that_come_true_sharpen_the_prediction(model):
+    pred = fitted(model)
+    rng = np.random.default_rng(5)
+    for expected in rng.uniform(5, 60, 100):
+        pred.observe("run_tests", float(expected), expected_s=float(expected))
+    spread = pred.distribution("run_tests").sigma  # the tool's own pauses, hinted or not
+    assert spread > 0.5
+    hinted = pred.distribution("run_tests", expected_s=20.0)
+    assert hinted.median == pytest.approx(20.0)  # no bias
+    # sigma^2 = (99 * 0 + 3 * spread^2) / (99 + 3): the prior's weight is all that is left
+    assert hinted.sigma == pytest.approx(spread * math.sqrt(3 / 102))
+    assert hinted.cdf(18.0) < 0.25 and hinted.cdf(22.0) > 0.75
+
+
+def test_hints_learn_their_bias_and_their_noise():
+    pred = PausePredictor()
+    rng = np.random.default_rng(9)
+    for expected in rng.uniform(1, 100, 2000):  # bash runs twice as long as said, give or take
+        pred.observe("bash", float(expected * 2.0 * math.exp(rng.normal(0.0, 0.5))), expected_s=float(expected))
+    hinted = pred.distribution("bash", expected_s=10.0)
+    assert hinted.median == pytest.approx(20.0, rel=0.05)
+    assert hinted.sigma == pytest.approx(0.5, rel=0.05)
+    # A tool with fewer than two hinted pauses borrows every tool's hint error.
+    pred.observe("grep", 3.0, expected_s=3.0)
+    assert pred.distribution("grep", expected_s=10.0).median == pytest.approx(hinted.median, rel=0.01)
+    # Hints of no use leave the prediction as wide as the tool's own pauses, or wider.
+    vague = PausePredictor()
+    for x in samples(MU, SIGMA, N, seed=3):
+        vague.observe("web", x, expected_s=30.0)
+    assert vague.distribution("web", expected_s=30.0).sigma == pytest.approx(SIGMA, rel=0.1)
+
+
 def test_observe_ignores_negative_and_nan_seconds():
     pred = PausePredictor()
     pred.observe("bash", -1.0)

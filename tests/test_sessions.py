@@ -191,7 +191,7 @@ def test_state_transitions_and_the_observations_they_emit():
     t.tool_resume(NS, "a", now=19.5)
     assert s.state == ACTIVE and s.tool is None and s.paused_at is None
     [pause] = t.take_observations()
-    assert (pause.kind, pause.tool, pause.seconds, pause.turns) == ("pause", "run_tests", 7.5, 1)
+    assert (pause.kind, pause.tool, pause.seconds, pause.turns, pause.expected_s) == ("pause", "run_tests", 7.5, 1, 30.0)
     # The turn that follows a resume teaches no second pause.
     t.turn_start(NS, "a", [1, 2], now=20.0)
     [turn] = t.take_observations()
@@ -202,7 +202,7 @@ def test_state_transitions_and_the_observations_they_emit():
     t.tool_pause(NS, "a", "bash", None, now=22.0)
     t.turn_start(NS, "a", [1, 2, 3], now=24.25)
     pause, turn = t.take_observations()
-    assert (pause.kind, pause.tool, pause.seconds) == ("pause", "bash", 2.25)
+    assert (pause.kind, pause.tool, pause.seconds, pause.expected_s) == ("pause", "bash", 2.25, None)
     assert (turn.kind, turn.turns) == ("turn", 3)
 
     # A turn after a plain turn end: the gap since the end, no tool.

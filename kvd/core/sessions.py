@@ -69,13 +69,15 @@ class Session:
 @dataclass(frozen=True, slots=True)
 class Observation:
     """What one session event taught: ``pause`` — a pause of ``tool`` ended after
-    ``seconds``; ``turn`` — ``session`` started its ``turns``-th turn."""
+    ``seconds`` (its hint had said ``expected_s``, when there was one); ``turn`` —
+    ``session`` started its ``turns``-th turn."""
 
     kind: str  # "pause" | "turn"
     tool: str | None
     seconds: float = 0.0
     turns: int = 0
     session: Session | None = None
+    expected_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,9 @@ class SessionTable:
 
     def _learn_resume(self, session: Session, now: float) -> None:
         if session.state == TOOL_PAUSE and session.paused_at is not None:
-            self._observations.append(Observation("pause", session.tool, now - session.paused_at, session.turns))
+            self._observations.append(
+                Observation("pause", session.tool, now - session.paused_at, session.turns, expected_s=session.expected_pause_s)
+            )
         elif session.state != ACTIVE or session.inferred:
             # Without a turn end the last sign of life stands in for it (inferred sessions).
             self._observations.append(Observation("pause", None, now - session.last_active, session.turns))
