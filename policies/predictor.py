@@ -212,6 +212,11 @@ class PausePredictor:
         fit = self._fits.get(tool)
         return fit.n if fit is not None else 0
 
+    def hinted_samples(self, tool: str | None) -> int:
+        """Pauses of ``tool`` seen with a hint's expected seconds."""
+        fit = self._hints.get(tool)
+        return fit.n if fit is not None else 0
+
     def distribution(self, tool: str | None, expected_s: float | None = None) -> Empirical | Lognormal:
         """The predicted pause of ``tool``; with a hint, centred on ``expected_s``."""
         base = self._cache.get(tool)

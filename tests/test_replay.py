@@ -17,6 +17,7 @@ time of the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from kvd.replay.sim import CostModel, ReplayConfig, replay
+from kvd.replay.sim import CostModel, Replay, ReplayConfig, replay
 from kvd.replay.trace import Trace, read_trace
 
 BLOCK = 4096
@@ -278,6 +279,19 @@ def test_closed_loop_turns_arrive_their_pause_after_the_previous_finish(tmp_path
     assert r.problems == []
 
 
+@pytest.mark.parametrize(("hints", "told"), [("none", 0), ("exact", 1)])
+def test_exact_pause_hints_tell_the_policy_each_pause(tmp_path, hints, told):
+    trace = read_trace(write_trace(tmp_path / "c.jsonl", CLOSED))
+    sim = Replay(trace, "typed", dataclasses.replace(config(dram_blocks=16), pause_hints=hints))
+    r = sim.run()
+    pauses = sim.core.policy.pauses
+    assert (pauses.samples("bash"), pauses.samples("run_tests")) == (1, 1)
+    assert (pauses.hinted_samples("bash"), pauses.hinted_samples("run_tests")) == (told, told)
+    assert r.ttft_s == pytest.approx([8 * MS, 4 * MS, 6 * MS, 7 * MS], rel=1e-9)  # hints move no block here
+    with pytest.raises(ValueError, match="pause hints must be one of none, exact"):
+        ReplayConfig(pause_hints="some")
+
+
 def test_closed_loop_a_slow_cache_delays_the_whole_program(tmp_path):
     # With DRAM of 1 block nothing of s's prefix survives to its next turn ([1, 2] does not
     # fit whole: the replay keeps its head, block 1, then turn 1 stores [1, 2, 3] -> keeps 1).
@@ -313,6 +327,7 @@ def test_cli_json_and_plot(tmp_path):
     assert proc.returncode == 0, stderr
     report = json.loads(out.read_text())
     assert report["requests"] == 7 and report["block_size"] == 4 and report["format"] == "kvd"
+    assert report["pause_hints"] == "none"
     assert report["tiers"] == {"dram": {"bytes": 4 * BLOCK, "blocks": 4}}
     assert set(report["policies"]) == {"lru", "typed", "belady"}
     for name, p in report["policies"].items():
@@ -372,6 +387,7 @@ def test_cli_error_paths_exit_2_with_one_line(tmp_path):
         "missing file": ([str(tmp_path / "nope.jsonl")], "nope.jsonl"),
         "malformed line": ([str(bad)], "bad.jsonl:2: not valid JSON"),
         "all tiers 0": ([str(good), "--dram", "0"], "every tier has 0 bytes"),
+        "unknown pause hints": ([str(good), "--pause-hints", "some"], "--pause-hints: invalid choice: 'some'"),
     }
     procs = {name: kvd("replay", *args, *COST_FLAGS, "--no-progress") for name, (args, _) in cases.items()}
     for name, proc in procs.items():

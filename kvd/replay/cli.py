@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvd.cli.sizes import parse_size
 from kvd.policies import POLICIES
-from kvd.replay.sim import CostModel, PolicyResult, ReplayConfig, replay
+from kvd.replay.sim import PAUSE_HINTS, CostModel, PolicyResult, ReplayConfig, replay
 from kvd.replay.trace import FORMATS, TraceError, read_trace
 
 DEFAULT_POLICIES = "lru,typed,belady"
@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hbm-to-dram-gbps", type=float, default=c.hbm_to_dram_gbps, help=f"(default {c.hbm_to_dram_gbps:g})")
     p.add_argument("--nvme-to-dram-gbps", type=float, default=c.nvme_to_dram_gbps, help=f"(default {c.nvme_to_dram_gbps:g})")
     p.add_argument("--dram-to-nvme-gbps", type=float, default=c.dram_to_nvme_gbps, help=f"(default {c.dram_to_nvme_gbps:g})")
+    p.add_argument(
+        "--pause-hints", default="none", choices=PAUSE_HINTS,
+        help="what a tool pause event tells kvd: none (the tool's name; default) or exact (also the pause's true length)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the policies side by side (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
@@ -86,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         dram_bytes=parse_capacity(args.dram, block_bytes),
         nvme_bytes=parse_capacity(args.nvme, block_bytes),
         cost=cost,
+        pause_hints=args.pause_hints,
     )
     results = _replay_all(trace, policies, config, show=not args.no_progress and sys.stderr.isatty())
     report = make_report(args.trace, trace, config, results)
@@ -132,6 +137,7 @@ def make_report(path: Path, trace, config: ReplayConfig, results: list[PolicyRes
         "closed_loop": trace.closed_loop,
         "tiers": {t: {"bytes": b, "blocks": b // block_bytes} for t, b in config.capacities().items()},
         "cost_model": asdict(config.cost),
+        "pause_hints": config.pause_hints,
         "policies": {r.policy: r.summary() for r in results},
     }
     rates = {r.policy: r.hit_rate for r in results}
@@ -147,7 +153,8 @@ def make_report(path: Path, trace, config: ReplayConfig, results: list[PolicyRes
 
 def print_table(report: dict) -> None:
     tiers = ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items())
-    print(f"{report['trace']}: {report['requests']} requests ({report['format']}), {tiers}")
+    hints = ", exact pause hints" if report.get("pause_hints") == "exact" else ""
+    print(f"{report['trace']}: {report['requests']} requests ({report['format']}), {tiers}{hints}")
     print(f"{'policy':8} {'hit rate':>8} {'by tier':>26} {'TTFT p50/p90/p99 s':>22} {'session s mean/p90':>20} {'wall s':>7}")
     for name, r in report["policies"].items():
         by_tier = " ".join(f"{t}={v:.3f}" for t, v in r["hit_rate_by_tier"].items())

@@ -42,6 +42,7 @@ from kvd.tiers import TIER_NAMES
 from kvd.tiers.alloc import ExtentAllocator
 
 NAMESPACE = "replay"
+PAUSE_HINTS = ("none", "exact")
 GB = 1e9
 PAGE = 4096
 
@@ -93,6 +94,14 @@ class ReplayConfig:
     prefetch_interval_s: float = 0.25  # how often it plans prefetches (the daemon's mover too)
     batch_blocks: int = 256  # transfers planned per mover round
     write_behind: bool = True
+    # What a tool pause event says (sessions with ids and pause_s only): "none", the tool's
+    # name alone, as most agent frameworks can; "exact", also the pause's true length as
+    # expected_pause_s — a framework that knows its tools' run times (an upper bound).
+    pause_hints: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.pause_hints not in PAUSE_HINTS:
+            raise ValueError(f"pause hints must be one of {', '.join(PAUSE_HINTS)}, not {self.pause_hints!r}")
 
     def capacities(self) -> dict[str, int]:
         return {t: b for t, b in (("hbm", self.hbm_bytes), ("dram", self.dram_bytes), ("nvme", self.nvme_bytes)) if b}
@@ -314,7 +323,10 @@ class Replay:
             self.session_done.append(now - self._session_start[req.session_id])
             return
         if nxt.tool:
-            core.session_event(NAMESPACE, req.session_id, "tool_pause", tool=nxt.tool)
+            exact = self.config.pause_hints == "exact" and nxt.pause_s is not None and nxt.pause_s > 0
+            core.session_event(
+                NAMESPACE, req.session_id, "tool_pause", tool=nxt.tool, expected_s=nxt.pause_s if exact else None
+            )
         if nxt.pause_s is not None:
             self._push(now + nxt.pause_s, ARRIVE, nxt)
 
