@@ -158,7 +158,9 @@ class PriorConfig:
 
 BIN_EDGES = [0.05 * 10 ** (i / 8) for i in range(41)]  # 0.05 s .. 500,000 s, 8 bins a decade
 MIN_SIGMA = 0.05  # the sharpest a predicted pause gets (log seconds): ~5% either way
-HINT_RATIO_FLOOR = 1e-3  # actual / expected below this counts as this (a log of 0 has no mean)
+# actual / expected is clamped to [1/HINT_RATIO_LIMIT, HINT_RATIO_LIMIT]: a log of 0 or of
+# infinity (a hint of 1e-300 s) has no mean, and one absurd hint must not ruin the rest.
+HINT_RATIO_LIMIT = 1e3
 
 
 class PausePredictor:
@@ -185,7 +187,7 @@ class PausePredictor:
         self._pooled = LognormalFit()
         self._pooled_counts = [0.0] * (len(BIN_EDGES) - 1)
         self._hints: dict[str | None, LognormalFit] = {}  # tool -> fit of actual / expected
-        self._pooled_hints = LognormalFit(floor_s=HINT_RATIO_FLOOR)
+        self._pooled_hints = LognormalFit(floor_s=1 / HINT_RATIO_LIMIT)  # of a ratio, not seconds
         self._cache: dict[str | None, Empirical] = {}
         prior_dist = Lognormal(math.log(self.prior.median_s), self.prior.sigma)
         mass = [prior_dist.cdf(b) - prior_dist.cdf(a) for a, b in zip(BIN_EDGES, BIN_EDGES[1:])]
@@ -196,9 +198,9 @@ class PausePredictor:
         """A pause of ``tool`` lasted ``seconds``; ``expected_s``: what its hint said, if any."""
         if seconds < 0 or math.isnan(seconds):
             return
-        if expected_s is not None and expected_s > 0:
-            ratio = seconds / expected_s
-            self._hints.setdefault(tool, LognormalFit(floor_s=HINT_RATIO_FLOOR)).add(ratio)
+        if expected_s is not None and expected_s > 0 and math.isfinite(expected_s):
+            ratio = min(seconds / expected_s, HINT_RATIO_LIMIT)
+            self._hints.setdefault(tool, LognormalFit(floor_s=1 / HINT_RATIO_LIMIT)).add(ratio)
             self._pooled_hints.add(ratio)
         x = min(max(seconds, BIN_EDGES[0] * 1.0001), BIN_EDGES[-1] * 0.9999)
         i = bisect.bisect_right(BIN_EDGES, x) - 1
@@ -218,7 +220,8 @@ class PausePredictor:
         return fit.n if fit is not None else 0
 
     def distribution(self, tool: str | None, expected_s: float | None = None) -> Empirical | Lognormal:
-        """The predicted pause of ``tool``; with a hint, centred on ``expected_s``."""
+        """The predicted pause of ``tool``; with a hint, a lognormal around ``expected_s``
+        (times the tool's hints' learned bias, as spread as they proved)."""
         base = self._cache.get(tool)
         if base is None:
             counts = self._counts.get(tool)
@@ -234,15 +237,17 @@ class PausePredictor:
         return base
 
     def _hint_error(self, tool: str | None, spread: float) -> tuple[float, float]:
-        """(mean, sigma) of log(actual / expected) for ``tool``'s hints: its own fit once it
-        has two samples, else every tool's; shrunk towards (0, ``spread``)."""
+        """(mean, sigma) of log(actual / expected) for ``tool``'s hints.
+
+        Two levels, each a normal-inverse-gamma update with ``prior.weight`` samples of
+        prior: every tool's hints shrunk towards (0, ``spread``) — unbiased, as spread as
+        the tool's own pauses — then the tool's own hints shrunk towards that. A tool with
+        few hints follows the others' and moves smoothly to its own as they come.
+        """
+        pooled = _shrunk(self._pooled_hints, 0.0, spread**2, self.prior.weight)
         fit = self._hints.get(tool)
-        if fit is None or fit.n < 2:
-            fit = self._pooled_hints
-        w, n = self.prior.weight, fit.n
-        bias = n * fit.mu / (n + w)
-        var = (max(n - 1, 0) * fit.sigma**2 + w * spread**2) / (max(n - 1, 0) + w)
-        return bias, max(math.sqrt(var), MIN_SIGMA)
+        mean, var = _shrunk(fit, *pooled, self.prior.weight) if fit is not None else pooled
+        return mean, max(math.sqrt(var), MIN_SIGMA)
 
     def pooled(self) -> Empirical | Lognormal:
         base = self._cache.get(_POOLED)
@@ -262,6 +267,18 @@ class PausePredictor:
 
 
 _POOLED = "\0pooled"
+
+
+def _shrunk(fit: LognormalFit, mean0: float, var0: float, weight: float) -> tuple[float, float]:
+    """(mean, variance) of ``fit``'s log samples shrunk towards a prior of ``weight``
+    samples with ``mean0`` and ``var0``; the variance also counts how far the data's mean
+    lies from the prior's (so hints that are consistently off are not taken as sharp)."""
+    n = fit.n
+    if n == 0:
+        return mean0, var0
+    mean = (n * fit.mu + weight * mean0) / (n + weight)
+    ss = max(n - 1, 0) * fit.sigma**2 + weight * var0 + n * weight / (n + weight) * (fit.mu - mean0) ** 2
+    return mean, ss / (n + weight)
 
 
 TURN_BUCKETS = (1, 2, 3, 5, 9, 17)  # bucket i holds turns in [TURN_BUCKETS[i], TURN_BUCKETS[i+1])

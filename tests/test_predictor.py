@@ -16,6 +16,7 @@ import pytest
 
 from kvd.policies.predictor import (
     BIN_EDGES,
+    MIN_SIGMA,
     ContinuePredictor,
     Empirical,
     Lognormal,
@@ -197,9 +198,26 @@ def test_hints_that_come_true_sharpen_the_prediction(model):
     assert spread > 0.5
     hinted = pred.distribution("run_tests", expected_s=20.0)
     assert hinted.median == pytest.approx(20.0)  # no bias
-    # sigma^2 = (99 * 0 + 3 * spread^2) / (99 + 3): the prior's weight is all that is left
-    assert hinted.sigma == pytest.approx(spread * math.sqrt(3 / 102))
-    assert hinted.cdf(18.0) < 0.25 and hinted.cdf(22.0) > 0.75
+    # Every tool's hints (all of run_tests here): variance 3 spread^2 / 103; the tool's own,
+    # shrunk towards that: 3 (3 spread^2 / 103) / 103 -- down to the floor.
+    assert hinted.sigma == pytest.approx(max(spread * 3 / 103, MIN_SIGMA))
+    assert hinted.cdf(18.0) < 0.05 and hinted.cdf(22.0) > 0.95
+
+
+def test_a_few_hints_move_the_prediction_by_their_weight():
+    pred = PausePredictor()
+    for _ in range(3):
+        pred.observe("make", 20.0, expected_s=10.0)  # twice as long as said, three times
+    spread = pred.distribution("make").sigma
+    w, d = 3.0, math.log(2.0)  # the prior's weight in samples; the hints' log error
+    pooled_mean = 3 * d / (3 + w)
+    pooled_var = (w * spread**2 + 3 * w / (3 + w) * d**2) / (3 + w)
+    mean = (3 * d + w * pooled_mean) / (3 + w)
+    var = (w * pooled_var + 3 * w / (3 + w) * (d - pooled_mean) ** 2) / (3 + w)
+    hinted = pred.distribution("make", expected_s=10.0)
+    assert hinted.median == pytest.approx(10.0 * math.exp(mean)) and 10.0 < hinted.median < 20.0
+    assert hinted.sigma == pytest.approx(math.sqrt(var))
+    assert hinted.cdf(20.0) > 0.5  # what happened three times in a row stays likely
 
 
 def test_hints_learn_their_bias_and_their_noise():
@@ -210,14 +228,37 @@ def test_hints_learn_their_bias_and_their_noise():
     hinted = pred.distribution("bash", expected_s=10.0)
     assert hinted.median == pytest.approx(20.0, rel=0.05)
     assert hinted.sigma == pytest.approx(0.5, rel=0.05)
-    # A tool with fewer than two hinted pauses borrows every tool's hint error.
+    # A tool with one hint of its own leans on every tool's: 3 parts in 4 (the prior's
+    # weight against one sample), and moves smoothly towards its own as more come.
     pred.observe("grep", 3.0, expected_s=3.0)
-    assert pred.distribution("grep", expected_s=10.0).median == pytest.approx(hinted.median, rel=0.01)
-    # Hints of no use leave the prediction as wide as the tool's own pauses, or wider.
-    vague = PausePredictor()
-    for x in samples(MU, SIGMA, N, seed=3):
-        vague.observe("web", x, expected_s=30.0)
-    assert vague.distribution("web", expected_s=30.0).sigma == pytest.approx(SIGMA, rel=0.1)
+    one = pred.distribution("grep", expected_s=10.0).median
+    assert one == pytest.approx(10.0 * (hinted.median / 10.0) ** 0.75, rel=0.01)
+    pred.observe("grep", 3.0, expected_s=3.0)
+    two = pred.distribution("grep", expected_s=10.0).median
+    assert 10.0 < two < one < hinted.median
+
+
+def test_informative_and_useless_hints():
+    pred = PausePredictor()
+    rng = np.random.default_rng(4)
+    for x in samples(MU, SIGMA, N, seed=3):  # the tool's own spread is SIGMA (0.7)
+        pred.observe("web", x, expected_s=float(x * math.exp(rng.normal(0.0, 0.3))))
+        pred.observe("ls", x, expected_s=30.0)  # a hint that says nothing
+    web = pred.distribution("web", expected_s=5.0)
+    assert web.median == pytest.approx(5.0, rel=0.02) and web.sigma == pytest.approx(0.3, rel=0.05)
+    ls = pred.distribution("ls", expected_s=30.0)
+    assert ls.median == pytest.approx(math.exp(MU), rel=0.05) and ls.sigma == pytest.approx(SIGMA, rel=0.05)
+
+
+def test_absurd_hints_stay_finite():
+    pred = PausePredictor()
+    pred.observe("pytest", 2.0, expected_s=5e-324)  # a valid, absurd hint: the ratio is clamped
+    pred.observe("pytest", 2.0, expected_s=math.inf)  # ignored, as are NaN and 0
+    pred.observe("pytest", 2.0, expected_s=math.nan)
+    pred.observe("pytest", 2.0, expected_s=0.0)
+    assert pred.hinted_samples("pytest") == 1
+    dist = pred.distribution("pytest", expected_s=10.0)
+    assert math.isfinite(dist.mu) and math.isfinite(dist.sigma) and 0 < dist.cdf(10.0) < 1
 
 
 def test_observe_ignores_negative_and_nan_seconds():

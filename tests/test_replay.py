@@ -287,7 +287,18 @@ def test_exact_pause_hints_tell_the_policy_each_pause(tmp_path, hints, told):
     pauses = sim.core.policy.pauses
     assert (pauses.samples("bash"), pauses.samples("run_tests")) == (1, 1)
     assert (pauses.hinted_samples("bash"), pauses.hinted_samples("run_tests")) == (told, told)
+    if told:  # each hint was the pause itself: no bias learned
+        assert pauses.distribution("bash", expected_s=5.0).median == pytest.approx(5.0)
     assert r.ttft_s == pytest.approx([8 * MS, 4 * MS, 6 * MS, 7 * MS], rel=1e-9)  # hints move no block here
+
+
+def test_exact_pause_hints_skip_a_pause_no_hint_can_carry(tmp_path):
+    lines = [dict(line) for line in CLOSED]
+    lines[1]["pause_s"] = 100_000.0  # more than a day: a tool_pause refuses such a hint
+    trace = read_trace(write_trace(tmp_path / "c.jsonl", lines))
+    sim = Replay(trace, "typed", dataclasses.replace(config(dram_blocks=16), pause_hints="exact"))
+    assert sim.run().problems == []
+    assert (sim.core.policy.pauses.hinted_samples("bash"), sim.core.policy.pauses.hinted_samples("run_tests")) == (0, 1)
     with pytest.raises(ValueError, match="pause hints must be one of none, exact"):
         ReplayConfig(pause_hints="some")
 

@@ -46,6 +46,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import numpy as np
@@ -88,7 +89,7 @@ class SoakConfig:
     disconnect_every: int = 10  # turns
     # "all": every event kind, up to four a turn; "lean": one a turn (a tool_pause or a
     # turn_end), the turn started by the Lookup's session_id (README, "Sessions").
-    session_events: str = "all"
+    session_events: Literal["all", "lean"] = "all"
     seed: int = 0
     dir: Path = Path("var/bench")
 
@@ -532,7 +533,8 @@ def add_arguments(p: argparse.ArgumentParser, size) -> None:
     )
     p.add_argument(
         "--session-events", choices=SESSION_EVENT_STYLES, default=d.session_events,
-        help="all: every kind, up to four a turn; lean: one a turn (tool_pause or turn_end), the turn started by Lookup's session_id",
+        help="all: every kind, up to four a turn; lean: one a turn (tool_pause or turn_end), "
+        "the turn started by Lookup's session_id",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--dir", type=Path, default=d.dir, help="scratch directory for the daemon (default var/bench)")
@@ -543,7 +545,8 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = SoakConfig(
             clients=args.clients, seconds=args.seconds, max_ops=args.max_ops, processes=args.processes,
             block_bytes=args.block_bytes, dram_bytes=args.dram_bytes, nvme_bytes=args.nvme_bytes,
-            lease_seconds=args.lease_seconds, event_buffer=args.event_buffer, warmup_seconds=args.warmup_seconds, disconnect_every=args.disconnect_every, session_events=args.session_events, seed=args.seed, dir=args.dir,
+            lease_seconds=args.lease_seconds, event_buffer=args.event_buffer, warmup_seconds=args.warmup_seconds,
+            disconnect_every=args.disconnect_every, session_events=args.session_events, seed=args.seed, dir=args.dir,
         )
         return run(cfg)
 

@@ -30,6 +30,7 @@ ACTIVE, IDLE, TOOL_PAUSE, ENDED = "active", "idle", "tool_pause", "ended"
 STATES = (ACTIVE, IDLE, TOOL_PAUSE, ENDED)
 SESSION_EVENTS = ("turn_start", "turn_end", "tool_pause", "tool_resume", "session_end")
 MAX_SESSION_ID_LEN = 256
+MAX_EXPECTED_PAUSE_S = 86_400.0  # a tool pause hint of more than a day is refused
 
 
 @dataclass(eq=False)
@@ -213,8 +214,8 @@ class SessionTable:
     ) -> Session:
         if not tool:
             raise InvalidArgument("a tool pause needs the tool's name")
-        if expected_s is not None and not 0 < expected_s <= 86_400:
-            raise InvalidArgument("expected pause seconds must be in (0, 86400]")
+        if expected_s is not None and not 0 < expected_s <= MAX_EXPECTED_PAUSE_S:
+            raise InvalidArgument(f"expected pause seconds must be in (0, {MAX_EXPECTED_PAUSE_S:.0f}]")
         session = self._require(namespace, session_id)
         session.tool, session.expected_pause_s, session.paused_at = tool, expected_s, now
         self._set_state(session, TOOL_PAUSE, now)

@@ -30,12 +30,13 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from kvd.core.errors import NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, Transfer, Wait
-from kvd.core.sessions import SessionConfig, SessionTable
+from kvd.core.sessions import MAX_EXPECTED_PAUSE_S, SessionConfig, SessionTable
 from kvd.policies import Future, make_policy
 from kvd.replay.trace import Trace, TraceRequest
 from kvd.tiers import TIER_NAMES
@@ -97,7 +98,7 @@ class ReplayConfig:
     # What a tool pause event says (sessions with ids and pause_s only): "none", the tool's
     # name alone, as most agent frameworks can; "exact", also the pause's true length as
     # expected_pause_s — a framework that knows its tools' run times (an upper bound).
-    pause_hints: str = "none"
+    pause_hints: Literal["none", "exact"] = "none"
 
     def __post_init__(self) -> None:
         if self.pause_hints not in PAUSE_HINTS:
@@ -323,7 +324,12 @@ class Replay:
             self.session_done.append(now - self._session_start[req.session_id])
             return
         if nxt.tool:
-            exact = self.config.pause_hints == "exact" and nxt.pause_s is not None and nxt.pause_s > 0
+            # A pause of 0 or of more than a day is no hint a session event can carry.
+            exact = (
+                self.config.pause_hints == "exact"
+                and nxt.pause_s is not None
+                and 0 < nxt.pause_s <= MAX_EXPECTED_PAUSE_S
+            )
             core.session_event(
                 NAMESPACE, req.session_id, "tool_pause", tool=nxt.tool, expected_s=nxt.pause_s if exact else None
             )
