@@ -58,6 +58,7 @@ def test_a_lean_soak_sends_one_session_event_a_turn(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert (report["errors"], report["wrong_bytes"], report["check_ok"]) == (0, 0, True)
+    assert report["config"]["session_events"] == "lean"
     rpc = report["rpc"]
     assert "session_turn_start" not in rpc and "session_tool_resume" not in rpc
     turns = rpc["session_tool_pause"]["count"] + rpc["session_turn_end"]["count"]
