@@ -3,7 +3,8 @@
 Classes (one per held copy, from the core's session table):
 
 - ``pinned``: kept while any other block can go.
-- ``shared_prefix``: in two or more live sessions' chains (system prompt, repository).
+- ``shared_prefix``: in two or more sessions' chains, at once or one after the other (system
+  prompt, repository).
 - ``session``: the private context of one live session (active, idle or in a tool pause).
 - ``ephemeral``: held by no live session — a chain's last, partial block (its next turn
   re-hashes it), a block the chain moved past, an ended session's context. Value 0.

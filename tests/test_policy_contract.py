@@ -76,7 +76,7 @@ def test_nothing_to_prefetch_without_sessions(policy):
     policy.on_stored("nvme", [A, B], now=0)
     policy.on_sessions((), (), set(), now=1)
     assert list(policy.prefetches("dram", now=2)) == []
-    assert isinstance(policy.worth_demoting(A, "nvme", 2), bool)
+    assert isinstance(policy.worth_demoting(A, "dram", 2), bool)
 
 
 def test_iterating_victims_leaves_the_order_unchanged(policy):
@@ -185,6 +185,23 @@ def test_typed_ended_session_goes_before_a_paused_one():
     assert list(policy.victims("dram", now=2)) == [B, A, D, C]
     assert policy.worth_demoting(A, "dram", 2) is False
     assert policy.worth_demoting(C, "dram", 2) is True
+
+
+def test_typed_blocks_of_no_session_change_class_when_a_session_takes_them():
+    sessions, policy = typed_with()
+    policy.on_stored("dram", [A, B, C], now=0)  # e.g. restored from NVMe after a restart
+    assert policy.retention_class(A, "dram") == "ephemeral"
+    sessions.turn_start(NS, "s1", [1, 2, 3], now=1)
+    sync(sessions, policy, 1)
+    assert policy.retention_class(A, "dram") == "session"
+    sessions.turn_end(NS, "s1", now=2)
+    sessions.end(NS, "s1", now=2)
+    sync(sessions, policy, 2)
+    assert policy.retention_class(A, "dram") == "ephemeral"
+    # The next session on the same repository: what both chains hold is a shared prefix.
+    sessions.turn_start(NS, "s2", [1, 2, 4], now=3)
+    sync(sessions, policy, 3)
+    assert [policy.retention_class(k, "dram") for k in (A, B, C)] == ["shared_prefix", "shared_prefix", "ephemeral"]
 
 
 def test_typed_prefetches_a_paused_session_before_its_predicted_resume():

@@ -160,17 +160,42 @@ def test_refs_owner_is_shared_and_latest():
     assert t.check() == []
 
 
-def test_take_reclassified_when_a_block_becomes_shared_or_orphaned():
+def test_take_reclassified_when_a_block_changes_holders():
     t = SessionTable()
     t.turn_start(NS, "s1", [1, 2, 3], now=0)
-    assert t.take_reclassified() == set()  # new keys of one session: nothing changed class
+    assert t.take_reclassified() == {k(1), k(2), k(3)}  # held by no chain before: now s1's
     t.turn_start(NS, "s2", [1, 2, 9], now=1)
-    assert t.take_reclassified() == {k(1), k(2)}  # became shared
+    assert t.take_reclassified() == {k(1), k(2), k(9)}  # 1, 2 became shared
     assert t.take_reclassified() == set()  # drained
     t.turn_start(NS, "s2", [1, 2, 10], now=2)
-    assert t.take_reclassified() == {k(9)}  # s2 moved past 9: orphaned
+    assert t.take_reclassified() == {k(9), k(10)}  # s2 moved past 9: orphaned
     t.end(NS, "s1", now=3)
     assert t.take_reclassified() == {k(1), k(2), k(3)}  # 1, 2 private again; 3 orphaned
+
+
+def test_a_block_taken_up_after_its_session_ended_is_a_shared_prefix():
+    t = SessionTable()
+    t.turn_start(NS, "s1", [1, 2, 3], now=0)
+    t.end(NS, "s1", now=1)
+    assert not t.is_shared(k(1))  # one session's chain so far
+    t.turn_start(NS, "s2", [1, 2, 4], now=2)  # the next session on the same repository
+    assert t.is_shared(k(1)) and t.is_shared(k(2))
+    assert not t.is_shared(k(4)) and t.owner(k(4)).id == "s2"
+    # A session taking back a block it let go of shares it with nobody.
+    t.turn_start(NS, "s2", [1, 2, 5], now=3)
+    t.turn_start(NS, "s2", [1, 2, 4], now=4)
+    assert not t.is_shared(k(4)) and t.owner(k(4)).id == "s2"
+    assert t.check() == []
+
+
+def test_released_keys_are_remembered_up_to_the_bound():
+    t = SessionTable(SessionConfig(max_shared_keys=2))
+    for sid, h in (("a", 5), ("b", 6), ("c", 7)):
+        t.turn_start(NS, sid, [h], now=0)
+        t.end(NS, sid, now=0)
+    t.turn_start(NS, "d", [5, 6, 7], now=1)
+    assert [t.is_shared(k(h)) for h in (5, 6, 7)] == [False, True, True]  # 5 was forgotten
+    assert t.check() == []
 
 
 # -- states and observations ------------------------------------------------------------------
@@ -537,3 +562,13 @@ def test_one_event_a_turn_lookup_starts_it_and_a_tool_pause_ends_it():
     s = core.sessions.get(NS, "a")
     assert (s.state, s.turns, s.chain) == (ACTIVE, 2, [1, 2, 3])
     assert policy.pauses.samples("pytest") == 1
+
+
+def test_check_finds_counts_that_disagree_with_the_chains():
+    t = SessionTable()
+    t.turn_start(NS, "a", [1, 2], now=0)
+    t.refs[k(9)] = 1  # a count no chain explains
+    t._released[k(1)] = 99  # a live key counted as released
+    problems = t.check()
+    assert any("disagree" in p for p in problems)
+    assert any("released are in a live chain" in p for p in problems)

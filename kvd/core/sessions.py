@@ -86,7 +86,7 @@ class SessionConfig:
     max_sessions: int = 100_000  # the least recently active are forgotten beyond this
     idle_expiry_s: float = 3600.0  # a session idle this long is treated as ended
     ended_expiry_s: float = 60.0  # an ended session is forgotten this long after its end
-    max_shared_keys: int = 1_000_000  # keys remembered as once shared (the oldest forgotten)
+    max_shared_keys: int = 1_000_000  # keys remembered as once shared, and as released (the oldest forgotten)
 
 
 class SessionTable:
@@ -101,6 +101,10 @@ class SessionTable:
         # Keys that were once in two sessions' chains: a repository context outlives the
         # sessions that shared it (the next session on that repository wants it again).
         self._ever_shared: OrderedDict[BlockKey, None] = OrderedDict()
+        # Keys no live chain holds, with the seq of the session that held them last: a key
+        # taken up again by another session was in two sessions' chains, one after the other
+        # (the next session on a repository after the last one on it ended).
+        self._released: OrderedDict[BlockKey, int] = OrderedDict()
         self._tails: dict[BlockKey, Session] = {}  # a chain's last two keys -> its session
         self._ids = itertools.count(1)
         self._changed: list[Session] = []  # state changes since take_changes()
@@ -293,6 +297,9 @@ class SessionTable:
         if counts != self.refs:
             diff = set(counts.items()) ^ set(self.refs.items())
             problems.append(f"sessions: {len(diff)} block reference counts disagree with the chains")
+        held = sum(1 for key in self._released if key in self.refs)
+        if held:
+            problems.append(f"sessions: {held} keys counted as released are in a live chain")
         return problems
 
     # -- internals ------------------------------------------------------------------------
@@ -365,13 +372,20 @@ class SessionTable:
         self._latest[key] = session
         if n == 1:
             self._owner[key] = session
+            self._reclassified.add(key)  # an orphan's copies become this session's
+            holder = self._released.pop(key, None)
+            if holder is not None and holder != session.seq:
+                self._mark_shared(key)
         elif n == 2:
             self._reclassified.add(key)
             self._tails.pop(key, None)
-            self._ever_shared[key] = None
-            self._ever_shared.move_to_end(key)
-            if len(self._ever_shared) > self.config.max_shared_keys:
-                self._ever_shared.popitem(last=False)
+            self._mark_shared(key)
+
+    def _mark_shared(self, key: BlockKey) -> None:
+        self._ever_shared[key] = None
+        self._ever_shared.move_to_end(key)
+        if len(self._ever_shared) > self.config.max_shared_keys:
+            self._ever_shared.popitem(last=False)
 
     def _unref(self, key: BlockKey, session: Session) -> None:
         n = self.refs.get(key, 0) - 1
@@ -380,6 +394,10 @@ class SessionTable:
             self._owner.pop(key, None)
             self._latest.pop(key, None)
             self._reclassified.add(key)
+            self._released[key] = session.seq
+            self._released.move_to_end(key)
+            if len(self._released) > self.config.max_shared_keys:
+                self._released.popitem(last=False)
             return
         self.refs[key] = n
         if self._owner.get(key) is session:
