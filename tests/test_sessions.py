@@ -188,6 +188,18 @@ def test_a_block_taken_up_after_its_session_ended_is_a_shared_prefix():
     assert t.check() == []
 
 
+def test_a_finished_program_leaves_the_context_it_started_from_as_a_shared_prefix():
+    t = SessionTable()
+    t.turn_start(NS, "one-shot", [1, 2, 3], now=0)
+    t.end(NS, "one-shot", now=1)
+    assert not any(t.is_shared(k(h)) for h in (1, 2, 3))  # a single turn: nothing to start from
+    t.turn_start(NS, "agent", [7, 8, 9], now=2, last_partial=True)  # 9: a partial block
+    t.turn_start(NS, "agent", [7, 8, 10, 11], now=3)
+    assert not t.is_shared(k(7))
+    t.end(NS, "agent", now=4)
+    assert [t.is_shared(k(h)) for h in (7, 8, 9, 10, 11)] == [True, True, False, False, False]
+    assert t.check() == []
+
 def test_released_keys_are_remembered_up_to_the_bound():
     t = SessionTable(SessionConfig(max_shared_keys=2))
     for sid, h in (("a", 5), ("b", 6), ("c", 7)):

@@ -57,6 +57,7 @@ class Session:
     resumed: bool = False  # a tool_resume was seen and its turn has not started yet
     last_reported: tuple[str, str | None] | None = None  # (state, tool) last put in the event log
     grown: int = 0  # blocks the latest turn added to the chain (the whole chain on turn 1)
+    head: int = 0  # full blocks of the first turn's prompt: the context the program started from
 
     @property
     def key(self) -> tuple[str, str]:
@@ -364,6 +365,8 @@ class SessionTable:
         session.grown = len(new) - common + (session.grown if same_turn else 0)
         session.chain = new
         session.last_partial = last_partial
+        if session.turns <= 1:  # the first turn, or a part of its store
+            session.head = len(new) - (1 if last_partial else 0)
         self._tail(session)
 
     def _ref(self, key: BlockKey, session: Session) -> None:
@@ -418,8 +421,13 @@ class SessionTable:
                 del self._tails[key]
 
     def _release(self, session: Session) -> None:
-        """An ended session no longer holds its chain: its private blocks are orphans."""
+        """An ended session no longer holds its chain: its private blocks are orphans — all
+        but the context a program of several turns started from (system prompt, repository,
+        task), which the next program on that repository starts from too: a shared prefix."""
         self._untail(session)
+        if session.turns >= 2:
+            for h in session.chain[: session.head]:
+                self._mark_shared((session.namespace, h))
         for h in set(session.chain):
             self._unref((session.namespace, h), session)
         self._forget_chain(session)
