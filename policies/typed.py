@@ -3,11 +3,12 @@
 Classes (one per held copy, from the core's session table):
 
 - ``pinned``: kept while any other block can go.
-- ``shared_prefix``: in two or more sessions' chains, at once or one after the other (system
-  prompt, repository).
+- ``shared_prefix``: in two or more sessions' chains, at once or one after the other, or
+  the context a finished program of several turns started from (system prompt, repository).
 - ``session``: the private context of one live session (active, idle or in a tool pause).
 - ``ephemeral``: held by no live session — a chain's last, partial block (its next turn
-  re-hashes it), a block the chain moved past, an ended session's context. Value 0.
+  re-hashes it), a block the chain moved past, the turns an ended session added, a one-turn
+  session's prompt. Value 0.
 
 Value = P(reuse within the horizon) x (recompute cost - reload cost) / bytes. Within a
 namespace every block has the same size and saves the same prefill, so the ranking is by
@@ -270,7 +271,7 @@ class TypedPolicy(Policy):
         return self._group_value(group, tier, now)
 
     def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
-        """Ephemeral blocks and those of ended sessions are dropped, not written down."""
+        """Ephemeral blocks and the tails of ended sessions are dropped, not written down."""
         group = self._where.get(tier, {}).get(key)
         if group is None:
             group = self._group_of(key)
