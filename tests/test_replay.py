@@ -303,6 +303,39 @@ def test_exact_pause_hints_skip_a_pause_no_hint_can_carry(tmp_path):
         ReplayConfig(pause_hints="some")
 
 
+def kvd_turn(t: float, sid: str, chain: list[int], turn: int = 0, **extra) -> dict:
+    return {"timestamp": t, "input_length": 4 * len(chain), "output_length": 1, "hash_ids": chain,
+            "block_size": 4, "session_id": sid, "turn": turn, **extra}
+
+
+# Session a works on a repository (blocks 1, 2; 3 is its task) and ends after two turns;
+# one-turn sessions f, g, h then fill DRAM (4 blocks) three times over; b, the next session on
+# the repository, starts from blocks 1, 2. Without write-behind, blocks reach NVMe only when
+# pressure demotes them. Typed: at a's end 1-3 (its first turn's prompt) are a shared prefix,
+# 4 (the turn it added) is ephemeral. f's store drops 4 and demotes 3; g's drops f's blocks
+# (a one-turn session leaves nothing shared) and demotes 2; h's drops g's and demotes 1.
+# b finds 1, 2 on NVMe: 8 tokens. Only 1, 2, 3 were ever written down.
+REPOSITORY = [
+    kvd_turn(0.0, "a", [1, 2, 3]),
+    kvd_turn(0.0, "a", [1, 2, 3, 4], turn=1, tool="bash", pause_s=1.0, last=True),
+    kvd_turn(10.0, "f", [10, 11]),
+    kvd_turn(20.0, "g", [12, 13, 14]),
+    kvd_turn(30.0, "h", [15, 16, 17, 18]),
+    kvd_turn(40.0, "b", [1, 2, 20]),
+]
+
+
+def test_typed_writes_down_the_context_a_finished_session_started_from_not_its_tail(tmp_path):
+    trace = read_trace(write_trace(tmp_path / "r.jsonl", REPOSITORY))
+    cfg = dataclasses.replace(config(dram_blocks=4, nvme_blocks=8), write_behind=False)
+    sim = Replay(trace, "typed", cfg)
+    r = sim.run()
+    assert r.hit_tokens_by_tier == {"dram": 12, "nvme": 8}  # a's turn 1 hits 1-3; b hits 1, 2
+    assert r.bytes_moved["dram->nvme"] == 3 * BLOCK
+    assert sim.core.lookup("replay", [1, 2, 3, 4]) == ["dram", "dram", "nvme"]  # 4 was dropped
+    assert r.problems == []
+
+
 def test_closed_loop_a_slow_cache_delays_the_whole_program(tmp_path):
     # With DRAM of 1 block nothing of s's prefix survives to its next turn ([1, 2] does not
     # fit whole: the replay keeps its head, block 1, then turn 1 stores [1, 2, 3] -> keeps 1).
