@@ -102,9 +102,10 @@ class SessionTable:
         # Keys that were once in two sessions' chains: a repository context outlives the
         # sessions that shared it (the next session on that repository wants it again).
         self._ever_shared: OrderedDict[BlockKey, None] = OrderedDict()
-        # Keys no live chain holds, with the seq of the session that held them last: a key
+        # Keys an ended session's chain left held by no chain, with that session's seq: a key
         # taken up again by another session was in two sessions' chains, one after the other
-        # (the next session on a repository after the last one on it ended).
+        # (the next session on a repository after the last one on it ended). Not the keys a
+        # live chain moves past (a turn's partial last block, each turn): no one takes them.
         self._released: OrderedDict[BlockKey, int] = OrderedDict()
         self._tails: dict[BlockKey, Session] = {}  # a chain's last two keys -> its session
         self._ids = itertools.count(1)
@@ -397,10 +398,6 @@ class SessionTable:
             self._owner.pop(key, None)
             self._latest.pop(key, None)
             self._reclassified.add(key)
-            self._released[key] = session.seq
-            self._released.move_to_end(key)
-            if len(self._released) > self.config.max_shared_keys:
-                self._released.popitem(last=False)
             return
         self.refs[key] = n
         if self._owner.get(key) is session:
@@ -429,7 +426,13 @@ class SessionTable:
             for h in session.chain[: session.head]:
                 self._mark_shared((session.namespace, h))
         for h in set(session.chain):
-            self._unref((session.namespace, h), session)
+            key = (session.namespace, h)
+            self._unref(key, session)
+            if key not in self.refs:
+                self._released[key] = session.seq
+                self._released.move_to_end(key)
+                if len(self._released) > self.config.max_shared_keys:
+                    self._released.popitem(last=False)
         self._forget_chain(session)
 
     def _learn_resume(self, session: Session, now: float) -> None:
