@@ -136,6 +136,57 @@ def test_bad_block_size_duplicates_and_empty_are_invalid():
     assert core.check() == []
 
 
+class HeadsFirst(LruPolicy):
+    """LRU, except that the keys in ``first`` are offered as victims before all others (a
+    policy that ranks a chain's head below its tail): a switch, not a mock."""
+
+    def __init__(self, *first: int) -> None:
+        super().__init__()
+        self.first = [(NS, h) for h in first]
+
+    def victims(self, tier, now):
+        held = self._tier(tier)
+        ahead = [k for k in self.first if k in held]
+        return iter(ahead + [k for k in held if k not in ahead])
+
+
+def test_the_last_copy_of_a_block_with_held_descendants_goes_after_the_rest():
+    clock = FakeClock()
+    core = KvCore({"dram": ExtentAllocator([(0, 3 * PAGE)], PAGE)}, HeadsFirst(1), clock, CoreConfig())
+    core.register_namespace(NS, 16, PAGE)
+    store(core, 1, 2)  # chain 1 <- 2
+    store(core, 3)
+    store(core, 4)  # the policy offers 1 first: dropping it would strand 2, so 2 goes
+    assert removed(core.take_events()) == [(2, "dram", "evicted")]
+    assert core.lookup(NS, [1]) == ["dram"]
+    store(core, 5)  # 1 has no held child now: it goes first
+    assert removed(core.take_events()) == [(1, "dram", "evicted")]
+    assert core.check() == []
+
+
+def test_when_only_heads_can_go_a_head_goes():
+    def store_after_demotions(*hashes: int, parent: int | None = None) -> None:
+        assert isinstance(core.prepare_store(NS, specs(*hashes, parent=parent)), Wait)
+        run_mover(core)
+        store(core, *hashes, parent=parent)
+
+    core, _ = make_core(1, nvme_blocks=1)
+    store(core, 1)
+    store_after_demotions(2, parent=1)  # 1 goes down to NVMe
+    core.take_events()
+    store_after_demotions(3)  # 2 goes down; NVMe holds only 1, the last copy of 2's parent: it goes
+    assert (1, "nvme", "evicted") in removed(core.take_events())
+    assert core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [1, 2]) == []
+    assert core.check() == []
+
+
+def test_check_finds_child_counts_that_disagree_with_the_parents():
+    core, _ = make_core(4)
+    store(core, 1, 2)
+    core.namespace(NS).children[2] = 1  # 2 has no child
+    assert any("child counts disagree" in p for p in core.check())
+
+
 def test_lru_evicts_oldest_chain_tail_first_without_nvme():
     core, _ = make_core(4)
     store(core, 1, 2, 3)  # chain 1 <- 2 <- 3: LRU order (oldest first) 3, 2, 1

@@ -121,15 +121,19 @@ TWO_TIER = [[1, 2], [3, 4], [1, 2], [5], [3, 4], [1, 2], [1, 2, 6]]
 #        write-behind: NVMe 1 2 3 4 (full)                                         (d->n 4)
 #   r2 [1,2] hit 8 from NVMe: TTFT 2 x 3 ms = 6. Promote 1 (evict DRAM 4), then 2
 #        (evict 3): DRAM 1 2; NVMe touched: 3 4 1 2                                (n->d 2)
-#   r3 [5] miss 4. Evict DRAM 1: DRAM 2 5; write-behind 5 evicts NVMe 3 (the last tier: dropped):
-#        NVMe 4 1 2 5                                                              (d->n 5)
-#   r4 [3,4] 3 is gone: hit 0, miss 8 (not compulsory). Store 3 (4 is held on NVMe): evict
-#        DRAM 2: DRAM 5 3; write-behind 3 evicts NVMe 4: NVMe 1 2 5 3               (d->n 6)
-#   r5 [1,2] hit 8 from NVMe: 6 ms. Promote 1 (evict DRAM 5), 2 (evict 3): DRAM 1 2  (n->d 4)
+#   r3 [5] miss 4. Evict DRAM 1: DRAM 2 5; write-behind 5: NVMe's LRU block is 3, but it is
+#        the last copy of a block whose child (4) is held: dropping it would leave 4
+#        unreachable, so 4 goes. NVMe 3 1 2 5                                       (d->n 5)
+#   r4 [3,4] hit block 3 on NVMe (3 ms) + 4 recomputed (4 ms) = 7 ms. Promote 3 (evict DRAM 2):
+#        DRAM 5 3 (n->d 3); store 4 (evict 5): DRAM 3 4; write-behind 4: NVMe 1 2 5 3 -> 1
+#        is 2's parent, 2 goes: NVMe 1 5 3 4                                        (d->n 6)
+#   r5 [1,2] hit block 1 on NVMe (3 ms) + 4 recomputed = 7 ms. Promote 1 (evict DRAM 3): DRAM
+#        4 1 (n->d 4); store 2 (evict 4): DRAM 1 2; write-behind 2 evicts NVMe 5:
+#        NVMe 3 4 1 2                                                               (d->n 7)
 #   r6 [1,2,6] hit 8 from DRAM (2 ms) + 4 recomputed (4 ms) = 6 ms. Store 6: evict DRAM 1;
-#        write-behind 6 evicts NVMe 5                                              (d->n 7)
-#   hits: DRAM 8, NVMe 16 = 24 of 56; compulsory: r0 8, r1 8, r3 4, r6 4 = 24;
-#   bytes: DRAM->NVMe 7 blocks = 28,672; NVMe->DRAM 4 blocks = 16,384.
+#        write-behind 6: 3 is 4's parent, 4 goes: NVMe 3 1 2 6                       (d->n 8)
+#   hits: DRAM 8, NVMe 8 + 4 + 4 = 16 = 24 of 56; compulsory: r0 8, r1 8, r3 4, r6 4 = 24;
+#   bytes: DRAM->NVMe 8 blocks = 32,768; NVMe->DRAM 4 blocks = 16,384.
 # belady (next uses: 1,2 at r0 r2 r5 r6; 3,4 at r1 r4; 5 at r3; 6 at r6; a victim is the
 # farthest next use, the deeper block first among equals; write-behind skips blocks never
 # used again):
@@ -147,7 +151,7 @@ TWO_TIER = [[1, 2], [3, 4], [1, 2], [5], [3, 4], [1, 2], [1, 2, 6]]
 #   hits: DRAM 4 + 8 = 12, NVMe 8 + 4 + 8 = 20 = 32 of 56; bytes: DRAM->NVMe 4 blocks,
 #   NVMe->DRAM 5 blocks.
 TWO_TIER_EXPECT = {
-    "lru": ({"dram": 8, "nvme": 16}, [8, 8, 6, 4, 8, 6, 6], {"dram->nvme": 7 * BLOCK, "nvme->dram": 4 * BLOCK}),
+    "lru": ({"dram": 8, "nvme": 16}, [8, 8, 6, 4, 7, 7, 6], {"dram->nvme": 8 * BLOCK, "nvme->dram": 4 * BLOCK}),
     "belady": ({"dram": 12, "nvme": 20}, [8, 8, 6, 4, 4, 6, 6], {"dram->nvme": 4 * BLOCK, "nvme->dram": 5 * BLOCK}),
 }
 
@@ -415,7 +419,7 @@ def test_cli_two_tiers_json(tmp_path):
     assert proc.returncode == 0, stderr
     p = json.loads(out.read_text())["policies"]["lru"]
     assert p["hit_rate_by_tier"] == {"dram": pytest.approx(8 / 56), "nvme": pytest.approx(16 / 56)}
-    assert p["bytes_moved"] == {"dram->nvme": 7 * BLOCK, "nvme->dram": 4 * BLOCK}
+    assert p["bytes_moved"] == {"dram->nvme": 8 * BLOCK, "nvme->dram": 4 * BLOCK}
 
 
 def test_cli_error_paths_exit_2_with_one_line(tmp_path):

@@ -59,6 +59,26 @@ class Namespace:
     block_bytes: int
     blocks: dict[int, BlockRecord] = field(default_factory=dict)
     visible: dict[int, int] = field(default_factory=dict)
+    children: dict[int, int] = field(default_factory=dict)  # hash -> records in ``blocks`` it is the parent of
+
+    def add(self, record: BlockRecord) -> None:
+        """Enter ``record`` in ``blocks`` (replacing a record of the same hash)."""
+        old = self.blocks.get(record.hash)
+        if old is not None:
+            self.remove(old)
+        self.blocks[record.hash] = record
+        if record.parent is not None:
+            self.children[record.parent] = self.children.get(record.parent, 0) + 1
+
+    def remove(self, record: BlockRecord) -> None:
+        """Take ``record`` (it has no copy left) out of ``blocks``."""
+        del self.blocks[record.hash]
+        if record.parent is not None:
+            n = self.children[record.parent] - 1
+            if n:
+                self.children[record.parent] = n
+            else:
+                del self.children[record.parent]
 
     def refresh(self, record: BlockRecord) -> None:
         tier = record.fastest_ready()

@@ -455,7 +455,7 @@ class KvCore:
             record = BlockRecord(namespace, spec.hash, spec.parent, spec.nbytes)
             copy = Copy(room)
             record.copies[top] = copy
-            ns.blocks[spec.hash] = record
+            ns.add(record)
             items.append((record, copy))
         lease = StoreLease(
             self._new_lease_id("s"), namespace, now + self._lease_s(lease_seconds), session.id, items
@@ -727,7 +727,7 @@ class KvCore:
                     record, copy = item
                     del record.copies[self.top]
                     if not record.copies:
-                        del ns.blocks[record.hash]
+                        ns.remove(record)
                     self._quarantine.append((now + self.config.lease_seconds, copy.slot))
             expired += 1
         for lease_id in [i for i, lease in self._load_leases.items() if lease.expires_at <= now]:
@@ -852,7 +852,7 @@ class KvCore:
             raise ValueError(f"block {h} of {namespace!r} restored twice")
         record = BlockRecord(namespace, h, parent, nbytes)
         record.copies[tier] = Copy(slot, ready=True)
-        ns.blocks[h] = record
+        ns.add(record)
         ns.refresh(record)
         now = self.clock()
         self.events.stored(namespace, h, parent, tier, nbytes, now)
@@ -928,6 +928,12 @@ class KvCore:
             stray = set(ns.visible) - set(ns.blocks)
             if stray:
                 problems.append(f"{ns.name}: {len(stray)} visible hashes without a block")
+            children: dict[int, int] = {}
+            for record in ns.blocks.values():
+                if record.parent is not None:
+                    children[record.parent] = children.get(record.parent, 0) + 1
+            if children != ns.children:
+                problems.append(f"{ns.name}: child counts disagree with the blocks' parents")
         for _, slot in self._quarantine:
             used[self.top] += slot.length
             if not self.spaces[self.top].is_allocated(slot):
@@ -1042,8 +1048,16 @@ class KvCore:
         self, tier: str, need: int, now: float, max_priority: float | None = None
     ) -> list[tuple[BlockRecord, Copy]]:
         """The policy's first evictable copies in ``tier`` adding up to ``need`` bytes (all
-        there are, when fewer), stopping at the first worth more than ``max_priority``."""
+        there are, when fewer), stopping at the first worth more than ``max_priority``.
+
+        The last copy of a block with held descendants (in any tier) goes only when the
+        rest cannot make the room, dropped or demoted: a lookup stops at the first missing
+        block, and a load promotes a long chain head first, so a small top tier pushes the
+        head down before its tail, and the last tier dropped it while the tail sat above,
+        unreachable. The policy's order is kept otherwise."""
         victims = []
+        heads = []
+        leaving: dict[tuple[str, int], int] = {}  # parent key -> its children among the victims
         room = 0
         for key in self.policy.victims(tier, now):
             record = self._record(key)
@@ -1052,10 +1066,23 @@ class KvCore:
                 continue
             if max_priority is not None and self.policy.priority(key, tier, now) > max_priority:
                 break
+            if len(record.copies) == 1:
+                held = self._namespaces[record.namespace].children.get(record.hash, 0)
+                if held > leaving.get(key, 0):
+                    heads.append((record, copy))
+                    continue
+                if record.parent is not None:
+                    parent = (record.namespace, record.parent)
+                    leaving[parent] = leaving.get(parent, 0) + 1
             victims.append((record, copy))
             room += copy.slot.length
             if room >= need:
+                return victims
+        for record, copy in heads:
+            if room >= need:
                 break
+            victims.append((record, copy))
+            room += copy.slot.length
         return victims
 
     def _evict(self, tier: str, lower: str | None, record: BlockRecord, copy: Copy, now: float) -> int:
@@ -1144,7 +1171,7 @@ class KvCore:
                 ns.name, record.hash, tier, reason or "discarded", self.clock(), retention_class, cause
             )
         if not record.copies:
-            del ns.blocks[record.hash]
+            ns.remove(record)
             self._pinned.discard(record.key)
         ns.refresh(record)
 
