@@ -1050,11 +1050,13 @@ class KvCore:
         """The policy's first evictable copies in ``tier`` adding up to ``need`` bytes (all
         there are, when fewer), stopping at the first worth more than ``max_priority``.
 
-        The last copy of a block with held descendants (in any tier) goes only when the
-        rest cannot make the room, dropped or demoted: a lookup stops at the first missing
-        block, and a load promotes a long chain head first, so a small top tier pushes the
-        head down before its tail, and the last tier dropped it while the tail sat above,
-        unreachable. The policy's order is kept otherwise."""
+        A victim that would be dropped — the last copy of a block, in the last tier or not
+        worth demoting — whose descendants are held (in any tier) goes only when the rest
+        cannot make the room: a lookup stops at the first missing block, and a load promotes
+        a long chain head first, so a small top tier pushes the head down before its tail,
+        and the last tier dropped it while the tail sat above, unreachable. The policy's
+        order is kept otherwise (a demotion loses nothing)."""
+        last_tier = self._lower(tier) is None
         victims = []
         heads = []
         leaving: dict[tuple[str, int], int] = {}  # parent key -> its children among the victims
@@ -1066,7 +1068,7 @@ class KvCore:
                 continue
             if max_priority is not None and self.policy.priority(key, tier, now) > max_priority:
                 break
-            if len(record.copies) == 1:
+            if len(record.copies) == 1 and (last_tier or not self.policy.worth_demoting(key, tier, now)):
                 held = self._namespaces[record.namespace].children.get(record.hash, 0)
                 if held > leaving.get(key, 0):
                     heads.append((record, copy))
