@@ -117,16 +117,36 @@ def test_belady_evicts_the_farthest_next_use_first():
     # request 0 uses 1,2; request 1 uses 3; request 2 uses 1; request 3 uses 3; 2 never again
     future = Future.from_chains(NS, [[1, 2], [3], [1], [3]])
     belady = BeladyPolicy(future)
+    future.serve(0)
     belady.on_stored("dram", [A, B], now=0)
-    future.position = 1
+    future.serve(1)
     belady.on_stored("dram", [C], now=1)
     assert list(belady.victims("dram", now=1)) == [B, C, A]  # never, then 3 (at 3), then 1 (at 2)
-    future.position = 2
+    future.serve(2)
     belady.on_accessed([A], now=2)
     # 1 and 2 are never used again (the deeper goes first), 3 is used by request 3
     assert list(belady.victims("dram", now=2)) == [B, A, C]
     assert belady.worth_demoting(B, "dram", 2) is False
     assert belady.worth_demoting(C, "dram", 2) is True
+
+
+def test_belady_follows_the_closed_loop_schedule_not_the_timestamps():
+    # requests: 0 = s's turn 0 [1], 1 = t's turn 0 [3], 2 = s's turn 1 [1, 2] (timestamp 5),
+    # 3 = t's turn 1 [3] (timestamp 9), 4 = s's turn 2 [1, 2] (timestamp 12)
+    future = Future.from_chains(NS, [[1], [3], [1, 2], [3], [1, 2]], [0, 1, 5, 9, 12], [None, None, "s", "t", "s"])
+    belady = BeladyPolicy(future)
+    future.serve(0)
+    future.serve(1)
+    belady.on_stored("dram", [A, C], now=1)
+    assert list(belady.victims("dram", now=1)) == [C, A]  # by the timestamps: 3 at 9, 1 at 5
+    future.schedule(2, 20.0)  # s's turn 1 settles 15 s late: its turn 2 is expected at 27
+    assert future.expected_at(4) == 27.0 and future.next_use(A) == (20.0, 2)
+    assert list(belady.victims("dram", now=1)) == [A, C]
+    assert belady.priority(A, "dram", now=1) == -19.0
+    with pytest.raises(ValueError, match="arrives at its timestamp"):
+        future.schedule(1, 3.0)  # an open-loop request has no schedule to settle
+    with pytest.raises(ValueError, match="one time and one group per request"):
+        Future.from_chains(NS, [[1]], [0.0, 1.0])
 
 
 # -- typed ----------------------------------------------------------------------------------

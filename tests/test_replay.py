@@ -352,6 +352,33 @@ def test_closed_loop_a_slow_cache_delays_the_whole_program(tmp_path):
     assert r.session_completion_s == pytest.approx([7.83], rel=1e-9)
 
 
+# Belady in the closed loop: the trace's timestamps say a's next turn comes before b's, the
+# replay runs b's first. DRAM of 4 blocks; every turn 1 output token (10 ms).
+# a0 arrives 0, misses 8 tokens (8 ms), ends 0.018: a1 is settled at 0.018 + 30 = 30.018.
+# b0 arrives 1, misses 8 tokens, ends 1.018: b1 is settled at 1.018 + 3 = 4.018.
+# c arrives 2 and needs 2 blocks of DRAM (1 2 5 6): 1 and 2 are next used at 30.018, 5 and 6
+#   at 4.018: evict 2, then 1. (By timestamps -- a1 at 5, b1 at 20 -- it would evict 6, 5.)
+# b1 arrives 4.018: hits 5 6 (2 ms) + 4 tokens: 6 ms; its store evicts 10 (never used again).
+# a1 arrives 30.018: misses 12 tokens. Hits: 8 tokens. (An oracle reading the future by
+#   places in the file scored 0: b1 misses, and once b1 -- placed after a1 -- is served, a1
+#   counts as past, so b1's store evicts 1 and 2 as never used again.)
+REORDERED = [
+    kvd_turn(0.0, "a", [1, 2]),
+    kvd_turn(1.0, "b", [5, 6]),
+    kvd_turn(2.0, "c", [9, 10]),
+    kvd_turn(5.0, "a", [1, 2, 3], turn=1, tool="bash", pause_s=30.0, last=True),
+    kvd_turn(20.0, "b", [5, 6, 7], turn=1, tool="bash", pause_s=3.0, last=True),
+]
+
+
+def test_belady_reads_the_closed_loop_future_in_the_order_the_replay_serves_it(tmp_path):
+    trace = read_trace(write_trace(tmp_path / "o.jsonl", REORDERED))
+    r = replay(trace, "belady", config(dram_blocks=4))
+    assert r.hit_tokens == 8
+    assert r.ttft_s == pytest.approx([8 * MS, 8 * MS, 8 * MS, 6 * MS, 12 * MS], rel=1e-9)  # a0 b0 c b1 a1
+    assert r.problems == []
+
+
 # -- (d) the CLI end to end ---------------------------------------------------------------------
 
 

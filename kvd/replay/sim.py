@@ -215,7 +215,8 @@ class Replay:
         self._session_start: dict[str, float] = {}
         self.session_done: list[float] = []
         self._next_turn: dict[int, TraceRequest] = {}
-        self._rank: dict[int, int] = {}
+        # Request index -> its place in expected order (the future's rank).
+        self._rank = {r.index: i for i, r in enumerate(_order(trace))} if self.future is not None else {}
         self._next_prefetch = 0.0
 
     # -- the event loop -------------------------------------------------------------------
@@ -283,7 +284,7 @@ class Replay:
     def _arrive(self, req: TraceRequest) -> None:
         core, now = self.core, self.clock.now
         if self.future is not None:
-            self.future.position = self._rank.get(req.index, req.index)
+            self.future.serve(self._rank[req.index])
         hashes = list(req.hash_ids)
         bs = req.block_size
         last_partial = len(hashes) * bs > req.input_length
@@ -310,7 +311,11 @@ class Replay:
         self._store(req, hashes, last_partial)
         ttft = load_s + (req.input_length - hit_tokens) / self.cost.prefill_tokens_per_s
         self.ttft.append(ttft)
-        self._push(now + ttft + req.output_length * self.cost.decode_s_per_token, FINISH, req)
+        finish = now + ttft + req.output_length * self.cost.decode_s_per_token
+        self._push(finish, FINISH, req)
+        nxt = self._next_turn.get(req.index)
+        if self.future is not None and nxt is not None and nxt.pause_s is not None and not req.last:
+            self.future.schedule(self._rank[nxt.index], finish + nxt.pause_s)  # settled now
 
     def _finish(self, req: TraceRequest) -> None:
         core, now = self.core, self.clock.now
@@ -438,10 +443,21 @@ class Replay:
             self._count(transfer)
 
 
+def _order(trace: Trace) -> list[TraceRequest]:
+    """The requests in expected arrival order (timestamps; ties in trace order)."""
+    return sorted(trace.requests, key=lambda r: (r.arrival_s, r.index))
+
+
 def _future_of(trace: Trace) -> Future:
-    """Belady's future in expected arrival order (timestamps; ties in trace order)."""
-    order = sorted(trace.requests, key=lambda r: (r.arrival_s, r.index))
-    return Future.from_chains(NAMESPACE, [r.hash_ids for r in order])
+    """Belady's future: every request in expected order; a session's closed-loop turns
+    (those with ``pause_s``) form a group whose arrivals the replay settles as it goes."""
+    order = _order(trace)
+    return Future.from_chains(
+        NAMESPACE,
+        [r.hash_ids for r in order],
+        [r.arrival_s for r in order],
+        [r.session_id if r.session_id is not None and r.pause_s is not None else None for r in order],
+    )
 
 
 def replay(
@@ -451,8 +467,4 @@ def replay(
     progress: Callable[[int], None] | None = None,
     check_every: int = 0,
 ) -> PolicyResult:
-    sim = Replay(trace, policy, config, progress, check_every)
-    if sim.future is not None:
-        order = sorted(trace.requests, key=lambda r: (r.arrival_s, r.index))
-        sim._rank = {r.index: i for i, r in enumerate(order)}
-    return sim.run()
+    return Replay(trace, policy, config, progress, check_every).run()
