@@ -19,12 +19,19 @@ distribution (or around the hint's expected seconds), and given the time already
     P = p (F(e + H) - F(e)) / (1 - p F(e))
 
 The horizon H is the tier's residence time (Little's law: blocks held / insertions per
-second). A shared block is worth the most that any of its users makes of it: the larger of
-its own re-use hazard and its latest session's value, plus a margin so a shared prefix goes
-after the private blocks that depend on it.
+second). A shared block that n live named sessions hold (their engines said who they are,
+so they also say when they end) is worth P(any of them turns within H) = 1 - (1 - q)^n,
+with q the most a session is worth (one that just turned, sure to continue): a repository
+three live sessions work on outlives one that a single session does, whatever was touched
+last — under a stream of 100K-token contexts through a cache of two, keeping the contexts
+most sessions come back to is what separates a hit rate from LRU's. A shared block no named
+session holds (inferred sessions may have gone quiet without a word; a finished program's
+context) is worth the larger of its own re-use hazard and its latest session's value. Both
+add a margin so a shared prefix goes after the private blocks that depend on it.
 
-Within a group (one session, or all shared blocks) the order is LRU with a chain's tail
-before its head, so a held prefix stays a prefix. Victims merge the groups by value.
+Within a group (one session, the shared blocks of n holders, the other shared blocks) the
+order is LRU with a chain's tail before its head, so a held prefix stays a prefix. Victims
+merge the groups by value.
 
 Prefetch: a paused session whose predicted resume is near (the ``prefetch_quantile`` of its
 pause distribution, minus a lead for the transfer) asks for its blocks one tier up. Pressure
@@ -49,6 +56,13 @@ CLASSES = RETENTION_CLASSES
 
 
 @dataclass(frozen=True)
+class Holders:
+    """The group of shared blocks that ``n`` live sessions' chains hold (n >= 1)."""
+
+    n: int
+
+
+@dataclass(frozen=True)
 class TypedConfig:
     """Knobs of the typed policy. Seconds for times."""
 
@@ -64,6 +78,7 @@ class TypedConfig:
     prefetch_lead_s: float = 2.0  # ... minus this lead
     maturity_min_s: float = 5.0  # bounds on the age at which an unanswered turn counts as the last
     maturity_max_s: float = 900.0
+    shared_by_holders: bool = True  # value a shared block by how many live sessions hold it
 
 
 class TypedPolicy(Policy):
@@ -90,6 +105,7 @@ class TypedPolicy(Policy):
         self._memo_now = -math.inf
         self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
+        self._holders: dict[int, Holders] = {}
 
     # -- classification -------------------------------------------------------------------
     def _group_of(self, key: BlockKey) -> object:
@@ -97,6 +113,12 @@ class TypedPolicy(Policy):
             return PINNED
         sessions = self.sessions
         if sessions.is_shared(key):
+            n = sessions.hinted_refs.get(key, 0)
+            if n and self.config.shared_by_holders:
+                group = self._holders.get(n)
+                if group is None:
+                    group = self._holders[n] = Holders(n)
+                return group
             return SHARED
         owner = sessions.owner(key)
         if owner is None:
@@ -112,6 +134,8 @@ class TypedPolicy(Policy):
             return None
         if isinstance(group, Session):
             return "tool_pause" if group.state == TOOL_PAUSE else ("session" if group.live else EPHEMERAL)
+        if isinstance(group, Holders):
+            return SHARED
         return group
 
     # -- events ---------------------------------------------------------------------------
@@ -155,7 +179,7 @@ class TypedPolicy(Policy):
                     continue
                 recency.move_to_end(key)
                 members = groups[group]
-                if group is SHARED:
+                if group is SHARED or isinstance(group, Holders):
                     last_seen[key] = max(last_seen.get(key, -math.inf), members[key])
                 members[key] = now
                 members.move_to_end(key)
@@ -254,6 +278,9 @@ class TypedPolicy(Policy):
         shared = groups.get(SHARED)
         if shared:
             streams.append(self._shared_stream(tier, list(shared.items()), now))
+        held_by = sorted((g for g in groups if isinstance(g, Holders)), key=lambda g: g.n)
+        if held_by:
+            streams.append(self._holders_stream(tier, groups, held_by, now))
         streams.append(self._session_stream(groups, ordered))
         pinned = groups.get(PINNED)
         if pinned:
@@ -264,6 +291,8 @@ class TypedPolicy(Policy):
         group = self._where.get(tier, {}).get(key)
         if group is None:
             group = self._group_of(key)
+        if isinstance(group, Holders):
+            return self._holders_value(group.n, tier, now)
         if group is SHARED:
             members = self._groups.get(tier, {}).get(SHARED)
             last = members.get(key, now) if members else now
@@ -349,6 +378,12 @@ class TypedPolicy(Policy):
         users = self._group_value(latest, tier, now) if latest is not None else 0.0
         return max(own, users) + self.config.shared_margin
 
+    def _holders_value(self, n: int, tier: str, now: float) -> float:
+        """P(any of ``n`` live sessions uses the block within the horizon), each taken at the
+        most a session can be worth (one that just turned, sure to continue)."""
+        one = reuse_probability(self.pauses.pooled(), 1.0, 0.0, self.horizon(tier))
+        return 1.0 - (1.0 - min(one, 1.0)) ** n + self.config.shared_margin
+
     def _resolve_turns(self, now: float) -> None:
         pooled = self.pauses.pooled()
         maturity = min(max(pooled.quantile(0.95), self.config.maturity_min_s), self.config.maturity_max_s)
@@ -396,6 +431,15 @@ class TypedPolicy(Policy):
         # the merge: a shared block is never worth less than the tails that depend on it).
         for key, last in members:
             yield (self._shared_value(key, now - last, tier, now), 0, key)
+
+    def _holders_stream(
+        self, tier: str, groups: dict[object, OrderedDict[BlockKey, float]], held_by: list[Holders], now: float
+    ) -> Iterator[tuple[float, int, BlockKey]]:
+        # The value grows with n: fewest holders first, each group least recent (tail) first.
+        for group in held_by:
+            value = self._holders_value(group.n, tier, now)
+            for key in list(groups.get(group, ())):
+                yield (value, 0, key)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _take(self, tier: str, key: BlockKey, group: object, forget: bool = True) -> None:

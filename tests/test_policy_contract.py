@@ -188,6 +188,37 @@ def test_typed_shared_prefix_outlives_private_blocks():
     assert set(order[:2]) == {C, D} and set(order[2:]) == {A, B}
 
 
+def test_typed_shared_blocks_held_by_more_live_sessions_go_last():
+    sessions, policy = typed_with()
+    for sid in ("r1", "r2", "r3"):
+        sessions.turn_start(NS, sid, [1, 2], now=0)  # a repository three sessions work on
+    for sid in ("q1", "q2"):
+        sessions.turn_start(NS, sid, [3, 4], now=0)  # one two sessions work on
+    sync(sessions, policy, 0)
+    policy.on_stored("dram", [A, B], now=0)
+    policy.on_stored("dram", [C, D], now=1)  # more recent: LRU would take A, B first
+    assert {policy.retention_class(k, "dram") for k in (A, B, C, D)} == {"shared_prefix"}
+    assert list(policy.victims("dram", now=2)) == [D, C, B, A]
+    assert policy.priority(C, "dram", 2) < policy.priority(A, "dram", 2)
+    for sid in ("r1", "r2"):  # two of the three end: one session left on the repository
+        sessions.end(NS, sid, now=3)
+    sync(sessions, policy, 3)
+    assert list(policy.victims("dram", now=4)) == [B, A, D, C]
+    assert policy.check({"dram": {A, B, C, D}}) == []
+
+
+def test_typed_values_a_block_inferred_sessions_share_by_its_own_reuse():
+    # Inferred sessions may have gone quiet without a word: their holds are not counted.
+    sessions, policy = typed_with()
+    sessions.observe_store(NS, None, [1, 2, 5], now=0)
+    sessions.observe_store(NS, None, [1, 3, 6], now=0)  # does not extend [1, 2]: a second one
+    sync(sessions, policy, 0)
+    policy.on_stored("dram", [A], now=0)
+    assert sessions.refs[A] == 2 and A not in sessions.hinted_refs
+    assert policy.retention_class(A, "dram") == "shared_prefix"
+    assert policy._where["dram"][A] == "shared_prefix"  # the per-block group, not a holders' one
+
+
 def test_typed_ended_session_goes_before_a_paused_one():
     sessions, policy = typed_with()
     sessions.turn_start(NS, "done", [1, 2], now=0)

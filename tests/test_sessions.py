@@ -171,6 +171,22 @@ def test_take_reclassified_when_a_block_changes_holders():
     assert t.take_reclassified() == {k(9), k(10)}  # s2 moved past 9: orphaned
     t.end(NS, "s1", now=3)
     assert t.take_reclassified() == {k(1), k(2), k(3)}  # 1, 2 private again; 3 orphaned
+    t.turn_start(NS, "s3", [1, 2, 11], now=4)
+    t.turn_start(NS, "s4", [1, 12], now=4)
+    assert t.take_reclassified() == {k(1), k(2), k(11), k(12)}  # 1: from two holders to three
+
+
+def test_hinted_refs_count_only_the_chains_of_named_sessions():
+    t = SessionTable()
+    t.turn_start(NS, "a", [1, 2], now=0)
+    t.turn_start(NS, "b", [1, 3], now=0)
+    t.observe_store(NS, None, [1, 7], now=0)  # extends no chain: a new inferred session
+    assert t.refs[k(1)] == 3 and t.hinted_refs == {k(1): 2, k(2): 1, k(3): 1}
+    t.end(NS, "a", now=1)
+    assert t.hinted_refs == {k(1): 1, k(3): 1}
+    assert t.check() == []
+    t.hinted_refs[k(7)] = 1  # an inferred chain counted as named
+    assert any("hinted reference counts" in p for p in t.check())
 
 
 def test_a_block_taken_up_after_its_session_ended_is_a_shared_prefix():

@@ -97,6 +97,9 @@ class SessionTable:
         self.config = config or SessionConfig()
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # least recent first
         self.refs: dict[BlockKey, int] = {}
+        # Of those, chains of sessions an engine named (not inferred): they say when they
+        # end, so a hold of theirs is a promise of reuse; an inferred one may have gone quiet.
+        self.hinted_refs: dict[BlockKey, int] = {}
         self._owner: dict[BlockKey, Session] = {}  # the first session to hold a key
         self._latest: dict[BlockKey, Session] = {}  # the last session to take a key into its chain
         # Keys that were once in two sessions' chains: a repository context outlives the
@@ -110,7 +113,7 @@ class SessionTable:
         self._tails: dict[BlockKey, Session] = {}  # a chain's last two keys -> its session
         self._ids = itertools.count(1)
         self._changed: list[Session] = []  # state changes since take_changes()
-        self._reclassified: set[BlockKey] = set()  # keys whose sharing changed
+        self._reclassified: set[BlockKey] = set()  # keys whose holders changed
         self._observations: list[Observation] = []
         self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()  # ended sessions -> end time
 
@@ -289,6 +292,7 @@ class SessionTable:
     def check(self) -> list[str]:
         problems = []
         counts: dict[BlockKey, int] = {}
+        hinted: dict[BlockKey, int] = {}
         for session in self._sessions.values():
             if session.state not in STATES:
                 problems.append(f"session {session.id}: unknown state {session.state}")
@@ -296,9 +300,14 @@ class SessionTable:
                 for h in set(session.chain):
                     key = (session.namespace, h)
                     counts[key] = counts.get(key, 0) + 1
+                    if not session.inferred:
+                        hinted[key] = hinted.get(key, 0) + 1
         if counts != self.refs:
             diff = set(counts.items()) ^ set(self.refs.items())
             problems.append(f"sessions: {len(diff)} block reference counts disagree with the chains")
+        if hinted != self.hinted_refs:
+            diff = set(hinted.items()) ^ set(self.hinted_refs.items())
+            problems.append(f"sessions: {len(diff)} hinted reference counts disagree with the chains")
         held = sum(1 for key in self._released if key in self.refs)
         if held:
             problems.append(f"sessions: {held} keys counted as released are in a live chain")
@@ -374,14 +383,15 @@ class SessionTable:
         n = self.refs.get(key, 0) + 1
         self.refs[key] = n
         self._latest[key] = session
+        self._reclassified.add(key)  # a policy may value a block by its holders
+        if not session.inferred:
+            self.hinted_refs[key] = self.hinted_refs.get(key, 0) + 1
         if n == 1:
-            self._owner[key] = session
-            self._reclassified.add(key)  # an orphan's copies become this session's
+            self._owner[key] = session  # an orphan's copies become this session's
             holder = self._released.pop(key, None)
             if holder is not None and holder != session.seq:
                 self._mark_shared(key)
         elif n == 2:
-            self._reclassified.add(key)
             self._tails.pop(key, None)
             self._mark_shared(key)
 
@@ -393,17 +403,21 @@ class SessionTable:
 
     def _unref(self, key: BlockKey, session: Session) -> None:
         n = self.refs.get(key, 0) - 1
+        self._reclassified.add(key)
+        if not session.inferred:
+            hinted = self.hinted_refs.get(key, 0) - 1
+            if hinted > 0:
+                self.hinted_refs[key] = hinted
+            else:
+                self.hinted_refs.pop(key, None)
         if n <= 0:
             self.refs.pop(key, None)
             self._owner.pop(key, None)
             self._latest.pop(key, None)
-            self._reclassified.add(key)
             return
         self.refs[key] = n
         if self._owner.get(key) is session:
-            self._owner.pop(key)  # re-found below when it is one session's again
-        if n == 1:
-            self._reclassified.add(key)
+            self._owner.pop(key)  # re-found when it is one session's again
 
     def _tail(self, session: Session) -> None:
         for h in session.chain[-2:]:
