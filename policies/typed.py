@@ -30,8 +30,9 @@ context) is worth the larger of its own re-use hazard and its latest session's v
 add a margin so a shared prefix goes after the private blocks that depend on it.
 
 Within a group (one session, the shared blocks of n holders, the other shared blocks) the
-order is LRU with a chain's tail before its head, so a held prefix stays a prefix. Victims
-merge the groups by value.
+order is LRU with a chain's tail before its head, so a held prefix stays a prefix; a block
+that changes group (a holder came or went) joins its new group at the recent end, its
+chain's order kept. Victims merge the groups by value.
 
 Prefetch: a paused session whose predicted resume is near (the ``prefetch_quantile`` of its
 pause distribution, minus a lead for the transfer) asks for its blocks one tier up. Pressure
@@ -57,7 +58,7 @@ CLASSES = RETENTION_CLASSES
 
 @dataclass(frozen=True)
 class Holders:
-    """The group of shared blocks that ``n`` live sessions' chains hold (n >= 1)."""
+    """The group of shared blocks that ``n`` live named sessions' chains hold (n >= 1)."""
 
     n: int
 

@@ -363,6 +363,17 @@ def test_an_ended_session_drops_its_chain_and_is_forgotten_after_its_grace():
     assert [s.id for s in t.sessions()] == ["old", "a"] and t.check() == []
 
 
+def test_an_id_reused_within_the_grace_is_a_new_session_its_expiry_does_not_drop():
+    t = SessionTable(SessionConfig(ended_expiry_s=60.0, idle_expiry_s=1e9))
+    t.turn_start(NS, "a", [1, 2], now=0)
+    t.end(NS, "a", now=10)
+    again = t.turn_start(NS, "a", [1, 3], now=20)  # the same id, within the grace: a new program
+    assert again.live and again.turns == 1
+    assert t.expire(now=70.0) == 0  # the first "a"'s grace ends: the new one stays
+    assert t.get(NS, "a") is again and t.refs == {k(1): 1, k(3): 1} and t.hinted_refs == t.refs
+    assert t.check() == []
+
+
 def test_expire_beyond_max_sessions_forgets_the_least_recently_active():
     t = SessionTable(SessionConfig(max_sessions=2, idle_expiry_s=1e9))
     t.turn_start(NS, "a", [1], now=0)

@@ -11,7 +11,7 @@ does no I/O and reads time only from the ``now`` it is given (seconds).
 
 Invariants (checked by :meth:`check`):
 - ``refs[key]`` equals the number of sessions whose chain holds ``key`` (keys with no
-  session are absent);
+  session are absent), and ``hinted_refs[key]`` the number of those an engine named;
 - each session's chain tail keys are indexed in ``_tails`` unless they are shared.
 """
 
@@ -261,7 +261,9 @@ class SessionTable:
             if now - at < self.config.ended_expiry_s:
                 break
             del self._ended[key]
-            self._sessions.pop(key, None)
+            session = self._sessions.get(key)
+            if session is not None and not session.live:
+                del self._sessions[key]
             ended += 1
         while self._sessions:
             session = next(iter(self._sessions.values()))
@@ -332,6 +334,7 @@ class SessionTable:
                 return session
             if session is not None:  # an ended session's id used again: a new program
                 del self._sessions[session.key]
+                self._ended.pop(session.key, None)  # or its expiry would drop the new one
             return self._new(namespace, session_id, False, now)
         session = self._continued(namespace, hashes)
         if session is not None:
