@@ -65,8 +65,11 @@ class Future:
         self._settled: dict[int, float] = {}  # rank -> arrival the replay settled
         self._late: dict[Hashable, float] = {}  # group -> its latest lateness, seconds
         self._changed: list[BlockKey] = []
+        self._group_keys: dict[Hashable, set[BlockKey]] = {}  # group -> keys of all its requests
         for rank, chain in enumerate(chains):
             group = self.groups[rank]
+            if group is not None:
+                self._group_keys.setdefault(group, set()).update(chain)
             for d, key in enumerate(chain):
                 by_group = self.uses.get(key)
                 if by_group is None:
@@ -107,8 +110,13 @@ class Future:
         if group is None:
             raise ValueError(f"request {rank} arrives at its timestamp: it has no schedule to settle")
         self._settled[rank] = at
-        self._late[group] = at - self.times[rank]
-        self._changed.extend(self.chains[rank])  # its chain holds the group's blocks in use
+        late = at - self.times[rank]
+        if self._late.get(group, 0.0) != late:
+            self._late[group] = late
+            # Every later request of the group moved: any key of theirs may have a new next use.
+            self._changed.extend(self._group_keys[group])
+        else:
+            self._changed.extend(self.chains[rank])
 
     def expected_at(self, rank: int) -> float:
         """When the request at ``rank`` is expected to arrive (seconds)."""

@@ -149,6 +149,20 @@ def test_belady_follows_the_closed_loop_schedule_not_the_timestamps():
         Future.from_chains(NS, [[1]], [0.0, 1.0])
 
 
+def test_belady_moves_a_key_a_later_turn_of_a_rescheduled_session_uses():
+    # 0 = [7]; 1 = [3]; s's turn 1 [1] at 5; s's turn 2 [1, 7] at 12; t's turn [3] at 20.
+    # Key 7 is next used by s's turn 2, which s's turn 1 being settled late moves to 27.
+    future = Future.from_chains(NS, [[7], [3], [1], [1, 7], [3]], [0, 1, 5, 12, 20], [None, None, "s", "s", "t"])
+    belady = BeladyPolicy(future)
+    seven = (NS, 7)
+    future.serve(0)
+    future.serve(1)
+    belady.on_stored("dram", [seven, C], now=1)
+    assert list(belady.victims("dram", now=1)) == [C, seven]  # 3 at 20, 7 at 12
+    future.schedule(2, 20.0)  # 15 s late: s's turn 2 is expected at 27
+    assert list(belady.victims("dram", now=1)) == [seven, C]
+
+
 # -- typed ----------------------------------------------------------------------------------
 
 
