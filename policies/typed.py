@@ -79,7 +79,7 @@ class TypedConfig:
     prefetch_lead_s: float = 2.0  # ... minus this lead
     maturity_min_s: float = 5.0  # bounds on the age at which an unanswered turn counts as the last
     maturity_max_s: float = 900.0
-    shared_by_holders: bool = True  # value a shared block by how many live sessions hold it
+    shared_by_holders: bool = True  # value a shared block by how many live named sessions hold it
 
 
 class TypedPolicy(Policy):
@@ -293,7 +293,7 @@ class TypedPolicy(Policy):
         if group is None:
             group = self._group_of(key)
         if isinstance(group, Holders):
-            return self._holders_value(group.n, tier, now)
+            return self._group_value(group, tier, now)
         if group is SHARED:
             members = self._groups.get(tier, {}).get(SHARED)
             last = members.get(key, now) if members else now
@@ -354,6 +354,8 @@ class TypedPolicy(Policy):
             return 0.0
         if group is PINNED:
             return math.inf
+        if isinstance(group, Holders):
+            return self._holders_value(group.n, tier, now)
         if not isinstance(group, Session):
             return 0.0
         if group.state == ENDED:
@@ -438,7 +440,7 @@ class TypedPolicy(Policy):
     ) -> Iterator[tuple[float, int, BlockKey]]:
         # The value grows with n: fewest holders first, each group least recent (tail) first.
         for group in held_by:
-            value = self._holders_value(group.n, tier, now)
+            value = self._group_value(group, tier, now)
             for key in list(groups.get(group, ())):
                 yield (value, 0, key)
 
