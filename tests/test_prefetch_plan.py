@@ -124,3 +124,20 @@ def test_making_way_never_pushes_anything_out_of_the_tier_below():
     core.complete_transfer(transfer, ok=True)
     assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [5]) == []
     assert core.check() == []
+
+
+def test_a_block_named_twice_is_prefetched_once():
+    # A system prompt shared by two paused sessions: the policy names it for each.
+    core, policy = make(dram=2, nvme=8)
+    nvme_only(core, 1, filler=[2, 3])
+    for h in (2, 3):  # free DRAM (the filler keeps its NVMe copies)
+        core.spaces["dram"].free(core.namespace(NS).blocks[h].copies.pop("dram").slot)
+        policy.on_removed("dram", (NS, h))
+        core.namespace(NS).refresh(core.namespace(NS).blocks[h])
+    policy.due["dram"] = [(NS, 1), (NS, 1)]
+    [transfer] = core.plan_prefetch(8)
+    assert transfer.record.hash == 1
+    assert core.spaces["dram"].used_bytes == PAGE  # one slot, not two
+    core.complete_transfer(transfer, ok=True)
+    assert core.lookup(NS, [1]) == ["dram"]
+    assert core.check() == []

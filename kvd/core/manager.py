@@ -646,11 +646,15 @@ class KvCore:
         now = self.clock()
         for upper, lower in zip(self.tiers, self.tiers[1:]):
             due = []
+            seen: set[tuple[str, int]] = set()
             for key in self.policy.prefetches(upper, now):
                 record = self._record(key)
                 src = record.copies.get(lower) if record is not None else None
-                if record is None or upper in record.copies or src is None or not src.ready:
+                # A block several sessions share may be named once for each of them: one
+                # transfer, one slot (a second would replace the first's copy and leak it).
+                if record is None or key in seen or upper in record.copies or src is None or not src.ready:
                     continue
+                seen.add(key)
                 due.append((key, record))
                 if len(due) >= max_blocks - len(out):
                     break
