@@ -21,6 +21,10 @@ RETENTION_CLASSES = ("pinned", "shared_prefix", "session", "tool_pause", "epheme
 
 class Policy(ABC):
     name: ClassVar[str]
+    # Whether priority(key, tier) means what ``key`` would be worth in ``tier`` even where
+    # it is held elsewhere (a value, a next use), so the core may weigh a block against
+    # another tier's victims; False for recency, which only orders a tier's own copies.
+    values_across_tiers: ClassVar[bool] = False
 
     @abstractmethod
     def on_stored(self, tier: str, keys: Sequence[BlockKey], now: float) -> None:

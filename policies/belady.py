@@ -154,6 +154,7 @@ class Future:
 
 class BeladyPolicy(Policy):
     name = "belady"
+    values_across_tiers = True
 
     def __init__(self, future: Future | None = None) -> None:
         if future is None:

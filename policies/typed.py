@@ -84,6 +84,7 @@ class TypedConfig:
 
 class TypedPolicy(Policy):
     name = "typed"
+    values_across_tiers = True
 
     def __init__(self, sessions: SessionTable | None = None, config: TypedConfig | None = None) -> None:
         self.sessions = sessions if sessions is not None else SessionTable()

@@ -402,3 +402,79 @@ def test_a_failed_write_behind_is_queued_again():
     assert run_mover(core) == 1
     assert core.write_behind_pending == 0
     assert core.check() == []
+
+
+class Valued(LruPolicy):
+    """LRU order, with values the test sets that rank a block in any tier (a switch)."""
+
+    values_across_tiers = True
+
+    def __init__(self, **value: float) -> None:
+        super().__init__()
+        self.value = {(NS, int(h[1:])): v for h, v in value.items()}
+
+    def priority(self, key, tier, now):
+        return self.value.get(key, 0.0)
+
+
+def full_two_tiers(policy: LruPolicy) -> KvCore:
+    """DRAM holds 3 and 4, NVMe holds 1 and 2 (each block in one tier): both are full."""
+    core = KvCore(
+        {"dram": ExtentAllocator([(0, 2 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 2 * PAGE)], PAGE)},
+        policy,
+        FakeClock(),
+        CoreConfig(write_behind=False),
+    )
+    core.register_namespace(NS, 16, PAGE)
+    for h in (1, 2, 3, 4):
+        grant = core.prepare_store(NS, specs(h))
+        if isinstance(grant, Wait):
+            run_mover(core)
+            grant = core.prepare_store(NS, specs(h))
+        core.commit_store(grant.lease_id)
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4)] == [["nvme"], ["nvme"], ["dram"], ["dram"]]
+    core.take_events()
+    return core
+
+
+@pytest.mark.parametrize(
+    ("policy", "gone", "nvme"),
+    [
+        # 3 is worth less than 1, which its demotion would push out of the last tier: 3 goes.
+        (Valued(b1=5.0, b2=6.0, b3=1.0, b4=9.0), 3, {1, 2}),
+        # 3 is worth more: it goes down and the last tier drops 1, as before.
+        (Valued(b1=5.0, b2=6.0, b3=7.0, b4=9.0), 1, {2, 3}),
+        # Recency ranks a tier's own copies only: the cascade as always.
+        (LruPolicy(), 1, {2, 3}),
+    ],
+    ids=["outranked-dropped", "demoted", "lru-demotes"],
+)
+def test_a_block_worth_less_than_what_its_demotion_pushes_out_is_dropped(policy, gone, nvme):
+    core = full_two_tiers(policy)
+    grant = core.prepare_store(NS, specs(5))
+    if isinstance(grant, Wait):
+        run_mover(core)
+        grant = core.prepare_store(NS, specs(5))
+    core.commit_store(grant.lease_id)
+    assert [h for h, _, reason in removed(core.take_events()) if reason == "evicted"] == [gone]
+    assert {h for h in (1, 2, 3, 4, 5) if core.lookup(NS, [h]) == ["nvme"]} == nvme
+    assert core.lookup(NS, [4]) == ["dram"] and core.lookup(NS, [5]) == ["dram"]
+    assert core.check() == []
+
+
+def test_a_demotion_into_free_room_is_never_dropped_however_little_it_is_worth():
+    core = KvCore(
+        {"dram": ExtentAllocator([(0, 1 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 2 * PAGE)], PAGE)},
+        Valued(b1=9.0, b2=0.5, b3=1.0),
+        FakeClock(),
+        CoreConfig(write_behind=False),
+    )
+    core.register_namespace(NS, 16, PAGE)
+    for h in (1, 2, 3):  # 1 goes down, then 2: worth less than 1, but NVMe has room for it
+        grant = core.prepare_store(NS, specs(h))
+        if isinstance(grant, Wait):
+            run_mover(core)
+            grant = core.prepare_store(NS, specs(h))
+        core.commit_store(grant.lease_id)
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3)] == [["nvme"], ["nvme"], ["dram"]]
+    assert core.check() == []

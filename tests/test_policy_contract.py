@@ -344,3 +344,20 @@ def test_typed_orders_by_recency_while_the_guard_prefers_lru():
     policy.on_accessed([C], now=3)
     policy.guard.prefer_lru = True  # (the access re-judged it; keep recency for this check)
     assert list(policy.victims("dram", now=3)) == [B, A, C]
+
+
+def test_a_policy_that_values_across_tiers_ranks_a_block_where_it_is_not_held(policy):
+    # The core weighs a block about to be demoted against the tier below's victims with
+    # priority(key, lower): for such a policy that must be a value, ordered as at home.
+    sessions = SessionTable()
+    policy = make_policy(policy.name, sessions, Future.from_chains(NS, [[1, 2], [1, 2, 3]]))
+    sessions.turn_start(NS, "s", [1, 2, 3], now=0)
+    policy.on_sessions(sessions.take_changes(), sessions.take_observations(), sessions.take_reclassified(), 0)
+    policy.on_stored("dram", [A, B, C], now=0)
+    home = [policy.priority(k, "dram", 1) for k in (A, B, C)]
+    away = [policy.priority(k, "nvme", 1) for k in (A, B, C)]
+    if not policy.values_across_tiers:
+        assert policy.name == "lru" and away == [float("-inf")] * 3  # recency of a tier's own copies
+        return
+    assert all(v > float("-inf") for v in away)
+    assert sorted(range(3), key=lambda i: home[i]) == sorted(range(3), key=lambda i: away[i])

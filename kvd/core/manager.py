@@ -1099,6 +1099,7 @@ class KvCore:
             lower is None
             or (below is not None and below.ready)
             or (below is None and not self.policy.worth_demoting(record.key, tier, now))
+            or (below is None and self._outranked_below(record, lower, now))
         ):
             self._drop_copy(ns, record, tier, copy, reason="evicted", cause="capacity")
             return 0
@@ -1110,6 +1111,36 @@ class KvCore:
             return copy.slot.length
         self._drop_copy(ns, record, tier, copy, reason="evicted", cause="capacity")  # nothing below can take it
         return 0
+
+    def _outranked_below(self, record: BlockRecord, lower: str, now: float) -> bool:
+        """Whether demoting ``record`` into ``lower`` would only make the last tier drop a
+        copy worth more than it: every tier from ``lower`` down is full, and each one's
+        first victim (whose eviction would push the chain on) outranks ``record`` there.
+        Then the hierarchy drops its least valuable copy, as one tier of the same total
+        would, rather than the least valuable of its last tier. Only for a policy whose
+        priorities rank a block in a tier that does not hold it (``values_across_tiers``)."""
+        if not self.policy.values_across_tiers:
+            return False
+        if self._namespaces[record.namespace].children.get(record.hash, 0):
+            return False  # a held chain's head stays reachable
+        tier: str | None = lower
+        while tier is not None:
+            space = self.spaces[tier]
+            if space.capacity_bytes - space.used_bytes >= space.slot_bytes(record.nbytes):
+                return False  # the cascade ends in free room: nothing is lost
+            victims = self._pick_victims(tier, 1, now)
+            if not victims:
+                return False
+            victim, _ = victims[0]
+            below = self._lower(tier)
+            if below is not None and below in victim.copies:
+                return False  # its eviction drops a duplicate: nothing is lost
+            if not self.policy.worth_demoting(victim.key, tier, now):
+                return False  # it goes for nothing
+            if self.policy.priority(record.key, tier, now) >= self.policy.priority(victim.key, tier, now):
+                return False
+            tier = below
+        return True
 
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
         """A slot in ``tier``: free space, else evict (drop or plan demotions).
