@@ -7,9 +7,10 @@ threads between calls); a simulator can run the very same object over capacity-o
 
 Capacity: each tier is an :class:`~kvd.tiers.ExtentAllocator`-like *space* (allocate/free,
 pure bookkeeping). When a space is full the policy names victims; a victim whose block has a
-ready copy one tier down (or that sits in the last tier) is dropped at once; otherwise it is
-*demoted*: the core plans a :class:`Transfer` to the tier below and the copy stays pinned
-until the mover reports the transfer done. A request that needs the room comes back
+ready copy one tier down (or that sits in the last tier, or that the policy would not keep
+below, or that is worth less than what its demotion would push out of every full tier
+below) is dropped at once; otherwise it is *demoted*: the core plans a :class:`Transfer` to
+the tier below and the copy stays pinned until the mover reports the transfer done. A request that needs the room comes back
 :class:`Wait` and retries after the mover ran.
 
 Invariants (checked by :meth:`check`):
