@@ -84,7 +84,6 @@ class TypedConfig:
 
 class TypedPolicy(Policy):
     name = "typed"
-    values_across_tiers = True
 
     def __init__(self, sessions: SessionTable | None = None, config: TypedConfig | None = None) -> None:
         self.sessions = sessions if sessions is not None else SessionTable()
@@ -108,6 +107,12 @@ class TypedPolicy(Policy):
         self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
         self._holders: dict[int, Holders] = {}
+
+    @property
+    def values_across_tiers(self) -> bool:  # type: ignore[override]
+        """A value ranks a block in any tier — but not while the guard orders victims by
+        recency: then the core must not weigh blocks by values the guard judged losing."""
+        return not self.guard.prefer_lru
 
     # -- classification -------------------------------------------------------------------
     def _group_of(self, key: BlockKey) -> object:
@@ -296,9 +301,7 @@ class TypedPolicy(Policy):
         if isinstance(group, Holders):
             return self._group_value(group, tier, now)
         if group is SHARED:
-            members = self._groups.get(tier, {}).get(SHARED)
-            last = members.get(key, now) if members else now
-            return self._shared_value(key, now - last, tier, now)
+            return self._shared_value(key, now - self._shared_last_use(key, tier, now), tier, now)
         return self._group_value(group, tier, now)
 
     def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
@@ -375,6 +378,16 @@ class TypedPolicy(Policy):
             # Never rank a session above an otherwise equal one seen more recently.
             value = min(value, reuse_probability(dist, p, 0.0, horizon))
         return value
+
+    def _shared_last_use(self, key: BlockKey, tier: str, now: float) -> float:
+        """When ``key`` (a shared block) was last used: as ``tier`` saw it, else as the
+        tiers holding it did (the core may ask what it would be worth where it is not
+        held), else ``now`` (a block being stored)."""
+        members = self._groups.get(tier, {}).get(SHARED)
+        if members and key in members:
+            return members[key]
+        seen = [groups[SHARED][key] for groups in self._groups.values() if key in groups.get(SHARED, ())]
+        return max(seen) if seen else now
 
     def _shared_value(self, key: BlockKey, elapsed: float, tier: str, now: float) -> float:
         own = reuse_probability(self.shared_gaps.pooled(), 1.0, max(elapsed, 0.0), self.horizon(tier))

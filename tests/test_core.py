@@ -478,3 +478,51 @@ def test_a_demotion_into_free_room_is_never_dropped_however_little_it_is_worth()
         core.commit_store(grant.lease_id)
     assert [core.lookup(NS, [h]) for h in (1, 2, 3)] == [["nvme"], ["nvme"], ["dram"]]
     assert core.check() == []
+
+
+def store_or_wait(core: KvCore, *hashes: int, parent: int | None = None) -> None:
+    """Store; when the core asks to wait, run just the demotions it planned, then retry."""
+    grant = core.prepare_store(NS, specs(*hashes, parent=parent))
+    while isinstance(grant, Wait):
+        for transfer in core.take_demotions():
+            core.complete_transfer(transfer, ok=True)
+        grant = core.prepare_store(NS, specs(*hashes, parent=parent))
+    core.commit_store(grant.lease_id)
+
+
+def test_a_victim_below_that_another_tier_also_holds_is_not_weighed():
+    # NVMe's victim 1 is also in DRAM (written behind), so pushing it out loses nothing:
+    # 2, worth less than 1, still goes down rather than being dropped.
+    core = KvCore(
+        {"dram": ExtentAllocator([(0, 2 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 1 * PAGE)], PAGE)},
+        Valued(b1=5.0, b2=1.0, b3=1.0),
+        FakeClock(),
+        CoreConfig(write_behind=True),
+    )
+    core.register_namespace(NS, 16, PAGE)
+    store_or_wait(core, 1)
+    run_mover(core)  # 1 in DRAM and NVMe: NVMe is full
+    store_or_wait(core, 2)  # 2 in DRAM only (its write-behind waits for room)
+    grant = core.prepare_load(NS, [1])
+    core.complete_load(grant.lease_id)  # 1 is more recent than 2: 2 is DRAM's victim
+    core.take_events()
+    store_or_wait(core, 3)
+    assert [h for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [1]
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3)] == [["dram"], ["nvme"], ["dram"]]
+    assert core.check() == []
+
+
+def test_a_chain_head_whose_children_are_held_is_demoted_however_little_it_is_worth():
+    core = KvCore(
+        {"dram": ExtentAllocator([(0, 2 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 2 * PAGE)], PAGE)},
+        Valued(b1=1.0, b2=10.0, b3=9.0, b4=9.0, b5=9.0, b6=9.0),
+        FakeClock(),
+        CoreConfig(write_behind=False),
+    )
+    core.register_namespace(NS, 16, PAGE)
+    for chain in ((5,), (6,), (1, 2), (3,), (4,)):
+        store_or_wait(core, *chain)
+        run_mover(core)
+    # 1 is worth less than anything NVMe holds, but dropping it would strand 2 below.
+    assert core.lookup(NS, [1, 2]) == ["nvme", "nvme"]
+    assert core.check() == []

@@ -348,16 +348,31 @@ def test_typed_orders_by_recency_while_the_guard_prefers_lru():
 
 def test_a_policy_that_values_across_tiers_ranks_a_block_where_it_is_not_held(policy):
     # The core weighs a block about to be demoted against the tier below's victims with
-    # priority(key, lower): for such a policy that must be a value, ordered as at home.
-    sessions = SessionTable()
-    policy = make_policy(policy.name, sessions, Future.from_chains(NS, [[1, 2], [1, 2, 3]]))
-    sessions.turn_start(NS, "s", [1, 2, 3], now=0)
-    policy.on_sessions(sessions.take_changes(), sessions.take_observations(), sessions.take_reclassified(), 0)
+    # priority(key, lower): for such a policy that must be a value.
     policy.on_stored("dram", [A, B, C], now=0)
-    home = [policy.priority(k, "dram", 1) for k in (A, B, C)]
     away = [policy.priority(k, "nvme", 1) for k in (A, B, C)]
     if not policy.values_across_tiers:
         assert policy.name == "lru" and away == [float("-inf")] * 3  # recency of a tier's own copies
         return
     assert all(v > float("-inf") for v in away)
-    assert sorted(range(3), key=lambda i: home[i]) == sorted(range(3), key=lambda i: away[i])
+
+
+def test_typed_values_a_shared_block_where_it_is_not_held_by_its_last_use():
+    # A block a finished program shared, last used at t=2: asked what it is worth in NVMe
+    # (which does not hold it), typed answers from that use, not as if it were used now.
+    sessions = SessionTable()
+    policy = TypedPolicy(sessions)
+    sessions.turn_start(NS, "a", [1, 2], now=0)
+    sessions.turn_start(NS, "a", [1, 2, 3], now=1)
+    sessions.end(NS, "a", now=2)
+    policy.on_sessions(sessions.take_changes(), sessions.take_observations(), sessions.take_reclassified(), 2)
+    policy.on_stored("dram", [A, B, C], now=2)
+    assert policy.retention_class(A, "dram") == "shared_prefix"
+    assert policy.priority(A, "nvme", 5000) < policy.priority(A, "nvme", 3)
+
+
+def test_typed_ranks_across_tiers_only_while_its_guard_trusts_its_values():
+    policy = TypedPolicy(SessionTable())
+    assert policy.values_across_tiers
+    policy.guard.prefer_lru = True  # the guard's switch: recency is winning here
+    assert not policy.values_across_tiers

@@ -1133,14 +1133,13 @@ class KvCore:
             if not victims:
                 return False
             victim, _ = victims[0]
-            below = self._lower(tier)
-            if below is not None and below in victim.copies:
-                return False  # its eviction drops a duplicate: nothing is lost
+            if len(victim.copies) > 1:
+                return False  # another tier holds it too: its eviction loses nothing
             if not self.policy.worth_demoting(victim.key, tier, now):
                 return False  # it goes for nothing
             if self.policy.priority(record.key, tier, now) >= self.policy.priority(victim.key, tier, now):
                 return False
-            tier = below
+            tier = self._lower(tier)
         return True
 
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
