@@ -417,15 +417,17 @@ class Valued(LruPolicy):
         return self.value.get(key, 0.0)
 
 
+def two_tiers(dram: int, nvme: int, policy: LruPolicy, write_behind: bool = False) -> KvCore:
+    """A core over DRAM and NVMe of ``dram`` and ``nvme`` blocks."""
+    spaces = {"dram": ExtentAllocator([(0, dram * PAGE)], PAGE), "nvme": ExtentAllocator([(0, nvme * PAGE)], PAGE)}
+    core = KvCore(spaces, policy, FakeClock(), CoreConfig(write_behind=write_behind))
+    core.register_namespace(NS, 16, PAGE)
+    return core
+
+
 def full_two_tiers(policy: LruPolicy) -> KvCore:
     """DRAM holds 3 and 4, NVMe holds 1 and 2 (each block in one tier): both are full."""
-    core = KvCore(
-        {"dram": ExtentAllocator([(0, 2 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 2 * PAGE)], PAGE)},
-        policy,
-        FakeClock(),
-        CoreConfig(write_behind=False),
-    )
-    core.register_namespace(NS, 16, PAGE)
+    core = two_tiers(2, 2, policy)
     for h in (1, 2, 3, 4):
         grant = core.prepare_store(NS, specs(h))
         if isinstance(grant, Wait):
@@ -463,13 +465,7 @@ def test_a_block_worth_less_than_what_its_demotion_pushes_out_is_dropped(policy,
 
 
 def test_a_demotion_into_free_room_is_never_dropped_however_little_it_is_worth():
-    core = KvCore(
-        {"dram": ExtentAllocator([(0, 1 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 2 * PAGE)], PAGE)},
-        Valued(b1=9.0, b2=0.5, b3=1.0),
-        FakeClock(),
-        CoreConfig(write_behind=False),
-    )
-    core.register_namespace(NS, 16, PAGE)
+    core = two_tiers(1, 2, Valued(b1=9.0, b2=0.5, b3=1.0))
     for h in (1, 2, 3):  # 1 goes down, then 2: worth less than 1, but NVMe has room for it
         grant = core.prepare_store(NS, specs(h))
         if isinstance(grant, Wait):
@@ -493,13 +489,7 @@ def store_or_wait(core: KvCore, *hashes: int, parent: int | None = None) -> None
 def test_a_victim_below_that_another_tier_also_holds_is_not_weighed():
     # NVMe's victim 1 is also in DRAM (written behind), so pushing it out loses nothing:
     # 2, worth less than 1, still goes down rather than being dropped.
-    core = KvCore(
-        {"dram": ExtentAllocator([(0, 2 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 1 * PAGE)], PAGE)},
-        Valued(b1=5.0, b2=1.0, b3=1.0),
-        FakeClock(),
-        CoreConfig(write_behind=True),
-    )
-    core.register_namespace(NS, 16, PAGE)
+    core = two_tiers(2, 1, Valued(b1=5.0, b2=1.0, b3=1.0), write_behind=True)
     store_or_wait(core, 1)
     run_mover(core)  # 1 in DRAM and NVMe: NVMe is full
     store_or_wait(core, 2)  # 2 in DRAM only (its write-behind waits for room)
@@ -513,13 +503,7 @@ def test_a_victim_below_that_another_tier_also_holds_is_not_weighed():
 
 
 def test_a_chain_head_whose_children_are_held_is_demoted_however_little_it_is_worth():
-    core = KvCore(
-        {"dram": ExtentAllocator([(0, 2 * PAGE)], PAGE), "nvme": ExtentAllocator([(0, 2 * PAGE)], PAGE)},
-        Valued(b1=1.0, b2=10.0, b3=9.0, b4=9.0, b5=9.0, b6=9.0),
-        FakeClock(),
-        CoreConfig(write_behind=False),
-    )
-    core.register_namespace(NS, 16, PAGE)
+    core = two_tiers(2, 2, Valued(b1=1.0, b2=10.0, b3=9.0, b4=9.0, b5=9.0, b6=9.0))
     for chain in ((5,), (6,), (1, 2), (3,), (4,)):
         store_or_wait(core, *chain)
         run_mover(core)
