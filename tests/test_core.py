@@ -510,3 +510,24 @@ def test_a_chain_head_whose_children_are_held_is_demoted_however_little_it_is_wo
     # 1 is worth less than anything NVMe holds, but dropping it would strand 2 below.
     assert core.lookup(NS, [1, 2]) == ["nvme", "nvme"]
     assert core.check() == []
+
+
+def test_a_middle_victim_held_above_still_pushes_the_cascade_on():
+    # HBM holds R (1) and V (2), DRAM holds V too, NVMe holds W (3); R < W < V. Storing X
+    # evicts R: demoting it would push V down from DRAM (a copy above does not keep it
+    # there) and W out of NVMe — so R, the least valuable, is dropped instead.
+    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 1), ("nvme", 1))}
+    core = KvCore(spaces, Valued(b1=1.0, b2=9.0, b3=5.0, b4=9.0), FakeClock(), CoreConfig(write_behind=False))
+    core.register_namespace(NS, 16, PAGE)
+    core.restore_block(NS, 3, None, PAGE, "nvme", spaces["nvme"].allocate(PAGE))
+    core.restore_block(NS, 2, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
+    store_or_wait(core, 1)
+    grant = core.prepare_load(NS, [2])  # V is promoted into HBM; DRAM keeps its copy
+    for transfer in grant.promotions:
+        core.complete_transfer(transfer, ok=True)
+    core.complete_load(grant.lease_id)
+    core.take_events()
+    store_or_wait(core, 4)
+    assert [(h, tier) for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [(1, "hbm")]
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4)] == [[], ["hbm"], ["nvme"], ["hbm"]]
+    assert core.check() == []

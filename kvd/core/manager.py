@@ -1133,13 +1133,14 @@ class KvCore:
             if not victims:
                 return False
             victim, _ = victims[0]
-            if len(victim.copies) > 1:
-                return False  # another tier holds it too: its eviction loses nothing
+            below = self._lower(tier)
+            if below in victim.copies or (below is None and len(victim.copies) > 1):
+                return False  # it is dropped, and another tier holds it: nothing is lost
             if not self.policy.worth_demoting(victim.key, tier, now):
                 return False  # it goes for nothing
             if self.policy.priority(record.key, tier, now) >= self.policy.priority(victim.key, tier, now):
                 return False
-            tier = self._lower(tier)
+            tier = below  # it would go down in turn (a copy above does not keep it here)
         return True
 
     def _make_room(self, tier: str, nbytes: int) -> Slot | Wait | None:
