@@ -23,7 +23,9 @@ class Policy(ABC):
     name: ClassVar[str]
     # Whether priority(key, tier) means what ``key`` would be worth in ``tier`` even where
     # it is held elsewhere (a value, a next use), so the core may weigh a block against
-    # another tier's victims; False for recency, which only orders a tier's own copies.
+    # another tier's victims; False for recency, which only orders a tier's own copies. The
+    # core reads it on the instance at each eviction: a policy may answer per instance and
+    # per moment (typed does, as a property).
     values_across_tiers: ClassVar[bool] = False
 
     @abstractmethod

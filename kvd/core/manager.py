@@ -10,8 +10,8 @@ pure bookkeeping). When a space is full the policy names victims; a victim whose
 ready copy one tier down (or that sits in the last tier, or that the policy would not keep
 below, or that is worth less than what its demotion would push out of every full tier
 below) is dropped at once; otherwise it is *demoted*: the core plans a :class:`Transfer` to
-the tier below and the copy stays pinned until the mover reports the transfer done. A request that needs the room comes back
-:class:`Wait` and retries after the mover ran.
+the tier below and the copy stays pinned until the mover reports the transfer done. A
+request that needs the room comes back :class:`Wait` and retries after the mover ran.
 
 Invariants (checked by :meth:`check`):
 - every copy's slot is allocated in its tier's space, no two copies share a slot, and the
