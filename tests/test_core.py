@@ -417,6 +417,16 @@ class Valued(LruPolicy):
         return self.value.get(key, 0.0)
 
 
+def store_or_wait(core: KvCore, *hashes: int, parent: int | None = None) -> None:
+    """Store; when the core asks to wait, run just the demotions it planned, then retry."""
+    grant = core.prepare_store(NS, specs(*hashes, parent=parent))
+    while isinstance(grant, Wait):
+        for transfer in core.take_demotions():
+            core.complete_transfer(transfer, ok=True)
+        grant = core.prepare_store(NS, specs(*hashes, parent=parent))
+    core.commit_store(grant.lease_id)
+
+
 def two_tiers(dram: int, nvme: int, policy: LruPolicy, write_behind: bool = False) -> KvCore:
     """A core over DRAM and NVMe of ``dram`` and ``nvme`` blocks."""
     spaces = {"dram": ExtentAllocator([(0, dram * PAGE)], PAGE), "nvme": ExtentAllocator([(0, nvme * PAGE)], PAGE)}
@@ -429,11 +439,7 @@ def full_two_tiers(policy: LruPolicy) -> KvCore:
     """DRAM holds 3 and 4, NVMe holds 1 and 2 (each block in one tier): both are full."""
     core = two_tiers(2, 2, policy)
     for h in (1, 2, 3, 4):
-        grant = core.prepare_store(NS, specs(h))
-        if isinstance(grant, Wait):
-            run_mover(core)
-            grant = core.prepare_store(NS, specs(h))
-        core.commit_store(grant.lease_id)
+        store_or_wait(core, h)
     assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4)] == [["nvme"], ["nvme"], ["dram"], ["dram"]]
     core.take_events()
     return core
@@ -453,11 +459,7 @@ def full_two_tiers(policy: LruPolicy) -> KvCore:
 )
 def test_a_block_worth_less_than_what_its_demotion_pushes_out_is_dropped(policy, gone, nvme):
     core = full_two_tiers(policy)
-    grant = core.prepare_store(NS, specs(5))
-    if isinstance(grant, Wait):
-        run_mover(core)
-        grant = core.prepare_store(NS, specs(5))
-    core.commit_store(grant.lease_id)
+    store_or_wait(core, 5)
     assert [h for h, _, reason in removed(core.take_events()) if reason == "evicted"] == [gone]
     assert {h for h in (1, 2, 3, 4, 5) if core.lookup(NS, [h]) == ["nvme"]} == nvme
     assert core.lookup(NS, [4]) == ["dram"] and core.lookup(NS, [5]) == ["dram"]
@@ -467,23 +469,9 @@ def test_a_block_worth_less_than_what_its_demotion_pushes_out_is_dropped(policy,
 def test_a_demotion_into_free_room_is_never_dropped_however_little_it_is_worth():
     core = two_tiers(1, 2, Valued(b1=9.0, b2=0.5, b3=1.0))
     for h in (1, 2, 3):  # 1 goes down, then 2: worth less than 1, but NVMe has room for it
-        grant = core.prepare_store(NS, specs(h))
-        if isinstance(grant, Wait):
-            run_mover(core)
-            grant = core.prepare_store(NS, specs(h))
-        core.commit_store(grant.lease_id)
+        store_or_wait(core, h)
     assert [core.lookup(NS, [h]) for h in (1, 2, 3)] == [["nvme"], ["nvme"], ["dram"]]
     assert core.check() == []
-
-
-def store_or_wait(core: KvCore, *hashes: int, parent: int | None = None) -> None:
-    """Store; when the core asks to wait, run just the demotions it planned, then retry."""
-    grant = core.prepare_store(NS, specs(*hashes, parent=parent))
-    while isinstance(grant, Wait):
-        for transfer in core.take_demotions():
-            core.complete_transfer(transfer, ok=True)
-        grant = core.prepare_store(NS, specs(*hashes, parent=parent))
-    core.commit_store(grant.lease_id)
 
 
 def test_a_victim_below_that_another_tier_also_holds_is_not_weighed():
