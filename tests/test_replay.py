@@ -312,6 +312,23 @@ def kvd_turn(t: float, sid: str, chain: list[int], turn: int = 0, **extra) -> di
             "block_size": 4, "session_id": sid, "turn": turn, **extra}
 
 
+def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_its_head_moved_down(tmp_path):
+    # DRAM of 2 blocks over NVMe of 4, no write-behind, lru. r0's prompt [1, 2, 3] is stored
+    # as a client stores it, in parts that fit DRAM: [1, 2], then [3], whose room comes from
+    # demoting 2 (the deeper of the two) to NVMe: DRAM 1 3, NVMe 2. (In one part it did not
+    # fit: only its head, [1], was kept.) r1 [1, 2, 3, 4] finds all three: DRAM 8 tokens,
+    # NVMe 4. Its load, a block at a time: 1 touched; 2 promoted (3 demoted); 3 promoted (1
+    # demoted): DRAM 2 3. Its store: 4 takes 2's DRAM slot (2 is on NVMe: a free drop).
+    trace = open_loop(tmp_path / "t.jsonl", [[1, 2, 3], [1, 2, 3, 4]])
+    cfg = dataclasses.replace(config(dram_blocks=2, nvme_blocks=4), write_behind=False)
+    sim = Replay(trace, "lru", cfg)
+    r = sim.run()
+    assert r.hit_tokens_by_tier == {"dram": 8, "nvme": 4}
+    assert r.bytes_moved == {"dram->nvme": 3 * BLOCK, "nvme->dram": 2 * BLOCK}
+    assert sim.core.lookup("replay", [1, 2, 3, 4]) == ["nvme", "nvme", "dram", "dram"]
+    assert r.unstored_requests == 0 and r.problems == []
+
+
 # Session a works on a repository (blocks 1, 2; 3 is its task) and ends after two turns;
 # one-turn sessions f, g, h then fill DRAM (4 blocks) three times over; b, the next session on
 # the repository, starts from blocks 1, 2. Without write-behind, blocks reach NVMe only when
@@ -349,6 +366,7 @@ def test_closed_loop_a_slow_cache_delays_the_whole_program(tmp_path):
     trace = read_trace(write_trace(tmp_path / "c.jsonl", lines))
     r = replay(trace, "lru", config(dram_blocks=1))
     assert r.ttft_s == pytest.approx([8 * MS, 9 * MS, 13 * MS], rel=1e-9)
+    assert r.unstored_requests == 3  # no prompt was stored whole
     assert r.session_completion_s == pytest.approx([7.83], rel=1e-9)
 
 

@@ -8,7 +8,8 @@ bytes). Only the mover and the engine are simulated:
 - a request arrives (open loop at its timestamp; closed loop, after its session's previous
   turn finished plus ``pause_s``); the held prefix is looked up and loaded (promotions run at
   once: their time is part of the TTFT), the rest is recomputed, and every block of the
-  prompt is stored;
+  prompt is stored — in parts of at most the top tier, as a client batches it, so the head
+  of a prompt bigger than HBM moves down as its tail arrives;
 - TTFT = load time of the held prefix (per block, from the tier it was found in) +
   recompute time of the rest; the turn finishes after its output is decoded;
 - demotions a store or load needs run at once (their bytes are counted); write-behind and
@@ -122,7 +123,7 @@ class PolicyResult:
     ttft_s: list[float]
     session_completion_s: list[float]
     bytes_moved: dict[str, int]
-    unstored_requests: int
+    unstored_requests: int  # requests whose prompt was not stored whole (no room: leases)
     wall_s: float
     problems: list[str]
 
@@ -375,10 +376,26 @@ class Replay:
             core.complete_load(grant.lease_id)
 
     def _store(self, req: TraceRequest, hashes: list[int], last_partial: bool) -> None:
-        core = self.core
+        """Store the prompt as a client does: in parts of at most the top tier, each its own
+        lease, committed before the next, so a prompt bigger than the top tier is stored
+        whole — its head moves down to make room for its tail. With no tier below, the
+        head is what is kept (a tail alone is unreachable): a part that does not fit keeps
+        its head, and what follows it is not stored."""
         specs = [
             BlockSpec(h, hashes[i - 1] if i else None, self.block_bytes) for i, h in enumerate(hashes)
         ]
+        step = max(1, self._top_blocks if len(self.core.tiers) > 1 else len(specs))
+        for lo in range(0, len(specs), step):
+            part = specs[lo : lo + step]
+            stored = self._store_part(req, part, last_partial and lo + step >= len(specs))
+            if stored < len(part):
+                self.unstored += 1
+                return
+
+    def _store_part(self, req: TraceRequest, specs: list[BlockSpec], last_partial: bool) -> int:
+        """Store a part of a prompt under one lease; returns how many of its blocks (a
+        prefix) were stored."""
+        core = self.core
         while specs:
             try:
                 for _ in range(64):
@@ -387,16 +404,14 @@ class Replay:
                         break
                     self._make_progress()
                 else:
-                    self.unstored += 1
-                    return
+                    return 0
             except NoSpace:
-                # A prompt bigger than the top tier: keep the head of its chain.
                 specs = specs[: len(specs) // 2]
                 last_partial = False
                 continue
             core.commit_store(grant.lease_id)
-            return
-        self.unstored += 1
+            return len(specs)
+        return 0
 
     # -- the simulated mover --------------------------------------------------------------
     def _make_progress(self) -> None:
