@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class TypedPolicy(Policy):
         self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
         self._holders: dict[int, Holders] = {}
+        self._judged: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()  # turn judged
 
     @property
     def values_across_tiers(self) -> bool:  # type: ignore[override]
@@ -151,15 +153,17 @@ class TypedPolicy(Policy):
         where = self._where.setdefault(tier, {})
         held_any = self._held_any
         new = [key for key in keys if key not in held_any]
-        if new:  # a store after a miss (moves between tiers are not requests)
-            self._judge(new)
         recency = self._recency.setdefault(tier, OrderedDict())
         for key in reversed(keys):
             if key not in where:
                 held_any[key] = held_any.get(key, 0) + 1
             recency[key] = None
             recency.move_to_end(key)
+        # Sized with the blocks just stored counted: before them the count dips by the room
+        # this store made, and a shadow trimmed to the dip never holds as much as the cache.
         self.guard.resize(len(held_any))
+        if new:  # a store after a miss (moves between tiers are not requests)
+            self._judge(new)
         for key in reversed(keys):  # the root last: most recent within its group
             old = where.get(key)
             group = self._group_of(key)
@@ -195,8 +199,14 @@ class TypedPolicy(Policy):
 
     def _judge(self, new: list[BlockKey]) -> None:
         """Score the request that stored ``new`` for the guard: its whole prompt is the
-        chain of the session that stored it (the real cache held the part before ``new``)."""
+        chain of the session that stored it (the real cache held the part before ``new``).
+        A turn is judged once, at its first store: clients store a long prompt in batches,
+        and a later batch finds the earlier ones held because this turn stored them."""
         session = self.sessions.latest(new[0])
+        if session is not None:
+            if self._judged.get(session) == session.turns:
+                return
+            self._judged[session] = session.turns
         chain = [(session.namespace, h) for h in session.chain] if session is not None else []
         try:
             held = chain.index(new[0])

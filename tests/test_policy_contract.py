@@ -332,6 +332,30 @@ def test_guard_judges_nothing_during_warmup():
     assert guard.shadow_hits > 0
 
 
+def test_typed_guard_judges_a_turn_once_however_many_batches_store_it():
+    # A client stores a long prompt in batches. The guard must score the turn once, from the
+    # prefix held before it began (a later batch finds the earlier ones held only because
+    # this turn stored them), with the shadow sized to the blocks held once they land.
+    sessions, policy = typed_with()
+    seen = []
+    observe = policy.guard.observe
+
+    def recording(chain, held):
+        seen.append((list(chain), held, policy.guard.capacity))
+        observe(chain, held)
+
+    policy.guard.observe = recording
+    sessions.turn_start(NS, "a", [1, 2, 3, 4], now=0)
+    sync(sessions, policy, 0)
+    policy.on_stored("dram", [A, B], now=0)
+    policy.on_stored("dram", [C, D], now=0)
+    assert seen == [([A, B, C, D], 0, 2)]
+    sessions.turn_start(NS, "a", [1, 2, 3, 4, 5], now=10)
+    sync(sessions, policy, 10)
+    policy.on_stored("dram", [(NS, 5)], now=10)
+    assert seen[1:] == [([A, B, C, D, (NS, 5)], 4, 5)]
+
+
 def test_typed_orders_by_recency_while_the_guard_prefers_lru():
     sessions, policy = typed_with()
     sessions.turn_start(NS, "s", [1, 2], now=0)
