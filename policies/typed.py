@@ -159,8 +159,9 @@ class TypedPolicy(Policy):
                 held_any[key] = held_any.get(key, 0) + 1
             recency[key] = None
             recency.move_to_end(key)
-        # Sized with the blocks just stored counted: before them the count dips by the room
-        # this store made, and a shadow trimmed to the dip never holds as much as the cache.
+        # Sized with the blocks just stored counted: the last count may have been taken while
+        # this store was making room (a demotion landing), and a shadow trimmed to that dip
+        # holds less than the cache from then on.
         self.guard.resize(len(held_any))
         if new:  # a store after a miss (moves between tiers are not requests)
             self._judge(new)
