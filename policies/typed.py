@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
@@ -108,7 +107,6 @@ class TypedPolicy(Policy):
         self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
         self._holders: dict[int, Holders] = {}
-        self._judged: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()  # turn judged
 
     @property
     def values_across_tiers(self) -> bool:  # type: ignore[override]
@@ -152,19 +150,15 @@ class TypedPolicy(Policy):
         groups = self._groups.setdefault(tier, {})
         where = self._where.setdefault(tier, {})
         held_any = self._held_any
-        new = [key for key in keys if key not in held_any]
         recency = self._recency.setdefault(tier, OrderedDict())
         for key in reversed(keys):
             if key not in where:
                 held_any[key] = held_any.get(key, 0) + 1
             recency[key] = None
             recency.move_to_end(key)
-        # Sized with the blocks just stored counted: the last count may have been taken while
-        # this store was making room (a demotion landing), and a shadow trimmed to that dip
-        # holds less than the cache from then on.
+        # Sized with the blocks just stored counted: a count taken while a store was making
+        # room (a demotion landing) dips, and a shadow trimmed to it holds less from then on.
         self.guard.resize(len(held_any))
-        if new:  # a store after a miss (moves between tiers are not requests)
-            self._judge(new)
         for key in reversed(keys):  # the root last: most recent within its group
             old = where.get(key)
             group = self._group_of(key)
@@ -198,21 +192,18 @@ class TypedPolicy(Policy):
         for last in last_seen.values():  # one re-use gap per shared block, whatever its tiers
             self.shared_gaps.observe(None, now - last)
 
-    def _judge(self, new: list[BlockKey]) -> None:
-        """Score the request that stored ``new`` for the guard: its whole prompt is the
-        chain of the session that stored it (the real cache held the part before ``new``).
-        A turn is judged once, at its first store: clients store a long prompt in batches,
-        and a later batch finds the earlier ones held because this turn stored them."""
-        session = self.sessions.latest(new[0])
-        if session is not None:
-            if self._judged.get(session) == session.turns:
-                return
-            self._judged[session] = session.turns
-        chain = [(session.namespace, h) for h in session.chain] if session is not None else []
-        try:
-            held = chain.index(new[0])
-        except ValueError:
-            chain, held = new, 0
+    def _judge(self, session: Session) -> None:
+        """Score a turn for the guard as it starts, before anything of it is stored: its
+        prompt is the session's chain, and the real cache holds the prefix of it that some
+        tier holds — what a lookup answers. (Judged at its stores instead, a turn stored in
+        batches would be scored once a batch, each finding the ones before it held, and a
+        batch of shared blocks would be put down to whichever session took them last.)"""
+        chain = [(session.namespace, h) for h in session.chain]
+        held = 0
+        for key in chain:
+            if key not in self._held_any:
+                break
+            held += 1
         self.guard.observe(chain, held)
 
     def on_removed(self, tier: str, key: BlockKey) -> None:
@@ -235,6 +226,7 @@ class TypedPolicy(Policy):
                 self.pauses.observe(obs.tool, obs.seconds, obs.expected_s)
             elif obs.kind == "turn" and obs.session is not None:
                 self.turns.reached(obs.session, obs.turns, obs.session.grown, now)
+                self._judge(obs.session)
         for tier in self._groups:
             self._dirty.setdefault(tier, set()).update(changed)
         for session in changed:

@@ -332,10 +332,10 @@ def test_guard_judges_nothing_during_warmup():
     assert guard.shadow_hits > 0
 
 
-def test_typed_guard_judges_a_turn_once_however_many_batches_store_it():
-    # A client stores a long prompt in batches. The guard must score the turn once, from the
-    # prefix held before it began (a later batch finds the earlier ones held only because
-    # this turn stored them), with the shadow sized to the blocks held once they land.
+def test_typed_guard_judges_a_turn_once_as_it_starts_however_many_batches_store_it():
+    # A client stores a long prompt in batches. The guard scores the turn once, as it starts,
+    # from the prefix some tier holds then: a later batch must not count the earlier ones
+    # as held (this turn stored them), nor be put down to another session sharing them.
     sessions, policy = typed_with()
     seen = []
     observe = policy.guard.observe
@@ -349,11 +349,16 @@ def test_typed_guard_judges_a_turn_once_however_many_batches_store_it():
     sync(sessions, policy, 0)
     policy.on_stored("dram", [A, B], now=0)
     policy.on_stored("dram", [C, D], now=0)
-    assert seen == [([A, B, C, D], 0, 2)]
+    sessions.turn_start(NS, "b", [1, 2, 3, 9], now=1)  # b shares a's first three blocks
+    sync(sessions, policy, 1)
     sessions.turn_start(NS, "a", [1, 2, 3, 4, 5], now=10)
     sync(sessions, policy, 10)
     policy.on_stored("dram", [(NS, 5)], now=10)
-    assert seen[1:] == [([A, B, C, D, (NS, 5)], 4, 5)]
+    assert seen == [
+        ([A, B, C, D], 0, 0),
+        ([A, B, C, (NS, 9)], 3, 4),
+        ([A, B, C, D, (NS, 5)], 4, 4),
+    ]
 
 
 def test_typed_orders_by_recency_while_the_guard_prefers_lru():
