@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from kvd.replay.sim import CostModel, Replay, ReplayConfig, replay
+from kvd.replay.sim import PAGE, CostModel, Replay, ReplayConfig, replay
 from kvd.replay.trace import Trace, read_trace
 
 BLOCK = 4096
@@ -312,14 +312,16 @@ def kvd_turn(t: float, sid: str, chain: list[int], turn: int = 0, **extra) -> di
             "block_size": 4, "session_id": sid, "turn": turn, **extra}
 
 
-def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_its_head_moved_down(tmp_path):
-    # DRAM of 2 blocks over NVMe of 4, no write-behind, lru. r0's prompt [1, 2, 3] is stored
-    # as a client stores it, in parts that fit DRAM: [1, 2], then [3], whose room comes from
-    # demoting 2 (the deeper of the two) to NVMe: DRAM 1 3, NVMe 2. (In one part it did not
-    # fit: only its head, [1], was kept.) r1 [1, 2, 3, 4] finds all three: DRAM 8 tokens,
-    # NVMe 4. Its load, a block at a time: 1 touched; 2 promoted (3 demoted); 3 promoted (1
-    # demoted): DRAM 2 3. Its store: 4 takes 2's DRAM slot (2 is on NVMe: a free drop).
-    trace = open_loop(tmp_path / "t.jsonl", [[1, 2, 3], [1, 2, 3, 4]])
+def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_in_parts(tmp_path):
+    # DRAM of 2 blocks over NVMe of 4, no write-behind, lru, one named session. r0's prompt
+    # [1, 2, 3] is stored as a client stores it, in parts that fit DRAM: [1, 2], then [3],
+    # whose room comes from demoting 2 (the deeper of the two) to NVMe: DRAM 1 3, NVMe 2.
+    # (In one part it did not fit: only its head, [1], was kept.) r1 [1, 2, 3, 4] finds all
+    # three: DRAM 8 tokens, NVMe 4. Its load, a block at a time: 1 touched; 2 promoted (3
+    # demoted); 3 promoted (1 demoted): DRAM 2 3. Its store: 4 takes 2's DRAM slot (2 is on
+    # NVMe: a free drop).
+    lines = [kvd_turn(0.0, "s", [1, 2, 3]), kvd_turn(10.0, "s", [1, 2, 3, 4], turn=1)]
+    trace = read_trace(write_trace(tmp_path / "t.jsonl", lines))
     cfg = dataclasses.replace(config(dram_blocks=2, nvme_blocks=4), write_behind=False)
     sim = Replay(trace, "lru", cfg)
     r = sim.run()
@@ -327,6 +329,29 @@ def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_its_head_moved_down(t
     assert r.bytes_moved == {"dram->nvme": 3 * BLOCK, "nvme->dram": 2 * BLOCK}
     assert sim.core.lookup("replay", [1, 2, 3, 4]) == ["nvme", "nvme", "dram", "dram"]
     assert r.unstored_requests == 0 and r.problems == []
+
+
+def test_a_prompt_without_a_session_id_is_stored_in_one_part(tmp_path):
+    # The same prompts without session ids: the core infers sessions from the chain a store
+    # names, so the replay stores one part, and a prompt bigger than DRAM keeps its head.
+    trace = open_loop(tmp_path / "t.jsonl", [[1, 2, 3], [1, 2, 3, 4]])
+    cfg = dataclasses.replace(config(dram_blocks=2, nvme_blocks=4), write_behind=False)
+    r = replay(trace, "lru", cfg)
+    assert r.hit_tokens_by_tier == {"dram": 4, "nvme": 0}
+    assert r.unstored_requests == 2
+
+
+def test_parts_are_counted_in_slots_not_bytes(tmp_path):
+    # 4-token blocks of 4,000 bytes take a 4,096-byte slot each: DRAM of 42 slots holds 42
+    # blocks, not 43 (its bytes / the block's). Parts of 43 would never fit.
+    lines = [kvd_turn(0.0, "s", list(range(1, 100)))]
+    trace = read_trace(write_trace(tmp_path / "t.jsonl", lines))
+    cost = dataclasses.replace(COST, bytes_per_token=1000)
+    cfg = ReplayConfig(dram_bytes=42 * PAGE, nvme_bytes=200 * PAGE, cost=cost, write_behind=False)
+    sim = Replay(trace, "lru", cfg)
+    r = sim.run()
+    assert r.unstored_requests == 0 and r.problems == []
+    assert len(sim.core.lookup("replay", list(range(1, 100)))) == 99
 
 
 # Session a works on a repository (blocks 1, 2; 3 is its task) and ends after two turns;

@@ -9,7 +9,7 @@ bytes). Only the mover and the engine are simulated:
   turn finished plus ``pause_s``); the held prefix is looked up and loaded (promotions run at
   once: their time is part of the TTFT), the rest is recomputed, and every block of the
   prompt is stored — in parts of at most the top tier, as a client batches it, so the head
-  of a prompt bigger than HBM moves down as its tail arrives;
+  of a named session's prompt bigger than HBM moves down as its tail arrives;
 - TTFT = load time of the held prefix (per block, from the tier it was found in) +
   recompute time of the rest; the turn finishes after its output is decoded;
 - demotions a store or load needs run at once (their bytes are counted); write-behind and
@@ -202,7 +202,8 @@ class Replay:
             sessions=self.sessions,
         )
         self.core.register_namespace(NAMESPACE, trace.block_size, self.block_bytes)
-        self._top_blocks = spaces[self.core.top].capacity_bytes // self.block_bytes
+        top = spaces[self.core.top]
+        self._top_blocks = top.capacity_bytes // top.slot_bytes(self.block_bytes)
         self._events: list[tuple[float, int, int, object]] = []
         self._order = itertools.count()
         self._link_free: dict[tuple[str, str], float] = {}
@@ -376,21 +377,33 @@ class Replay:
             core.complete_load(grant.lease_id)
 
     def _store(self, req: TraceRequest, hashes: list[int], last_partial: bool) -> None:
-        """Store the prompt as a client does: in parts of at most the top tier, each its own
-        lease, committed before the next, so a prompt bigger than the top tier is stored
-        whole — its head moves down to make room for its tail. With no tier below, the
-        head is what is kept (a tail alone is unreachable): a part that does not fit keeps
-        its head, and what follows it is not stored."""
+        """Store the prompt as a client batches it: in parts of at most the top tier, each
+        its own lease, so a prompt bigger than the top tier is stored whole — its earlier
+        blocks move down to make room for the later ones. Two cases keep one part:
+
+        - with no tier below, a prompt longer than the tier keeps its head (a tail alone is
+          unreachable), cut before the store so that the session table sees one turn;
+        - a request without a session id: the core infers its session from the chain a
+          store names, and a first part shorter than the last turn's chain would look
+          like a new session. (So the head-only store remains for such prompts.)
+
+        A part that does not fit (the tier full of leased blocks) keeps its head, and what
+        follows it is not stored."""
         specs = [
             BlockSpec(h, hashes[i - 1] if i else None, self.block_bytes) for i, h in enumerate(hashes)
         ]
-        step = max(1, self._top_blocks if len(self.core.tiers) > 1 else len(specs))
+        whole = True
+        if len(self.core.tiers) == 1 and len(specs) > self._top_blocks:
+            specs, last_partial, whole = specs[: self._top_blocks], False, False
+        named = req.session_id is not None and len(self.core.tiers) > 1
+        step = max(1, self._top_blocks if named else len(specs))
         for lo in range(0, len(specs), step):
             part = specs[lo : lo + step]
-            stored = self._store_part(req, part, last_partial and lo + step >= len(specs))
-            if stored < len(part):
-                self.unstored += 1
-                return
+            if self._store_part(req, part, last_partial and lo + step >= len(specs)) < len(part):
+                whole = False
+                break
+        if not whole:
+            self.unstored += 1
 
     def _store_part(self, req: TraceRequest, specs: list[BlockSpec], last_partial: bool) -> int:
         """Store a part of a prompt under one lease; returns how many of its blocks (a
