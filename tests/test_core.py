@@ -519,3 +519,17 @@ def test_a_middle_victim_held_above_still_pushes_the_cascade_on():
     assert [(h, tier) for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [(1, "hbm")]
     assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4)] == [[], ["hbm"], ["nvme"], ["hbm"]]
     assert core.check() == []
+
+
+def test_a_tier_full_of_demotions_under_way_makes_the_tier_above_wait_not_drop():
+    # DRAM of 2 blocks over NVMe of 1. Storing 3 demotes 2 (the chain's tail) into NVMe's
+    # only slot: the store waits for it. Asked again before it lands, DRAM's next victim is
+    # 1, and NVMe holds nothing it could evict yet — only 2's copy being written. That is
+    # room once the write lands, not "nothing below can take it": the store waits again,
+    # and 1 (the head of the chain 1-2) is not dropped.
+    core = two_tiers(2, 1, LruPolicy())
+    store(core, 1, 2)
+    assert isinstance(core.prepare_store(NS, specs(3)), Wait)
+    assert isinstance(core.prepare_store(NS, specs(3)), Wait)
+    assert core.lookup(NS, [1, 2]) == ["dram", "dram"]  # 2 is read from DRAM until it lands
+    assert core.check() == []

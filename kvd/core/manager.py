@@ -1163,9 +1163,10 @@ class KvCore:
                 return Wait(pending)
             victims = self._pick_victims(tier, nbytes - pending, now)
             if not victims:
-                # Copies a transfer is reading (write-behind, demotion) are evictable once it
-                # lands: wait for the mover rather than fail.
-                if pending or any(t.src_tier == tier for t in self._inflight.values()):
+                # Copies a transfer is reading (write-behind, demotion) or writing (a demotion
+                # into this tier) are evictable once it lands: wait for the mover rather than
+                # fail — a tier full of demotions under way can take more once they land.
+                if pending or any(tier in (t.src_tier, t.dst_tier) for t in self._inflight.values()):
                     return Wait(pending)
                 return None
             for record, copy in victims:
