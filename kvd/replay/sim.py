@@ -123,7 +123,7 @@ class PolicyResult:
     ttft_s: list[float]
     session_completion_s: list[float]
     bytes_moved: dict[str, int]
-    unstored_requests: int  # requests whose prompt was not stored whole (no room: leases)
+    unstored_requests: int  # prompts not stored whole (longer than a lone tier; no room: leases)
     wall_s: float
     problems: list[str]
 
