@@ -27,6 +27,11 @@ class Policy(ABC):
     # core reads it on the instance at each eviction: a policy may answer per instance and
     # per moment (typed does, as a property).
     values_across_tiers: ClassVar[bool] = False
+    # Whether a block never ranks below its held descendants (a chain's root ranks first),
+    # as recency does when a chain is touched root last, and a next use does. Then the core
+    # may drop a chain's head that everything below outranks: its descendants rank lower
+    # still and go next. Otherwise a held chain's head is always kept reachable.
+    roots_rank_first: ClassVar[bool] = False
 
     @abstractmethod
     def on_stored(self, tier: str, keys: Sequence[BlockKey], now: float) -> None:

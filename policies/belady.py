@@ -155,6 +155,7 @@ class Future:
 class BeladyPolicy(Policy):
     name = "belady"
     values_across_tiers = True
+    roots_rank_first = True  # a request that uses a block uses its ancestors: none is needed later
 
     def __init__(self, future: Future | None = None) -> None:
         if future is None:

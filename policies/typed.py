@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, Session, SessionTable
 from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy
 from kvd.policies.guard import LruGuard
+from kvd.policies.lru import LruPolicy
 from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
 
 PINNED, SHARED, EPHEMERAL = "pinned", "shared_prefix", "ephemeral"
@@ -104,15 +105,20 @@ class TypedPolicy(Policy):
         self.guard = LruGuard()
         self._memo: dict[tuple[int, str], float] = {}
         self._memo_now = -math.inf
-        self._recency: dict[str, OrderedDict[BlockKey, None]] = {}  # tier -> keys, least recent first
+        self._recency = LruPolicy()  # the order the guard falls back to: recency over the hierarchy
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
         self._holders: dict[int, Holders] = {}
 
-    @property
-    def values_across_tiers(self) -> bool:  # type: ignore[override]
-        """A value ranks a block in any tier — but not while the guard orders victims by
-        recency: then the core must not weigh blocks by values the guard judged losing."""
-        return not self.guard.prefer_lru
+    # A value ranks a block in any tier, and so does recency (a block's last use) while the
+    # guard orders victims by it; then the core weighs blocks by last use, not by values
+    # the guard judged losing.
+    values_across_tiers = True
+
+    # Recency ranks a chain's root first, and so do values: a session's blocks share one
+    # value, a shared block is worth its latest user's value plus a margin, a block held by
+    # n sessions more than any one of them. (The one gap: a shared block valued by its
+    # latest user may rank below an older user's more valuable tail.)
+    roots_rank_first = True
 
     # -- classification -------------------------------------------------------------------
     def _group_of(self, key: BlockKey) -> object:
@@ -150,12 +156,10 @@ class TypedPolicy(Policy):
         groups = self._groups.setdefault(tier, {})
         where = self._where.setdefault(tier, {})
         held_any = self._held_any
-        recency = self._recency.setdefault(tier, OrderedDict())
         for key in reversed(keys):
             if key not in where:
                 held_any[key] = held_any.get(key, 0) + 1
-            recency[key] = None
-            recency.move_to_end(key)
+        self._recency.on_stored(tier, keys, now)
         # Sized with the blocks just stored counted: a count taken while a store was making
         # room (a demotion landing) dips, and a shadow trimmed to it holds less from then on.
         self.guard.resize(len(held_any))
@@ -178,12 +182,10 @@ class TypedPolicy(Policy):
         last_seen: dict[BlockKey, float] = {}
         for tier, where in self._where.items():
             groups = self._groups[tier]
-            recency = self._recency[tier]
             for key in reversed(keys):
                 group = where.get(key)
                 if group is None:
                     continue
-                recency.move_to_end(key)
                 members = groups[group]
                 if group is SHARED or isinstance(group, Holders):
                     last_seen[key] = max(last_seen.get(key, -math.inf), members[key])
@@ -191,6 +193,7 @@ class TypedPolicy(Policy):
                 members.move_to_end(key)
         for last in last_seen.values():  # one re-use gap per shared block, whatever its tiers
             self.shared_gaps.observe(None, now - last)
+        self._recency.on_accessed(keys, now)
 
     def _judge(self, session: Session) -> None:
         """Score a turn for the guard as it starts, before anything of it is stored: its
@@ -210,7 +213,7 @@ class TypedPolicy(Policy):
         group = self._where.get(tier, {}).pop(key, None)
         if group is not None:
             self._take(tier, key, group, forget=False)
-            self._recency[tier].pop(key, None)
+            self._recency.on_removed(tier, key)
             n = self._held_any[key] - 1
             if n:
                 self._held_any[key] = n
@@ -279,7 +282,7 @@ class TypedPolicy(Policy):
         if not groups:
             return iter(())
         if self.guard.prefer_lru:
-            return iter(self._recency[tier])  # the sessions bet is losing here: plain recency
+            return self._recency.victims(tier, now)  # the sessions bet is losing here: plain recency
         ordered = self._ordered_groups(tier, now)
         streams: list[Iterator[tuple[float, int, BlockKey]]] = []
         eph = groups.get(EPHEMERAL)
@@ -298,6 +301,8 @@ class TypedPolicy(Policy):
         return (key for _, _, key in heapq.merge(*streams, key=lambda item: (item[0], item[1])))
 
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
+        if self.guard.prefer_lru:
+            return self._recency.priority(key, tier, now)
         group = self._where.get(tier, {}).get(key)
         if group is None:
             group = self._group_of(key)
@@ -504,5 +509,6 @@ class TypedPolicy(Policy):
                 if key not in self._groups[tier].get(group, {}):
                     problems.append(f"typed[{tier}]: {key} is filed under a group that lacks it")
                     break
+        problems += [f"typed's recency: {p}" for p in self._recency.check(held)]
         return problems
 

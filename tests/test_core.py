@@ -22,12 +22,15 @@ class FakeClock:
         return self.now
 
 
-def make_core(dram_blocks: int, nvme_blocks: int = 0, write_behind: bool = False) -> tuple[KvCore, FakeClock]:
+def make_core(
+    dram_blocks: int, nvme_blocks: int = 0, write_behind: bool = False, policy: LruPolicy | None = None
+) -> tuple[KvCore, FakeClock]:
     clock = FakeClock()
     spaces = {"dram": ExtentAllocator([(0, dram_blocks * PAGE)], PAGE)}
     if nvme_blocks:
         spaces["nvme"] = ExtentAllocator([(0, nvme_blocks * PAGE)], PAGE)
-    core = KvCore(spaces, LruPolicy(), clock, CoreConfig(write_behind=write_behind, lease_seconds=10))
+    policy = policy if policy is not None else LruPolicy()
+    core = KvCore(spaces, policy, clock, CoreConfig(write_behind=write_behind, lease_seconds=10))
     core.register_namespace(NS, 16, PAGE)
     return core, clock
 
@@ -140,12 +143,14 @@ class HeadsFirst(LruPolicy):
     """LRU, except that the keys in ``first`` are offered as victims before all others (a
     policy that ranks a chain's head below its tail): a switch, not a mock."""
 
+    roots_rank_first = False
+
     def __init__(self, *first: int) -> None:
         super().__init__()
         self.first = [(NS, h) for h in first]
 
     def victims(self, tier, now):
-        held = self._tier(tier)
+        held = list(super().victims(tier, now))
         ahead = [k for k in self.first if k in held]
         return iter(ahead + [k for k in held if k not in ahead])
 
@@ -164,19 +169,71 @@ def test_the_last_copy_of_a_block_with_held_descendants_goes_after_the_rest():
     assert core.check() == []
 
 
+class TierLocal(LruPolicy):
+    """LRU whose ranks order a tier's own copies only (a switch): the core cannot weigh a
+    block against the tier below's, so a demotion always goes down."""
+
+    values_across_tiers = False
+    roots_rank_first = False
+
+
 def test_when_only_heads_can_go_a_head_goes():
     def store_after_demotions(*hashes: int, parent: int | None = None) -> None:
         assert isinstance(core.prepare_store(NS, specs(*hashes, parent=parent)), Wait)
         run_mover(core)
         store(core, *hashes, parent=parent)
 
-    core, _ = make_core(1, nvme_blocks=1)
+    core, _ = make_core(1, nvme_blocks=1, policy=TierLocal())
     store(core, 1)
     store_after_demotions(2, parent=1)  # 1 goes down to NVMe
     core.take_events()
     store_after_demotions(3)  # 2 goes down; NVMe holds only 1, the last copy of 2's parent: it goes
     assert (1, "nvme", "evicted") in removed(core.take_events())
     assert core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [1, 2]) == []
+    assert core.check() == []
+
+
+def test_lru_drops_a_tail_older_than_everything_below_instead_of_pushing_its_head_out():
+    # DRAM 1 over NVMe 1. 2 extends 1; storing 3 evicts 2 from DRAM. Demoting it would push
+    # out 1, its parent and the more recent (a chain is touched root last): the hierarchy
+    # drops 2, its least recently used block, as one tier of two would.
+    core, _ = make_core(1, nvme_blocks=1)
+    store(core, 1)
+    store_or_wait(core, 2, parent=1)  # 1 goes down to NVMe
+    core.take_events()
+    store_or_wait(core, 3)
+    assert removed(core.take_events()) == [(2, "dram", "evicted")]
+    assert core.lookup(NS, [1, 2]) == ["nvme"] and core.lookup(NS, [3]) == ["dram"]
+    assert core.check() == []
+
+
+def test_check_finds_a_shadowed_index_that_disagrees_with_the_copies():
+    core, _ = make_core(4)
+    store(core, 1, 2)
+    core.namespace(NS).shadowed.setdefault("dram", {})[1] = None  # DRAM is the only tier
+    assert any("filed as shadowed" in p for p in core.check())
+
+
+def test_a_load_from_below_makes_room_for_all_its_promotions_at_once():
+    # DRAM 2 over NVMe 4, no write-behind: 1 and 2 on NVMe, 3 and 4 filling DRAM. Loading
+    # [1, 2] plans both demotions in one answer; asked block by block, each Wait planned one,
+    # a mover round per block of the load.
+    core, _ = make_core(2, nvme_blocks=4)
+    for h in (1, 2, 3, 4):
+        store_or_wait(core, h)
+        run_mover(core)
+    assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [2]) == ["nvme"]
+    assert isinstance(core.prepare_load(NS, [1, 2]), Wait)
+    demotions = core.take_demotions()
+    assert sorted(t.record.hash for t in demotions) == [3, 4]
+    for transfer in demotions:
+        core.complete_transfer(transfer, ok=True)
+    grant = core.prepare_load(NS, [1, 2])
+    assert isinstance(grant, LoadGrant) and len(grant.promotions) == 2
+    for transfer in grant.promotions:
+        core.complete_transfer(transfer, ok=True)
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [3]) == ["nvme"]
     assert core.check() == []
 
 
@@ -408,6 +465,7 @@ class Valued(LruPolicy):
     """LRU order, with values the test sets that rank a block in any tier (a switch)."""
 
     values_across_tiers = True
+    roots_rank_first = False  # the values a test sets may rank a head below its tail
 
     def __init__(self, **value: float) -> None:
         super().__init__()
@@ -500,10 +558,11 @@ def test_a_chain_head_whose_children_are_held_is_demoted_however_little_it_is_wo
     assert core.check() == []
 
 
-def test_a_middle_victim_held_above_still_pushes_the_cascade_on():
+def test_a_copy_a_faster_tier_holds_goes_first_and_ends_the_cascade():
     # HBM holds R (1) and V (2), DRAM holds V too, NVMe holds W (3); R < W < V. Storing X
-    # evicts R: demoting it would push V down from DRAM (a copy above does not keep it
-    # there) and W out of NVMe — so R, the least valuable, is dropped instead.
+    # evicts R; demoting it needs DRAM's slot, and V's DRAM copy — shadowed by its HBM
+    # copy, never read — goes for nothing. (It used to go down in turn and push W out of
+    # NVMe, so R was dropped instead: one block fewer held for the same slots.)
     spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 1), ("nvme", 1))}
     core = KvCore(spaces, Valued(b1=1.0, b2=9.0, b3=5.0, b4=9.0), FakeClock(), CoreConfig(write_behind=False))
     core.register_namespace(NS, 16, PAGE)
@@ -516,8 +575,33 @@ def test_a_middle_victim_held_above_still_pushes_the_cascade_on():
     core.complete_load(grant.lease_id)
     core.take_events()
     store_or_wait(core, 4)
-    assert [(h, tier) for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [(1, "hbm")]
-    assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4)] == [[], ["hbm"], ["nvme"], ["hbm"]]
+    assert [(h, tier) for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [(2, "dram")]
+    run_mover(core)
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4)] == [["dram"], ["hbm"], ["nvme"], ["hbm"]]
+    assert core.check() == []
+
+
+def test_a_shadowed_copy_goes_before_an_older_copy_held_nowhere_else():
+    # HBM 2, DRAM 2, NVMe 1, LRU. NVMe holds W (1); DRAM holds X (2) and Y (3); HBM holds Q
+    # (4), then a load promotes Y beside it (DRAM keeps its copy). Storing Z (5) demotes Q:
+    # DRAM gives up Y's copy, shadowed by HBM's, though X is older — X would have gone down
+    # and pushed W out of the hierarchy. All five blocks stay held.
+    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 2), ("nvme", 1))}
+    core = KvCore(spaces, LruPolicy(), FakeClock(), CoreConfig(write_behind=False))
+    core.register_namespace(NS, 16, PAGE)
+    core.restore_block(NS, 1, None, PAGE, "nvme", spaces["nvme"].allocate(PAGE))
+    core.restore_block(NS, 2, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
+    core.restore_block(NS, 3, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
+    store_or_wait(core, 4)
+    grant = core.prepare_load(NS, [3])
+    for transfer in grant.promotions:
+        core.complete_transfer(transfer, ok=True)
+    core.complete_load(grant.lease_id)
+    core.take_events()
+    store_or_wait(core, 5)
+    run_mover(core)
+    assert [(h, tier) for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [(3, "dram")]
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4, 5)] == [["nvme"], ["dram"], ["hbm"], ["dram"], ["hbm"]]
     assert core.check() == []
 
 

@@ -110,6 +110,22 @@ def test_lru_access_makes_a_chain_most_recent():
     assert list(lru.victims("dram", now=4)) == [C, B, A]
 
 
+def test_lru_a_copy_that_moves_keeps_its_blocks_last_use():
+    # A and B stored in DRAM, then C in NVMe; A moves down to NVMe after C came: it is still
+    # the least recently used there, and ranks below B (in DRAM) and C across tiers.
+    lru = LruPolicy()
+    lru.on_stored("dram", [A], now=0)
+    lru.on_stored("dram", [B], now=1)
+    lru.on_stored("nvme", [C], now=2)
+    lru.on_stored("nvme", [A], now=3)  # a demotion lands
+    lru.on_removed("dram", A)
+    assert list(lru.victims("nvme", now=4)) == [A, C]
+    assert lru.priority(A, "nvme", 4) < lru.priority(B, "nvme", 4) < lru.priority(C, "dram", 4)
+    lru.on_removed("nvme", A)
+    assert lru.priority(A, "nvme", 4) == float("-inf")  # held nowhere: no last use kept
+    assert lru.check({"dram": {B}, "nvme": {C}}) == []
+
+
 # -- belady ---------------------------------------------------------------------------------
 
 
@@ -380,9 +396,7 @@ def test_a_policy_that_values_across_tiers_ranks_a_block_where_it_is_not_held(po
     # priority(key, lower): for such a policy that must be a value.
     policy.on_stored("dram", [A, B, C], now=0)
     away = [policy.priority(k, "nvme", 1) for k in (A, B, C)]
-    if not policy.values_across_tiers:
-        assert policy.name == "lru" and away == [float("-inf")] * 3  # recency of a tier's own copies
-        return
+    assert policy.values_across_tiers
     assert all(v > float("-inf") for v in away)
 
 
@@ -400,8 +414,25 @@ def test_typed_values_a_shared_block_where_it_is_not_held_by_its_last_use():
     assert policy.priority(A, "nvme", 5000) < policy.priority(A, "nvme", 3)
 
 
-def test_typed_ranks_across_tiers_only_while_its_guard_trusts_its_values():
+def test_typed_under_its_guard_ranks_by_last_use_across_tiers():
     policy = TypedPolicy(SessionTable())
-    assert policy.values_across_tiers
+    policy.on_stored("dram", [A, B], now=0)
+    policy.on_stored("nvme", [C], now=1)
     policy.guard.prefer_lru = True  # the guard's switch: recency is winning here
-    assert not policy.values_across_tiers
+    assert policy.priority(B, "nvme", 2) < policy.priority(A, "nvme", 2) < policy.priority(C, "dram", 2)
+    policy.on_stored("nvme", [B], now=3)  # B moves down: it keeps its last use
+    policy.on_removed("dram", B)
+    assert list(policy.victims("nvme", now=4)) == [B, C]
+
+
+def test_a_policy_whose_roots_rank_first_never_ranks_a_block_below_its_descendant(policy):
+    # The core drops a chain's head that everything below outranks only when the policy
+    # says a head never ranks below its descendants: check it on a chain stored and used.
+    if not policy.roots_rank_first:
+        return
+    policy.on_stored("dram", [A, B, C], now=0)
+    policy.on_stored("nvme", [D], now=1)
+    policy.on_accessed([A, B], now=2)
+    for tier in ("dram", "nvme"):
+        ranks = [policy.priority(k, tier, 3) for k in (A, B, C)]
+        assert ranks == sorted(ranks, reverse=True)

@@ -13,6 +13,9 @@ NS = "m"
 class ScriptedPolicy(LruPolicy):
     """LRU, plus prefetches and priorities the test sets (switches, not mocks)."""
 
+    values_across_tiers = False  # its values rank a tier's own copies only
+    roots_rank_first = False
+
     def __init__(self) -> None:
         super().__init__()
         self.due: dict[str, list[tuple[str, int]]] = {}

@@ -317,17 +317,18 @@ def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_in_parts(tmp_path):
     # [1, 2, 3] is stored as a client stores it, in parts that fit DRAM: [1, 2], then [3],
     # whose room comes from demoting 2 (the deeper of the two) to NVMe: DRAM 1 3, NVMe 2.
     # (In one part it did not fit: only its head, [1], was kept.) r1 [1, 2, 3, 4] finds all
-    # three: DRAM 8 tokens, NVMe 4. Its load, a block at a time: 1 touched; 2 promoted (3
-    # demoted); 3 promoted (1 demoted): DRAM 2 3. Its store: 4 takes 2's DRAM slot (2 is on
-    # NVMe: a free drop).
+    # three: DRAM 8 tokens, NVMe 4. Its load, a block at a time: 1 touched; 2 promoted (3,
+    # the least recently used, demoted); 3 promoted, 2 leaving DRAM for free (its NVMe copy
+    # stays; the load touched 1 after 2): DRAM 1 3, NVMe 2 3. Its store: 4 takes 3's DRAM
+    # slot (3, older than 1, is on NVMe: a free drop).
     lines = [kvd_turn(0.0, "s", [1, 2, 3]), kvd_turn(10.0, "s", [1, 2, 3, 4], turn=1)]
     trace = read_trace(write_trace(tmp_path / "t.jsonl", lines))
     cfg = dataclasses.replace(config(dram_blocks=2, nvme_blocks=4), write_behind=False)
     sim = Replay(trace, "lru", cfg)
     r = sim.run()
     assert r.hit_tokens_by_tier == {"dram": 8, "nvme": 4}
-    assert r.bytes_moved == {"dram->nvme": 3 * BLOCK, "nvme->dram": 2 * BLOCK}
-    assert sim.core.lookup("replay", [1, 2, 3, 4]) == ["nvme", "nvme", "dram", "dram"]
+    assert r.bytes_moved == {"dram->nvme": 2 * BLOCK, "nvme->dram": 2 * BLOCK}
+    assert sim.core.lookup("replay", [1, 2, 3, 4]) == ["dram", "nvme", "nvme", "dram"]
     assert r.unstored_requests == 0 and r.problems == []
 
 

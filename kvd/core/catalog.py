@@ -60,6 +60,9 @@ class Namespace:
     blocks: dict[int, BlockRecord] = field(default_factory=dict)
     visible: dict[int, int] = field(default_factory=dict)
     children: dict[int, int] = field(default_factory=dict)  # hash -> records in ``blocks`` it is the parent of
+    # tier -> hashes whose ready copy in that tier sits below a ready copy in a faster tier:
+    # a lookup never reads it, so evicting it loses nothing (oldest shadowed first).
+    shadowed: dict[str, dict[int, None]] = field(default_factory=dict)
 
     def add(self, record: BlockRecord) -> None:
         """Enter ``record`` in ``blocks`` (replacing a record of the same hash)."""
@@ -73,6 +76,8 @@ class Namespace:
     def remove(self, record: BlockRecord) -> None:
         """Take ``record`` (it has no copy left) out of ``blocks``."""
         del self.blocks[record.hash]
+        for hashes in self.shadowed.values():
+            hashes.pop(record.hash, None)
         if record.parent is not None:
             n = self.children[record.parent] - 1
             if n:
@@ -81,8 +86,18 @@ class Namespace:
                 del self.children[record.parent]
 
     def refresh(self, record: BlockRecord) -> None:
+        """Re-index ``record`` after its copies changed: ``visible`` and ``shadowed``."""
         tier = record.fastest_ready()
         if tier is None:
             self.visible.pop(record.hash, None)
         else:
             self.visible[record.hash] = TIER_CODES[tier]
+        above = False
+        for t in TIER_NAMES:
+            copy = record.copies.get(t)
+            ready = copy is not None and copy.ready
+            if ready and above:
+                self.shadowed.setdefault(t, {})[record.hash] = None
+            elif record.hash in self.shadowed.get(t, ()):
+                del self.shadowed[t][record.hash]
+            above = above or ready
