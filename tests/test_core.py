@@ -605,6 +605,29 @@ def test_a_shadowed_copy_goes_before_an_older_copy_held_nowhere_else():
     assert core.check() == []
 
 
+def test_while_a_tier_below_has_room_the_policys_victim_goes_down_and_the_shadowed_copy_stays():
+    # As above, with room for one more block on NVMe: demoting X loses nothing, so DRAM
+    # keeps the policy's order and Y's copy, which saves a write when Y leaves HBM.
+    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 2), ("nvme", 2))}
+    core = KvCore(spaces, LruPolicy(), FakeClock(), CoreConfig(write_behind=False))
+    core.register_namespace(NS, 16, PAGE)
+    core.restore_block(NS, 1, None, PAGE, "nvme", spaces["nvme"].allocate(PAGE))
+    core.restore_block(NS, 2, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
+    core.restore_block(NS, 3, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
+    store_or_wait(core, 4)
+    grant = core.prepare_load(NS, [3])
+    for transfer in grant.promotions:
+        core.complete_transfer(transfer, ok=True)
+    core.complete_load(grant.lease_id)
+    core.take_events()
+    store_or_wait(core, 5)
+    run_mover(core)
+    assert [r for r in removed(core.take_events()) if r[2] == "evicted"] == []
+    assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4, 5)] == [["nvme"], ["nvme"], ["hbm"], ["dram"], ["hbm"]]
+    assert core.namespace(NS).blocks[3].ready_tiers() == ["hbm", "dram"]
+    assert core.check() == []
+
+
 def test_a_tier_full_of_demotions_under_way_makes_the_tier_above_wait_not_drop():
     # DRAM of 2 blocks over NVMe of 1. Storing 3 demotes 2 (the chain's tail) into NVMe's
     # only slot: the store waits for it. Asked again before it lands, DRAM's next victim is

@@ -1109,17 +1109,19 @@ class KvCore:
         and the last tier dropped it while the tail sat above, unreachable. The policy's
         order is kept otherwise (a demotion loses nothing).
 
-        Before any of the policy's victims go the copies a faster tier shadows (a lookup
-        never reads them): a load promotes a copy and leaves the one below in place, and
-        under pressure those duplicates made the last tier drop blocks held nowhere else —
-        three tiers held ~20% fewer distinct blocks than their slots. NVMe copies made by
-        write-behind are the exception: they are the durable copies of DRAM's blocks."""
+        When the eviction would end in a drop (every tier from here down is full), the
+        copies a faster tier shadows go before any of the policy's victims (a lookup never
+        reads them): a load promotes a copy and leaves the one below in place, and under
+        pressure those duplicates made the last tier drop blocks held nowhere else. While a
+        tier below has room, the policy's order stands: its victims go down losing nothing,
+        and the shadowed copies save a write when their block leaves the tier above. NVMe
+        copies made by write-behind are never taken first: they are the durable copies."""
         last_tier = self._lower(tier) is None
         victims = []
         heads = []
         leaving: dict[tuple[str, int], int] = {}  # parent key -> its children among the victims
         room = 0
-        if not (tier == "nvme" and self._writes_behind):
+        if not (tier == "nvme" and self._writes_behind) and self._full_from(tier):
             for ns in self._namespaces.values():
                 for h in ns.shadowed.get(tier, ()):
                     record = ns.blocks[h]
@@ -1207,6 +1209,15 @@ class KvCore:
                 return False
             tier = below  # it would go down in turn (a copy above does not keep it here)
         return True
+
+    def _full_from(self, tier: str) -> bool:
+        """Whether every tier below ``tier`` lacks room for one more block (of the
+        smallest slot any namespace uses): an eviction from ``tier`` ends in a drop."""
+        below = self.tiers[self.tiers.index(tier) + 1 :]
+        need = min((ns.block_bytes for ns in self._namespaces.values()), default=1)
+        return all(
+            self.spaces[t].capacity_bytes - self.spaces[t].used_bytes < self.spaces[t].slot_bytes(need) for t in below
+        )
 
     def _held_above(self, record: BlockRecord, tier: str) -> bool:
         """Whether a tier faster than ``tier`` holds a ready copy of ``record``."""
