@@ -581,12 +581,11 @@ def test_a_copy_a_faster_tier_holds_goes_first_and_ends_the_cascade():
     assert core.check() == []
 
 
-def test_a_shadowed_copy_goes_before_an_older_copy_held_nowhere_else():
-    # HBM 2, DRAM 2, NVMe 1, LRU. NVMe holds W (1); DRAM holds X (2) and Y (3); HBM holds Q
-    # (4), then a load promotes Y beside it (DRAM keeps its copy). Storing Z (5) demotes Q:
-    # DRAM gives up Y's copy, shadowed by HBM's, though X is older — X would have gone down
-    # and pushed W out of the hierarchy. All five blocks stay held.
-    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 2), ("nvme", 1))}
+def shadowed_scenario(nvme_blocks: int) -> KvCore:
+    """HBM 2, DRAM 2, NVMe ``nvme_blocks``, LRU. NVMe holds W (1); DRAM holds X (2) and Y
+    (3); HBM holds Q (4), then a load promotes Y beside it (DRAM keeps its copy). Then Z (5)
+    is stored, which demotes Q into a full DRAM."""
+    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 2), ("nvme", nvme_blocks))}
     core = KvCore(spaces, LruPolicy(), FakeClock(), CoreConfig(write_behind=False))
     core.register_namespace(NS, 16, PAGE)
     core.restore_block(NS, 1, None, PAGE, "nvme", spaces["nvme"].allocate(PAGE))
@@ -600,28 +599,22 @@ def test_a_shadowed_copy_goes_before_an_older_copy_held_nowhere_else():
     core.take_events()
     store_or_wait(core, 5)
     run_mover(core)
+    return core
+
+
+def test_a_shadowed_copy_goes_before_an_older_copy_held_nowhere_else():
+    # NVMe full: DRAM gives up Y's copy, shadowed by HBM's, though X is older — X would have
+    # gone down and pushed W out of the hierarchy. All five blocks stay held.
+    core = shadowed_scenario(nvme_blocks=1)
     assert [(h, tier) for h, tier, reason in removed(core.take_events()) if reason == "evicted"] == [(3, "dram")]
     assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4, 5)] == [["nvme"], ["dram"], ["hbm"], ["dram"], ["hbm"]]
     assert core.check() == []
 
 
 def test_while_a_tier_below_has_room_the_policys_victim_goes_down_and_the_shadowed_copy_stays():
-    # As above, with room for one more block on NVMe: demoting X loses nothing, so DRAM
-    # keeps the policy's order and Y's copy, which saves a write when Y leaves HBM.
-    spaces = {t: ExtentAllocator([(0, n * PAGE)], PAGE) for t, n in (("hbm", 2), ("dram", 2), ("nvme", 2))}
-    core = KvCore(spaces, LruPolicy(), FakeClock(), CoreConfig(write_behind=False))
-    core.register_namespace(NS, 16, PAGE)
-    core.restore_block(NS, 1, None, PAGE, "nvme", spaces["nvme"].allocate(PAGE))
-    core.restore_block(NS, 2, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
-    core.restore_block(NS, 3, None, PAGE, "dram", spaces["dram"].allocate(PAGE))
-    store_or_wait(core, 4)
-    grant = core.prepare_load(NS, [3])
-    for transfer in grant.promotions:
-        core.complete_transfer(transfer, ok=True)
-    core.complete_load(grant.lease_id)
-    core.take_events()
-    store_or_wait(core, 5)
-    run_mover(core)
+    # Room for one more block on NVMe: demoting X loses nothing, so DRAM keeps the policy's
+    # order and Y's copy, which saves a write when Y leaves HBM.
+    core = shadowed_scenario(nvme_blocks=2)
     assert [r for r in removed(core.take_events()) if r[2] == "evicted"] == []
     assert [core.lookup(NS, [h]) for h in (1, 2, 3, 4, 5)] == [["nvme"], ["nvme"], ["hbm"], ["dram"], ["hbm"]]
     assert core.namespace(NS).blocks[3].ready_tiers() == ["hbm", "dram"]
