@@ -177,6 +177,19 @@ class TierLocal(LruPolicy):
     roots_rank_first = False
 
 
+class TierLocalHeadsFirst(TierLocal):
+    """Tier-local LRU that offers the given keys first (a switch for exact victims)."""
+
+    def __init__(self, *first: int) -> None:
+        super().__init__()
+        self.first = [(NS, h) for h in first]
+
+    def victims(self, tier, now):
+        held = list(super().victims(tier, now))
+        ahead = [k for k in self.first if k in held]
+        return iter(ahead + [k for k in held if k not in ahead])
+
+
 def test_when_only_heads_can_go_a_head_goes():
     def store_after_demotions(*hashes: int, parent: int | None = None) -> None:
         assert isinstance(core.prepare_store(NS, specs(*hashes, parent=parent)), Wait)
@@ -187,9 +200,52 @@ def test_when_only_heads_can_go_a_head_goes():
     store(core, 1)
     store_after_demotions(2, parent=1)  # 1 goes down to NVMe
     core.take_events()
-    store_after_demotions(3)  # 2 goes down; NVMe holds only 1, the last copy of 2's parent: it goes
-    assert (1, "nvme", "evicted") in removed(core.take_events())
+    # 2 must go down; NVMe holds only 1, the last copy of 2's parent: it goes, and 2 — an
+    # orphan now, which no lookup can reach — goes with it instead of taking its slot.
+    store(core, 3)
+    assert removed(core.take_events()) == [(1, "nvme", "evicted"), (2, "dram", "orphaned")]
     assert core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [1, 2]) == []
+    assert core.check() == []
+
+
+def test_a_dropped_blocks_held_descendants_go_with_it_in_every_tier():
+    # DRAM 3 over NVMe 2, a tier-local policy that sends heads down first. Chain
+    # 1 <- 2 <- 3 <- 4 and a branch 2 <- 5: 1 and 2 sit in NVMe, 3, 4 and 5 in DRAM. Storing
+    # 6 pushes 4 down; NVMe drops 1: every block below it is unreachable, wherever it is —
+    # 4 included, which goes instead of taking NVMe's slot.
+    core, _ = make_core(3, nvme_blocks=2, policy=TierLocalHeadsFirst(1, 2))
+    store(core, 1)
+    store(core, 2, parent=1)
+    store(core, 3, parent=2)
+    store_or_wait(core, 4, parent=3)
+    store_or_wait(core, 5, parent=2)
+    assert core.lookup(NS, [1, 2, 3, 4]) == ["nvme", "nvme", "dram", "dram"]
+    assert core.lookup(NS, [1, 2, 5]) == ["nvme", "nvme", "dram"]
+    core.take_events()
+    store_or_wait(core, 6)
+    gone = removed(core.take_events())
+    assert (1, "nvme", "evicted") in gone
+    assert {(h, r) for h, _, r in gone if r == "orphaned"} == {(2, "orphaned"), (3, "orphaned"), (4, "orphaned"), (5, "orphaned")}
+    assert core.lookup(NS, [6]) == ["dram"]
+    assert all(core.lookup(NS, [h]) == [] for h in (1, 2, 3, 4, 5))
+    assert core.check() == []
+
+
+def test_an_orphan_being_read_stays_and_so_does_a_pinned_one():
+    core, _ = make_core(3, nvme_blocks=1, policy=TierLocalHeadsFirst(1))
+    store(core, 1)
+    store(core, 2, parent=1)
+    store(core, 3, parent=1)
+    store_or_wait(core, 4)  # 1 goes down to NVMe
+    assert core.lookup(NS, [1, 2]) == ["nvme", "dram"] and core.lookup(NS, [1, 3]) == ["nvme", "dram"]
+    grant = core.prepare_load(NS, [2])
+    assert isinstance(grant, LoadGrant)
+    core.pin(NS, [3])
+    core.take_events()
+    store_or_wait(core, 5)  # 4 goes down; NVMe drops 1, its only block; 2 is read, 3 pinned
+    assert removed(core.take_events()) == [(1, "nvme", "evicted"), (4, "dram", "demoted")]
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [2]) == ["dram"] and core.lookup(NS, [3]) == ["dram"]
     assert core.check() == []
 
 
@@ -237,11 +293,11 @@ def test_a_load_from_below_makes_room_for_all_its_promotions_at_once():
     assert core.check() == []
 
 
-def test_check_finds_child_counts_that_disagree_with_the_parents():
+def test_check_finds_a_children_index_that_disagrees_with_the_parents():
     core, _ = make_core(4)
     store(core, 1, 2)
-    core.namespace(NS).children[2] = 1  # 2 has no child
-    assert any("child counts disagree" in p for p in core.check())
+    core.namespace(NS).children[2] = {7}  # 2 has no child
+    assert any("children index disagrees" in p for p in core.check())
 
 
 def test_lru_evicts_oldest_chain_tail_first_without_nvme():

@@ -59,7 +59,7 @@ class Namespace:
     block_bytes: int
     blocks: dict[int, BlockRecord] = field(default_factory=dict)
     visible: dict[int, int] = field(default_factory=dict)
-    children: dict[int, int] = field(default_factory=dict)  # hash -> records in ``blocks`` it is the parent of
+    children: dict[int, set[int]] = field(default_factory=dict)  # hash -> hashes in ``blocks`` whose parent it is
     # tier -> hashes whose ready copy in that tier sits below a ready copy in a faster tier:
     # a lookup never reads it, so evicting it loses nothing (oldest shadowed first).
     shadowed: dict[str, dict[int, None]] = field(default_factory=dict)
@@ -71,7 +71,7 @@ class Namespace:
             self.remove(old)
         self.blocks[record.hash] = record
         if record.parent is not None:
-            self.children[record.parent] = self.children.get(record.parent, 0) + 1
+            self.children.setdefault(record.parent, set()).add(record.hash)
 
     def remove(self, record: BlockRecord) -> None:
         """Take ``record`` (it has no copy left) out of ``blocks``."""
@@ -79,10 +79,9 @@ class Namespace:
         for hashes in self.shadowed.values():
             hashes.pop(record.hash, None)
         if record.parent is not None:
-            n = self.children[record.parent] - 1
-            if n:
-                self.children[record.parent] = n
-            else:
+            siblings = self.children[record.parent]
+            siblings.discard(record.hash)
+            if not siblings:
                 del self.children[record.parent]
 
     def refresh(self, record: BlockRecord) -> None:

@@ -26,7 +26,8 @@ class BlockStored:
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
-    """A tier's copy of a block is gone. ``reason``: evicted, demoted, corrupt, cleared, ...
+    """A tier's copy of a block is gone. ``reason``: evicted, demoted, orphaned (an ancestor's
+    last copy was evicted: no lookup can reach it), corrupt, cleared, ...
 
     ``retention_class``: the policy's class of the copy when it went (None: the policy keeps
     no classes). ``cause``: why an evicted or demoted copy had to make room — ``capacity``

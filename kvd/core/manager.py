@@ -749,6 +749,8 @@ class KvCore:
         need = sum(space.slot_bytes(record.nbytes) for _, record in due)
         lower = self._lower(tier)
         for record, copy in self._pick_victims(tier, need, now, max_priority=want):
+            if record.copies.get(tier) is not copy:
+                continue  # orphaned by an earlier drop: gone already
             ns = self._namespaces[record.namespace]
             below = record.copies.get(lower) if lower else None
             if lower is None or (below is not None and below.ready) or not self.policy.worth_demoting(record.key, tier, now):
@@ -977,12 +979,12 @@ class KvCore:
             stray = set(ns.visible) - set(ns.blocks)
             if stray:
                 problems.append(f"{ns.name}: {len(stray)} visible hashes without a block")
-            children: dict[int, int] = {}
+            children: dict[int, set[int]] = {}
             for record in ns.blocks.values():
                 if record.parent is not None:
-                    children[record.parent] = children.get(record.parent, 0) + 1
+                    children.setdefault(record.parent, set()).add(record.hash)
             if children != ns.children:
-                problems.append(f"{ns.name}: child counts disagree with the blocks' parents")
+                problems.append(f"{ns.name}: the children index disagrees with the blocks' parents")
             shadowed = {tier: {h for h, r in ns.blocks.items() if tier in r.ready_tiers()[1:]} for tier in self.tiers}
             if any(shadowed[tier] != set(ns.shadowed.get(tier, ())) for tier in self.tiers):
                 problems.append(f"{ns.name}: the copies filed as shadowed are not those a faster tier shadows")
@@ -1140,7 +1142,7 @@ class KvCore:
             if max_priority is not None and self.policy.priority(key, tier, now) > max_priority:
                 break
             if len(record.copies) == 1 and (last_tier or not self.policy.worth_demoting(key, tier, now)):
-                held = self._namespaces[record.namespace].children.get(record.hash, 0)
+                held = len(self._namespaces[record.namespace].children.get(record.hash, ()))
                 if held > leaving.get(key, 0):
                     heads.append((record, copy))
                     continue
@@ -1160,6 +1162,8 @@ class KvCore:
 
     def _evict(self, tier: str, lower: str | None, record: BlockRecord, copy: Copy, now: float) -> int:
         """Drop ``copy`` or plan its demotion; returns the bytes a planned demotion frees later."""
+        if record.copies.get(tier) is not copy:
+            return 0  # a victim picked before an earlier drop orphaned it: gone already
         ns = self._namespaces[record.namespace]
         below = record.copies.get(lower) if lower else None
         if (
@@ -1172,6 +1176,11 @@ class KvCore:
             self._drop_copy(ns, record, tier, copy, reason="evicted", cause="capacity")
             return 0
         dst_room = self._make_room(lower, record.nbytes) if below is None else None
+        if record.copies.get(tier) is not copy:
+            # Making room below dropped an ancestor's last copy, and this orphan with it.
+            if isinstance(dst_room, Slot):
+                self.spaces[lower].free(dst_room)
+            return 0
         if isinstance(dst_room, Slot):
             self._demotions.append(self._start_transfer("demote", record, tier, lower, Copy(dst_room), "capacity"))
             return copy.slot.length
@@ -1189,7 +1198,7 @@ class KvCore:
         priorities rank a block in a tier that does not hold it (``values_across_tiers``)."""
         if not self.policy.values_across_tiers:
             return False
-        if not self.policy.roots_rank_first and self._namespaces[record.namespace].children.get(record.hash, 0):
+        if not self.policy.roots_rank_first and self._namespaces[record.namespace].children.get(record.hash):
             return False  # a held chain's head stays reachable: its descendants may be worth more
         tier: str | None = lower
         while tier is not None:
@@ -1298,7 +1307,30 @@ class KvCore:
         if not record.copies:
             ns.remove(record)
             self._pinned.discard(record.key)
+            if reason == "evicted" and record.hash in ns.children:
+                self._drop_orphans(ns, record.hash)
         ns.refresh(record)
+
+    def _drop_orphans(self, ns: Namespace, h: int) -> None:
+        """Drop the copies of every held descendant of ``h``, whose last copy an eviction
+        just dropped: a lookup stops at the first missing block, so none of them can be
+        found until a store writes ``h`` again, and the engine behind that store has
+        re-computed the whole chain from ``h`` (it can write them again too). Kept, they
+        would hold slots that reachable blocks could use: a small top tier sends a
+        chain's head down before its tail, and the last tier may drop the head while the
+        tail sits above. A copy being read, written or
+        moved stays (it goes when the policy picks it), and so does a pinned block."""
+        stack = list(ns.children.get(h, ()))
+        while stack:
+            record = ns.blocks.get(stack.pop())
+            if record is None:
+                continue
+            stack.extend(ns.children.get(record.hash, ()))
+            if record.key in self._pinned:
+                continue
+            for tier, copy in list(record.copies.items()):
+                if copy.ready and not copy.readers:
+                    self._drop_copy(ns, record, tier, copy, reason="orphaned")
 
     def _drop_unread(self, ns: Namespace, records: Iterable[BlockRecord], reason: str) -> int:
         """Drop every readable copy of ``records`` that nothing reads; returns how many of
