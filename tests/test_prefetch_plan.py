@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvd.core.manager import BlockSpec, CoreConfig, KvCore, StoreGrant
+from kvd.core.manager import BlockSpec, CoreConfig, KvCore, StoreGrant, Wait
 from kvd.policies import LruPolicy
 from kvd.tiers import ExtentAllocator
 
@@ -143,4 +143,22 @@ def test_a_block_named_twice_is_prefetched_once():
     assert core.spaces["dram"].used_bytes == PAGE  # one slot, not two
     core.complete_transfer(transfer, ok=True)
     assert core.lookup(NS, [1]) == ["dram"]
+    assert core.check() == []
+
+
+def test_a_store_into_a_tier_full_of_prefetches_under_way_waits_instead_of_being_refused():
+    core, policy = make(dram=2, nvme=8)
+    nvme_only(core, 1, 2, filler=[3, 4])
+    policy.value.update({(NS, 1): 1.0, (NS, 2): 1.0})  # 3 and 4 are worthless: they make way
+    policy.due["dram"] = [(NS, 1), (NS, 2)]
+    transfers = core.plan_prefetch(8)
+    assert sorted(t.record.hash for t in transfers) == [1, 2]
+    assert core.spaces["dram"].used_bytes == core.spaces["dram"].capacity_bytes
+    policy.due.clear()
+    # Nothing in DRAM is readable, so nothing can go yet; once the prefetches land it can.
+    assert isinstance(core.prepare_store(NS, [BlockSpec(5, None, PAGE)]), Wait)
+    for transfer in transfers:
+        core.complete_transfer(transfer, ok=True)
+    store(core, 5)
+    assert core.lookup(NS, [5]) == ["dram"]
     assert core.check() == []

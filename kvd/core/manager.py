@@ -1068,7 +1068,9 @@ class KvCore:
 
     def _may_fit(self, tier: str, nbytes: int) -> bool:
         """Whether free space plus the ready copies no load lease pins reach ``nbytes``
-        (copies read by a transfer count: they are free to go once it lands). Evicts
+        (copies read by a transfer count: they are free to go once it lands), plus the
+        copies transfers are writing into ``tier`` for no lease (prefetches, demotions:
+        evictable once they land, so the caller waits rather than refuses). Evicts
         nothing; walks victims only when free space falls short."""
         space = self.spaces[tier]
         room = space.capacity_bytes - space.used_bytes
@@ -1085,6 +1087,11 @@ class KvCore:
             room += copy.slot.length
             if room >= nbytes:
                 return True
+        for transfer in self._inflight.values():
+            if transfer.dst_tier == tier and not transfer.dst.readers:
+                room += transfer.dst.slot.length
+                if room >= nbytes:
+                    return True
         return False
 
     def _evict_bytes(self, tier: str, need: int) -> int:
