@@ -177,17 +177,10 @@ class TierLocal(LruPolicy):
     roots_rank_first = False
 
 
-class TierLocalHeadsFirst(TierLocal):
-    """Tier-local LRU that offers the given keys first (a switch for exact victims)."""
+class TierLocalHeadsFirst(HeadsFirst):
+    """HeadsFirst whose ranks order a tier's own copies only, as TierLocal's do."""
 
-    def __init__(self, *first: int) -> None:
-        super().__init__()
-        self.first = [(NS, h) for h in first]
-
-    def victims(self, tier, now):
-        held = list(super().victims(tier, now))
-        ahead = [k for k in self.first if k in held]
-        return iter(ahead + [k for k in held if k not in ahead])
+    values_across_tiers = False
 
 
 def test_when_only_heads_can_go_a_head_goes():
