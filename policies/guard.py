@@ -20,10 +20,15 @@ from collections.abc import Hashable, Sequence
 
 class LruGuard:
     """``halflife``: block accesses over which old hits weigh half; ``margin``: how far
-    ahead (a fraction) the shadow must be before recency takes over, and back; ``warmup``:
-    requests the shadow only fills during."""
+    ahead (a fraction) the shadow must be before recency takes over (half of it to hand
+    back); ``warmup``: requests the shadow only fills during.
 
-    def __init__(self, halflife: int = 50_000, margin: float = 0.05, warmup: int = 100) -> None:
+    The margin bounds what typed may lose to LRU before it gives way: 2% of a hit rate is
+    well inside the one point it may trail by (at 5%, on the Mooncake synthetic trace at
+    5,000 blocks, typed ran its own ranking for 3,138 of 3,993 requests, 1.05 points
+    behind)."""
+
+    def __init__(self, halflife: int = 50_000, margin: float = 0.02, warmup: int = 100) -> None:
         self.decay = 0.5 ** (1.0 / halflife)
         self.margin = margin
         self.warmup = warmup  # requests before it judges: the policy's predictors are still learning

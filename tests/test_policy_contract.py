@@ -329,6 +329,16 @@ def test_guard_prefers_lru_once_the_shadow_is_ahead_and_returns():
     assert guard.prefer_lru is False
 
 
+@pytest.mark.parametrize(("held", "prefers_lru"), [(97, True), (99, False)])
+def test_guard_gives_way_when_the_shadow_is_more_than_two_percent_ahead(held, prefers_lru):
+    guard = LruGuard(warmup=0)
+    guard.resize(1000)
+    chain = [(NS, h) for h in range(100)]
+    guard.observe(chain, held=0)
+    guard.observe(chain, held=held)  # the shadow finds all 100: 3% or 1% more
+    assert guard.prefer_lru is prefers_lru
+
+
 def test_guard_shadow_is_a_prefix_lru_of_the_same_size():
     guard = LruGuard(warmup=0)
     guard.resize(2)
