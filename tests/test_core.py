@@ -242,6 +242,38 @@ def test_an_orphan_being_read_stays_and_so_does_a_pinned_one():
     assert core.check() == []
 
 
+def test_a_write_behind_whose_block_making_room_orphaned_is_not_planned():
+    # DRAM 1 over NVMe 1, write-behind. 1 is in NVMe only, its child 2 in DRAM: writing 2
+    # down needs NVMe's one slot, and the only block there is 1. It goes, and 2, its
+    # orphan, with it: nothing is left to write, and the slot made for it is free again.
+    core, _ = make_core(1, nvme_blocks=1, write_behind=True, policy=TierLocal())
+    store(core, 1)
+    run_mover(core)  # 1 in DRAM and NVMe
+    store(core, 2, parent=1)  # 1 leaves DRAM for free; 2 waits for write-behind
+    assert core.lookup(NS, [1, 2]) == ["nvme", "dram"]
+    core.take_events()
+    assert core.plan_write_behind(8) == []
+    assert removed(core.take_events()) == [(1, "nvme", "evicted"), (2, "dram", "orphaned")]
+    assert core.spaces["nvme"].used_bytes == 0 and core.spaces["dram"].used_bytes == 0
+    assert core.check() == []
+
+
+def test_a_load_whose_block_making_room_orphaned_finds_it_missing():
+    # DRAM 3 over NVMe 1: chain 1 <- 2 <- 3 <- 4 with 3 in NVMe. Promoting 3 for a load
+    # sends 4 (not yet pinned by the load) down, which drops 3 from NVMe, and 4 as its
+    # orphan: the load finds 1 and 2, and neither 3 nor 4 (before, the promotion of the
+    # dropped 3 failed with a KeyError).
+    core, _ = make_core(3, nvme_blocks=1, policy=TierLocal())
+    store(core, 1, 2, 3)
+    store_or_wait(core, 4, parent=3)
+    assert core.lookup(NS, [1, 2, 3, 4]) == ["dram", "dram", "nvme", "dram"]
+    grant = core.prepare_load(NS, [1, 2, 3, 4])
+    assert isinstance(grant, LoadGrant)
+    assert grant.found == ["dram", "dram", None, None] and grant.promotions == []
+    core.complete_load(grant.lease_id)
+    assert core.check() == []
+
+
 def test_lru_drops_a_tail_older_than_everything_below_instead_of_pushing_its_head_out():
     # DRAM 1 over NVMe 1. 2 extends 1; storing 3 evicts 2 from DRAM. Demoting it would push
     # out 1, its parent and the more recent (a chain is touched root last): the hierarchy

@@ -162,3 +162,23 @@ def test_a_store_into_a_tier_full_of_prefetches_under_way_waits_instead_of_being
     store(core, 5)
     assert core.lookup(NS, [5]) == ["dram"]
     assert core.check() == []
+
+
+def test_a_store_waiting_for_prefetches_to_land_evicts_nothing_meanwhile():
+    # DRAM 4: 7 and 8 (valued) and two prefetches under way. A store of three blocks cannot
+    # fit until the prefetches land; evicting 7 and 8 now would only hand their slots to
+    # the mover's next prefetches, and the store would wait again, round after round.
+    core, policy = make(dram=4, nvme=8)
+    nvme_only(core, 1, 2, filler=[5, 6, 7, 8])
+    core.complete_load(core.prepare_load(NS, [7, 8]).lease_id)  # 7 and 8 are the most recent
+    policy.value.update({(NS, 7): 1.0, (NS, 8): 1.0, (NS, 1): 1.0, (NS, 2): 1.0})
+    policy.due["dram"] = [(NS, 1), (NS, 2)]  # 5 and 6 are worthless: they make way
+    transfers = core.plan_prefetch(8)
+    assert sorted(t.record.hash for t in transfers) == [1, 2]
+    policy.due["dram"] = [(NS, h) for h in (1, 2, 3, 4)]
+    assert core.prepare_store(NS, [BlockSpec(h, None, PAGE) for h in (100, 101, 102)]) == Wait(0)
+    assert core.lookup(NS, [7]) == ["dram"] and core.lookup(NS, [8]) == ["dram"]
+    for transfer in transfers:
+        core.complete_transfer(transfer, ok=True)
+    store(core, 100, 101, 102)
+    assert core.check() == []

@@ -423,6 +423,11 @@ class KvCore:
             label = top.upper()
             raise NoSpace(f"the store needs {need} bytes of {label}; the {label} tier holds {dram.capacity_bytes}")
         if need and not self._may_fit(top, need):
+            if self._may_fit(top, need, landing=True):
+                # Transfers into the tier (prefetches) will land as copies that can go:
+                # wait for them, evicting nothing meanwhile (slots freed now would only
+                # take the mover's next prefetches, and the wait would start over).
+                return Wait(0)
             raise NoSpace(
                 f"no room for {len(blocks)} blocks of {blocks[0].nbytes} bytes: the {top.upper()} tier is "
                 "smaller, or full of blocks protected by leases"
@@ -543,6 +548,12 @@ class KvCore:
                 awaiting.append(promotion)
                 continue
             room = next(free_slots, None) or self._make_room(self.top, record.nbytes)
+            if isinstance(room, Slot) and (ns.blocks.get(h) is not record or record.fastest_ready() is None):
+                # Making room dropped an ancestor's last copy, and this block as its orphan.
+                self.spaces[self.top].free(room)
+                items.append(None)
+                found.append(None)
+                continue
             if not isinstance(room, Slot):
                 self._undo_load_items(ns, items, promotions)
                 self._free_all(self.top, free_slots)
@@ -553,7 +564,7 @@ class KvCore:
                     f"{self.top.upper()} tier is smaller than the load, or the rest of it is leased"
                 )
             dst = Copy(room, readers=1)  # pinned by this lease from the start
-            promotion = self._start_transfer("promote", record, tier, self.top, dst)
+            promotion = self._start_transfer("promote", record, record.fastest_ready(), self.top, dst)
             self._promoting[id(dst)] = promotion
             promotions.append(promotion)
             items.append((record, dst))
@@ -850,6 +861,10 @@ class KvCore:
             if not isinstance(room, Slot):
                 break  # NVMe is full of blocks in flight; try again after they land
             self._write_behind.popleft()
+            source = self._above_nvme(record) if ns.blocks.get(record.hash) is record else None
+            if source is None:  # making room dropped its ancestor, and it went as an orphan
+                self.spaces["nvme"].free(room)
+                continue
             out.append(self._start_transfer("write_behind", record, source[0], "nvme", Copy(room)))
         return out
 
@@ -1066,12 +1081,12 @@ class KvCore:
         i = self.tiers.index(tier)
         return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
 
-    def _may_fit(self, tier: str, nbytes: int) -> bool:
+    def _may_fit(self, tier: str, nbytes: int, landing: bool = False) -> bool:
         """Whether free space plus the ready copies no load lease pins reach ``nbytes``
-        (copies read by a transfer count: they are free to go once it lands), plus the
-        copies transfers are writing into ``tier`` for no lease (prefetches, demotions:
-        evictable once they land, so the caller waits rather than refuses). Evicts
-        nothing; walks victims only when free space falls short."""
+        (copies read by a transfer count: they are free to go once it lands); with
+        ``landing``, also the copies transfers are writing into ``tier`` for no lease
+        (prefetches, demotions: evictable once they land). Evicts nothing; walks victims
+        only when free space falls short."""
         space = self.spaces[tier]
         room = space.capacity_bytes - space.used_bytes
         if room >= nbytes:
@@ -1087,11 +1102,12 @@ class KvCore:
             room += copy.slot.length
             if room >= nbytes:
                 return True
-        for transfer in self._inflight.values():
-            if transfer.dst_tier == tier and not transfer.dst.readers:
-                room += transfer.dst.slot.length
-                if room >= nbytes:
-                    return True
+        if landing:
+            for transfer in self._inflight.values():
+                if transfer.dst_tier == tier and not transfer.dst.readers:
+                    room += transfer.dst.slot.length
+                    if room >= nbytes:
+                        return True
         return False
 
     def _evict_bytes(self, tier: str, need: int) -> int:
