@@ -1,5 +1,5 @@
 """Random operation sequences against tiny cores: ``KvCore.check()`` must hold after every
-step, and no call may fail with anything but the core's own errors.
+step, and no call may fail with anything but NoSpace (a refusal is an answer).
 
 Each of 400 seeds draws tier sizes (1–5 blocks), write-behind on or off, and 300 operations:
 stores of chains that branch from earlier ones, loads of any run of a chain, demotions,
