@@ -548,13 +548,15 @@ class KvCore:
                 awaiting.append(promotion)
                 continue
             room = next(free_slots, None) or self._make_room(self.top, record.nbytes)
-            if isinstance(room, Slot) and (ns.blocks.get(h) is not record or record.fastest_ready() is None):
-                # Making room dropped an ancestor's last copy, and this block as its orphan.
-                self.spaces[self.top].free(room)
-                items.append(None)
-                found.append(None)
-                continue
-            if not isinstance(room, Slot):
+            if isinstance(room, Slot):
+                tier = record.fastest_ready() if ns.blocks.get(h) is record else None
+                if tier is None:
+                    # Making room dropped an ancestor's last copy, and this block as its orphan.
+                    self.spaces[self.top].free(room)
+                    items.append(None)
+                    found.append(None)
+                    continue
+            else:
                 self._undo_load_items(ns, items, promotions)
                 self._free_all(self.top, free_slots)
                 if isinstance(room, Wait):
@@ -564,7 +566,7 @@ class KvCore:
                     f"{self.top.upper()} tier is smaller than the load, or the rest of it is leased"
                 )
             dst = Copy(room, readers=1)  # pinned by this lease from the start
-            promotion = self._start_transfer("promote", record, record.fastest_ready(), self.top, dst)
+            promotion = self._start_transfer("promote", record, tier, self.top, dst)
             self._promoting[id(dst)] = promotion
             promotions.append(promotion)
             items.append((record, dst))
