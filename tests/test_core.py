@@ -110,12 +110,13 @@ def test_uncommitted_blocks_are_invisible_and_abort_frees_them():
         core.commit_store(grant.lease_id)
 
 
-def test_commit_discards_failed_indexes():
+def test_commit_discards_failed_indexes_and_the_blocks_after_them():
     core, _ = make_core(4)
     grant = core.prepare_store(NS, specs(1, 2, 3))
-    assert core.commit_store(grant.lease_id, failed=[1]) == 2
+    assert core.commit_store(grant.lease_id, failed=[1]) == 1
     assert core.lookup(NS, [1, 2, 3]) == ["dram"]
-    assert core.lookup(NS, [3]) == ["dram"]
+    assert core.lookup(NS, [3]) == []  # unreachable behind the failed block: not kept
+    assert core.spaces["dram"].used_bytes == PAGE
     assert core.check() == []
 
 
@@ -224,12 +225,18 @@ def test_a_dropped_blocks_held_descendants_go_with_it_in_every_tier():
     assert core.check() == []
 
 
-def test_an_orphan_being_read_stays_and_so_does_a_pinned_one():
+def head_below_two_children() -> KvCore:
+    """DRAM 3 over NVMe 1, heads first: 1 in NVMe, its children 2 and 3 and a root 4 in DRAM."""
     core, _ = make_core(3, nvme_blocks=1, policy=TierLocalHeadsFirst(1))
     store(core, 1)
     store(core, 2, parent=1)
     store(core, 3, parent=1)
     store_or_wait(core, 4)  # 1 goes down to NVMe
+    return core
+
+
+def test_an_orphan_being_read_stays_until_the_read_ends_and_a_pinned_one_stays():
+    core = head_below_two_children()
     assert core.lookup(NS, [1, 2]) == ["nvme", "dram"] and core.lookup(NS, [1, 3]) == ["nvme", "dram"]
     grant = core.prepare_load(NS, [2])
     assert isinstance(grant, LoadGrant)
@@ -237,8 +244,85 @@ def test_an_orphan_being_read_stays_and_so_does_a_pinned_one():
     core.take_events()
     store_or_wait(core, 5)  # 4 goes down; NVMe drops 1, its only block; 2 is read, 3 pinned
     assert removed(core.take_events()) == [(1, "nvme", "evicted"), (4, "dram", "demoted")]
-    core.complete_load(grant.lease_id)
     assert core.lookup(NS, [2]) == ["dram"] and core.lookup(NS, [3]) == ["dram"]
+    assert core.load_slots(grant.lease_id)[0] is not None  # the reader still has its copy
+    core.complete_load(grant.lease_id)
+    assert removed(core.take_events()) == [(2, "dram", "orphaned")]
+    assert core.lookup(NS, [2]) == [] and core.lookup(NS, [3]) == ["dram"]
+    assert core.check() == []
+
+
+def test_an_orphan_being_moved_down_goes_when_its_move_lands():
+    # DRAM 2 over NVMe 2. 1 sits in NVMe, its child 2 is on its way down when making NVMe
+    # room for 3 drops 1: 2's copies are being read and written, so they stay until the
+    # move lands, and then the copy it made goes too, instead of holding NVMe's slot.
+    core, _ = make_core(2, nvme_blocks=2, policy=TierLocalHeadsFirst(1))
+    store(core, 1)
+    store(core, 2, parent=1)
+    store_or_wait(core, 3)  # 1 goes down
+    assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 2 starts down
+    (moving,) = core.take_demotions()
+    assert (moving.record.hash, moving.dst_tier) == (2, "nvme")
+    core.take_events()
+    assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 3 must go down: NVMe drops 1
+    assert removed(core.take_events()) == [(1, "nvme", "evicted")]
+    assert core.lookup(NS, [2]) == ["dram"]  # still read by its move
+    core.complete_transfer(moving, ok=True)
+    assert removed(core.take_events()) == [(2, "dram", "demoted"), (2, "nvme", "orphaned")]
+    store_or_wait(core, 4)  # into 2's old slot
+    run_mover(core)  # 3's move down lands
+    assert core.lookup(NS, [2]) == [] and core.lookup(NS, [3]) == ["nvme"] and core.lookup(NS, [4]) == ["dram"]
+    assert core.check() == []
+
+
+def test_an_orphan_whose_head_is_stored_again_before_its_read_ends_stays():
+    core = head_below_two_children()
+    grant = core.prepare_load(NS, [2])
+    store_or_wait(core, 5)  # 3 must go down: NVMe drops 1, and 3 goes with it; 2 is read
+    assert core.lookup(NS, [1]) == [] and core.lookup(NS, [3]) == [] and core.lookup(NS, [2]) == ["dram"]
+    store_or_wait(core, 1)  # the engine recomputed 1 and stores it again
+    core.take_events()
+    core.complete_load(grant.lease_id)
+    assert removed(core.take_events()) == []
+    assert core.lookup(NS, [1, 2]) == ["dram", "dram"]
+    assert core.check() == []
+
+
+def test_an_orphan_goes_when_the_store_that_would_have_reconnected_it_expires():
+    core, clock = make_core(2)
+    store(core, 1)
+    store(core, 2, parent=1)
+    grant = core.prepare_load(NS, [2])
+    store(core, 9)  # 1 goes; 2, being read, stays
+    restore = core.prepare_store(NS, specs(1))  # the engine writes 1 again (9 makes way)
+    assert isinstance(restore, StoreGrant)
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [2]) == ["dram"]  # 1 is coming back: 2 stays
+    core.take_events()
+    clock.now += 11  # the store of 1 never commits
+    core.expire_leases()
+    assert removed(core.take_events()) == [(2, "dram", "orphaned")]
+    assert core.lookup(NS, [2]) == [] and core.lookup(NS, [1]) == []
+    assert core.check() == []
+
+
+def test_a_corrupt_last_copys_healthy_descendants_stay():
+    # Unlike an eviction's: the engine's next store of the chain writes the lost block
+    # alone and finds the rest held.
+    core, _ = make_core(1, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    run_mover(core)
+    store(core, 2, parent=1)  # 1 leaves DRAM: NVMe has it
+    run_mover(core)
+    assert core.lookup(NS, [1, 2]) == ["nvme", "dram"]
+    grant = core.prepare_load(NS, [1])  # 2's DRAM copy makes way (NVMe has it too)
+    core.take_events()
+    core.complete_transfer(grant.promotions[0], ok=False, corrupt=True)
+    assert removed(core.take_events()) == [(1, "nvme", "corrupt")]
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [2]) == ["nvme"]
+    store(core, 1)
+    assert core.lookup(NS, [1, 2]) == ["dram", "nvme"]
     assert core.check() == []
 
 
@@ -258,19 +342,64 @@ def test_a_write_behind_whose_block_making_room_orphaned_is_not_planned():
     assert core.check() == []
 
 
-def test_a_load_whose_block_making_room_orphaned_finds_it_missing():
+def test_a_store_continuing_a_chain_whose_parent_is_not_held_yet_is_stored():
+    # A client pipelines a long chain's batches: the second batch's prepare may reach the
+    # core before the first's. It is stored; once the first lands, the chain is whole.
+    core, _ = make_core(4)
+    second = core.prepare_store(NS, specs(3, 4, parent=2))
+    store(core, 1, 2)
+    assert core.commit_store(second.lease_id) == 2
+    assert core.lookup(NS, [1, 2, 3, 4]) == ["dram"] * 4
+    assert core.check() == []
+
+
+def test_a_store_whose_room_cut_the_chain_it_continues_writes_nothing():
+    # DRAM 2 over NVMe 2, a tier-local LRU. Chain 1 <- 2 sits in NVMe, 7 and 8 in DRAM.
+    # Storing 3 after 2 pushes 7 down, and NVMe drops its oldest block, 2: 3 would be
+    # unreachable behind it, so the store writes nothing.
+    core, clock = make_core(2, nvme_blocks=2, policy=TierLocal())
+    for hashes, parent in (((1,), None), ((2,), 1), ((7,), None), ((8,), None)):
+        store_or_wait(core, *hashes, parent=parent)
+        clock.now += 1
+    assert core.lookup(NS, [1, 2]) == ["nvme", "nvme"] and core.lookup(NS, [7]) == ["dram"]
+    core.take_events()
+    store_or_wait(core, 3, parent=2)
+    run_mover(core)
+    assert removed(core.take_events()) == [(2, "nvme", "evicted"), (7, "dram", "demoted")]
+    assert core.lookup(NS, [1, 2, 3]) == ["nvme"] and core.lookup(NS, [3]) == []
+    assert core.spaces["dram"].used_bytes == PAGE  # 8 alone
+    assert core.check() == []
+
+
+def test_a_store_whose_parent_goes_before_its_commit_commits_nothing_after_it():
+    core, _ = make_core(3)
+    store(core, 1)
+    grant = core.prepare_store(NS, specs(2, 3, parent=1))  # fills DRAM: 1 is the only victim
+    store(core, 9)  # 1 goes; 2 and 3, being written, stay until the commit
+    assert core.commit_store(grant.lease_id) == 0
+    assert core.lookup(NS, [2]) == [] and core.lookup(NS, [9]) == ["dram"]
+    assert core.spaces["dram"].used_bytes == PAGE
+    assert core.check() == []
+
+
+def test_a_load_makes_its_room_without_dropping_the_chain_it_reads():
     # DRAM 3 over NVMe 1: chain 1 <- 2 <- 3 <- 4 with 3 in NVMe. Promoting 3 for a load
-    # sends 4 (not yet pinned by the load) down, which drops 3 from NVMe, and 4 as its
-    # orphan: the load finds 1 and 2, and neither 3 nor 4 (before, the promotion of the
-    # dropped 3 failed with a KeyError).
+    # needs a DRAM slot: 4 (not yet pinned by the load) must go, and NVMe's only block is
+    # 3, which the load reads. Dropping 3 would cut the chain at 3 (the load would find 1
+    # and 2 only, and 4 would go as its orphan); 4 goes instead, and the load finds 1-3.
     core, _ = make_core(3, nvme_blocks=1, policy=TierLocal())
     store(core, 1, 2, 3)
     store_or_wait(core, 4, parent=3)
     assert core.lookup(NS, [1, 2, 3, 4]) == ["dram", "dram", "nvme", "dram"]
+    core.take_events()
     grant = core.prepare_load(NS, [1, 2, 3, 4])
     assert isinstance(grant, LoadGrant)
-    assert grant.found == ["dram", "dram", None, None] and grant.promotions == []
+    assert grant.found == ["dram", "dram", "nvme", None]
+    assert [(t.record.hash, t.src_tier, t.dst_tier) for t in grant.promotions] == [(3, "nvme", "dram")]
+    assert removed(core.take_events()) == [(4, "dram", "evicted")]
+    core.complete_transfer(grant.promotions[0], ok=True)
     core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [1, 2, 3, 4]) == ["dram", "dram", "dram"]
     assert core.check() == []
 
 

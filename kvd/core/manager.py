@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +38,13 @@ from kvd.policies import Policy
 from kvd.tiers import TIER_CODES, TIER_NAMES, Slot
 
 MAX_UINT64 = (1 << 64) - 1
+# Why a block's last copy went, when its held descendants go with it (_drop_orphans): a
+# capacity eviction, or a copy that never became readable (a store's abort while an
+# earlier orphan of it was still held). An operator's eviction and a cleared namespace
+# name their own blocks; "orphaned" drops walk all descendants at once. After a corrupt
+# copy the healthy descendants stay: the engine's next store of the chain writes the lost
+# block alone and finds the rest held (faults are rare; capacity evictions are not).
+ORPHANING_REASONS = frozenset({"evicted", None})
 
 
 class Space(Protocol):
@@ -112,6 +120,9 @@ class StoreLease:
     session_id: str | None
     # One entry per requested block: (record, new DRAM copy) to write, or None (held).
     items: list[tuple[BlockRecord, Copy] | None]
+    # Hashes this store's chain runs through that were held when it was granted: the held
+    # blocks it names and the parent it continues. One gone by the commit cuts the chain.
+    held: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -127,7 +138,7 @@ class LoadLease:
 class StoreGrant:
     lease_id: str
     expires_at: float
-    slots: list[Slot | None]  # None: already held, nothing to write
+    slots: list[Slot | None]  # None: nothing to write (held, or unreachable: its chain is cut)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +204,12 @@ class KvCore:
         self._quarantine: deque[tuple[float, Slot]] = deque()  # (release time, DRAM slot)
         self._promoting: dict[int, Transfer] = {}  # id(DRAM copy being promoted) -> transfer
         self._pinned: set[tuple[str, int]] = set()  # held blocks no policy may evict or demote
+        # (namespace, hash) of dropped blocks whose held descendants a read, a write or a
+        # move kept when they became orphans: they go when that ends (_sweep_orphans).
+        self._orphaned_under: set[tuple[str, int]] = set()
+        # The chain a load in progress reads: making its room may move these blocks down
+        # but drops their last copy only when nothing below can take it (_keeping).
+        self._kept_chain: frozenset[tuple[str, int]] = frozenset()
         self._draining = False  # write every kept DRAM block down, write-behind or not
 
     # -- namespaces -----------------------------------------------------------------------
@@ -413,6 +430,13 @@ class KvCore:
             namespace, session_id, [b.hash for b in blocks], now, last_partial, blocks[0].parent
         )
         self._sync_sessions()
+        return self._grant_store(ns, blocks, now, session, lease_seconds)
+
+    def _grant_store(
+        self, ns: Namespace, blocks: Sequence[BlockSpec], now: float, session: Session, lease_seconds: float
+    ) -> StoreGrant | Wait:
+        namespace = ns.name
+        parent = blocks[0].parent if blocks[0].parent in ns.blocks else None  # the chain it continues
         # Refuse a store that cannot fit before evicting anything for it: evicting block by
         # block and failing on the last one would empty the tier for nothing.
         top = self.top
@@ -439,9 +463,11 @@ class KvCore:
             # One pass over the victims for the whole shortfall, not one per block.
             pending = self._evict_bytes(top, (new - len(free)) * dram.slot_bytes(ns.block_bytes))
             free += dram.allocate_many(ns.block_bytes, new - len(free))
+            if parent is not None and parent not in ns.blocks:
+                self._free_all(top, free)  # making the room cut the chain this store continues
+                return self._grant_no_writes(ns, blocks, now, session, lease_seconds)
             if pending and len(free) < new:
-                for slot in free:
-                    dram.free(slot)
+                self._free_all(top, free)
                 return Wait(pending)
         free_slots = iter(free)
         for spec in blocks:
@@ -463,14 +489,33 @@ class KvCore:
             record.copies[top] = copy
             ns.add(record)
             items.append((record, copy))
+        held = {spec.hash for spec, item in zip(blocks, items) if item is None}
+        if parent is not None:
+            held.add(parent)
         lease = StoreLease(
-            self._new_lease_id("s"), namespace, now + self._lease_s(lease_seconds), session.id, items
+            self._new_lease_id("s"), namespace, now + self._lease_s(lease_seconds), session.id, items, frozenset(held)
         )
         self._store_leases[lease.id] = lease
         return StoreGrant(lease.id, lease.expires_at, [i[1].slot if i else None for i in items])
 
+    def _grant_no_writes(
+        self, ns: Namespace, blocks: Sequence[BlockSpec], now: float, session: Session, lease_seconds: float
+    ) -> StoreGrant:
+        """A lease that writes nothing, for a store continuing a chain whose parent is not
+        held: no lookup could reach its blocks (a lookup stops at the first missing one),
+        and the engine that stores the chain again from that block writes them then."""
+        lease = StoreLease(
+            self._new_lease_id("s"), ns.name, now + self._lease_s(lease_seconds), session.id, [None] * len(blocks)
+        )
+        self._store_leases[lease.id] = lease
+        return StoreGrant(lease.id, lease.expires_at, [None] * len(blocks))
+
     def commit_store(self, lease_id: str, failed: Iterable[int] = (), abort: bool = False) -> int:
-        """Phase 2: make the written blocks visible; discard ``failed`` ones. Returns committed."""
+        """Phase 2: make the written blocks visible; discard ``failed`` ones, and the blocks
+        of this lease that follow a discarded one in the chain, or a block that was held
+        when the store was granted and is gone now (no lookup could reach them: an
+        eviction, perhaps one that made this store's room, cut the chain).
+        Returns how many were committed."""
         lease = self._store_leases.get(lease_id)
         if lease is None:
             raise UnknownLease(f"store lease {lease_id!r} is unknown or expired")
@@ -482,12 +527,15 @@ class KvCore:
         ns = self._namespaces[lease.namespace]
         now = self.clock()
         committed: list[BlockRecord] = []
+        cut: set[int] = set()  # hashes discarded here: the blocks after them are unreachable
         for i, item in enumerate(lease.items):
             if item is None:
                 continue
             record, copy = item
-            if abort or i in failed:
+            cut_off = record.parent in cut or (record.parent in lease.held and record.parent not in ns.blocks)
+            if abort or i in failed or cut_off:
                 self._drop_copy(ns, record, self.top, copy, reason=None)
+                cut.add(record.hash)
                 continue
             copy.ready = True
             ns.refresh(record)
@@ -502,6 +550,7 @@ class KvCore:
             ancestors = self._ancestors(ns, committed[0])
             if ancestors:
                 self.policy.on_accessed(ancestors, now)
+        self._sweep_orphans()
         return len(committed)
 
     # -- load -----------------------------------------------------------------------------
@@ -514,6 +563,12 @@ class KvCore:
         ns = self.namespace(namespace)
         if len(hashes) > self.config.max_batch_blocks:
             raise InvalidArgument(f"at most {self.config.max_batch_blocks} hashes per load")
+        first = ns.blocks.get(hashes[0]) if hashes else None
+        with self._keeping(ns, hashes, first.parent if first is not None else None):
+            return self._grant_load(ns, hashes, lease_seconds)
+
+    def _grant_load(self, ns: Namespace, hashes: Sequence[int], lease_seconds: float) -> LoadGrant | Wait:
+        namespace = ns.name
         now = self.clock()
         room = self._room_for_promotions(ns, hashes)
         if isinstance(room, Wait):
@@ -642,6 +697,7 @@ class KvCore:
         for item in lease.items:
             if item is not None:
                 item[1].readers -= 1
+        self._sweep_orphans()
 
     # -- sessions -------------------------------------------------------------------------
     def session_event(
@@ -792,6 +848,8 @@ class KvCore:
                     del record.copies[self.top]
                     if not record.copies:
                         ns.remove(record)
+                        if record.hash in ns.children:  # held orphans its store would have reconnected
+                            self._drop_orphans(ns, record.hash)
                     self._quarantine.append((now + self.config.lease_seconds, copy.slot))
             expired += 1
         for lease_id in [i for i, lease in self._load_leases.items() if lease.expires_at <= now]:
@@ -801,6 +859,7 @@ class KvCore:
             self.spaces[self.top].free(self._quarantine.popleft()[1])
         if self.sessions.expire(now):
             self._sync_sessions()
+        self._sweep_orphans()
         return expired
 
     def lease_alive(self, lease_id: str) -> bool:
@@ -890,6 +949,7 @@ class KvCore:
             # readable copy like any other, and a later eviction drops it for free.
             if transfer.kind == "demote" and not transfer.src.readers:
                 self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="demoted", cause=transfer.cause)
+            self._sweep_orphans()
             return
         # A failed promotion's copy goes away with the load leases' pins still counted on
         # it; their completion then unpins an orphan, which is harmless.
@@ -898,6 +958,7 @@ class KvCore:
             self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
         elif transfer.kind not in ("promote", "prefetch") and "nvme" in self.spaces and self._lower(transfer.src_tier):
             self._write_behind.append(record)  # a failed write down is tried again later
+        self._sweep_orphans()
 
     def is_inflight(self, transfer: Transfer) -> bool:
         return transfer.id in self._inflight
@@ -1167,6 +1228,8 @@ class KvCore:
             if max_priority is not None and self.policy.priority(key, tier, now) > max_priority:
                 break
             if len(record.copies) == 1 and (last_tier or not self.policy.worth_demoting(key, tier, now)):
+                if key in self._kept_chain:
+                    continue  # the chain a load in progress reads
                 held = len(self._namespaces[record.namespace].children.get(record.hash, ()))
                 if held > leaving.get(key, 0):
                     heads.append((record, copy))
@@ -1221,7 +1284,7 @@ class KvCore:
         Then the hierarchy drops its least valuable copy, as one tier of the same total
         would, rather than the least valuable of its last tier. Only for a policy whose
         priorities rank a block in a tier that does not hold it (``values_across_tiers``)."""
-        if not self.policy.values_across_tiers:
+        if not self.policy.values_across_tiers or record.key in self._kept_chain:
             return False
         if not self.policy.roots_rank_first and self._namespaces[record.namespace].children.get(record.hash):
             return False  # a held chain's head stays reachable: its descendants may be worth more
@@ -1295,6 +1358,26 @@ class KvCore:
             if slot is not None:
                 return slot
 
+    @contextmanager
+    def _keeping(self, ns: Namespace, hashes: Sequence[int], parent: int | None) -> Iterator[None]:
+        """While a load makes its room, keep a copy of every held block it names and of
+        every held ancestor of the chain it reads (from ``parent``): dropping one would cut
+        the chain and the load would find less than it came for. Such blocks may still move
+        down, and one goes when nothing below can take it. A store does not keep its chain
+        this way (measured: in a tight hierarchy that pushed out other sessions' blocks
+        worth more); a store whose room cut its chain writes nothing instead."""
+        kept = {(ns.name, h) for h in hashes if h in ns.blocks}
+        seen: set[int] = set()
+        while parent is not None and parent not in seen and (record := ns.blocks.get(parent)) is not None:
+            kept.add(record.key)
+            seen.add(parent)
+            parent = record.parent
+        self._kept_chain = frozenset(kept)
+        try:
+            yield
+        finally:
+            self._kept_chain = frozenset()
+
     def _ancestors(self, ns: Namespace, record: BlockRecord) -> list[tuple[str, int]]:
         """Keys of ``record``'s held ancestors, root first (stops at the first one missing)."""
         out = []
@@ -1332,19 +1415,21 @@ class KvCore:
         if not record.copies:
             ns.remove(record)
             self._pinned.discard(record.key)
-            if reason == "evicted" and record.hash in ns.children:
+            if reason in ORPHANING_REASONS and record.hash in ns.children:
                 self._drop_orphans(ns, record.hash)
         ns.refresh(record)
 
     def _drop_orphans(self, ns: Namespace, h: int) -> None:
-        """Drop the copies of every held descendant of ``h``, whose last copy an eviction
-        just dropped: a lookup stops at the first missing block, so none of them can be
-        found until a store writes ``h`` again, and the engine behind that store has
-        re-computed the whole chain from ``h`` (it can write them again too). Kept, they
-        would hold slots that reachable blocks could use: a small top tier sends a
-        chain's head down before its tail, and the last tier may drop the head while the
-        tail sits above. A copy being read, written or
-        moved stays (it goes when the policy picks it), and so does a pinned block."""
+        """Drop the copies of every held descendant of ``h``, whose last copy just went
+        (evicted, corrupt, or never written): a lookup stops at the first missing block,
+        so none of them can be found until a store writes ``h`` again, and the engine
+        behind that store has re-computed the whole chain from ``h`` (it can write them
+        again too). Kept, they would hold slots that reachable blocks could use: a small
+        top tier sends a chain's head down before its tail, and the last tier may drop
+        the head while the tail sits above. A copy being read, written or moved stays
+        until that ends (then :meth:`_sweep_orphans` takes it, wherever the move put it);
+        a pinned block stays."""
+        kept = []
         stack = list(ns.children.get(h, ()))
         while stack:
             record = ns.blocks.get(stack.pop())
@@ -1356,6 +1441,24 @@ class KvCore:
             for tier, copy in list(record.copies.items()):
                 if copy.ready and not copy.readers:
                     self._drop_copy(ns, record, tier, copy, reason="orphaned")
+            if record.copies:
+                kept.append(record)
+        for record in kept:
+            if record.key not in self._pinned and record.parent not in ns.blocks:
+                self._orphaned_under.add((ns.name, record.parent))
+
+    def _sweep_orphans(self) -> None:
+        """Drop the orphans :meth:`_drop_orphans` had to leave because a read, a write or
+        a move used them, now that those have ended; those still in use wait for the next
+        sweep. Called where readers are released and copies become ready. An orphan whose
+        missing ancestor a store has written again is reachable again, and stays."""
+        if not self._orphaned_under:
+            return
+        missing, self._orphaned_under = self._orphaned_under, set()
+        for name, h in missing:
+            ns = self._namespaces.get(name)
+            if ns is not None and h not in ns.blocks and h in ns.children:
+                self._drop_orphans(ns, h)
 
     def _drop_unread(self, ns: Namespace, records: Iterable[BlockRecord], reason: str) -> int:
         """Drop every readable copy of ``records`` that nothing reads; returns how many of
