@@ -332,6 +332,19 @@ def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_in_parts(tmp_path):
     assert r.unstored_requests == 0 and r.problems == []
 
 
+def test_a_prompt_bigger_than_every_tier_together_counts_as_not_stored_whole(tmp_path):
+    # DRAM 2 blocks over NVMe 1: a 5-block prompt goes in parts of 2, and making room for
+    # the later parts drops the earlier ones. Every part is granted, but the chain is not
+    # held whole afterwards, and the replay says so.
+    lines = [kvd_turn(0.0, "s", [1, 2, 3, 4, 5])]
+    trace = read_trace(write_trace(tmp_path / "t.jsonl", lines))
+    cfg = dataclasses.replace(config(dram_blocks=2, nvme_blocks=1), write_behind=False)
+    sim = Replay(trace, "lru", cfg)
+    r = sim.run()
+    assert len(sim.core.lookup("replay", [1, 2, 3, 4, 5])) < 5
+    assert r.unstored_requests == 1 and r.problems == []
+
+
 def test_a_prompt_without_a_session_id_is_stored_in_one_part(tmp_path):
     # The same prompts without session ids: the core infers sessions from the chain a store
     # names, so the replay stores one part, and a prompt bigger than DRAM keeps its head.

@@ -123,7 +123,9 @@ class PolicyResult:
     ttft_s: list[float]
     session_completion_s: list[float]
     bytes_moved: dict[str, int]
-    unstored_requests: int  # prompts not stored whole (longer than a lone tier; no room: leases)
+    # Prompts not held whole right after their store: longer than a lone tier, no room
+    # (leases), or making room for a later part dropped an earlier part or its ancestor.
+    unstored_requests: int
     wall_s: float
     problems: list[str]
 
@@ -388,7 +390,9 @@ class Replay:
           like a new session. (So the head-only store remains for such prompts.)
 
         A part that does not fit (the tier full of leased blocks) keeps its head, and what
-        follows it is not stored."""
+        follows it is not stored. A part whose room-making dropped the block it continues
+        is written nothing (the core's answer). Either way, and when a later part's room
+        took an earlier part, the prompt counts in ``unstored_requests``."""
         specs = [
             BlockSpec(h, hashes[i - 1] if i else None, self.block_bytes) for i, h in enumerate(hashes)
         ]
@@ -402,7 +406,7 @@ class Replay:
             if self._store_part(req, part, last_partial and lo + step >= len(specs)) < len(part):
                 whole = False
                 break
-        if not whole:
+        if not whole or len(self.core.lookup_codes(NAMESPACE, hashes)) < len(hashes):
             self.unstored += 1
 
     def _store_part(self, req: TraceRequest, specs: list[BlockSpec], last_partial: bool) -> int:
