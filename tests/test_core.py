@@ -342,6 +342,16 @@ def test_a_write_behind_whose_block_making_room_orphaned_is_not_planned():
     assert core.check() == []
 
 
+def test_a_commit_discards_before_anything_becomes_readable_whatever_the_blocks_order():
+    # A child listed before its parent, and the parent fails: both go, and the policy never
+    # hears of a block that is gone.
+    core, _ = make_core(4)
+    grant = core.prepare_store(NS, [BlockSpec(2, 1, PAGE), BlockSpec(1, None, PAGE)])
+    assert core.commit_store(grant.lease_id, failed=[1]) == 0
+    assert core.lookup(NS, [2]) == [] and core.spaces["dram"].used_bytes == 0
+    assert core.check() == []
+
+
 def test_a_store_continuing_a_chain_whose_parent_is_not_held_yet_is_stored():
     # A client pipelines a long chain's batches: the second batch's prepare may reach the
     # core before the first's. It is stored; once the first lands, the chain is whole.
@@ -368,6 +378,24 @@ def test_a_store_whose_room_cut_the_chain_it_continues_writes_nothing():
     assert removed(core.take_events()) == [(2, "nvme", "evicted"), (7, "dram", "demoted")]
     assert core.lookup(NS, [1, 2, 3]) == ["nvme"] and core.lookup(NS, [3]) == []
     assert core.spaces["dram"].used_bytes == PAGE  # 8 alone
+    assert core.check() == []
+
+
+def test_a_store_whose_room_cut_the_chain_above_its_parent_writes_nothing():
+    # As in the move test above: 1 in NVMe, its child 2 on its way down. Storing 5 after 2
+    # sends 3 down, and NVMe drops 1 for it: 2 is still held (being moved) but no lookup
+    # can reach it, nor 5 behind it.
+    core, _ = make_core(2, nvme_blocks=2, policy=TierLocalHeadsFirst(1))
+    store(core, 1)
+    store(core, 2, parent=1)
+    store_or_wait(core, 3)  # 1 goes down
+    assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 2 starts down
+    (moving,) = core.take_demotions()
+    grant = core.prepare_store(NS, specs(5, parent=2))
+    assert isinstance(grant, StoreGrant) and grant.slots == [None]
+    assert core.commit_store(grant.lease_id) == 0
+    core.complete_transfer(moving, ok=True)  # and the orphan it carried goes
+    assert core.lookup(NS, [2]) == [] and core.lookup(NS, [5]) == []
     assert core.check() == []
 
 
@@ -401,6 +429,38 @@ def test_a_load_makes_its_room_without_dropping_the_chain_it_reads():
     core.complete_load(grant.lease_id)
     assert core.lookup(NS, [1, 2, 3, 4]) == ["dram", "dram", "dram"]
     assert core.check() == []
+
+
+class NotDemoted(LruPolicy):
+    """LRU that would not keep the keys in ``dropped`` below (a switch: say, ephemeral)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: set[tuple[str, int]] = set()
+
+    def worth_demoting(self, key, tier, now):
+        return key not in self.dropped
+
+
+def test_a_load_drops_an_ancestor_of_what_it_reads_when_nothing_else_makes_its_room():
+    # DRAM 2 over NVMe 2: 1 and 3 in DRAM, 1's child 2 in NVMe. Loading 2 needs a DRAM slot:
+    # 3 is pinned, and 1 would not be kept below. 1 goes (last of all) and the load is
+    # served, rather than refused.
+    policy = NotDemoted()
+    core, clock = make_core(2, nvme_blocks=2, policy=policy)
+    store(core, 1)
+    store(core, 2, parent=1)
+    clock.now += 1
+    store_or_wait(core, 3)  # 2, the least recent (its ancestor was touched after it), goes down
+    run_mover(core)
+    assert core.lookup(NS, [1, 2]) == ["dram", "nvme"] and core.lookup(NS, [3]) == ["dram"]
+    policy.dropped.add((NS, 1))
+    core.pin(NS, [3])
+    grant = core.prepare_load(NS, [2])
+    assert isinstance(grant, LoadGrant) and grant.found == ["nvme"]
+    core.complete_transfer(grant.promotions[0], ok=True)
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [1]) == [] and core.check() == []
 
 
 def test_lru_drops_a_tail_older_than_everything_below_instead_of_pushing_its_head_out():

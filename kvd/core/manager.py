@@ -436,7 +436,8 @@ class KvCore:
         self, ns: Namespace, blocks: Sequence[BlockSpec], now: float, session: Session, lease_seconds: float
     ) -> StoreGrant | Wait:
         namespace = ns.name
-        parent = blocks[0].parent if blocks[0].parent in ns.blocks else None  # the chain it continues
+        # The chain this store continues, when every block of it is held now.
+        parent = blocks[0].parent if self._reaches_a_root(ns, blocks[0].parent) else None
         # Refuse a store that cannot fit before evicting anything for it: evicting block by
         # block and failing on the last one would empty the tier for nothing.
         top = self.top
@@ -463,7 +464,7 @@ class KvCore:
             # One pass over the victims for the whole shortfall, not one per block.
             pending = self._evict_bytes(top, (new - len(free)) * dram.slot_bytes(ns.block_bytes))
             free += dram.allocate_many(ns.block_bytes, new - len(free))
-            if parent is not None and parent not in ns.blocks:
+            if parent is not None and not self._reaches_a_root(ns, parent):
                 self._free_all(top, free)  # making the room cut the chain this store continues
                 return self._grant_no_writes(ns, blocks, now, session, lease_seconds)
             if pending and len(free) < new:
@@ -527,15 +528,29 @@ class KvCore:
         ns = self._namespaces[lease.namespace]
         now = self.clock()
         committed: list[BlockRecord] = []
-        cut: set[int] = set()  # hashes discarded here: the blocks after them are unreachable
-        for i, item in enumerate(lease.items):
-            if item is None:
-                continue
-            record, copy = item
-            cut_off = record.parent in cut or (record.parent in lease.held and record.parent not in ns.blocks)
-            if abort or i in failed or cut_off:
+        written = [(i, item[0], item[1]) for i, item in enumerate(lease.items) if item is not None]
+        # Discard before anything becomes readable, whatever order the blocks came in: a
+        # discard drops its held descendants, and none of this lease's may be readable yet.
+        cut = {
+            r.hash
+            for i, r, _ in written
+            if abort or i in failed or (r.parent in lease.held and r.parent not in ns.blocks)
+        }
+        below: dict[int, list[int]] = {}
+        for _, r, _ in written:
+            if r.parent is not None:
+                below.setdefault(r.parent, []).append(r.hash)
+        stack = list(cut)
+        while stack:  # and every block of the lease behind a discarded one
+            for h in below.get(stack.pop(), ()):
+                if h not in cut:
+                    cut.add(h)
+                    stack.append(h)
+        for _, record, copy in written:
+            if record.hash in cut:
                 self._drop_copy(ns, record, self.top, copy, reason=None)
-                cut.add(record.hash)
+        for _, record, copy in written:
+            if record.hash in cut:
                 continue
             copy.ready = True
             ns.refresh(record)
@@ -1207,6 +1222,7 @@ class KvCore:
         last_tier = self._lower(tier) is None
         victims = []
         heads = []
+        kept: list[tuple[BlockRecord, Copy]] = []
         leaving: dict[tuple[str, int], int] = {}  # parent key -> its children among the victims
         room = 0
         if not (tier == "nvme" and self._writes_behind) and self._full_from(tier):
@@ -1229,7 +1245,12 @@ class KvCore:
                 break
             if len(record.copies) == 1 and (last_tier or not self.policy.worth_demoting(key, tier, now)):
                 if key in self._kept_chain:
-                    continue  # the chain a load in progress reads
+                    # The chain a load in progress reads: in the tier it loads into, dropped
+                    # last of all (or the load could not be served); below, never — its room
+                    # is made another way, or the block moving down is dropped instead.
+                    if tier == self.top:
+                        kept.append((record, copy))
+                    continue
                 held = len(self._namespaces[record.namespace].children.get(record.hash, ()))
                 if held > leaving.get(key, 0):
                     heads.append((record, copy))
@@ -1241,7 +1262,7 @@ class KvCore:
             room += copy.slot.length
             if room >= need:
                 return victims
-        for record, copy in heads:
+        for record, copy in heads + kept:
             if room >= need:
                 break
             victims.append((record, copy))
@@ -1363,7 +1384,7 @@ class KvCore:
         """While a load makes its room, keep a copy of every held block it names and of
         every held ancestor of the chain it reads (from ``parent``): dropping one would cut
         the chain and the load would find less than it came for. Such blocks may still move
-        down, and one goes when nothing below can take it. A store does not keep its chain
+        down; in the top tier they are dropped last, when nothing else makes the room. A store does not keep its chain
         this way (measured: in a tight hierarchy that pushed out other sessions' blocks
         worth more); a store whose room cut its chain writes nothing instead."""
         kept = {(ns.name, h) for h in hashes if h in ns.blocks}
@@ -1377,6 +1398,19 @@ class KvCore:
             yield
         finally:
             self._kept_chain = frozenset()
+
+    @staticmethod
+    def _reaches_a_root(ns: Namespace, h: int | None) -> bool:
+        """Whether ``h`` and every ancestor of it are in the catalog (ready or being
+        written): a lookup of a chain through ``h`` can reach ``h``. Walks the chain."""
+        seen: set[int] = set()
+        while h is not None and h not in seen:
+            record = ns.blocks.get(h)
+            if record is None:
+                return False
+            seen.add(h)
+            h = record.parent
+        return h is None
 
     def _ancestors(self, ns: Namespace, record: BlockRecord) -> list[tuple[str, int]]:
         """Keys of ``record``'s held ancestors, root first (stops at the first one missing)."""
