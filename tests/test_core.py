@@ -6,7 +6,7 @@ import pytest
 
 from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
 from kvd.core.events import BlockRemoved, BlockStored, NamespaceRegistered
-from kvd.core.manager import BlockSpec, CoreConfig, KvCore, LoadGrant, StoreGrant, Wait
+from kvd.core.manager import BlockSpec, CoreConfig, KvCore, LoadGrant, StoreGrant, Transfer, Wait
 from kvd.policies import LruPolicy
 from kvd.tiers import ExtentAllocator
 
@@ -252,16 +252,23 @@ def test_an_orphan_being_read_stays_until_the_read_ends_and_a_pinned_one_stays()
     assert core.check() == []
 
 
-def test_an_orphan_being_moved_down_goes_when_its_move_lands():
-    # DRAM 2 over NVMe 2. 1 sits in NVMe, its child 2 is on its way down when making NVMe
-    # room for 3 drops 1: 2's copies are being read and written, so they stay until the
-    # move lands, and then the copy it made goes too, instead of holding NVMe's slot.
+def child_on_its_way_down() -> tuple[KvCore, Transfer]:
+    """DRAM 2 over NVMe 2, heads first: 1 in NVMe, 3 in DRAM, and 1's child 2 being moved
+    down into NVMe's other slot (returned: the demotion, not landed)."""
     core, _ = make_core(2, nvme_blocks=2, policy=TierLocalHeadsFirst(1))
     store(core, 1)
     store(core, 2, parent=1)
     store_or_wait(core, 3)  # 1 goes down
     assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 2 starts down
     (moving,) = core.take_demotions()
+    return core, moving
+
+
+def test_an_orphan_being_moved_down_goes_when_its_move_lands():
+    # DRAM 2 over NVMe 2. 1 sits in NVMe, its child 2 is on its way down when making NVMe
+    # room for 3 drops 1: 2's copies are being read and written, so they stay until the
+    # move lands, and then the copy it made goes too, instead of holding NVMe's slot.
+    core, moving = child_on_its_way_down()
     assert (moving.record.hash, moving.dst_tier) == (2, "nvme")
     core.take_events()
     assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 3 must go down: NVMe drops 1
@@ -385,12 +392,7 @@ def test_a_store_whose_room_cut_the_chain_above_its_parent_writes_nothing():
     # As in the move test above: 1 in NVMe, its child 2 on its way down. Storing 5 after 2
     # sends 3 down, and NVMe drops 1 for it: 2 is still held (being moved) but no lookup
     # can reach it, nor 5 behind it.
-    core, _ = make_core(2, nvme_blocks=2, policy=TierLocalHeadsFirst(1))
-    store(core, 1)
-    store(core, 2, parent=1)
-    store_or_wait(core, 3)  # 1 goes down
-    assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 2 starts down
-    (moving,) = core.take_demotions()
+    core, moving = child_on_its_way_down()
     grant = core.prepare_store(NS, specs(5, parent=2))
     assert isinstance(grant, StoreGrant) and grant.slots == [None]
     assert core.commit_store(grant.lease_id) == 0
