@@ -351,7 +351,8 @@ class Client:
         parents: Sequence[int | None] | None = None,
         session_id: str | None = None,
     ) -> int:
-        """Store blocks; returns how many were written (the rest were already held).
+        """Store blocks; returns how many were written (the rest were already held, or lay
+        behind a block that went while they were stored: no lookup could reach them).
 
         ``parents``: each block's parent hash (None for a chain's first block); omitted, each
         block's parent is the previous hash in the list.
