@@ -207,8 +207,8 @@ class KvCore:
         # (namespace, hash) of dropped blocks whose held descendants a read, a write or a
         # move kept when they became orphans: they go when that ends (_sweep_orphans).
         self._orphaned_under: set[tuple[str, int]] = set()
-        # The chain a load in progress reads: making its room may move these blocks down
-        # but drops their last copy only when nothing below can take it (_keeping).
+        # The chain a load in progress reads: making its room may move these blocks down;
+        # in the top tier they are its last victims, below it never dropped (_keeping).
         self._kept_chain: frozenset[tuple[str, int]] = frozenset()
         self._draining = False  # write every kept DRAM block down, write-behind or not
 
@@ -502,9 +502,9 @@ class KvCore:
     def _grant_no_writes(
         self, ns: Namespace, blocks: Sequence[BlockSpec], now: float, session: Session, lease_seconds: float
     ) -> StoreGrant:
-        """A lease that writes nothing, for a store continuing a chain whose parent is not
-        held: no lookup could reach its blocks (a lookup stops at the first missing one),
-        and the engine that stores the chain again from that block writes them then."""
+        """A lease that writes nothing, for a store whose room-making cut the chain it
+        continues: no lookup could reach its blocks (a lookup stops at the first missing
+        one), and the engine that stores the chain again from the cut writes them then."""
         lease = StoreLease(
             self._new_lease_id("s"), ns.name, now + self._lease_s(lease_seconds), session.id, [None] * len(blocks)
         )
@@ -1383,16 +1383,13 @@ class KvCore:
     def _keeping(self, ns: Namespace, hashes: Sequence[int], parent: int | None) -> Iterator[None]:
         """While a load makes its room, keep a copy of every held block it names and of
         every held ancestor of the chain it reads (from ``parent``): dropping one would cut
-        the chain and the load would find less than it came for. Such blocks may still move
-        down; in the top tier they are dropped last, when nothing else makes the room. A store does not keep its chain
-        this way (measured: in a tight hierarchy that pushed out other sessions' blocks
-        worth more); a store whose room cut its chain writes nothing instead."""
+        the chain and the load would find less than it came for. Such blocks may still
+        move down; in the top tier they are dropped last, when nothing else makes the room.
+        A store does not keep its chain this way (measured: in a tight hierarchy that
+        pushed out other sessions' blocks worth more); a store whose room cut its chain
+        writes nothing instead."""
         kept = {(ns.name, h) for h in hashes if h in ns.blocks}
-        seen: set[int] = set()
-        while parent is not None and parent not in seen and (record := ns.blocks.get(parent)) is not None:
-            kept.add(record.key)
-            seen.add(parent)
-            parent = record.parent
+        kept.update(record.key for record in self._chain_up(ns, parent))
         self._kept_chain = frozenset(kept)
         try:
             yield
@@ -1400,17 +1397,22 @@ class KvCore:
             self._kept_chain = frozenset()
 
     @staticmethod
-    def _reaches_a_root(ns: Namespace, h: int | None) -> bool:
+    def _chain_up(ns: Namespace, h: int | None) -> Iterator[BlockRecord]:
+        """The records of ``h`` and its ancestors, ``h`` first, while the catalog has them
+        (ready or being written); stops at the first missing one, or at a cycle."""
+        seen: set[int] = set()
+        while h is not None and h not in seen and (record := ns.blocks.get(h)) is not None:
+            seen.add(h)
+            yield record
+            h = record.parent
+
+    def _reaches_a_root(self, ns: Namespace, h: int | None) -> bool:
         """Whether ``h`` and every ancestor of it are in the catalog (ready or being
         written): a lookup of a chain through ``h`` can reach ``h``. Walks the chain."""
-        seen: set[int] = set()
-        while h is not None and h not in seen:
-            record = ns.blocks.get(h)
-            if record is None:
-                return False
-            seen.add(h)
-            h = record.parent
-        return h is None
+        if h is None:
+            return True
+        last = deque(self._chain_up(ns, h), maxlen=1)
+        return bool(last) and last[0].parent is None
 
     def _ancestors(self, ns: Namespace, record: BlockRecord) -> list[tuple[str, int]]:
         """Keys of ``record``'s held ancestors, root first (stops at the first one missing)."""
