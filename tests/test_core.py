@@ -679,6 +679,30 @@ def test_a_demotion_that_lands_under_a_load_pin_keeps_the_source():
     assert [b.ready_tiers() for b in core.blocks(NS) if b.hash == 1] == [["dram", "nvme"]]
 
 
+def test_a_load_refused_after_its_first_promotion_files_no_promotion():
+    """DRAM holds 3 and 4 (4 leased), NVMe holds 1 to 4. A load of 1 and 2 evicts 3 for
+    1's promotion and finds no room for 2's: NoSpace, and 1's promotion is undone, also in
+    the table a later load consults for promotions in flight."""
+    core, _ = make_core(2, nvme_blocks=4, write_behind=True)
+    store(core, 1)
+    store(core, 2)
+    run_mover(core)
+    store(core, 3)
+    store(core, 4)
+    run_mover(core)
+    assert core.lookup(NS, [1, 2, 3, 4]) == ["nvme", "nvme", "dram", "dram"]
+    pin = core.prepare_load(NS, [4])
+    with pytest.raises(NoSpace):
+        core.prepare_load(NS, [1, 2])
+    assert core.check() == []
+    core.complete_load(pin.lease_id)
+    grant = core.prepare_load(NS, [1])
+    assert isinstance(grant, LoadGrant) and [t.record.hash for t in grant.promotions] == [1]
+    core.complete_transfer(grant.promotions[0], ok=True)
+    core.complete_load(grant.lease_id)
+    assert core.lookup(NS, [1]) == ["dram"] and core.check() == []
+
+
 def test_a_second_load_waits_for_a_promotion_in_flight():
     core, _ = make_core(1, nvme_blocks=4, write_behind=True)
     nvme_only(core)

@@ -629,7 +629,9 @@ class KvCore:
             else:
                 self._undo_load_items(ns, items, promotions)
                 self._free_all(self.top, free_slots)
-                if isinstance(room, Wait):
+                # The Wait may have been for this load's own promotions, undone just now:
+                # retrying would find the same tier and undo them again.
+                if isinstance(room, Wait) and (room.demotions or self._moving(self.top)):
                     return room
                 raise NoSpace(
                     f"no {self.top.upper()} room to promote the blocks of a {len(hashes)}-block load: the "
@@ -1101,6 +1103,11 @@ class KvCore:
             expected[id(transfer.src)] = expected.get(id(transfer.src), 0) + 1
             if transfer.record.copies.get(transfer.dst_tier) is not transfer.dst:
                 problems.append(f"transfer {transfer.id}: its destination copy is gone")
+        for copy_id, transfer in self._promoting.items():
+            # A stale entry outlives its copy, and a later copy that reuses the id would
+            # make a load wait on a promotion that never lands.
+            if self._inflight.get(transfer.id) is not transfer or id(transfer.dst) != copy_id:
+                problems.append(f"promotion {transfer.id}: filed as in flight, but it is not")
         for copy_id, count in readers.items():
             if expected.get(copy_id, 0) != count:
                 problems.append(f"a copy has {count} readers, leases and transfers account for {expected.get(copy_id, 0)}")
@@ -1370,7 +1377,7 @@ class KvCore:
                 # Copies a transfer is reading (write-behind, demotion) or writing (a demotion
                 # into this tier) are evictable once it lands: wait for the mover rather than
                 # fail — a tier full of demotions under way can take more once they land.
-                if pending or any(tier in (t.src_tier, t.dst_tier) for t in self._inflight.values()):
+                if pending or self._moving(tier):
                     return Wait(pending)
                 return None
             for record, copy in victims:
@@ -1378,6 +1385,10 @@ class KvCore:
             slot = space.allocate(nbytes)
             if slot is not None:
                 return slot
+
+    def _moving(self, tier: str) -> bool:
+        """Whether a transfer in flight reads or writes a copy in ``tier``."""
+        return any(tier in (t.src_tier, t.dst_tier) for t in self._inflight.values())
 
     @contextmanager
     def _keeping(self, ns: Namespace, hashes: Sequence[int], parent: int | None) -> Iterator[None]:
@@ -1521,6 +1532,7 @@ class KvCore:
                 item[1].readers -= 1
         for transfer in promotions:
             del self._inflight[transfer.id]
+            del self._promoting[id(transfer.dst)]
             transfer.src.readers -= 1
             transfer.dst.readers -= 1
             self._drop_copy(ns, transfer.record, transfer.dst_tier, transfer.dst, reason=None)
