@@ -642,6 +642,29 @@ def test_leases_expire_on_the_injected_clock():
     assert core.check() == []
 
 
+def test_a_store_is_refused_when_only_quarantined_written_and_loaded_slots_fill_the_tier():
+    # DRAM 3: an expired store's quarantined slot, a store being written, a block a load
+    # pins. Nothing can go, so a store of one more block is refused and evicts nothing;
+    # once the load ends, the pinned block is its victim.
+    core, clock = make_core(3)
+    store(core, 1)
+    core.prepare_store(NS, specs(2))
+    clock.now += 10.1
+    assert core.expire_leases() == 1
+    writing = core.prepare_store(NS, specs(3))
+    load = core.prepare_load(NS, [1])
+    core.take_events()
+    with pytest.raises(NoSpace, match="tier is smaller, or full of blocks protected by leases"):
+        core.prepare_store(NS, specs(4))  # refused before any victim is looked for
+    assert removed(core.take_events()) == [] and core.lookup(NS, [1]) == ["dram"]
+    core.complete_load(load.lease_id)
+    store(core, 4)
+    assert removed(core.take_events()) == [(1, "dram", "evicted")]
+    assert core.commit_store(writing.lease_id) == 1
+    assert core.lookup(NS, [3, 4]) == ["dram", "dram"]
+    assert core.check() == []
+
+
 def test_restore_block_and_check_catches_corruption_of_state():
     core, _ = make_core(2, nvme_blocks=2)
     slot = core.spaces["nvme"].allocate(PAGE)

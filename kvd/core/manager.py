@@ -1170,30 +1170,31 @@ class KvCore:
         """Whether free space plus the ready copies no load lease pins reach ``nbytes``
         (copies read by a transfer count: they are free to go once it lands); with
         ``landing``, also the copies transfers are writing into ``tier`` for no lease
-        (prefetches, demotions: evictable once they land). Evicts nothing; walks victims
-        only when free space falls short."""
+        (prefetches, demotions: evictable once they land). Evicts nothing.
+
+        Counted from what cannot go — copies being written (stores, transfers), copies a
+        load pins, quarantined slots — so it costs O(leases + transfers), not a walk over
+        the policy's victims: a full tier asks this on every store.
+        """
         space = self.spaces[tier]
         room = space.capacity_bytes - space.used_bytes
         if room >= nbytes:
             return True
-        moving: dict[int, int] = {}
+        stuck: dict[int, int] = {}  # id(copy in tier that cannot go now) -> its bytes
+        if tier == self.top:
+            for leases in (self._store_leases, self._load_leases):
+                for lease in leases.values():
+                    for item in lease.items:
+                        if item is not None and item[0].copies.get(tier) is item[1]:
+                            stuck[id(item[1])] = item[1].slot.length
+            room -= sum(slot.length for _, slot in self._quarantine)
+        landed = 0
         for transfer in self._inflight.values():
-            moving[id(transfer.src)] = moving.get(id(transfer.src), 0) + 1
-        for key in self.policy.victims(tier, self.clock()):
-            record = self._record(key)
-            copy = record.copies.get(tier) if record is not None else None
-            if copy is None or not copy.ready or copy.readers > moving.get(id(copy), 0):
-                continue
-            room += copy.slot.length
-            if room >= nbytes:
-                return True
-        if landing:
-            for transfer in self._inflight.values():
-                if transfer.dst_tier == tier and not transfer.dst.readers:
-                    room += transfer.dst.slot.length
-                    if room >= nbytes:
-                        return True
-        return False
+            if transfer.dst_tier == tier:
+                stuck[id(transfer.dst)] = transfer.dst.slot.length
+                if landing and not transfer.dst.readers:
+                    landed += transfer.dst.slot.length
+        return room + space.used_bytes - sum(stuck.values()) + landed >= nbytes
 
     def _evict_bytes(self, tier: str, need: int) -> int:
         """Evict at least ``need`` bytes of ``tier`` in one pass over the policy's victims
