@@ -665,6 +665,20 @@ def test_a_store_is_refused_when_only_quarantined_written_and_loaded_slots_fill_
     assert core.check() == []
 
 
+def test_a_store_that_only_pinned_blocks_keep_out_is_refused_before_evicting_anything():
+    core, _ = make_core(2)
+    store(core, 1)
+    store(core, 2)
+    core.pin(NS, [1])
+    core.take_events()
+    with pytest.raises(NoSpace, match="tier is smaller, or full of blocks protected by leases or pins"):
+        core.prepare_store(NS, specs(3, 4))
+    assert removed(core.take_events()) == [] and core.lookup(NS, [2]) == ["dram"]
+    store(core, 3)  # one block fits: 2 makes room
+    assert removed(core.take_events()) == [(2, "dram", "evicted")]
+    assert core.check() == []
+
+
 def test_restore_block_and_check_catches_corruption_of_state():
     core, _ = make_core(2, nvme_blocks=2)
     slot = core.spaces["nvme"].allocate(PAGE)

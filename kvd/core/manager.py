@@ -455,7 +455,7 @@ class KvCore:
                 return Wait(0)
             raise NoSpace(
                 f"no room for {len(blocks)} blocks of {blocks[0].nbytes} bytes: the {top.upper()} tier is "
-                "smaller, or full of blocks protected by leases"
+                "smaller, or full of blocks protected by leases or pins"
             )
         items: list[tuple[BlockRecord, Copy] | None] = []
         # Free space first, in one allocator pass (all blocks of a namespace have one size).
@@ -1173,8 +1173,8 @@ class KvCore:
         (prefetches, demotions: evictable once they land). Evicts nothing.
 
         Counted from what cannot go — copies being written (stores, transfers), copies a
-        load pins, quarantined slots — so it costs O(leases + transfers), not a walk over
-        the policy's victims: a full tier asks this on every store.
+        load or an operator pins, quarantined slots — so it costs O(leases + transfers +
+        pins), not a walk over the policy's victims: a full tier asks this on every store.
         """
         space = self.spaces[tier]
         room = space.capacity_bytes - space.used_bytes
@@ -1188,6 +1188,11 @@ class KvCore:
                         if item is not None and item[0].copies.get(tier) is item[1]:
                             stuck[id(item[1])] = item[1].slot.length
             room -= sum(slot.length for _, slot in self._quarantine)
+        for key in self._pinned:
+            record = self._record(key)
+            copy = record.copies.get(tier) if record is not None else None
+            if copy is not None:
+                stuck[id(copy)] = copy.slot.length
         landed = 0
         for transfer in self._inflight.values():
             if transfer.dst_tier == tier:
