@@ -1167,10 +1167,10 @@ class KvCore:
         return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
 
     def _may_fit(self, tier: str, nbytes: int, landing: bool = False) -> bool:
-        """Whether free space plus the ready copies no load lease pins reach ``nbytes``
-        (copies read by a transfer count: they are free to go once it lands); with
-        ``landing``, also the copies transfers are writing into ``tier`` for no lease
-        (prefetches, demotions: evictable once they land). Evicts nothing.
+        """Whether free space plus the ready copies that no load lease and no operator pins
+        reach ``nbytes`` (copies read by a transfer count: they are free to go once it
+        lands); with ``landing``, also the copies transfers are writing into ``tier`` for no
+        lease (prefetches, demotions: evictable once they land). Evicts nothing.
 
         Counted from what cannot go — copies being written (stores, transfers), copies a
         load or an operator pins, quarantined slots — so it costs O(leases + transfers +
