@@ -44,7 +44,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
 from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, Session, SessionTable
@@ -284,13 +284,16 @@ class TypedPolicy(Policy):
         if self.guard.prefer_lru:
             return self._recency.victims(tier, now)  # the sessions bet is losing here: plain recency
         ordered = self._ordered_groups(tier, now)
+        # The streams read the groups in place, not copies: the caller calls no on_* while
+        # it iterates (Policy.victims), and a copy of the shared group on every call was a
+        # third of a replay's time.
         streams: list[Iterator[tuple[float, int, BlockKey]]] = []
         eph = groups.get(EPHEMERAL)
         if eph:
-            streams.append(((0.0, 0, k) for k in list(eph)))
+            streams.append(((0.0, 0, k) for k in eph))
         shared = groups.get(SHARED)
         if shared:
-            streams.append(self._shared_stream(tier, list(shared.items()), now))
+            streams.append(self._shared_stream(tier, shared.items(), now))
         held_by = sorted((g for g in groups if isinstance(g, Holders)), key=lambda g: g.n)
         if held_by:
             streams.append(self._holders_stream(tier, groups, held_by, now))
@@ -450,7 +453,7 @@ class TypedPolicy(Policy):
                 yield (value, tiebreak, key)
 
     def _shared_stream(
-        self, tier: str, members: list[tuple[BlockKey, float]], now: float
+        self, tier: str, members: Iterable[tuple[BlockKey, float]], now: float
     ) -> Iterator[tuple[float, int, BlockKey]]:
         # LRU order; the value rises towards the recent end (close enough to sorted for
         # the merge: a shared block is never worth less than the tails that depend on it).
