@@ -604,6 +604,25 @@ def test_load_promotes_nvme_only_block_through_dram():
     assert core.check() == []
 
 
+def test_a_corrupt_copy_a_load_pins_is_dropped_but_its_slot_is_quarantined():
+    # The write-behind of 1 finds its DRAM copy corrupt while a load pins it, and the
+    # load's client may be reading the slot: the block goes, the slot waits a lease period.
+    core, clock = make_core(2, nvme_blocks=2, write_behind=True)
+    store(core, 1)
+    load = core.prepare_load(NS, [1])
+    assert core.load_slots(load.lease_id)[0] is not None
+    (write,) = core.plan_write_behind(4)
+    core.take_events()
+    core.complete_transfer(write, ok=False, corrupt=True)
+    assert removed(core.take_events()) == [(1, "dram", "corrupt")]
+    assert core.lookup(NS, [1]) == [] and core.load_slots(load.lease_id) == [None]
+    assert core.spaces["dram"].used_bytes == PAGE and core.check() == []
+    core.complete_load(load.lease_id)
+    clock.now += 10
+    core.expire_leases()
+    assert core.spaces["dram"].used_bytes == 0 and core.check() == []
+
+
 def test_corrupt_promotion_drops_the_block():
     core, _ = make_core(1, nvme_blocks=4, write_behind=True)
     nvme_only(core)

@@ -972,7 +972,11 @@ class KvCore:
         # it; their completion then unpins an orphan, which is harmless.
         self._drop_copy(ns, record, transfer.dst_tier, transfer.dst, reason=None)
         if corrupt:
-            self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt")
+            # A load may pin the corrupt copy, its client reading the slot right now: no
+            # lookup finds the block any more, but the slot is quarantined for a lease
+            # period instead of handed to the next store (as an expired store's are).
+            pinned = transfer.src_tier == self.top and transfer.src.readers > 0
+            self._drop_copy(ns, record, transfer.src_tier, transfer.src, reason="corrupt", quarantine=pinned)
         elif transfer.kind not in ("promote", "prefetch") and "nvme" in self.spaces and self._lower(transfer.src_tier):
             self._write_behind.append(record)  # a failed write down is tried again later
         self._sweep_orphans()
@@ -1451,20 +1455,34 @@ class KvCore:
         return ns.blocks.get(key[1]) if ns is not None else None
 
     def _drop_copy(
-        self, ns: Namespace, record: BlockRecord, tier: str, copy: Copy, reason: str | None, cause: str | None = None
+        self,
+        ns: Namespace,
+        record: BlockRecord,
+        tier: str,
+        copy: Copy,
+        reason: str | None,
+        cause: str | None = None,
+        quarantine: bool = False,
     ) -> None:
         """Free one copy. ``reason`` None: the copy was never readable (no event); ``cause``:
-        see :class:`~kvd.core.events.BlockRemoved`."""
+        see :class:`~kvd.core.events.BlockRemoved`. ``quarantine`` (top tier only): the
+        slot is freed a lease period from now, not now, and the copy reads as not ready to
+        the leases that still hold it."""
         if record.copies.get(tier) is not copy:
             return
         retention_class = self.retention_class(record.key, tier) if copy.ready else None  # while held
         del record.copies[tier]
-        self.spaces[tier].free(copy.slot)
+        if quarantine:
+            self._quarantine.append((self.clock() + self.config.lease_seconds, copy.slot))
+        else:
+            self.spaces[tier].free(copy.slot)
         if copy.ready:
             self.policy.on_removed(tier, record.key)
             self.events.removed(
                 ns.name, record.hash, tier, reason or "discarded", self.clock(), retention_class, cause
             )
+            if quarantine:
+                copy.ready = False  # what the leases still holding it read: gone
         if not record.copies:
             ns.remove(record)
             self._pinned.discard(record.key)
