@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from kvd.core.errors import NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, StoreGrant, Wait
 from kvd.policies import LruPolicy
 from kvd.tiers import ExtentAllocator
@@ -162,6 +165,24 @@ def test_a_store_into_a_tier_full_of_prefetches_under_way_waits_instead_of_being
     store(core, 5)
     assert core.lookup(NS, [5]) == ["dram"]
     assert core.check() == []
+
+
+def test_a_store_into_a_tier_full_of_prefetches_of_pinned_blocks_is_refused_at_once():
+    # As above, but an operator pinned 1 and 2: once they land nothing can go, so the
+    # store is refused now instead of waiting for them and being refused then.
+    core, policy = make(dram=2, nvme=8)
+    nvme_only(core, 1, 2, filler=[3, 4])
+    core.pin(NS, [1, 2])
+    policy.value.update({(NS, 1): 1.0, (NS, 2): 1.0})
+    policy.due["dram"] = [(NS, 1), (NS, 2)]
+    transfers = core.plan_prefetch(8)
+    assert sorted(t.record.hash for t in transfers) == [1, 2]
+    policy.due.clear()
+    with pytest.raises(NoSpace, match="protected by leases or pins"):
+        core.prepare_store(NS, [BlockSpec(5, None, PAGE)])
+    for transfer in transfers:
+        core.complete_transfer(transfer, ok=True)
+    assert core.lookup(NS, [1, 2]) == ["dram", "dram"] and core.check() == []
 
 
 def test_a_store_waiting_for_prefetches_to_land_evicts_nothing_meanwhile():

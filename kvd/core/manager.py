@@ -1174,7 +1174,7 @@ class KvCore:
         """Whether free space plus the ready copies that no load lease and no operator pins
         reach ``nbytes`` (copies read by a transfer count: they are free to go once it
         lands); with ``landing``, also the copies transfers are writing into ``tier`` for no
-        lease (prefetches, demotions: evictable once they land). Evicts nothing.
+        lease and no pin (prefetches, demotions: evictable once they land). Evicts nothing.
 
         Counted from what cannot go — copies being written (stores, transfers), copies a
         load or an operator pins, quarantined slots — so it costs O(leases + transfers +
@@ -1201,7 +1201,7 @@ class KvCore:
         for transfer in self._inflight.values():
             if transfer.dst_tier == tier:
                 stuck[id(transfer.dst)] = transfer.dst.slot.length
-                if landing and not transfer.dst.readers:
+                if landing and not transfer.dst.readers and transfer.record.key not in self._pinned:
                     landed += transfer.dst.slot.length
         return room + space.used_bytes - sum(stuck.values()) + landed >= nbytes
 
