@@ -7,6 +7,7 @@ import pytest
 from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace
 from kvd.core.events import BlockRemoved, BlockStored, NamespaceRegistered
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, LoadGrant, StoreGrant, Transfer, Wait
+from kvd.core.types import Outcome
 from kvd.policies import LruPolicy
 from kvd.tiers import ExtentAllocator
 
@@ -59,7 +60,7 @@ def run_mover(core: KvCore) -> int:
         if not transfers:
             return done
         for t in transfers:
-            core.complete_transfer(t, ok=True)
+            core.complete_transfer(t)
             done += 1
 
 
@@ -274,7 +275,7 @@ def test_an_orphan_being_moved_down_goes_when_its_move_lands():
     assert isinstance(core.prepare_store(NS, specs(4)), Wait)  # 3 must go down: NVMe drops 1
     assert removed(core.take_events()) == [(1, "nvme", "evicted")]
     assert core.lookup(NS, [2]) == ["dram"]  # still read by its move
-    core.complete_transfer(moving, ok=True)
+    core.complete_transfer(moving)
     assert removed(core.take_events()) == [(2, "dram", "demoted"), (2, "nvme", "orphaned")]
     store_or_wait(core, 4)  # into 2's old slot
     run_mover(core)  # 3's move down lands
@@ -324,7 +325,7 @@ def test_a_corrupt_last_copys_healthy_descendants_stay():
     assert core.lookup(NS, [1, 2]) == ["nvme", "dram"]
     grant = core.prepare_load(NS, [1])  # 2's DRAM copy makes way (NVMe has it too)
     core.take_events()
-    core.complete_transfer(grant.promotions[0], ok=False, corrupt=True)
+    core.complete_transfer(grant.promotions[0], Outcome.CORRUPT)
     assert removed(core.take_events()) == [(1, "nvme", "corrupt")]
     core.complete_load(grant.lease_id)
     assert core.lookup(NS, [2]) == ["nvme"]
@@ -396,7 +397,7 @@ def test_a_store_whose_room_cut_the_chain_above_its_parent_writes_nothing():
     grant = core.prepare_store(NS, specs(5, parent=2))
     assert isinstance(grant, StoreGrant) and grant.slots == [None]
     assert core.commit_store(grant.lease_id) == 0
-    core.complete_transfer(moving, ok=True)  # and the orphan it carried goes
+    core.complete_transfer(moving)  # and the orphan it carried goes
     assert core.lookup(NS, [2]) == [] and core.lookup(NS, [5]) == []
     assert core.check() == []
 
@@ -427,7 +428,7 @@ def test_a_load_makes_its_room_without_dropping_the_chain_it_reads():
     assert grant.found == ["dram", "dram", "nvme", None]
     assert [(t.record.hash, t.src_tier, t.dst_tier) for t in grant.promotions] == [(3, "nvme", "dram")]
     assert removed(core.take_events()) == [(4, "dram", "evicted")]
-    core.complete_transfer(grant.promotions[0], ok=True)
+    core.complete_transfer(grant.promotions[0])
     core.complete_load(grant.lease_id)
     assert core.lookup(NS, [1, 2, 3, 4]) == ["dram", "dram", "dram"]
     assert core.check() == []
@@ -460,7 +461,7 @@ def test_a_load_drops_an_ancestor_of_what_it_reads_when_nothing_else_makes_its_r
     core.pin(NS, [3])
     grant = core.prepare_load(NS, [2])
     assert isinstance(grant, LoadGrant) and grant.found == ["nvme"]
-    core.complete_transfer(grant.promotions[0], ok=True)
+    core.complete_transfer(grant.promotions[0])
     core.complete_load(grant.lease_id)
     assert core.lookup(NS, [1]) == [] and core.check() == []
 
@@ -499,11 +500,11 @@ def test_a_load_from_below_makes_room_for_all_its_promotions_at_once():
     demotions = core.take_demotions()
     assert sorted(t.record.hash for t in demotions) == [3, 4]
     for transfer in demotions:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     grant = core.prepare_load(NS, [1, 2])
     assert isinstance(grant, LoadGrant) and len(grant.promotions) == 2
     for transfer in grant.promotions:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     core.complete_load(grant.lease_id)
     assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [3]) == ["nvme"]
     assert core.check() == []
@@ -563,7 +564,7 @@ def test_dram_victim_is_demoted_to_nvme_then_freed():
     assert [(t.record.hash, t.src_tier, t.dst_tier) for t in demotions] == [(1, "dram", "nvme")]
     assert core.check() == []
     assert core.lookup(NS, [1]) == ["dram"]  # still readable while it moves
-    core.complete_transfer(demotions[0], ok=True)
+    core.complete_transfer(demotions[0])
     assert core.lookup(NS, [1]) == ["nvme"]
     store(core, 3)
     events = core.take_events()
@@ -595,7 +596,7 @@ def test_load_promotes_nvme_only_block_through_dram():
     assert isinstance(grant, LoadGrant)
     assert [(t.record.hash, t.src_tier, t.dst_tier) for t in grant.promotions] == [(1, "nvme", "dram")]
     assert core.load_slots(grant.lease_id) == [None]  # not readable before the read lands
-    core.complete_transfer(grant.promotions[0], ok=True)
+    core.complete_transfer(grant.promotions[0])
     slots = core.load_slots(grant.lease_id)
     assert slots[0] is not None and slots[0][1] == PAGE
     assert core.check() == []
@@ -613,7 +614,7 @@ def test_a_corrupt_copy_a_load_pins_is_dropped_but_its_slot_is_quarantined():
     assert core.load_slots(load.lease_id)[0] is not None
     (write,) = core.plan_write_behind(4)
     core.take_events()
-    core.complete_transfer(write, ok=False, corrupt=True)
+    core.complete_transfer(write, Outcome.CORRUPT)
     assert removed(core.take_events()) == [(1, "dram", "corrupt")]
     assert core.lookup(NS, [1]) == [] and core.load_slots(load.lease_id) == [None]
     assert core.spaces["dram"].used_bytes == PAGE and core.check() == []
@@ -628,7 +629,7 @@ def test_corrupt_promotion_drops_the_block():
     nvme_only(core)
     grant = core.prepare_load(NS, [1])
     core.take_events()
-    core.complete_transfer(grant.promotions[0], ok=False, corrupt=True)
+    core.complete_transfer(grant.promotions[0], Outcome.CORRUPT)
     assert core.load_slots(grant.lease_id) == [None]
     assert removed(core.take_events()) == [(1, "nvme", "corrupt")]
     core.complete_load(grant.lease_id)
@@ -714,7 +715,7 @@ def test_failed_promotion_after_its_lease_expired_keeps_counts_sane():
     grant = core.prepare_load(NS, [1])
     clock.now += 11
     assert core.expire_leases() == 1
-    core.complete_transfer(grant.promotions[0], ok=False)
+    core.complete_transfer(grant.promotions[0], Outcome.ERROR)
     assert core.check() == []
     assert core.lookup(NS, [1]) == ["nvme"]
 
@@ -726,7 +727,7 @@ def test_a_demotion_that_lands_under_a_load_pin_keeps_the_source():
     assert isinstance(core.prepare_store(NS, specs(3)), Wait)
     (demotion,) = core.take_demotions()
     load = core.prepare_load(NS, [1])  # pins 1's DRAM copy while it moves down
-    core.complete_transfer(demotion, ok=True)
+    core.complete_transfer(demotion)
     assert core.load_slots(load.lease_id)[0] is not None  # still readable where it was pinned
     assert core.lookup(NS, [1]) == ["dram"]
     assert core.check() == []
@@ -754,7 +755,7 @@ def test_a_load_refused_after_its_first_promotion_files_no_promotion():
     core.complete_load(pin.lease_id)
     grant = core.prepare_load(NS, [1])
     assert isinstance(grant, LoadGrant) and [t.record.hash for t in grant.promotions] == [1]
-    core.complete_transfer(grant.promotions[0], ok=True)
+    core.complete_transfer(grant.promotions[0])
     core.complete_load(grant.lease_id)
     assert core.lookup(NS, [1]) == ["dram"] and core.check() == []
 
@@ -766,7 +767,7 @@ def test_a_second_load_waits_for_a_promotion_in_flight():
     second = core.prepare_load(NS, [1, 1])
     assert second.promotions == [] and second.awaiting == first.promotions * 2
     assert core.check() == []
-    core.complete_transfer(first.promotions[0], ok=True)
+    core.complete_transfer(first.promotions[0])
     assert not core.is_inflight(first.promotions[0])
     assert core.load_slots(second.lease_id) == core.load_slots(first.lease_id) * 2
     core.complete_load(first.lease_id)
@@ -805,7 +806,7 @@ def test_a_failed_write_behind_is_queued_again():
     core, _ = make_core(2, nvme_blocks=4, write_behind=True)
     store(core, 1)
     (t,) = core.plan_write_behind(10)
-    core.complete_transfer(t, ok=False)
+    core.complete_transfer(t, Outcome.ERROR)
     assert core.write_behind_pending == 1 and core.lookup(NS, [1]) == ["dram"]
     assert core.check() == []
     assert run_mover(core) == 1
@@ -832,7 +833,7 @@ def store_or_wait(core: KvCore, *hashes: int, parent: int | None = None) -> None
     grant = core.prepare_store(NS, specs(*hashes, parent=parent))
     while isinstance(grant, Wait):
         for transfer in core.take_demotions():
-            core.complete_transfer(transfer, ok=True)
+            core.complete_transfer(transfer)
         grant = core.prepare_store(NS, specs(*hashes, parent=parent))
     core.commit_store(grant.lease_id)
 
@@ -923,7 +924,7 @@ def test_a_copy_a_faster_tier_holds_goes_first_and_ends_the_cascade():
     store_or_wait(core, 1)
     grant = core.prepare_load(NS, [2])  # V is promoted into HBM; DRAM keeps its copy
     for transfer in grant.promotions:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     core.complete_load(grant.lease_id)
     core.take_events()
     store_or_wait(core, 4)
@@ -946,7 +947,7 @@ def shadowed_scenario(nvme_blocks: int) -> KvCore:
     store_or_wait(core, 4)
     grant = core.prepare_load(NS, [3])
     for transfer in grant.promotions:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     core.complete_load(grant.lease_id)
     core.take_events()
     store_or_wait(core, 5)

@@ -162,7 +162,7 @@ def test_drain_with_hbm_on_top_writes_each_block_down_from_its_fastest_copy():
     links = sorted((t.record.hash, t.src_tier, t.dst_tier) for t in transfers)
     assert links == [(1, "hbm", "nvme"), (2, "dram", "nvme"), (3, "hbm", "nvme")]
     for t in transfers:
-        core.complete_transfer(t, ok=True)
+        core.complete_transfer(t)
     assert core.write_behind_pending == 0 and core.check() == []
     assert sorted(r.hash for r in core.blocks(NS) if "nvme" in r.copies) == [1, 2, 3]
 

@@ -17,6 +17,7 @@ import pytest
 
 from kvd.core.errors import NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, LoadGrant, StoreGrant
+from kvd.core.types import Outcome
 from kvd.policies import LruPolicy
 from kvd.tiers import ExtentAllocator
 
@@ -87,7 +88,7 @@ class Run:
             if isinstance(grant, LoadGrant):
                 for transfer in grant.promotions + grant.awaiting:
                     if core.is_inflight(transfer):
-                        core.complete_transfer(transfer, ok=rng.random() < 0.95)
+                        core.complete_transfer(transfer, Outcome.OK if rng.random() < 0.95 else Outcome.ERROR)
                 core.load_slots(grant.lease_id)
                 core.complete_load(grant.lease_id)
         elif op < 0.6:
@@ -104,7 +105,8 @@ class Run:
         elif op < 0.95 and self.inflight:
             transfer = self.inflight.pop(rng.randrange(len(self.inflight)))
             if core.is_inflight(transfer):
-                core.complete_transfer(transfer, ok=rng.random() < 0.9, corrupt=rng.random() < 0.03)
+                ok, corrupt = rng.random() < 0.9, rng.random() < 0.03
+                core.complete_transfer(transfer, Outcome.OK if ok else Outcome.CORRUPT if corrupt else Outcome.ERROR)
         else:
             key = (NS, rng.choice(rng.choice(self.chains)))
             if rng.random() < 0.5:

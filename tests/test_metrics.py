@@ -325,7 +325,7 @@ def test_events_and_transfers_feed_exact_counters():
     assert isinstance(core.prepare_store(NS, chain(5, 6)), Wait)  # two demotions planned
     transfers = core.take_demotions()
     for t in transfers:
-        core.complete_transfer(t, ok=True)
+        core.complete_transfer(t)
     metrics.landed(transfers, [True] * len(transfers))
     pump()
     grant = core.prepare_store(NS, chain(5, 6))

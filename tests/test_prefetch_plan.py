@@ -52,7 +52,7 @@ def store(core: KvCore, *hashes: int) -> None:
 def settle(core: KvCore) -> None:
     while transfers := core.take_demotions() or core.plan_write_behind(100):
         for t in transfers:
-            core.complete_transfer(t, ok=True)
+            core.complete_transfer(t)
 
 
 def nvme_only(core: KvCore, *hashes: int, filler: list[int]) -> None:
@@ -78,7 +78,7 @@ def test_a_due_block_moves_up_into_free_space_and_a_load_waits_for_it():
     assert core.lookup(NS, [1]) == ["nvme"]  # not readable up there until it lands
     grant = core.prepare_load(NS, [1])
     assert grant.promotions == [] and grant.awaiting == [transfer]  # the load waits for it
-    core.complete_transfer(transfer, ok=True)
+    core.complete_transfer(transfer)
     assert core.lookup(NS, [1]) == ["dram"]
     assert core.load_slots(grant.lease_id)[0] is not None
     core.complete_load(grant.lease_id)
@@ -103,7 +103,7 @@ def test_making_way_evicts_only_worthless_copies_and_all_or_nothing():
     removed = [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")]
     assert removed == [(4, "dram", "evicted")]
     assert core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [4]) == ["nvme"]
-    core.complete_transfer(transfer, ok=True)
+    core.complete_transfer(transfer)
     assert core.lookup(NS, [1, 2]) == ["dram", "nvme"]
     assert core.check() == []
 
@@ -127,7 +127,7 @@ def test_making_way_never_pushes_anything_out_of_the_tier_below():
     assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]
     policy.keep_below = False  # now 5 is not worth keeping below: it is dropped, 1 comes up
     [transfer] = core.plan_prefetch(8)
-    core.complete_transfer(transfer, ok=True)
+    core.complete_transfer(transfer)
     assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [5]) == []
     assert core.check() == []
 
@@ -144,7 +144,7 @@ def test_a_block_named_twice_is_prefetched_once():
     [transfer] = core.plan_prefetch(8)
     assert transfer.record.hash == 1
     assert core.spaces["dram"].used_bytes == PAGE  # one slot, not two
-    core.complete_transfer(transfer, ok=True)
+    core.complete_transfer(transfer)
     assert core.lookup(NS, [1]) == ["dram"]
     assert core.check() == []
 
@@ -161,7 +161,7 @@ def test_a_store_into_a_tier_full_of_prefetches_under_way_waits_instead_of_being
     # Nothing in DRAM is readable, so nothing can go yet; once the prefetches land it can.
     assert isinstance(core.prepare_store(NS, [BlockSpec(5, None, PAGE)]), Wait)
     for transfer in transfers:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     store(core, 5)
     assert core.lookup(NS, [5]) == ["dram"]
     assert core.check() == []
@@ -181,7 +181,7 @@ def test_a_store_into_a_tier_full_of_prefetches_of_pinned_blocks_is_refused_at_o
     with pytest.raises(NoSpace, match="protected by leases or pins"):
         core.prepare_store(NS, [BlockSpec(5, None, PAGE)])
     for transfer in transfers:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     assert core.lookup(NS, [1, 2]) == ["dram", "dram"] and core.check() == []
 
 
@@ -200,6 +200,6 @@ def test_a_store_waiting_for_prefetches_to_land_evicts_nothing_meanwhile():
     assert core.prepare_store(NS, [BlockSpec(h, None, PAGE) for h in (100, 101, 102)]) == Wait(0)
     assert core.lookup(NS, [7]) == ["dram"] and core.lookup(NS, [8]) == ["dram"]
     for transfer in transfers:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     store(core, 100, 101, 102)
     assert core.check() == []

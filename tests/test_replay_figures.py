@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from replay_figures import CASES, FIGURES, differences
 
 

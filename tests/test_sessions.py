@@ -548,7 +548,7 @@ def paused_after_pressure(b_event: str) -> KvCore:
 
     def write_behind() -> None:
         for transfer in core.plan_write_behind(64):
-            core.complete_transfer(transfer, ok=True)
+            core.complete_transfer(transfer)
 
     core.session_event(NS, "a", "turn_start", A_CHAIN)
     store(core, A_CHAIN, session_id="a")
@@ -577,7 +577,7 @@ def test_core_plans_the_prefetch_of_a_paused_session():
     assert [(t.kind, t.src_tier, t.dst_tier) for t in transfers] == [("prefetch", "nvme", "dram")] * 8
     assert [t.record.hash for t in transfers] == A_CHAIN  # root first
     for transfer in transfers:
-        core.complete_transfer(transfer, ok=True)
+        core.complete_transfer(transfer)
     assert core.lookup(NS, A_CHAIN) == ["dram"] * 8
     assert core.plan_prefetch(64) == []  # nothing left to bring up
     assert core.check() == []

@@ -17,25 +17,11 @@ that serves one block geometry never fragments: every freed run fits the next bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sortedcontainers import SortedList
 
+from kvd.media import Slot
 
-@dataclass(frozen=True, slots=True)
-class Slot:
-    """A contiguous byte range of a tier's address space.
-
-    ``offset`` and ``length`` are bytes, both multiples of the allocator's page size;
-    ``length`` is the block's size rounded up to whole pages.
-    """
-
-    offset: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
+__all__ = ["ExtentAllocator", "Slot"]
 
 
 class ExtentAllocator:

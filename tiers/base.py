@@ -12,25 +12,10 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
-from kvd.tiers.alloc import ExtentAllocator, Slot
+from kvd.media import TIER_CODES, TIER_NAMES, Buffer, Slot, byte_view
+from kvd.tiers.alloc import ExtentAllocator
 
-Buffer = bytes | bytearray | memoryview  # anything exposing the buffer protocol
-
-
-
-def byte_view(buf: Buffer, *, writable: bool) -> memoryview:
-    """A flat unsigned-byte view of any C-contiguous buffer (ValueError otherwise)."""
-    mv = memoryview(buf)
-    if writable and mv.readonly:
-        raise ValueError("output buffer is read-only")
-    if not mv.c_contiguous:
-        raise ValueError("buffer must be C-contiguous")
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
-
-
-TIER_NAMES = ("hbm", "dram", "nvme")  # fastest first; demotion goes one step right
-# Wire codes of the tiers (the kvd.v1.Tier enum's values; 0 is "unspecified").
-TIER_CODES = {"hbm": 1, "dram": 2, "nvme": 3}
+__all__ = ["TIER_CODES", "TIER_NAMES", "Buffer", "CorruptBlockError", "Slot", "Tier", "byte_view"]
 
 
 class CorruptBlockError(Exception):

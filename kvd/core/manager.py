@@ -27,17 +27,28 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 from kvd.core.catalog import BlockRecord, Copy, Namespace
 from kvd.core.errors import GeometryConflict, InvalidArgument, NoSpace, UnknownLease, UnknownNamespace, UnknownSession
 from kvd.core.events import Event, EventLog
 from kvd.core.sessions import SESSION_EVENTS, Session, SessionTable
+from kvd.core.types import (
+    MAX_UINT64,
+    BlockSpec,
+    CoreConfig,
+    CoreStats,
+    LoadGrant,
+    Outcome,
+    Space,
+    StoreGrant,
+    TierUsage,
+    Transfer,
+    Wait,
+)
+from kvd.media import TIER_CODES, TIER_NAMES, Slot
 from kvd.policies import Policy
-from kvd.tiers import TIER_CODES, TIER_NAMES, Slot
 
-MAX_UINT64 = (1 << 64) - 1
 # Why a block's last copy went, when its held descendants go with it (_drop_orphans): a
 # capacity eviction, or a copy that never became readable (a store's abort while an
 # earlier orphan of it was still held). An operator's eviction and a cleared namespace
@@ -45,71 +56,6 @@ MAX_UINT64 = (1 << 64) - 1
 # copy the healthy descendants stay: the engine's next store of the chain writes the lost
 # block alone and finds the rest held (faults are rare; capacity evictions are not).
 ORPHANING_REASONS = frozenset({"evicted", None})
-
-
-class Space(Protocol):
-    """What the core needs of a tier: pure slot bookkeeping (a Tier, or a bare ExtentAllocator)."""
-
-    capacity_bytes: int
-    used_bytes: int
-
-    def allocate(self, nbytes: int) -> Slot | None: ...
-    def allocate_many(self, nbytes: int, count: int) -> list[Slot]: ...
-    def free(self, slot: Slot) -> None: ...
-    def slot_bytes(self, nbytes: int) -> int: ...
-    @property
-    def largest_region_bytes(self) -> int: ...
-    def is_allocated(self, slot: Slot) -> bool: ...
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    """Limits of the core. Seconds for leases; counts for list lengths."""
-
-    lease_seconds: float = 30.0
-    max_lease_seconds: float = 600.0
-    write_behind: bool = True  # copy every committed block down to NVMe in the background
-    max_lookup_hashes: int = 1 << 20
-    max_batch_blocks: int = 1 << 16
-    max_namespace_len: int = 256
-    max_block_bytes: int = 1 << 30
-
-
-@dataclass(frozen=True, slots=True)
-class BlockSpec:
-    hash: int
-    parent: int | None
-    nbytes: int
-
-
-@dataclass(slots=True, eq=False)
-class Transfer:
-    """A copy of one block from one tier's slot to another's, planned by the core.
-
-    ``kind``: ``demote`` (free the source when done), ``write_behind`` (keep both),
-    ``promote`` (NVMe -> DRAM for a load), ``prefetch`` (one tier up ahead of need).
-    ``cause`` of a demotion: ``capacity`` or ``prefetch`` (what needed its room).
-    """
-
-    id: int
-    kind: str
-    record: BlockRecord
-    src_tier: str
-    src: Copy
-    dst_tier: str
-    dst: Copy
-    cause: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.record.nbytes
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Room is being made by planned demotions: run the mover, then retry the request."""
-
-    demotions: int
 
 
 @dataclass(slots=True)
@@ -132,39 +78,6 @@ class LoadLease:
     expires_at: float
     # One entry per requested hash: (record, pinned DRAM copy), or None (not held).
     items: list[tuple[BlockRecord, Copy] | None]
-
-
-@dataclass(frozen=True, slots=True)
-class StoreGrant:
-    lease_id: str
-    expires_at: float
-    slots: list[Slot | None]  # None: nothing to write (held, or unreachable: its chain is cut)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadGrant:
-    lease_id: str
-    expires_at: float
-    promotions: list[Transfer]  # to run (NVMe -> DRAM) before load_slots() is read
-    awaiting: list[Transfer] = field(default_factory=list)  # others' promotions to wait for
-    # Per requested hash, the tier its copy was found in (None: not held, or not readable yet).
-    found: list[str | None] = field(default_factory=list)
-
-
-@dataclass
-class TierUsage:
-    tier: str
-    capacity_bytes: int
-    used_bytes: int
-    blocks: int
-
-
-@dataclass
-class CoreStats:
-    tiers: list[TierUsage]
-    namespaces: list[tuple[Namespace, int]] = field(default_factory=list)
-    leases: int = 0
-    write_behind_pending: int = 0
 
 
 class KvCore:
@@ -946,11 +859,10 @@ class KvCore:
             out.append(self._start_transfer("write_behind", record, source[0], "nvme", Copy(room)))
         return out
 
-    def complete_transfer(self, transfer: Transfer, ok: bool, corrupt: bool = False) -> None:
-        """The mover ran ``transfer``: on success the destination copy becomes readable.
-
-        ``corrupt``: the source failed its checksum; its copy is dropped too.
-        """
+    def complete_transfer(self, transfer: Transfer, outcome: Outcome = Outcome.OK) -> None:
+        """The mover ran ``transfer``: on success the destination copy becomes readable; a
+        corrupt source's copy is dropped too."""
+        ok, corrupt = outcome is Outcome.OK, outcome is Outcome.CORRUPT
         if self._inflight.pop(transfer.id, None) is None:
             raise ValueError(f"transfer {transfer.id} is not in flight")
         self._promoting.pop(id(transfer.dst), None)

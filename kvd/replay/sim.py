@@ -444,7 +444,7 @@ class Replay:
     def _land_now(self, transfer: Transfer) -> None:
         self._background.pop(transfer.id, None)
         if self.core.is_inflight(transfer):
-            self.core.complete_transfer(transfer, ok=True)
+            self.core.complete_transfer(transfer)
             self._count(transfer)
 
     def _count(self, transfer: Transfer) -> None:
@@ -471,7 +471,7 @@ class Replay:
 
     def _landed(self, transfer: Transfer) -> None:
         if self._background.pop(transfer.id, None) is not None and self.core.is_inflight(transfer):
-            self.core.complete_transfer(transfer, ok=True)
+            self.core.complete_transfer(transfer)
             self._count(transfer)
 
 

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from kvd.core.manager import KvCore, Transfer
+from kvd.core.manager import KvCore
+from kvd.core.types import Outcome, Transfer
 from kvd.server.codec import block_key, block_meta
 from kvd.tiers import CorruptBlockError
 from kvd.tiers.dram import DramArena
@@ -215,7 +216,7 @@ class Mover:
             _log_failure(exc, "writing %d blocks to NVMe failed", len(to_nvme))
             ok = False
         for t in to_nvme:
-            self.core.complete_transfer(t, ok=ok)
+            self.core.complete_transfer(t, Outcome.OK if ok else Outcome.ERROR)
         if self.metrics is not None:
             self.metrics.landed(to_nvme, [ok] * len(to_nvme))
         self.after_core()
@@ -271,7 +272,7 @@ class Mover:
                     log.warning(
                         "block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash
                     )
-                self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
+                self.core.complete_transfer(t, Outcome(result))
             if self.metrics is not None:
                 self.metrics.landed(part, [result == "ok" for result in results])
         self.after_core()
@@ -334,7 +335,7 @@ class Mover:
             for t, result in zip(part, results):
                 if result == "corrupt":
                     log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
-                self.core.complete_transfer(t, ok=result == "ok", corrupt=result == "corrupt")
+                self.core.complete_transfer(t, Outcome(result))
             if self.metrics is not None:
                 self.metrics.landed(part, [r == "ok" for r in results])
 
