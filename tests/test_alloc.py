@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from kvd.tiers.alloc import ExtentAllocator, Slot
+from kvd.media import Slot
+from kvd.tiers.alloc import ExtentAllocator
 
 P = 4096  # page bytes used throughout
 

@@ -22,7 +22,8 @@ from test_daemon_integration import assert_never_wrong, make_blocks, make_hashes
 from test_metrics import Scrape, free_port, scrape_text
 
 from kvd.client import ClientError
-from kvd.tiers import CorruptBlockError, Slot
+from kvd.media import Slot
+from kvd.tiers import CorruptBlockError
 from kvd.tiers.faults import FaultPlan, FaultRule, FaultyIO
 from kvd.tiers.health import CLEAR_AFTER, TierHealth
 from kvd.tiers.nvme import NvmeStore

@@ -22,15 +22,10 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from kvd.tiers import (
-    HEADER_BYTES,
-    CorruptBlockError,
-    DramArena,
-    ManifestEntry,
-    NvmeStore,
-    Slot,
-    open_arena,
-)
+from kvd.media import Slot
+from kvd.tiers import CorruptBlockError
+from kvd.tiers.dram import HEADER_BYTES, DramArena, open_arena
+from kvd.tiers.nvme import ManifestEntry, NvmeStore
 
 PAGE = 4096
 LOGGER = "kvd.tiers.nvme"
@@ -525,7 +520,7 @@ def test_concurrent_writes_and_reads_from_four_threads(tmp_path: Path) -> None:
 
 _CRASH_CHILD = """
 import random, sys
-from kvd.tiers import ManifestEntry, NvmeStore
+from kvd.tiers.nvme import ManifestEntry, NvmeStore
 s = NvmeStore(sys.argv[1], 48 * 4096, slab_bytes=16 * 4096)
 live = [(e.key, e.slot) for e in s.recover()]
 i = int(sys.argv[2])

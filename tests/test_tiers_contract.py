@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvd.tiers import DramArena, NvmeStore, Slot, Tier
+from kvd.media import Slot
+from kvd.tiers import Tier
+from kvd.tiers.dram import DramArena
+from kvd.tiers.nvme import NvmeStore
 
 PAGE = 4096
 PAGES = 8

@@ -1,22 +1,20 @@
-"""Storage mechanisms (imported as ``kvd.tiers``): bytes and slots, no decisions."""
+"""Storage mechanisms (imported as ``kvd.tiers``): bytes and slots, no decisions.
+
+The package exports only the pieces that need no storage back end: the extent allocator,
+slots, the tier interface, its error and the tier names and wire codes. The tiers
+themselves live in their own modules and are imported from there by whoever runs them
+(``kvd.tiers.dram``, ``kvd.tiers.nvme``, ``kvd.tiers.hbm``), so that importing
+``kvd.tiers`` loads neither RocksDB nor a GPU library.
+"""
 
 from kvd.tiers.alloc import ExtentAllocator, Slot
 from kvd.tiers.base import TIER_CODES, TIER_NAMES, CorruptBlockError, Tier
-from kvd.tiers.dram import HEADER_BYTES, ArenaHeader, ArenaMapping, DramArena, open_arena
-from kvd.tiers.nvme import ManifestEntry, NvmeStore
 
 __all__ = [
-    "HEADER_BYTES",
     "TIER_CODES",
     "TIER_NAMES",
-    "ArenaHeader",
-    "ArenaMapping",
     "CorruptBlockError",
-    "DramArena",
     "ExtentAllocator",
-    "ManifestEntry",
-    "NvmeStore",
     "Slot",
     "Tier",
-    "open_arena",
 ]

@@ -25,7 +25,7 @@ from kvd.cli.parsing import ArgumentParser
 from kvd.cli.sizes import format_size
 from kvd.client import Client, ClientError, TlsFiles, default_address
 from kvd.client.channel import open_channel
-from kvd.tiers import TIER_NAMES
+from kvd.media import TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 OUTPUTS = ("table", "json", "yaml")

@@ -38,9 +38,9 @@ import numpy as np
 from kvd.core.errors import NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, Transfer, Wait
 from kvd.core.sessions import MAX_EXPECTED_PAUSE_S, SessionConfig, SessionTable
+from kvd.media import TIER_NAMES
 from kvd.policies import Future, make_policy
 from kvd.replay.trace import Trace, TraceRequest
-from kvd.tiers import TIER_NAMES
 from kvd.tiers.alloc import ExtentAllocator
 
 NAMESPACE = "replay"

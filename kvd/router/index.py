@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kvd.tiers import TIER_NAMES
+from kvd.media import TIER_NAMES
 
 _BIT = {tier: 1 << i for i, tier in enumerate(TIER_NAMES)}  # fastest tier = lowest bit
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from kvd.media import TIER_NAMES
 from kvd.router.index import BlockIndex, NodeMatch
-from kvd.tiers import TIER_NAMES
 
 
 class RedisIndex(BlockIndex):

@@ -20,8 +20,8 @@ import grpc
 
 from kvd.client import Client, ClientError
 from kvd.client.channel import TlsFiles, open_channel
+from kvd.media import TIER_NAMES
 from kvd.router.index import BlockIndex, MemoryIndex
-from kvd.tiers import TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 log = logging.getLogger("kvd.router")

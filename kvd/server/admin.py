@@ -7,13 +7,13 @@ from typing import Protocol
 
 from kvd import __version__
 from kvd.core.errors import InvalidArgument, UnknownSession
+from kvd.media import TIER_CODES
 from kvd.policies import DAEMON_POLICIES, make_policy
 from kvd.server.codec import block_key
 from kvd.server.drain import DrainResult
 from kvd.server.listing import block_info, held_page
 from kvd.server.metrics import tier_healths
 from kvd.server.state import DaemonState, unary_rpc
-from kvd.tiers import TIER_CODES
 from kvd.v1 import admin_pb2, admin_pb2_grpc
 
 

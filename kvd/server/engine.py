@@ -7,8 +7,8 @@ import itertools
 
 from kvd.core.errors import InvalidArgument, KvdError, NoSpace, UnknownLease
 from kvd.core.manager import BlockSpec, StoreGrant, Wait
+from kvd.media import TIER_CODES
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
-from kvd.tiers import TIER_CODES
 from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
 if TIER_CODES != {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}:

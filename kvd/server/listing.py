@@ -7,8 +7,8 @@ import heapq
 from kvd.core.catalog import BlockRecord
 from kvd.core.errors import InvalidArgument
 from kvd.core.manager import KvCore
+from kvd.media import TIER_CODES
 from kvd.server.codec import block_key, parse_block_key
-from kvd.tiers import TIER_CODES
 from kvd.v1 import types_pb2
 
 DEFAULT_PAGE = 1000

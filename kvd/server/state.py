@@ -22,9 +22,9 @@ from kvd.core.errors import KvdError, Unavailable
 from kvd.core.eventbuffer import EventBuffer
 from kvd.core.events import BlockRemoved
 from kvd.core.manager import KvCore
+from kvd.media import Slot
 from kvd.server.codec import block_key, namespace_key, namespace_value
 from kvd.server.logs import REQUEST_ID_HEADER, new_request_id, request_id
-from kvd.tiers import Slot
 from kvd.tiers.base import Tier
 from kvd.tiers.dram import DramArena
 from kvd.tiers.hbm import HbmPool

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
+from kvd.media import TIER_CODES, TIER_NAMES
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
-from kvd.tiers import TIER_CODES, TIER_NAMES
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 # The kinds every watcher gets; NamespaceCleared and SessionChanged only when asked for
