@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvd.cli.sizes import format_size, parse_size
+from kvd.sizes import format_size, parse_size
 
 
 @pytest.mark.parametrize(

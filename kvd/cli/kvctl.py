@@ -22,10 +22,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvd.cli.parsing import ArgumentParser
-from kvd.cli.sizes import format_size
 from kvd.client import Client, ClientError, TlsFiles, default_address
 from kvd.client.channel import open_channel
 from kvd.media import TIER_NAMES
+from kvd.sizes import format_size
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 OUTPUTS = ("table", "json", "yaml")

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from kvd.cli.parsing import ArgumentParser
-from kvd.cli.sizes import parse_size
 from kvd.server.config import ServeConfig
+from kvd.sizes import parse_size
 
 
 def _size(text: str) -> int:

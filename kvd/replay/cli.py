@@ -8,10 +8,10 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from kvd.cli.sizes import parse_size
 from kvd.policies import POLICIES
 from kvd.replay.sim import PAUSE_HINTS, CostModel, PolicyResult, ReplayConfig, replay
 from kvd.replay.trace import FORMATS, TraceError, read_trace
+from kvd.sizes import parse_size
 
 DEFAULT_POLICIES = "lru,typed,belady"
 

@@ -18,8 +18,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from kvd.cli.sizes import parse_size
 from kvd.server.config import ServeConfig
+from kvd.sizes import parse_size
 
 ENV_PREFIX = "KVD_"
 _HINTS = typing.get_type_hints(ServeConfig)

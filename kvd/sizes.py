@@ -1,4 +1,7 @@
-"""Byte sizes on the command line: ``4096``, ``256KiB``, ``1GiB``, ``1.5 GiB``, ``4G``."""
+"""Byte sizes as people write them: ``4096``, ``256KiB``, ``1GiB``, ``1.5 GiB``, ``4G``.
+
+Read from flags, config files and replay settings alike; the standard library only.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def parse_size(text: str) -> int:
 
 
 def format_size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit it reaches, one decimal (``"1.5 GiB"``, ``"512 B"``)."""
     for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= factor:
             return f"{nbytes / factor:.1f} {unit}"
