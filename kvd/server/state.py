@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -25,10 +26,15 @@ from kvd.core.manager import KvCore
 from kvd.media import Slot
 from kvd.server.codec import block_key, namespace_key, namespace_value
 from kvd.server.logs import REQUEST_ID_HEADER, new_request_id, request_id
+from kvd.server.metrics import DaemonMetrics
+from kvd.server.mover import Mover
 from kvd.tiers.base import Tier
 from kvd.tiers.dram import DramArena
 from kvd.tiers.hbm import HbmPool
 from kvd.tiers.nvme import NvmeStore
+
+if TYPE_CHECKING:
+    from kvd.server.kv_events import KvEventPublisher  # pyzmq + msgspec: an optional extra
 
 log = logging.getLogger("kvd.server")
 
@@ -53,10 +59,10 @@ class DaemonState:
     started_at: float = field(default_factory=time.monotonic)
     recovered_blocks: int = 0
     dropped_on_recovery: int = 0
-    mover: object = None  # kvd.server.mover.Mover, set once the loop runs
+    mover: Mover | None = None  # set once the loop runs
     events: EventBuffer | None = None  # what Watch streams read; set by the daemon
-    kv_events: object = None  # kvd.server.kv_events.KvEventPublisher with --kv-events, else None
-    metrics: object = None  # kvd.server.metrics.DaemonMetrics with --metrics-port, else None
+    kv_events: KvEventPublisher | None = None  # with --kv-events
+    metrics: DaemonMetrics | None = None  # with --metrics-port
     watch_cursors: dict[object, int] = field(default_factory=dict)  # open Watch stream -> next seq it sends
     epoch: bytes = field(default_factory=lambda: secrets.token_bytes(8))  # per daemon start
     unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
