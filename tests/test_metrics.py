@@ -25,6 +25,7 @@ from kvd.core.eventbuffer import EventBuffer
 from kvd.core.events import BlockStored, SessionChanged
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, StoreGrant, Wait
 from kvd.core.sessions import SessionTable
+from kvd.core.types import Moved, Outcome
 from kvd.policies import TypedPolicy
 from kvd.server.metrics import DaemonMetrics, RpcMetricsInterceptor, Snapshot, StateCollector, TierGauge
 from kvd.tiers import ExtentAllocator
@@ -326,7 +327,7 @@ def test_events_and_transfers_feed_exact_counters():
     transfers = core.take_demotions()
     for t in transfers:
         core.complete_transfer(t)
-    metrics.landed(transfers, [True] * len(transfers))
+    metrics.landed([Moved(t, Outcome.OK) for t in transfers])
     pump()
     grant = core.prepare_store(NS, chain(5, 6))
     assert isinstance(grant, StoreGrant)

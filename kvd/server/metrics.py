@@ -35,8 +35,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from kvd import __version__
 from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
-from kvd.core.manager import Transfer
 from kvd.core.sessions import STATES
+from kvd.core.types import Moved, TransferKind
 from kvd.tiers import TIER_NAMES
 from kvd.tiers.health import TierHealth
 
@@ -217,21 +217,24 @@ class DaemonMetrics:
         if misses:
             self.load_misses.inc(misses)
 
-    def landed(self, transfers: Sequence[Transfer], ok: Sequence[bool]) -> None:
-        """The mover reported ``transfers`` to the core (``ok``: each one's outcome)."""
-        moved: Tally[tuple[str, str, str]] = Tally()
+    def landed(self, moved: Sequence[Moved]) -> None:
+        """The mover reported the ``moved`` transfers to the core: counts the bytes of those
+        that landed and the number that did not (an error or a corrupt source), by tier link
+        and kind, and the prefetches that landed, by tier and retention class."""
+        landed: Tally[tuple[str, str, str]] = Tally()
         failed: Tally[tuple[str, str, str]] = Tally()
         prefetched: Tally[tuple[str, str]] = Tally()
         core = self.state.core
-        for t, good in zip(transfers, ok):
+        for m in moved:
+            t = m.transfer
             link = (t.src_tier, t.dst_tier, t.kind)
-            if not good:
+            if not m.ok:
                 failed[link] += 1
                 continue
-            moved[link] += t.nbytes
-            if t.kind == "prefetch":
+            landed[link] += t.nbytes
+            if t.kind == TransferKind.PREFETCH:
                 prefetched[t.dst_tier, core.retention_class(t.record.key, t.dst_tier) or NO_CLASS] += 1
-        for labels, n in moved.items():
+        for labels, n in landed.items():
             self.moved_bytes.labels(*labels).inc(n)
         for labels, n in failed.items():
             self.transfer_failures.labels(*labels).inc(n)

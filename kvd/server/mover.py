@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from kvd.core.manager import KvCore
-from kvd.core.types import Outcome, Transfer
+from kvd.core.types import Moved, Outcome, Transfer
 from kvd.server.codec import block_key, block_meta
 from kvd.tiers import CorruptBlockError
 from kvd.tiers.dram import DramArena
@@ -218,7 +218,7 @@ class Mover:
         for t in to_nvme:
             self.core.complete_transfer(t, Outcome.OK if ok else Outcome.ERROR)
         if self.metrics is not None:
-            self.metrics.landed(to_nvme, [ok] * len(to_nvme))
+            self.metrics.landed([Moved(t, Outcome.OK if ok else Outcome.ERROR) for t in to_nvme])
         self.after_core()
 
     def _write_batch(self, transfers: list[Transfer]) -> None:
@@ -274,7 +274,7 @@ class Mover:
                     )
                 self.core.complete_transfer(t, Outcome(result))
             if self.metrics is not None:
-                self.metrics.landed(part, [result == "ok" for result in results])
+                self.metrics.landed([Moved(t, Outcome(result)) for t, result in zip(part, results)])
         self.after_core()
         async with self._progress:
             self._progress.notify_all()
@@ -337,7 +337,7 @@ class Mover:
                     log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
                 self.core.complete_transfer(t, Outcome(result))
             if self.metrics is not None:
-                self.metrics.landed(part, [r == "ok" for r in results])
+                self.metrics.landed([Moved(t, Outcome(r)) for t, r in zip(part, results)])
 
     def _copy_batch(self, transfers: list[Transfer]) -> list[str]:
         """Copy each transfer's bytes to its destination (DRAM or HBM): "ok", "error" or
