@@ -9,6 +9,11 @@ until they pause for ``quiet_s``, unless DRAM's free space is under ``urgent_fre
 (evictions would otherwise have to demote synchronously) or a Sync is waiting. Demotions
 and promotions never wait.
 
+A batch may mix routes (source tier, destination tier): it is split by route and each group
+runs through the handler :attr:`Mover.routes` names for it, the groups at once. Every
+transfer handed to the mover is reported to the core with an :class:`Outcome`, whatever
+fails.
+
 Logging: a disk or manifest error (OSError) is logged by the NVMe tier's TierHealth, once per
 kind of fault until the tier recovers, and counted in metrics; the mover only retries (after
 ``error_backoff_s`` for write-behind), so a failing disk does not log once per batch. Anything
@@ -21,11 +26,12 @@ import asyncio
 import logging
 import mmap
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
 from kvd.core.manager import KvCore
 from kvd.core.types import Moved, Outcome, Transfer
+from kvd.media import DRAM, HBM, NVME, TierName
 from kvd.server.codec import block_key, block_meta
 from kvd.tiers import CorruptBlockError
 from kvd.tiers.dram import DramArena
@@ -33,6 +39,8 @@ from kvd.tiers.hbm import HbmPool
 from kvd.tiers.nvme import ManifestEntry, NvmeStore
 
 log = logging.getLogger("kvd.mover")
+
+Route = tuple[TierName, TierName]  # (source tier, destination tier)
 
 
 class Mover:
@@ -78,6 +86,21 @@ class Mover:
         self._progress = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        # What runs each route the core plans; a transfer on any other route is a bug.
+        self.routes: dict[Route, Callable[[list[Transfer]], Awaitable[None]]] = {
+            (DRAM, NVME): self._write_to_nvme,
+            (HBM, NVME): self._write_to_nvme,  # a drain's or a Sync's, of blocks only HBM holds
+            (NVME, DRAM): self._read_into_dram,
+            (HBM, DRAM): self._copy,
+            (DRAM, HBM): self._copy,
+            (NVME, HBM): self._copy_from_nvme,
+        }
+        # How the copies reach a memory tier's bytes, by tier.
+        self._readers: dict[TierName, Callable[[Transfer], memoryview]] = {DRAM: self._read_dram, HBM: self._read_hbm}
+        self._writers: dict[TierName, Callable[[Transfer, memoryview], None]] = {
+            DRAM: self._write_dram,
+            HBM: self._write_hbm,
+        }
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kvd-mover")
@@ -163,14 +186,14 @@ class Mover:
                         async with self._progress:  # a flush waits for this queue to empty
                             self._progress.notify_all()
                     break
-                inflight.add(asyncio.create_task(self._land(transfers)))
+                inflight.add(asyncio.create_task(self._run_batch(transfers)))
             if len(inflight) < self.max_inflight:
                 # The policy's prefetches: a paused session's blocks back up before it resumes.
                 prefetches = self.core.plan_prefetch(self.batch_blocks)
                 self.after_core()
                 if prefetches:
                     self.prefetched += len(prefetches)
-                    inflight.add(asyncio.create_task(self._prefetch(prefetches)))
+                    inflight.add(asyncio.create_task(self._run_batch(prefetches)))
             wake = asyncio.create_task(self._wake.wait())
             timeout = delay if delay and self.core.write_behind_pending else None
             # Prefetches fall due with time, not with requests: look again every interval.
@@ -184,44 +207,116 @@ class Mover:
                 wake.cancel()
             inflight -= done
 
-    async def _prefetch(self, transfers: list[Transfer]) -> None:
-        await self.promote(transfers)
+    async def _run_batch(self, transfers: list[Transfer]) -> None:
+        """Run a batch the mover planned itself, then count it done for :meth:`wait_progress`."""
+        await self.move(transfers)
         async with self._progress:
             self.batches_done += 1
             self._progress.notify_all()
 
-    async def _land(self, transfers: list[Transfer]) -> None:
-        await self.write_down(transfers)
+    async def promote(self, transfers: list[Transfer]) -> None:
+        """Run a load's promotions into the top tier; returns once the core has heard of each
+        (its load_slots() are then current), and wakes :meth:`wait_landed`."""
+        await self.move(transfers)
         async with self._progress:
-            self.batches_done += 1
             self._progress.notify_all()
 
-    async def write_down(self, transfers: list[Transfer]) -> None:
-        """Down a tier. To NVMe (from DRAM, or from HBM in a drain): write the batch, one
-        fdatasync per slab file, then the manifest. HBM -> DRAM: copy each block."""
-        loop = asyncio.get_running_loop()
-        to_nvme = [t for t in transfers if t.dst_tier == "nvme"]
-        others = [t for t in transfers if t.dst_tier != "nvme"]
-        if others:
-            await self._run_copies(others, "moving %d blocks down failed")
-        if not to_nvme:
-            self.after_core()
-            return
-        try:
-            await loop.run_in_executor(self.executor, self._write_batch, to_nvme)
-            ok = True
-        except Exception as exc:  # a disk or manifest error must not strand the transfers
-            self.errors += 1
-            self._backoff_until = self.clock() + self.error_backoff_s
-            _log_failure(exc, "writing %d blocks to NVMe failed", len(to_nvme))
-            ok = False
-        for t in to_nvme:
-            self.core.complete_transfer(t, Outcome.OK if ok else Outcome.ERROR)
-        if self.metrics is not None:
-            self.metrics.landed([Moved(t, Outcome.OK if ok else Outcome.ERROR) for t in to_nvme])
+    async def move(self, transfers: list[Transfer]) -> None:
+        """Run a batch of the core's transfers of any mix of routes: each route's group by its
+        handler in :attr:`routes`, the groups at once. Every transfer is reported to the core
+        (and metrics) before this returns, then ``after_core`` applies the core's effects."""
+        groups: dict[Route, list[Transfer]] = {}
+        for t in transfers:
+            groups.setdefault((t.src_tier, t.dst_tier), []).append(t)
+        await asyncio.gather(*(self._run_route(route, group) for route, group in groups.items()))
         self.after_core()
 
-    def _write_batch(self, transfers: list[Transfer]) -> None:
+    async def _run_route(self, route: Route, transfers: list[Transfer]) -> None:
+        handler = self.routes.get(route)
+        if handler is None:
+            self._no_route(route, transfers)
+        else:
+            await handler(transfers)
+
+    def _no_route(self, route: Route, transfers: list[Transfer]) -> None:
+        """A route without a handler is a bug: its transfers fail, logged at ERROR each time.
+        Write-behind holds back as after a disk error, so that one on such a route does not
+        spin."""
+        self.errors += 1
+        self._backoff_until = self.clock() + self.error_backoff_s
+        log.error("no handler moves blocks from %s to %s (a bug): %d transfers failed", *route, len(transfers))
+        self._report(transfers, [Outcome.ERROR] * len(transfers))
+
+    async def wait_landed(self, transfers: list[Transfer], timeout: float) -> bool:
+        """Wait until none of ``transfers`` (promotions run by other requests) is in flight."""
+        async with self._progress:
+            try:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: not any(map(self.core.is_inflight, transfers))), timeout
+                )
+            except TimeoutError:
+                return False
+        return True
+
+    # -- the route handlers: each reports every transfer it is given ---------------------------
+    async def _write_to_nvme(self, transfers: list[Transfer]) -> None:
+        """Down to NVMe (from DRAM, or from HBM in a drain): write the batch, one fdatasync per
+        slab file, then the manifest, so no manifest entry names bytes not yet on disk. A
+        failure fails the whole batch and holds write-behind back for ``error_backoff_s``."""
+        if not await self._run_parts([transfers], self._write_batch, "writing"):
+            self._backoff_until = self.clock() + self.error_backoff_s
+
+    async def _read_into_dram(self, transfers: list[Transfer]) -> None:
+        """NVMe -> DRAM: read the blocks straight into their arena slots, in
+        ``read_parallelism`` parts at once, each block verified."""
+        parts = [transfers[i :: self.read_parallelism] for i in range(self.read_parallelism)]
+        await self._run_parts([p for p in parts if p], self._read_batch, "reading")
+
+    async def _copy(self, transfers: list[Transfer]) -> None:
+        """Between DRAM and HBM: copy block by block (HBM's bytes through a host buffer)."""
+        await self._run_parts([transfers], self._copy_batch, "copying")
+
+    async def _copy_from_nvme(self, transfers: list[Transfer]) -> None:
+        """NVMe -> HBM: ``read_parallelism`` parts at once, each a run of slots in order (so
+        adjacent slots coalesce into one read) read into a bounce buffer, then copied up."""
+        ordered = sorted(transfers, key=lambda t: t.src.slot.offset)
+        size = -(-len(ordered) // self.read_parallelism)  # contiguous runs coalesce best
+        parts = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        await self._run_parts(parts, self._stage_batch, "reading")
+
+    async def _run_parts(
+        self, parts: list[list[Transfer]], io: Callable[[list[Transfer]], list[Outcome]], verb: str
+    ) -> bool:
+        """Run ``io`` on each part in the executor, all parts at once, and report each part's
+        outcomes. A part whose ``io`` raised fails whole, counted and logged. True when no
+        part raised."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self.executor, io, part) for part in parts), return_exceptions=True
+        )
+        for part, outcomes in zip(parts, results):
+            if isinstance(outcomes, BaseException):  # whatever failed, the core must hear of each
+                self.errors += 1
+                t = part[0]
+                _log_failure(outcomes, "%s %d blocks from %s to %s failed", verb, len(part), t.src_tier, t.dst_tier)
+                outcomes = [Outcome.ERROR] * len(part)
+            self._report(part, outcomes)
+        return not any(isinstance(r, BaseException) for r in results)
+
+    def _report(self, part: list[Transfer], outcomes: list[Outcome]) -> None:
+        """Report each transfer of ``part`` with its outcome to the core, then the part to
+        metrics. A corrupt block gets a warning of its own: the core drops it."""
+        moved = [Moved(t, outcome) for t, outcome in zip(part, outcomes, strict=True)]
+        for m in moved:
+            if m.outcome is Outcome.CORRUPT:
+                record = m.transfer.record
+                log.warning("block %s/%x failed its checksum on NVMe: dropped", record.namespace, record.hash)
+            self.core.complete_transfer(m.transfer, m.outcome)
+        if self.metrics is not None:
+            self.metrics.landed(moved)
+
+    # -- the I/O, in worker threads --------------------------------------------------------
+    def _write_batch(self, transfers: list[Transfer]) -> list[Outcome]:
         if self.nvme is None:
             raise OSError("no NVMe tier")
         views = [self._source(t) for t in transfers]
@@ -242,161 +337,84 @@ class Mover:
                 for t, checksum in zip(transfers, checksums)
             ]
         )
+        return [Outcome.OK] * len(transfers)
 
-    async def promote(self, transfers: list[Transfer]) -> None:
-        """Up a tier, for a load or a prefetch. NVMe -> DRAM: read the blocks straight into
-        their arena slots, in a few parallel batches (adjacent slots coalesce into one large
-        read), each block verified. Into HBM (from DRAM or NVMe): copy each block."""
-        others = [t for t in transfers if t.dst_tier != "dram" or t.src_tier != "nvme"]
-        if others:
-            await self._run_copies(others, "moving %d blocks up failed")
-            transfers = [t for t in transfers if t.dst_tier == "dram" and t.src_tier == "nvme"]
-            if not transfers:
-                self.after_core()
-                async with self._progress:
-                    self._progress.notify_all()
-                return
-        loop = asyncio.get_running_loop()
-        parts = [transfers[i :: self.read_parallelism] for i in range(self.read_parallelism)]
-        parts = [p for p in parts if p]
-        outcomes = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, self._read_batch, p) for p in parts), return_exceptions=True
-        )
-        for part, results in zip(parts, outcomes):
-            if isinstance(results, BaseException):
-                self.errors += 1
-                _log_failure(results, "reading %d blocks from NVMe failed", len(part))
-                results = ["error"] * len(part)
-            for t, result in zip(part, results):
-                if result == "corrupt":
-                    log.warning(
-                        "block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash
-                    )
-                self.core.complete_transfer(t, Outcome(result))
-            if self.metrics is not None:
-                self.metrics.landed([Moved(t, Outcome(result)) for t, result in zip(part, results)])
-        self.after_core()
-        async with self._progress:
-            self._progress.notify_all()
-
-    async def wait_landed(self, transfers: list[Transfer], timeout: float) -> bool:
-        """Wait until none of ``transfers`` (promotions run by other requests) is in flight."""
-        async with self._progress:
-            try:
-                await asyncio.wait_for(
-                    self._progress.wait_for(lambda: not any(map(self.core.is_inflight, transfers))), timeout
-                )
-            except TimeoutError:
-                return False
-        return True
-
-    def _read_batch(self, transfers: list[Transfer]) -> list[str]:
+    def _read_batch(self, transfers: list[Transfer]) -> list[Outcome]:
+        """One batched read of the blocks from NVMe straight into their arena slots."""
         if self.nvme is None:
-            return ["error"] * len(transfers)
+            return [Outcome.ERROR] * len(transfers)
         views = [self.arena.view(t.dst.slot) for t in transfers]
         try:
             errors = self.nvme.read_many([(t.src.slot, t.nbytes, v) for t, v in zip(transfers, views)])
         finally:
             for v in views:
                 v.release()
-        out = []
-        for t, err in zip(transfers, errors):
-            if err is None:
-                out.append("ok")
-            elif isinstance(err, CorruptBlockError):
-                out.append("corrupt")
-            else:
-                self.errors += 1
-                _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
-                out.append("error")
-        return out
+        return [self._read_outcome(t, err) for t, err in zip(transfers, errors)]
 
-
-    # -- copies through HBM ------------------------------------------------------------------
-    async def _run_copies(self, transfers: list[Transfer], what: str) -> None:
-        """Run transfers that involve HBM and report each to the core. Blocks from NVMe are
-        read in ``read_parallelism`` parallel parts, each part with one batched read (adjacent
-        slots coalesce) into a page-aligned bounce buffer, then copied up block by block."""
-        loop = asyncio.get_running_loop()
-        from_nvme = sorted((t for t in transfers if t.src_tier == "nvme"), key=lambda t: t.src.slot.offset)
-        size = -(-len(from_nvme) // self.read_parallelism)  # contiguous runs coalesce best
-        parts = [from_nvme[i : i + size] for i in range(0, len(from_nvme), size)] if from_nvme else []
-        rest = [t for t in transfers if t.src_tier != "nvme"]
-        if rest:
-            parts.append(rest)
-        outcomes = await asyncio.gather(
-            *(loop.run_in_executor(self.executor, self._copy_batch, p) for p in parts), return_exceptions=True
-        )
-        for part, results in zip(parts, outcomes):
-            if isinstance(results, BaseException):  # the transfers must be reported whatever failed
-                self.errors += 1
-                _log_failure(results, what, len(part))
-                results = ["error"] * len(part)
-            for t, result in zip(part, results):
-                if result == "corrupt":
-                    log.warning("block %s/%x failed its checksum on NVMe: dropped", t.record.namespace, t.record.hash)
-                self.core.complete_transfer(t, Outcome(result))
-            if self.metrics is not None:
-                self.metrics.landed([Moved(t, Outcome(r)) for t, r in zip(part, results)])
-
-    def _copy_batch(self, transfers: list[Transfer]) -> list[str]:
-        """Copy each transfer's bytes to its destination (DRAM or HBM): "ok", "error" or
-        "corrupt" (an NVMe source that failed its checksum) per transfer."""
-        out = ["ok"] * len(transfers)
-        staged = self._read_nvme_sources(transfers, out)
-        for i, t in enumerate(transfers):
-            if out[i] != "ok":
-                continue
-            src = staged.pop(i) if i in staged else self._source(t)
-            try:
-                if t.dst_tier == "hbm":
-                    self._require_hbm().write(t.dst.slot, src)
-                else:
-                    dst = self.arena.view(t.dst.slot)
-                    try:
-                        dst[: t.nbytes] = src
-                    finally:
-                        dst.release()
-            finally:
-                src.release()
-        return out
-
-    def _read_nvme_sources(self, transfers: list[Transfer], out: list[str]) -> dict[int, memoryview]:
-        """Read the NVMe sources among ``transfers`` with one batched read into a bounce
-        buffer; their bytes by index. Marks failures in ``out``."""
-        picked = [(i, t) for i, t in enumerate(transfers) if t.src_tier == "nvme"]
-        if not picked:
-            return {}
+    def _stage_batch(self, transfers: list[Transfer]) -> list[Outcome]:
+        """One batched read of the blocks from NVMe into a page-aligned bounce buffer (NVMe
+        reads with direct I/O), then each block that read cleanly copied to its destination."""
         if self.nvme is None:
-            for i, _ in picked:
-                out[i] = "error"
-            return {}
-        bounce = memoryview(mmap.mmap(-1, sum(t.src.slot.length for _, t in picked)))  # page-aligned
+            return [Outcome.ERROR] * len(transfers)
+        bounce = memoryview(mmap.mmap(-1, sum(t.src.slot.length for t in transfers)))  # page-aligned
         views, at = [], 0
-        for _, t in picked:
+        for t in transfers:
             views.append(bounce[at : at + t.src.slot.length])
             at += t.src.slot.length
-        errors = self.nvme.read_many([(t.src.slot, t.nbytes, v) for (_, t), v in zip(picked, views)])
-        staged = {}
-        for (i, t), view, err in zip(picked, views, errors):
-            if err is None:
-                staged[i] = view[: t.nbytes]
-            else:
-                out[i] = "corrupt" if isinstance(err, CorruptBlockError) else "error"
-                if out[i] == "error":
-                    self.errors += 1
-                    _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
-            view.release()
-        return staged
+        try:
+            errors = self.nvme.read_many([(t.src.slot, t.nbytes, v) for t, v in zip(transfers, views)])
+            outcomes = [self._read_outcome(t, err) for t, err in zip(transfers, errors)]
+            for t, view, outcome in zip(transfers, views, outcomes):
+                if outcome is Outcome.OK:
+                    with view[: t.nbytes] as src:
+                        self._put(t, src)
+        finally:
+            for v in views:
+                v.release()
+            bounce.release()
+        return outcomes
+
+    def _copy_batch(self, transfers: list[Transfer]) -> list[Outcome]:
+        """Copy each block from its source copy (DRAM or HBM) to its destination."""
+        for t in transfers:
+            with self._source(t) as src:
+                self._put(t, src)
+        return [Outcome.OK] * len(transfers)
+
+    def _read_outcome(self, t: Transfer, err: Exception | None) -> Outcome:
+        """How reading ``t``'s source from NVMe went (``err``: what read_many said of it). A
+        medium's error is counted and logged here; a bad checksum is CORRUPT."""
+        if err is None:
+            return Outcome.OK
+        if isinstance(err, CorruptBlockError):
+            return Outcome.CORRUPT
+        self.errors += 1
+        _log_failure(err, "reading block %x from NVMe failed", t.record.hash)
+        return Outcome.ERROR
 
     def _source(self, t: Transfer) -> memoryview:
-        """The bytes of a transfer's source copy in DRAM or HBM (HBM's through a host
-        buffer); the caller releases the view."""
-        if t.src_tier == "dram":
-            return self.arena.view(t.src.slot)[: t.nbytes]
+        """The bytes of ``t``'s source copy in DRAM or HBM (HBM's through a host buffer); the
+        caller releases the view."""
+        return self._readers[t.src_tier](t)
+
+    def _put(self, t: Transfer, data: memoryview) -> None:
+        """Write ``data`` into ``t``'s destination copy in DRAM or HBM."""
+        self._writers[t.dst_tier](t, data)
+
+    def _read_dram(self, t: Transfer) -> memoryview:
+        return self.arena.view(t.src.slot)[: t.nbytes]
+
+    def _read_hbm(self, t: Transfer) -> memoryview:
         buf = bytearray(t.nbytes)
         self._require_hbm().read_into(t.src.slot, t.nbytes, buf)
         return memoryview(buf)
+
+    def _write_dram(self, t: Transfer, data: memoryview) -> None:
+        with self.arena.view(t.dst.slot) as dst:
+            dst[: t.nbytes] = data
+
+    def _write_hbm(self, t: Transfer, data: memoryview) -> None:
+        self._require_hbm().write(t.dst.slot, data)
 
     def _require_hbm(self) -> HbmPool:
         if self.hbm is None:
