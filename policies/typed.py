@@ -97,6 +97,7 @@ class TypedPolicy(Policy):
         self._groups: dict[str, dict[object, OrderedDict[BlockKey, float]]] = {}
         self._where: dict[str, dict[BlockKey, object]] = {}
         self._rate: dict[str, float] = {}  # tier -> insertions per second (EWMA)
+        self._occupancy: dict[str, int] = {}  # tier -> blocks held after its latest insertion
         self._last_insert: dict[str, float] = {}
         self._pending_n: dict[str, int] = {}
         self._values: dict[str, tuple[float, list[tuple[float, int, object]]]] = {}  # tier -> (at, sorted)
@@ -177,6 +178,7 @@ class TypedPolicy(Policy):
             where[key] = group
         if keys:
             self._count_insertions(tier, len(keys), now)
+        self._occupancy[tier] = len(where)
 
     def on_accessed(self, keys: Sequence[BlockKey], now: float) -> None:
         last_seen: dict[BlockKey, float] = {}
@@ -346,9 +348,12 @@ class TypedPolicy(Policy):
 
     # -- values ---------------------------------------------------------------------------
     def horizon(self, tier: str) -> float:
-        """Seconds a block stays in ``tier``: held / insertion rate (Little's law)."""
+        """Seconds a block stays in ``tier``: the blocks it held after its latest insertion
+        over the insertion rate (Little's law). Counted at insertions: while a cascade of
+        evictions makes room the tier holds fewer blocks for an instant, and values that
+        dipped with it would rank the victims of one eviction by the order they were asked."""
         rate = self._rate.get(tier)
-        held = len(self._where.get(tier, ()))
+        held = self._occupancy.get(tier, 0)
         if not rate or not held:
             return self.config.initial_horizon_s
         return max(self.config.horizon_scale * held / rate, self.config.min_horizon_s)
