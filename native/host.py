@@ -54,8 +54,8 @@ def copy_host(paged, ids: list[int], targets: list, to_slots: bool) -> None:
     """The host backend of :class:`kvd.native.paged.PagedKv`: one numpy copy per (slot,
     layer) between a block's runs and the slot's bytes. Arguments are already checked.
 
-    numpy is the CPU path rather than torch because its per-copy overhead is lower (measured:
-    `kvd bench connector` reports both).
+    numpy is the CPU path rather than torch because its per-copy overhead is lower
+    (docs/decisions.md, "Data path").
     """
     views = [_block_runs(f, lay) for f, lay in zip(paged.flat(), paged.layouts)]
     shapes = [(lay.chunks, lay.chunk_bytes) for lay in paged.layouts]
