@@ -19,9 +19,9 @@ bytes). Only the mover and the engine are simulated:
   prompt's hashes), turn end, a tool pause naming the tool of the next turn, session end
   after the last turn. Without them the core infers sessions from the chains.
 
-Costs (DESIGN.md): 131,072 KV bytes per token (Llama-3.1-8B bf16), prefill 12,000 tokens/s,
-DRAM->HBM 25 GB/s, NVMe->DRAM 6 GB/s, DRAM->NVMe 3 GB/s, decode 12 ms/token; HBM pool to the
-engine 1,000 GB/s (a device-to-device copy).
+Costs (:class:`CostModel`'s defaults): 131,072 KV bytes per token (Llama-3.1-8B bf16),
+prefill 12,000 tokens/s, DRAM->HBM 25 GB/s, NVMe->DRAM 6 GB/s, DRAM->NVMe 3 GB/s, decode
+12 ms/token; HBM pool to the engine 1,000 GB/s (a device-to-device copy).
 """
 
 from __future__ import annotations
@@ -387,7 +387,8 @@ class Replay:
           unreachable), cut before the store so that the session table sees one turn;
         - a request without a session id: the core infers its session from the chain a
           store names, and a first part shorter than the last turn's chain would look
-          like a new session. (So the head-only store remains for such prompts.)
+          like a new session. (Such a prompt is one part, so it keeps its head when it does
+          not fit.)
 
         A part that does not fit (the tier full of leased blocks) keeps its head, and what
         follows it is not stored. A part whose room-making dropped the block it continues

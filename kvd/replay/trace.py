@@ -1,6 +1,7 @@
 """Request traces for `kvd replay`: one reader for three JSONL formats.
 
-- ``mooncake`` — Mooncake's FAST'25 traces (``../shared/traces/``): ``timestamp`` in
+- ``mooncake`` — Mooncake's FAST'25 traces (kvcache-ai/Mooncake, ``FAST25-release/traces``;
+  tests/data holds the head of the conversation trace): ``timestamp`` in
   **milliseconds** from the trace start, ``input_length``, ``output_length`` (tokens),
   ``hash_ids`` (one id per 512 tokens, the last block may be partial). No sessions.
 - ``bailian`` — Alibaba Bailian's Qwen traces (alibaba-edu/qwen-bailian-usagetraces-anon,
@@ -9,7 +10,7 @@
   (text/search/image/file, not used here), ``turn`` (1-based), ``hash_ids`` (16 tokens a block).
   A request's session is the root of its ``parent_chat_id`` chain; a parent that is not in the
   file ends the chain, so siblings whose parent was cut off still share a session.
-- ``kvd`` — kvd's agentic session format (``../shared/TRACE_FORMAT.md``): ``timestamp`` in
+- ``kvd`` — kvd's agentic session format (what `kvd gen-workload` writes): ``timestamp`` in
   **seconds**, optional ``block_size`` (default 16), ``session_id``, ``turn`` (0-based),
   ``tool``, ``pause_s`` (seconds, closed loop), ``last``.
 

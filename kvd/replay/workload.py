@@ -28,13 +28,14 @@ Where and why kvd departs from the preset:
 
 - The preset gives every conversation its own "dynamic system prompt". Coding agents share a
   repository: here each of ``repos`` repositories has one context, and each session works on
-  one repository picked uniformly — so sessions of a repository share its blocks, the
-  ``shared_prefix`` retention class in DESIGN.md. The 150K clip (vs 990K) keeps a repository
-  plus ~40 turns of ~1.9K tokens inside the 262K window; ~30% of repositories sit at it.
-- The preset's tool latency clipped to 1..100 s has mean ~12 s and median ~4 s. DESIGN.md's
-  workload is "lognormal, mean ~15 s"; kvd also wants the tool to *predict* the pause (the
-  ``tool_pause`` class), so each tool has its own lognormal, calibrated so that the mixture,
-  after the same clip, has a mean of ~15 s with a rare tail at the 100 s cap.
+  one repository picked uniformly — so sessions of a repository share its blocks, typed
+  retention's ``shared_prefix`` class. The 150K clip (vs 990K) keeps a repository plus ~40
+  turns of ~1.9K tokens inside the 262K window; ~30% of repositories sit at it.
+- The preset's tool latency clipped to 1..100 s has mean ~12 s and median ~4 s. kvd's target
+  workload has lognormal tool pauses with a mean of ~15 s; kvd also wants the tool to
+  *predict* the pause (the ``tool_pause`` class), so each tool has its own lognormal,
+  calibrated so that the mixture, after the same clip, has a mean of ~15 s with a rare tail
+  at the 100 s cap.
 - The preset's turn count (median ~6, a tail clipped at 3,000 that the context window cuts at
   ~130) is replaced by a bounded 5..40 so that a 60-session replay stays small.
 
@@ -53,8 +54,8 @@ Sessions start as a Poisson process (``session_rate`` per second; the first at 0
 
 Timestamps: a session's first turn arrives at its start; later turns carry ``pause_s`` (the
 tool's run time), and their ``timestamp`` is an *estimate* (the previous turn's arrival, its
-new tokens at 12,000 tokens/s, its output at 12 ms a token — DESIGN.md's cost model — plus the
-pause). The replay schedules them closed loop from ``pause_s``; the timestamps only order
+new tokens at 12,000 tokens/s, its output at 12 ms a token — `kvd replay`'s cost model — plus
+the pause). The replay schedules them closed loop from ``pause_s``; the timestamps only order
 the file and inform estimates of the future. Lines are written in timestamp order.
 
 Default block size: 256 tokens (LMCache's default chunk size; vLLM pages are 16). The
@@ -146,7 +147,7 @@ class AgenticConfig:
     output_tokens: Lognormal = Lognormal(425, 825, 50, 10_000)
     turns: Lognormal = Lognormal(15, 10, 5, 40)
     tools: tuple[Tool, ...] = TOOLS
-    prefill_tokens_per_s: float = 12_000.0  # for the timestamp estimates only (DESIGN.md)
+    prefill_tokens_per_s: float = 12_000.0  # for the timestamp estimates only (kvd replay's CostModel)
     decode_s_per_token: float = 0.012
 
     def validate(self) -> None:
@@ -314,7 +315,7 @@ def _session_name(index: int) -> str:
 
 
 def write_trace(requests: Iterable[TraceRequest], out: IO[str]) -> int:
-    """Write requests as kvd-format JSONL (TRACE_FORMAT.md); returns the number of lines.
+    """Write requests as kvd-format JSONL (:mod:`kvd.replay.trace`); returns the number of lines.
     Optional fields are written only when set, ``block_size`` always."""
     n = 0
     for r in requests:

@@ -41,7 +41,7 @@ class ServeConfig:
     io_threads: int = 8
     verify_on_start: bool = True  # read every recovered NVMe block and check its checksum
     event_buffer: int = 100_000  # events kept for Watch streams to resume from
-    dram_to_hbm_gbps: float = 25.0  # cost model of Score's estimated load time (DESIGN.md)
+    dram_to_hbm_gbps: float = 25.0  # GB/s: the cost model of Score's estimated load time
     nvme_to_dram_gbps: float = 6.0
     kv_events: str | None = None  # ZMQ endpoint of the vLLM-format publisher; off unless asked for
     kv_events_replay: str | None = None  # ZMQ endpoint of its replay ROUTER socket
