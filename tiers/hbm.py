@@ -10,7 +10,7 @@ when the copy is done; :meth:`HbmPool.view` gives the slot as a device tensor, w
 torch is optional: without it, or without a CUDA device, :class:`HbmPool` raises
 :class:`HbmUnavailable` with the reason and the daemon runs without an HBM tier.
 ``device="cpu"`` builds the same pool in host memory; tests use it to run the tier's own
-code where no GPU is lent. All sizes are bytes.
+code on machines without a GPU. All sizes are bytes.
 
 Engines on the node open the pool themselves (:meth:`HbmPool.handle`, :mod:`kvd.tiers.hbm_share`):
 a CUDA pool through a CUDA IPC handle, a host pool through a shared-memory file.

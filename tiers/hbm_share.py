@@ -1,8 +1,8 @@
 """Sharing the HBM pool with engine processes on the node.
 
 The daemon owns the pool; an engine's connector opens it to copy blocks between its paged
-cache and the pool's slots on the device (DESIGN.md: "a block there reaches the engine's
-paged cache by a device-to-device copy"). Two kinds of pool, one protocol:
+cache and the pool's slots on the device, so a block there reaches the engine's paged cache
+by a device-to-device copy. Two kinds of pool, one protocol:
 
 - ``cuda_ipc``: a CUDA pool made with ``cudaMalloc`` (CuPy's ``cupy.cuda.Memory``, one
   allocation of its own, so the IPC handle names exactly the pool and offsets need no
@@ -10,7 +10,7 @@ paged cache by a device-to-device copy"). Two kinds of pool, one protocol:
   bus id, not by an index (indexes depend on each process's ``CUDA_VISIBLE_DEVICES``).
   torch alone has no public IPC API, so a pool made without CuPy cannot be shared.
 - ``file``: a host pool (``device="cpu"``) in a shared-memory file that engines map. It is
-  how the tier's whole path — daemon, client, connector — runs where no GPU is lent.
+  how the tier's whole path — daemon, client, connector — runs on a machine without a GPU.
 
 Both sides see the pool as a 1-D uint8 torch tensor; slot offsets index it directly.
 

@@ -132,7 +132,7 @@ def open_hbm(config: ServeConfig) -> HbmPool | None:
     land there and loads read from there, by device-to-device copies of the engines.
 
     ``--hbm-device cpu`` makes the pool in host memory (a shared-memory file beside the
-    arena): the same daemon, client and connector code runs where no GPU is lent (tests).
+    arena): the same daemon, client and connector code runs without a GPU (tests).
     Raises OSError when CUDA is present but the pool cannot be allocated.
     """
     if not config.hbm_bytes:
