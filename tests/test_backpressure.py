@@ -1,4 +1,4 @@
-"""Backpressure (issue 7.5): when NVMe writes cannot keep up with demotions, stores slow down
+"""Backpressure: when NVMe writes cannot keep up with demotions, stores slow down
 or are refused with RESOURCE_EXHAUSTED after a bounded wait, and nothing queues without bound.
 
 The disk is slowed or stalled through the fault seam (a delay rule in --fault-plan), against

@@ -44,7 +44,7 @@ EXPECTED_ABSTRACT = [
     "build_connector_meta", "get_num_new_matched_tokens", "save_kv_layer", "start_load_kv",
     "update_state_after_alloc", "wait_for_layer_load", "wait_for_save",
 ]
-# What the issue asks the connector to implement on each side, beyond the abstract methods.
+# Base-class methods with a default that the connector must override too, on either side.
 EXPECTED_OVERRIDES = {
     "request_finished", "take_events", "update_connector_output", "register_kv_caches", "get_finished",
     "get_block_ids_with_load_errors", "shutdown", "build_connector_worker_meta",

@@ -1,4 +1,4 @@
-"""Fault injection (issue 7.1): the NVMe tier's file layer fails the way disks do, through the
+"""Fault injection: the NVMe tier's file layer fails the way disks do, through the
 FileIO seam (kvd.tiers.io / kvd.tiers.faults), and a DRAM arena fills with leased blocks.
 
 Per fault, against a real `kvd serve` process: the daemon keeps serving what is healthy, a

@@ -182,8 +182,8 @@ class DropEverything(LruPolicy):
 
 
 def test_a_flush_ends_when_planning_drops_the_whole_queue(tmp_path):
-    """A Sync or drain whose queue holds only blocks the policy drops returns at once; it
-    used to wait for a batch that never came, for its whole timeout."""
+    """A Sync or drain whose queue holds only blocks the policy drops returns at once, not
+    after waiting its whole timeout for a batch that never comes."""
 
     async def scenario(core, arena, nvme, mover, now):
         core.set_policy(DropEverything())
@@ -192,7 +192,7 @@ def test_a_flush_ends_when_planning_drops_the_whole_queue(tmp_path):
         mover.wake()
         await asyncio.sleep(0)  # the mover looks, and leaves the queue to a quieter moment
         assert core.write_behind_pending == 1
-        pending = await asyncio.wait_for(mover.flush(600), 10)  # the bound catches the hang
+        pending = await asyncio.wait_for(mover.flush(600), 10)  # the bound catches a hang
         assert (pending, nvme.data) == (0, {})
         assert core.lookup("m", [1]) == ["dram"]
         assert core.check() == []

@@ -316,7 +316,7 @@ def test_a_prompt_bigger_than_the_top_tier_is_stored_whole_in_parts(tmp_path):
     # DRAM of 2 blocks over NVMe of 4, no write-behind, lru, one named session. r0's prompt
     # [1, 2, 3] is stored as a client stores it, in parts that fit DRAM: [1, 2], then [3],
     # whose room comes from demoting 2 (the deeper of the two) to NVMe: DRAM 1 3, NVMe 2.
-    # (In one part it did not fit: only its head, [1], was kept.) r1 [1, 2, 3, 4] finds all
+    # (In one part it would not fit: only its head, [1], would be kept.) r1 [1, 2, 3, 4] finds all
     # three: DRAM 8 tokens, NVMe 4. Its load, a block at a time: 1 touched; 2 promoted (3,
     # the least recently used, demoted); 3 promoted, 2 leaving DRAM for free (its NVMe copy
     # stays; the load touched 1 after 2): DRAM 1 3, NVMe 2 3. Its store: 4 takes 3's DRAM
@@ -417,8 +417,8 @@ def test_closed_loop_a_slow_cache_delays_the_whole_program(tmp_path):
 #   at 4.018: evict 2, then 1. (By timestamps -- a1 at 5, b1 at 20 -- it would evict 6, 5.)
 # b1 arrives 4.018: hits 5 6 (2 ms) + 4 tokens: 6 ms; its store evicts 10 (never used again).
 # a1 arrives 30.018: misses 12 tokens. Hits: 8 tokens. (An oracle reading the future by
-#   places in the file scored 0: b1 misses, and once b1 -- placed after a1 -- is served, a1
-#   counts as past, so b1's store evicts 1 and 2 as never used again.)
+#   places in the file would score 0: b1 would miss, and once b1 -- placed after a1 -- is
+#   served, a1 counts as past, so b1's store would evict 1 and 2 as never used again.)
 REORDERED = [
     kvd_turn(0.0, "a", [1, 2]),
     kvd_turn(1.0, "b", [5, 6]),

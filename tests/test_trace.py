@@ -1,5 +1,6 @@
 """kvd.replay.trace: the three formats on small hand-written files, auto detection, every
-error path, and the real Mooncake samples in ../shared/traces."""
+error path, and Mooncake's published conversation and synthetic traces (skipped where they
+are not checked out)."""
 
 from __future__ import annotations
 
