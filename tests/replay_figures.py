@@ -3,12 +3,11 @@
 The core's retention and placement decide every figure `kvd replay` reports, and the replay
 is deterministic, so a change meant to keep behaviour keeps every figure to the last bit.
 ``tests/data/replay_figures.json`` holds the figures of each case below (the whole summary
-of each policy except its wall time). ``FAST`` cases need nothing outside the repository and
-run in tests/test_replay_figures.py; the others need the Mooncake traces (``--traces DIR``)
-or minutes of CPU::
+of each policy except its wall time). The ``fast`` cases run in tests/test_replay_figures.py;
+the others take minutes of CPU (``make replay-figures``)::
 
-    python tests/replay_figures.py check [--fast] [--traces DIR] [--jobs N] [CASE ...]
-    python tests/replay_figures.py record [--traces DIR] [--jobs N] [CASE ...]
+    python tests/replay_figures.py check [--fast] [--jobs N] [CASE ...]
+    python tests/replay_figures.py record [--jobs N] [CASE ...]
 
 ``record`` rewrites the named cases (all, by default) and keeps the others.
 """
@@ -29,7 +28,8 @@ from kvd.replay.workload import AgenticConfig, generate_agentic
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "data" / "replay_figures.json"
-HEAD = HERE / "data" / "mooncake_conversation_head.jsonl"
+TRACES = HERE.parent / "traces"
+HEAD = 2000  # requests of the conversation trace in the "head" case
 POLICIES = ("lru", "typed", "belady")
 TIGHT = {"hbm": "300blocks", "dram": "400blocks", "nvme": "400blocks"}
 ROOMY = {"hbm": "1100blocks", "dram": "5500blocks", "nvme": "40000blocks"}
@@ -39,8 +39,8 @@ ROOMY_1024 = {"hbm": "275blocks", "dram": "1375blocks", "nvme": "10000blocks"}
 
 @dataclass(frozen=True)
 class Case:
-    """One replay setting. ``trace``: ``agentic:SESSIONS:SEED[:BLOCK_TOKENS]``, a Mooncake file name (read
-    from ``--traces``), or ``head`` (the first requests of the conversation trace, in tests/data)."""
+    """One replay setting. ``trace``: ``agentic:SESSIONS:SEED[:BLOCK_TOKENS]`` (generated), a
+    file in traces/, or ``head`` (the conversation trace's first ``HEAD`` requests)."""
 
     name: str
     trace: str
@@ -48,20 +48,17 @@ class Case:
     fast: bool = False
     pause_hints: str = "none"
 
-    def load(self, traces: Path | None) -> Trace | None:
+    def load(self) -> Trace:
         if self.trace.startswith("agentic:"):
             sessions, seed, *block = map(int, self.trace.split(":")[1:])
             return generate_agentic(AgenticConfig(sessions=sessions, seed=seed, block_size=block[0] if block else 256)).trace
         if self.trace == "head":
-            return read_trace(HEAD)
-        if traces is None or not (traces / self.trace).is_file():
-            return None
-        return read_trace(traces / self.trace)
+            whole = read_trace(TRACES / "mooncake_conversation.jsonl")
+            return Trace(whole.format, whole.requests[:HEAD], whole.block_size)
+        return read_trace(TRACES / self.trace)
 
-    def run(self, traces: Path | None) -> dict | None:
-        trace = self.load(traces)
-        if trace is None:
-            return None
+    def run(self) -> dict:
+        trace = self.load()
         block_bytes = trace.block_size * ReplayConfig().cost.bytes_per_token
         sizes = {f"{t}_bytes": parse_capacity(self.tiers.get(t, "0"), block_bytes) for t in ("hbm", "dram", "nvme")}
         config = ReplayConfig(**sizes, pause_hints=self.pause_hints)
@@ -103,16 +100,15 @@ def differences(expected: dict, got: dict, path: str = "") -> list[str]:
     return [] if expected == got else [f"{path[:-1]}: {expected!r} -> {got!r}"]
 
 
-def _run(name: str, traces: str | None) -> tuple[str, dict | None]:
-    return name, BY_NAME[name].run(Path(traces) if traces else None)
+def _run(name: str) -> tuple[str, dict]:
+    return name, BY_NAME[name].run()
 
 
-def run_cases(names: list[str], traces: Path | None, jobs: int) -> dict[str, dict | None]:
-    arg = str(traces) if traces else None
+def run_cases(names: list[str], jobs: int) -> dict[str, dict]:
     if jobs <= 1:
-        return dict(_run(n, arg) for n in names)
+        return dict(map(_run, names))
     with ProcessPoolExecutor(jobs) as pool:
-        return dict(pool.map(_run, names, [arg] * len(names)))
+        return dict(pool.map(_run, names))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=("check", "record"))
     p.add_argument("cases", nargs="*", help="case names (default: all)")
     p.add_argument("--fast", action="store_true", help="only the cases the test suite runs")
-    p.add_argument("--traces", type=Path, help="the folder holding the Mooncake traces")
     p.add_argument("--jobs", type=int, default=1, help="replays in parallel processes")
     args = p.parse_args(argv)
     unknown = [n for n in args.cases if n not in BY_NAME]
@@ -129,12 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = args.cases or [c.name for c in CASES if c.fast or not args.fast]
     stored = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
-    results = run_cases(names, args.traces, args.jobs)
+    results = run_cases(names, args.jobs)
     failed = False
     for name, figures in results.items():
-        if figures is None:
-            print(f"{name}: skipped (its trace is not in --traces)")
-        elif args.action == "record":
+        if args.action == "record":
             stored[name] = figures
             print(f"{name}: recorded")
         elif name not in stored:

@@ -47,7 +47,7 @@ COST_FLAGS = [
     "--dram-to-nvme-gbps", "0.004096",
 ]
 MS = 1e-3
-TRACES = Path("/work/shared/traces")
+TRACES = Path(__file__).resolve().parents[1] / "traces"
 
 
 def write_trace(path: Path, lines: list[dict]) -> Path:

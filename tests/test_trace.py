@@ -1,6 +1,5 @@
 """kvd.replay.trace: the three formats on small hand-written files, auto detection, every
-error path, and Mooncake's published conversation and synthetic traces (skipped where they
-are not checked out)."""
+error path, and Mooncake's published conversation and synthetic traces (traces/)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 
 from kvd.replay.trace import Trace, TraceError, TraceRequest, read_trace
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "traces"
 
 
 def write(tmp_path: Path, *lines: dict | str, name: str = "t.jsonl") -> Path:
@@ -161,10 +160,8 @@ def test_a_mooncake_file_read_as_kvd_keeps_its_numbers_as_seconds(tmp_path):
     ("name", "count", "last_s"),
     [("mooncake_conversation.jsonl", 12_031, 3536.999), ("mooncake_synthetic.jsonl", 3_993, 1022.025)],
 )
-def test_the_shared_mooncake_traces_parse(name, count, last_s):
+def test_the_mooncake_traces_parse(name, count, last_s):
     path = TRACES / name
-    if not path.exists():
-        pytest.skip(f"{path} is not checked out here")
     started = time.perf_counter()
     trace = read_trace(path)
     elapsed = time.perf_counter() - started
