@@ -20,18 +20,19 @@ RETENTION_CLASSES = ("pinned", "shared_prefix", "session", "tool_pause", "epheme
 
 
 class Policy(ABC):
+    """A retention policy. Its :meth:`priority` is a *value*, and the core relies on two
+    properties of it:
+
+    - it ranks a block in any tier, held there or not (a block's worth, a next use, a last
+      use kept across tiers): the core weighs a block about to be demoted against the tier
+      below's victims, so that the hierarchy drops its least valuable block, as one tier of
+      the same total would;
+    - a block never ranks below its held descendants (a chain's root ranks first): a held
+      prefix stays a prefix, and when the core drops a chain's head that everything below
+      outranks, its descendants rank lower still and go with it.
+    """
+
     name: ClassVar[str]
-    # Whether priority(key, tier) means what ``key`` would be worth in ``tier`` even where
-    # it is held elsewhere (a value, a next use), so the core may weigh a block against
-    # another tier's victims; False for recency, which only orders a tier's own copies. The
-    # core reads it on the instance at each eviction: a policy may answer per instance and
-    # per moment (typed does, as a property).
-    values_across_tiers: ClassVar[bool] = False
-    # Whether a block never ranks below its held descendants (a chain's root ranks first),
-    # as recency does when a chain is touched root last, and a next use does. Then the core
-    # may drop a chain's head that everything below outranks: its descendants rank lower
-    # still and go next. Otherwise a held chain's head is always kept reachable.
-    roots_rank_first: ClassVar[bool] = False
 
     @abstractmethod
     def on_stored(self, tier: str, keys: Sequence[BlockKey], now: float) -> None:
@@ -67,9 +68,10 @@ class Policy(ABC):
 
     @abstractmethod
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
-        """How much ``key`` deserves a place in ``tier``: lower is evicted first. Compared
-        only with the same policy's priorities at the same ``now``; 0 or less means
-        worthless (a prefetch may push it out)."""
+        """How much ``key`` deserves a place in ``tier``, whether or not ``tier`` holds it:
+        lower is evicted first, never below a held descendant's. Compared only with the same
+        policy's priorities at the same ``now``; 0 or less means worthless (a prefetch may
+        push it out)."""
 
     @abstractmethod
     def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:

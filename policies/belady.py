@@ -154,8 +154,6 @@ class Future:
 
 class BeladyPolicy(Policy):
     name = "belady"
-    values_across_tiers = True
-    roots_rank_first = True  # a request that uses a block uses its ancestors: none is needed later
 
     def __init__(self, future: Future | None = None) -> None:
         if future is None:
@@ -227,7 +225,8 @@ class BeladyPolicy(Policy):
                 heapq.heappush(heap, entry)
 
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
-        """Minus the seconds until the next use (-inf: never used again)."""
+        """Minus the seconds until the next use (-inf: never used again). A request that
+        uses a block uses its ancestors, so none is needed later than its descendants."""
         return -(self.future.next_use(key)[0] - now)
 
     def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:

@@ -6,13 +6,10 @@ leaf first and root last, so within a chain the root is the most recent: evictio
 chain's tail before its head, and a held prefix stays a prefix.
 
 A copy that moves keeps its block's last use: a block demoted is as old in the tier below as
-it was above, not the newest thing there. So ranks compare across tiers
-(``values_across_tiers``) and a block never ranks below its descendants
-(``roots_rank_first``), and the core drops a block older than everything it would push
-down: the hierarchy drops its least recently used block, as one tier of the same total
-would. (Ordered by arrival in each tier instead, a long prompt stored in parts made the
-tier below push its own newer blocks down for the older tail coming in, and three tiers
-found a quarter fewer tokens than one tier of the same slots.)
+it was above, not the newest thing there. So ranks compare across tiers and a block never
+ranks below its descendants (the two properties :class:`Policy` asks for), and the core
+drops a block older than everything it would push down: the hierarchy drops its least
+recently used block, as one tier of the same total would.
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ from kvd.policies.base import BlockKey, Policy
 
 class LruPolicy(Policy):
     name = "lru"
-    values_across_tiers = True
-    roots_rank_first = True
 
     def __init__(self) -> None:
         self._last: dict[BlockKey, int] = {}  # key -> tick of its last use, while some tier holds it

@@ -1,8 +1,8 @@
 """Typed retention: every block has a class and a value; the lowest value goes first.
 
-Classes (one per held copy, from the core's session table):
+Classes (one per held copy, from the core's session table; the core reports an operator's
+pinned copies as ``pinned`` itself):
 
-- ``pinned``: kept while any other block can go.
 - ``shared_prefix``: in two or more sessions' chains, at once or one after the other, or
   the context a finished program of several turns started from (system prompt, repository).
 - ``session``: the private context of one live session (active, idle or in a tool pause).
@@ -47,13 +47,13 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
-from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, Session, SessionTable
+from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, ObservationKind, Session, SessionTable
 from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy
 from kvd.policies.guard import LruGuard
 from kvd.policies.lru import LruPolicy
 from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
 
-PINNED, SHARED, EPHEMERAL = "pinned", "shared_prefix", "ephemeral"
+SHARED, EPHEMERAL = "shared_prefix", "ephemeral"
 CLASSES = RETENTION_CLASSES
 
 
@@ -92,7 +92,6 @@ class TypedPolicy(Policy):
         self.pauses = PausePredictor(model=self.config.pause_model)
         self.turns = ContinuePredictor()
         self.shared_gaps = PausePredictor()
-        self.pinned: set[BlockKey] = set()
         # tier -> group -> key -> last access (seconds); a group is a Session or a class name
         self._groups: dict[str, dict[object, OrderedDict[BlockKey, float]]] = {}
         self._where: dict[str, dict[BlockKey, object]] = {}
@@ -110,21 +109,8 @@ class TypedPolicy(Policy):
         self._held_any: dict[BlockKey, int] = {}  # key -> tiers holding it
         self._holders: dict[int, Holders] = {}
 
-    # A value ranks a block in any tier, and so does recency (a block's last use) while the
-    # guard orders victims by it; then the core weighs blocks by last use, not by values
-    # the guard judged losing.
-    values_across_tiers = True
-
-    # Recency ranks a chain's root first, and so do values: a session's blocks share one
-    # value, a shared block is worth its latest user's value plus a margin, a block held by
-    # n sessions more than any one of them. (The one gap: a shared block valued by its
-    # latest user may rank below an older user's more valuable tail.)
-    roots_rank_first = True
-
     # -- classification -------------------------------------------------------------------
     def _group_of(self, key: BlockKey) -> object:
-        if key in self.pinned:
-            return PINNED
         sessions = self.sessions
         if sessions.is_shared(key):
             n = sessions.hinted_refs.get(key, 0)
@@ -227,9 +213,9 @@ class TypedPolicy(Policy):
     ) -> None:
         self._memo.clear()  # a session's value may change within one instant
         for obs in observations:
-            if obs.kind == "pause":
+            if obs.kind is ObservationKind.PAUSE:
                 self.pauses.observe(obs.tool, obs.seconds, obs.expected_s)
-            elif obs.kind == "turn" and obs.session is not None:
+            elif obs.kind is ObservationKind.TURN and obs.session is not None:
                 self.turns.reached(obs.session, obs.turns, obs.session.grown, now)
                 self._judge(obs.session)
         for tier in self._groups:
@@ -269,15 +255,6 @@ class TypedPolicy(Policy):
                 target[key] = last
                 where[key] = new
 
-    def pin(self, keys: Sequence[BlockKey], now: float) -> None:
-        """Keep ``keys`` above every unpinned block (an admin or a hint asked)."""
-        self.pinned.update(keys)
-        self.on_sessions((), (), set(keys), now)
-
-    def unpin(self, keys: Sequence[BlockKey], now: float) -> None:
-        self.pinned.difference_update(keys)
-        self.on_sessions((), (), set(keys), now)
-
     # -- decisions ------------------------------------------------------------------------
     def victims(self, tier: str, now: float) -> Iterator[BlockKey]:
         groups = self._groups.get(tier)
@@ -300,12 +277,14 @@ class TypedPolicy(Policy):
         if held_by:
             streams.append(self._holders_stream(tier, groups, held_by, now))
         streams.append(self._session_stream(groups, ordered))
-        pinned = groups.get(PINNED)
-        if pinned:
-            streams.append(((math.inf, 0, k) for k in list(pinned)))
         return (key for _, _, key in heapq.merge(*streams, key=lambda item: (item[0], item[1])))
 
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
+        """The block's value in ``tier`` (its last use, while the guard prefers recency).
+        A chain's root ranks first: a session's blocks share one value, a shared block is
+        worth its latest user's value plus a margin, a block n sessions hold more than any
+        one of them. (One gap: a shared block valued by its latest user may rank below an
+        older user's more valuable tail.)"""
         if self.guard.prefer_lru:
             return self._recency.priority(key, tier, now)
         group = self._where.get(tier, {}).get(key)
@@ -372,8 +351,6 @@ class TypedPolicy(Policy):
     def _compute_group_value(self, group: object, tier: str, now: float) -> float:
         if group is EPHEMERAL:
             return 0.0
-        if group is PINNED:
-            return math.inf
         if isinstance(group, Holders):
             return self._holders_value(group.n, tier, now)
         if not isinstance(group, Session):

@@ -8,7 +8,7 @@ import os
 
 import grpc
 import pytest
-from test_core import NS, PAGE, make_core, run_mover, specs, store
+from core_helpers import NS, PAGE, make_core, run_mover, specs, store
 
 from kvd.core.errors import UnknownNamespace
 from kvd.core.events import BlockRemoved, NamespaceCleared

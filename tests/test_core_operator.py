@@ -4,13 +4,13 @@ drain. Tiny capacities, a fake clock, exact victims."""
 from __future__ import annotations
 
 import pytest
+from core_helpers import NS, PAGE, FakeClock, make_core, removed, run_mover, specs, store
 
 from kvd.core.errors import InvalidArgument, UnknownNamespace, UnknownSession
 from kvd.core.manager import CoreConfig, KvCore, LoadGrant, Wait
 from kvd.core.sessions import SessionTable
 from kvd.policies import LruPolicy, make_policy
 from kvd.tiers import ExtentAllocator
-from tests.test_core import NS, PAGE, FakeClock, make_core, removed, run_mover, specs, store
 
 
 def test_a_pinned_block_is_never_a_victim_and_unpin_restores_lru_order():
@@ -187,5 +187,5 @@ def test_check_reports_a_pinned_key_without_a_block():
     core, _ = make_core(2)
     store(core, 1)
     core.pin(NS, [1])
-    core._pinned.add((NS, 42))  # corrupt the state as a bug would
+    core.holdings.pins.add((NS, 42))  # corrupt the state as a bug would
     assert any("pinned" in p for p in core.check())

@@ -16,9 +16,6 @@ NS = "m"
 class ScriptedPolicy(LruPolicy):
     """LRU, plus prefetches and priorities the test sets (switches, not mocks)."""
 
-    values_across_tiers = False  # its values rank a tier's own copies only
-    roots_rank_first = False
-
     def __init__(self) -> None:
         super().__init__()
         self.due: dict[str, list[tuple[str, int]]] = {}
@@ -35,10 +32,10 @@ class ScriptedPolicy(LruPolicy):
         return self.keep_below
 
 
-def make(dram: int, nvme: int) -> tuple[KvCore, ScriptedPolicy]:
+def make(dram: int, nvme: int, write_behind: bool = True) -> tuple[KvCore, ScriptedPolicy]:
     policy = ScriptedPolicy()
     spaces = {"dram": ExtentAllocator([(0, dram * PAGE)], PAGE), "nvme": ExtentAllocator([(0, nvme * PAGE)], PAGE)}
-    core = KvCore(spaces, policy, lambda: 0.0, CoreConfig(write_behind=True))
+    core = KvCore(spaces, policy, lambda: 0.0, CoreConfig(write_behind=write_behind))
     core.register_namespace(NS, 16, PAGE)
     return core, policy
 
@@ -112,10 +109,10 @@ def test_making_way_never_pushes_anything_out_of_the_tier_below():
     # DRAM holds 5 (worthless) with no NVMe copy; NVMe is full, holding only the due block
     # 1. Demoting 5 would need NVMe room, and the only NVMe victim is 1 itself: a prefetch
     # never cascades evictions down (they would drop blocks nobody weighed), so nothing moves.
-    core, policy = make(dram=1, nvme=1)
+    core, policy = make(dram=1, nvme=1, write_behind=False)
     store(core, 1)
+    core.queue_write_down()
     settle(core)  # 1 on DRAM and NVMe
-    core.config = CoreConfig(write_behind=False)
     store(core, 5)  # DRAM has one slot: 1 leaves DRAM (held on NVMe), 5 has no NVMe copy
     settle(core)
     assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]

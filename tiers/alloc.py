@@ -83,6 +83,17 @@ class ExtentAllocator:
         """Bytes a block of ``nbytes`` occupies (rounded up to whole pages)."""
         return self.pages_for(nbytes) * self.page_bytes
 
+    def free_slots(self, nbytes: int, at_most: int) -> int:
+        """How many runs for ``nbytes`` :meth:`allocate_many` would find now, counted up to
+        ``at_most`` (longest free extents first, so a roomy space answers at once)."""
+        n = self.pages_for(nbytes)
+        found = 0
+        for length, _ in reversed(self._free_sorted):
+            if found >= at_most or length < n:
+                break
+            found += length // n
+        return min(found, at_most)
+
     def allocate(self, nbytes: int) -> Slot | None:
         """A run for ``nbytes``, or None when no free run is long enough ("full" is a result).
 

@@ -47,6 +47,11 @@ class Tier(ABC):
         """Bytes a block of ``nbytes`` occupies here (rounded up to whole pages)."""
         return self.space.slot_bytes(nbytes)
 
+    def free_slots(self, nbytes: int, at_most: int) -> int:
+        """How many slots for ``nbytes`` allocation would find now, counted up to ``at_most``."""
+        with self._lock:
+            return self.space.free_slots(nbytes, at_most)
+
     def allocate(self, nbytes: int) -> Slot | None:
         """A slot for ``nbytes`` or None when full. Pure bookkeeping, no I/O."""
         with self._lock:

@@ -1,13 +1,37 @@
 """Events: every change of what the node holds, appended in order, drained by take_events().
 
 Events out, not callbacks: the daemon drains the list after each core call and feeds the
-NVMe manifest, metrics and (later) the Watch stream from it. ``seq`` increases by one per
-event over the life of a core.
+NVMe manifest, metrics, the Watch stream and the KV-event publisher from it. ``seq``
+increases by one per event over the life of a core.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+from kvd.core.types import Cause
+from kvd.media import TierName
+
+
+class RemovalReason(StrEnum):
+    """Why a tier's copy of a block went."""
+
+    EVICTED = "evicted"  # the policy's victim, to make room (see the event's cause)
+    DEMOTED = "demoted"  # its copy one tier down landed
+    ORPHANED = "orphaned"  # an ancestor's last copy was evicted: no lookup can reach it
+    CORRUPT = "corrupt"  # it failed its checksum
+    CLEARED = "cleared"  # its namespace was cleared
+    EVICTED_BY_OPERATOR = "evicted_by_operator"  # kvctl evict
+    DISCARDED = "discarded"  # it never became readable (a store discarded, a transfer failed)
+
+
+# The reasons whose drop of a block's last copy takes its held descendants with it: a
+# capacity eviction, or a copy that never became readable. An operator's eviction and a
+# cleared namespace name their own blocks; orphan drops walk all descendants at once. After
+# a corrupt copy the healthy descendants stay: the engine's next store of the chain writes
+# the lost block alone and finds the rest held.
+ORPHANING_REASONS = frozenset({RemovalReason.EVICTED, RemovalReason.DISCARDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +42,7 @@ class BlockStored:
     namespace: str
     hash: int
     parent: int | None
-    tier: str
+    tier: TierName
     nbytes: int
     ts: float
     session_id: str | None = None  # the session whose store made it, when known
@@ -26,23 +50,21 @@ class BlockStored:
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
-    """A tier's copy of a block is gone. ``reason``: evicted, demoted, orphaned (an ancestor's
-    last copy was evicted: no lookup can reach it), corrupt, cleared, ...
+    """A tier's copy of a block is gone, for ``reason``.
 
     ``retention_class``: the policy's class of the copy when it went (None: the policy keeps
-    no classes). ``cause``: why an evicted or demoted copy had to make room — ``capacity``
-    (a store, load, promotion or write-behind needed the space) or ``prefetch`` (a
-    prefetch needed it); None for the other reasons, which say why themselves.
+    no classes). ``cause``: what needed the room of an evicted or demoted copy; None for
+    the other reasons, which say why themselves.
     """
 
     seq: int
     namespace: str
     hash: int
-    tier: str
-    reason: str
+    tier: TierName
+    reason: RemovalReason
     ts: float
     retention_class: str | None = None
-    cause: str | None = None
+    cause: Cause | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +108,14 @@ class EventLog:
     _pending: list[Event] = field(default_factory=list)
 
     def stored(
-        self, ns: str, h: int, parent: int | None, tier: str, nbytes: int, ts: float, session_id: str | None = None
+        self, ns: str, h: int, parent: int | None, tier: TierName, nbytes: int, ts: float, session_id: str | None = None
     ) -> None:
         self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts, session_id))
         self.next_seq += 1
 
     def removed(
-        self, ns: str, h: int, tier: str, reason: str, ts: float, retention_class: str | None = None,
-        cause: str | None = None,
+        self, ns: str, h: int, tier: TierName, reason: RemovalReason, ts: float, retention_class: str | None = None,
+        cause: Cause | None = None,
     ) -> None:
         self._pending.append(BlockRemoved(self.next_seq, ns, h, tier, reason, ts, retention_class, cause))
         self.next_seq += 1

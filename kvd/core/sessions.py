@@ -21,14 +21,38 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from kvd.core.errors import InvalidArgument, SessionStateError, UnknownSession
 
 BlockKey = tuple[str, int]
 
-ACTIVE, IDLE, TOOL_PAUSE, ENDED = "active", "idle", "tool_pause", "ended"
-STATES = (ACTIVE, IDLE, TOOL_PAUSE, ENDED)
-SESSION_EVENTS = ("turn_start", "turn_end", "tool_pause", "tool_resume", "session_end")
+
+class SessionState(StrEnum):
+    ACTIVE = "active"  # a turn is under way
+    IDLE = "idle"  # between turns, no tool named
+    TOOL_PAUSE = "tool_pause"  # waiting for a tool's result
+    ENDED = "ended"  # the program said it is done (or went quiet too long)
+
+
+class SessionEvent(StrEnum):
+    """What an engine, a router or an agent framework says about a session."""
+
+    TURN_START = "turn_start"
+    TURN_END = "turn_end"
+    TOOL_PAUSE = "tool_pause"
+    TOOL_RESUME = "tool_resume"
+    SESSION_END = "session_end"
+
+
+class ObservationKind(StrEnum):
+    PAUSE = "pause"  # a pause ended: its length
+    TURN = "turn"  # a turn started: the session's turn count
+
+
+ACTIVE, IDLE, TOOL_PAUSE, ENDED = SessionState
+STATES = tuple(SessionState)
+SESSION_EVENTS = tuple(SessionEvent)
 MAX_SESSION_ID_LEN = 256
 MAX_EXPECTED_PAUSE_S = 86_400.0  # a tool pause hint of more than a day is refused
 
@@ -44,7 +68,7 @@ class Session:
     namespace: str
     id: str
     inferred: bool
-    state: str = ACTIVE
+    state: SessionState = ACTIVE
     tool: str | None = None
     expected_pause_s: float | None = None
     turns: int = 0
@@ -55,7 +79,7 @@ class Session:
     paused_at: float | None = None
     seq: int = 0  # creation order in its table: a deterministic tie-break
     resumed: bool = False  # a tool_resume was seen and its turn has not started yet
-    last_reported: tuple[str, str | None] | None = None  # (state, tool) last put in the event log
+    last_reported: tuple[SessionState, str | None] | None = None  # (state, tool) last put in the event log
     grown: int = 0  # blocks the latest turn added to the chain (the whole chain on turn 1)
     head: int = 0  # full blocks of the first turn's prompt: the context the program started from
 
@@ -74,7 +98,7 @@ class Observation:
     ``seconds`` (its hint had said ``expected_s``, when there was one); ``turn`` —
     ``session`` started its ``turns``-th turn."""
 
-    kind: str  # "pause" | "turn"
+    kind: ObservationKind
     tool: str | None
     seconds: float = 0.0
     turns: int = 0
@@ -157,7 +181,7 @@ class SessionTable:
             self._learn_resume(session, now)
         session.resumed = False
         session.turns += 1
-        self._observations.append(Observation("turn", None, turns=session.turns, session=session))
+        self._observations.append(Observation(ObservationKind.TURN, None, turns=session.turns, session=session))
         self._set_chain(session, hashes, last_partial)
         was = session.state
         self._set_state(session, ACTIVE, now)
@@ -455,13 +479,13 @@ class SessionTable:
     def _learn_resume(self, session: Session, now: float) -> None:
         if session.state == TOOL_PAUSE and session.paused_at is not None:
             self._observations.append(
-                Observation("pause", session.tool, now - session.paused_at, session.turns, expected_s=session.expected_pause_s)
+                Observation(ObservationKind.PAUSE, session.tool, now - session.paused_at, session.turns, expected_s=session.expected_pause_s)
             )
         elif session.state != ACTIVE or session.inferred:
             # Without a turn end the last sign of life stands in for it (inferred sessions).
-            self._observations.append(Observation("pause", None, now - session.last_active, session.turns))
+            self._observations.append(Observation(ObservationKind.PAUSE, None, now - session.last_active, session.turns))
 
-    def _set_state(self, session: Session, state: str, now: float) -> None:
+    def _set_state(self, session: Session, state: SessionState, now: float) -> None:
         if state != TOOL_PAUSE:
             session.tool = session.tool if state == ENDED else None
             session.expected_pause_s = None

@@ -1,0 +1,66 @@
+"""Walks along a namespace's chains: pure reads of the catalog, no changes.
+
+A chain runs from a root (no parent) through each block's parent link. A lookup stops at the
+first missing block, so a block is reachable only while every ancestor of it is held; these
+walks answer who is above and who is below a block. ``present`` lets a caller that plans
+changes (:mod:`kvd.core.placement`) walk the catalog as its plan would leave it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from kvd.core.catalog import BlockKey, BlockRecord, Namespace
+
+
+def chain_up(ns: Namespace, h: int | None) -> Iterator[BlockRecord]:
+    """The records of ``h`` and its ancestors, ``h`` first, while the catalog has them (ready
+    or being written); stops at the first missing one, or at a cycle."""
+    seen: set[int] = set()
+    while h is not None and h not in seen and (record := ns.blocks.get(h)) is not None:
+        seen.add(h)
+        yield record
+        h = record.parent
+
+
+def reaches_a_root(ns: Namespace, h: int | None) -> bool:
+    """Whether ``h`` and every ancestor of it are in the catalog (ready or being written): a
+    lookup of a chain through ``h`` can reach ``h``. True for None (a chain's start)."""
+    if h is None:
+        return True
+    last = deque(chain_up(ns, h), maxlen=1)
+    return bool(last) and last[0].parent is None
+
+
+def held_ancestors(ns: Namespace, record: BlockRecord) -> list[BlockKey]:
+    """Keys of ``record``'s ancestors with a ready copy, root first; the walk stops at the
+    first ancestor without one."""
+    out = []
+    seen = {record.hash}
+    parent = record.parent
+    while parent is not None and parent not in seen:
+        rec = ns.blocks.get(parent)
+        if rec is None or rec.fastest_ready() is None:
+            break
+        out.append(rec.key)
+        seen.add(parent)
+        parent = rec.parent
+    out.reverse()
+    return out
+
+
+def descendants(
+    ns: Namespace, h: int, present: Callable[[BlockRecord], bool] = lambda record: True
+) -> Iterator[BlockRecord]:
+    """Every record below ``h`` (children, their children, ...), depth first, each once.
+    A record that is not ``present`` is skipped with everything below it. The caller may
+    drop copies of a yielded record before asking for the next one: a record's children
+    are read when it is yielded."""
+    stack = list(ns.children.get(h, ()))
+    while stack:
+        record = ns.blocks.get(stack.pop())
+        if record is None or not present(record):
+            continue
+        stack.extend(ns.children.get(record.hash, ()))
+        yield record
