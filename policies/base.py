@@ -15,7 +15,7 @@ from typing import ClassVar
 from kvd.core.sessions import Observation, Session
 
 BlockKey = tuple[str, int]
-# What a typed policy says a held block is (DESIGN.md, "Retention classes").
+# What a held copy is to a typed policy (policies/typed.py); ``pinned`` is an operator's pin.
 RETENTION_CLASSES = ("pinned", "shared_prefix", "session", "tool_pause", "ephemeral")
 
 

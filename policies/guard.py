@@ -24,9 +24,8 @@ class LruGuard:
     back); ``warmup``: requests the shadow only fills during.
 
     The margin bounds what typed may lose to LRU before it gives way: 2% of a hit rate is
-    well inside the one point it may trail by (at 5%, on the Mooncake synthetic trace at
-    5,000 blocks, typed ran its own ranking for 3,138 of 3,993 requests, 1.05 points
-    behind)."""
+    well inside the one point it may trail by (docs/decisions.md, "The guard gives way at
+    2%")."""
 
     def __init__(self, halflife: int = 50_000, margin: float = 0.02, warmup: int = 100) -> None:
         self.decay = 0.5 ** (1.0 / halflife)

@@ -263,9 +263,8 @@ class TypedPolicy(Policy):
         if self.guard.prefer_lru:
             return self._recency.victims(tier, now)  # the sessions bet is losing here: plain recency
         ordered = self._ordered_groups(tier, now)
-        # The streams read the groups in place, not copies: the caller calls no on_* while
-        # it iterates (Policy.victims), and a copy of the shared group on every call was a
-        # third of a replay's time.
+        # The streams read the groups in place, not copies (the caller calls no on_* while
+        # it iterates, Policy.victims): see docs/decisions.md, "Cost".
         streams: list[Iterator[tuple[float, int, BlockKey]]] = []
         eph = groups.get(EPHEMERAL)
         if eph:
