@@ -182,3 +182,32 @@ def test_index_equals_each_daemons_block_list_after_a_random_workload(daemon_fac
                 truth = {(b.namespace, b.hash, t) for b in c.list_blocks() for t in b.tiers}
             caught_up(view, d)
             assert view.index.blocks_of(d.address) == truth
+
+
+def test_routing_a_turn_tells_the_chosen_node_it_is_coming(daemon_factory):
+    a = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    b = daemon_factory(dram="1MiB", nvme="32MiB").start()
+    prefix = [21, 22, 23]
+    for d in (a, b):
+        with d.client() as c:
+            c.register_namespace(NS, 16, BLOCK)
+    with a.client() as c:
+        c.session_event(NS, "s", "turn_start", prefix)
+        c.store(NS, prefix, [os.urandom(BLOCK)] * 3, session_id="s")
+        c.session_event(NS, "s", "turn_end")
+    with GlobalView([a.address, b.address]) as view:
+        caught_up(view, a)
+        caught_up(view, b)
+        route = view.route(NS, prefix + [24], session_id="s", arrives_in_s=5.0)
+        assert route.best == a.address
+        with a.client() as c:
+            (info,) = c.sessions(NS, "s")
+        assert info.ahead_blocks == 4 and 0 < info.ahead_in_s <= 5.0
+        with b.client() as c:
+            assert c.sessions(NS) == []  # only the chosen node is told
+        # Nobody holds a new prompt's first block: the fallback node is told, and a node that
+        # cannot be reached is no error.
+        assert view.route(NS, [90, 91], session_id="t", fallback=b.address).best is None
+        with b.client() as c:
+            assert [x.session_id for x in c.sessions(NS)] == ["t"]
+        assert view.announce("unix:///nonexistent/kvd.sock", NS, [1], "u", 1.0) is False

@@ -15,6 +15,7 @@ from kvd.core.sessions import (
     ACTIVE,
     ENDED,
     IDLE,
+    MAX_EXPECTED_PAUSE_S,
     MAX_SESSION_ID_LEN,
     TOOL_PAUSE,
     SessionConfig,
@@ -611,3 +612,53 @@ def test_check_finds_counts_that_disagree_with_the_chains():
     problems = t.check()
     assert any("disagree" in p for p in problems)
     assert any("released are in a live chain" in p for p in problems)
+
+
+# -- announced turns (turn_ahead) ---------------------------------------------------------------
+
+
+def test_a_turn_announced_for_a_named_session_not_known_yet_starts_it_idle_and_waiting():
+    table = SessionTable()
+    s = table.expect(NS, "a", [1, 2, 3], 0.5, now=10.0)
+    assert s.state == IDLE and s.turns == 0 and s.ahead == [1, 2, 3] and s.expected_at == 10.5
+    assert table.take_changes() == [s]
+    assert not table.refs  # an announcement holds nothing: the turn's store does
+    table.turn_start(NS, "a", [1, 2, 3], now=10.4)
+    assert s.state == ACTIVE and s.ahead == [] and s.expected_at is None
+
+
+def test_a_turn_announced_by_its_hashes_finds_the_session_its_chain_continues():
+    table = SessionTable()
+    s = infer(table, [1, 2, 3], last_partial=True)
+    assert table.expect(NS, None, [1, 2, 4, 5], 2.0, now=1.0) is s  # all but the partial block
+    assert s.ahead == [1, 2, 4, 5] and s.expected_at == 3.0
+    assert table.expect(NS, None, [7, 8], 2.0, now=1.0) is None  # continues nothing: no session
+    assert table.find(NS, [1, 2, 3]) is s and table.find(NS, [9]) is None
+
+
+def test_an_ended_session_forgets_its_announced_turn_and_bad_leads_are_invalid():
+    table = SessionTable()
+    s = table.expect(NS, "a", [1], 1.0, now=0.0)
+    table.end(NS, "a", now=0.5)
+    assert s.ahead == [] and s.expected_at is None
+    for bad in (-1.0, float("nan"), float("inf"), MAX_EXPECTED_PAUSE_S + 1):
+        with pytest.raises(InvalidArgument, match="arrives_in_s"):
+            table.expect(NS, "b", [1], bad, now=0.0)
+    assert table.get(NS, "b") is None
+
+
+def test_core_turn_ahead_and_session_end_may_name_a_session_by_its_hashes():
+    core = make_core()
+    store(core, [1, 2, 3])  # an inferred session
+    s = core.session_event(NS, "", "turn_ahead", [1, 2, 3, 4], expected_s=1.5)
+    assert s is not None and s.inferred and s.ahead == [1, 2, 3, 4] and s.expected_at == 1.5
+    assert core.session_event(NS, "", "turn_ahead", [8, 9], expected_s=1.0) is None
+    assert core.session_event(NS, "", "session_end", [1, 2, 3]) is s and s.state == ENDED
+    assert core.session_event(NS, "", "session_end", [1, 2, 3]) is None  # nothing live continues it now
+    with pytest.raises(InvalidArgument, match="session id"):
+        core.session_event(NS, "", "turn_end", [1, 2, 3])
+    with pytest.raises(InvalidArgument, match="session id"):
+        core.session_event(NS, "", "turn_ahead", [], expected_s=1.0)
+    with pytest.raises(InvalidArgument, match="seconds until the turn arrives"):
+        core.session_event(NS, "a", "turn_ahead", [1])
+    assert core.check() == []

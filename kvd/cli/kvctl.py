@@ -92,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     scope = evict.add_mutually_exclusive_group()
     scope.add_argument("--session", help="only the blocks this session alone holds (needs --namespace)")
     scope.add_argument("--all", action="store_true", help="every block of every namespace")
-    sessions = sub.add_parser("sessions", help="sessions the daemon knows: list, or show one")
+    sessions = sub.add_parser(
+        "sessions", help="sessions the daemon knows: list, show one, or announce one's next turn (ahead)"
+    )
     _add_common(sessions, suppress=True)
-    sessions.add_argument("action", nargs="?", choices=["list", "show"], default="list")
-    sessions.add_argument("session", nargs="?", help="show: the session id")
+    sessions.add_argument("action", nargs="?", choices=["list", "show", "ahead"], default="list")
+    sessions.add_argument("session", nargs="?", help="show, ahead: the session id")
+    sessions.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="ahead: the turn's prompt hashes (hex)")
     sessions.add_argument("--namespace", "-n", default=None)
+    sessions.add_argument("--in", dest="arrives_in", type=float, metavar="S", help="ahead: seconds until the turn arrives")
     for name, text in (("pin", "keep blocks where they are whatever the policy says"),
                        ("unpin", "let the policy decide about blocks again")):
         pin = sub.add_parser(name, help=text)
@@ -296,7 +300,19 @@ def cmd_evict(client: Client, output: str, namespace: str | None, session: str |
     return 0
 
 
-def cmd_sessions(client: Client, output: str, action: str, session: str | None, namespace: str | None) -> int:
+def cmd_sessions(
+    client: Client,
+    output: str,
+    action: str,
+    session: str | None,
+    namespace: str | None,
+    hashes: list[int] | None = None,
+    arrives_in: float | None = None,
+) -> int:
+    if action == "ahead":
+        return cmd_ahead(client, output, session, namespace, hashes or [], arrives_in)
+    if hashes or arrives_in is not None:
+        raise ValueError(f"sessions {action} takes no hashes and no --in (those are for: sessions ahead)")
     if action == "show" and not session:
         raise ValueError("sessions show: give a session id")
     if action == "list" and session:
@@ -312,6 +328,23 @@ def cmd_sessions(client: Client, output: str, action: str, session: str | None, 
     ]
     _emit(output, [asdict(x) for x in infos],
           _table(rows, ["NAMESPACE", "SESSION", "STATE", "INFERRED", "TURNS", "HELD/CHAIN", "IDLE"]))
+    return 0
+
+
+def cmd_ahead(
+    client: Client, output: str, session: str | None, namespace: str | None, hashes: list[int], arrives_in: float | None
+) -> int:
+    """Announce a session's next turn: its prompt's hashes arrive in ``arrives_in`` seconds."""
+    if not session or not namespace:
+        raise ValueError("sessions ahead: give the session id and --namespace")
+    if not hashes:
+        raise ValueError("sessions ahead: give the turn's prompt hashes")
+    if arrives_in is None or not 0 <= arrives_in <= 86_400:
+        raise ValueError("sessions ahead: --in must give the seconds until the turn arrives (0..86400)")
+    state = client.expect_turn(namespace, session, hashes, arrives_in)
+    data = {"namespace": namespace, "session": session, "blocks": len(hashes), "arrives_in_s": arrives_in,
+            "state": state.state, "turns": state.turns}
+    _emit(output, data, f"session {session} of {namespace}: {len(hashes)} blocks announced in {arrives_in:g} s ({state.state})")
     return 0
 
 
@@ -396,7 +429,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
     if command == "evict":
         return cmd_evict(client, output, args.namespace, args.session, args.all)
     if command == "sessions":
-        return cmd_sessions(client, output, args.action, args.session, args.namespace)
+        return cmd_sessions(client, output, args.action, args.session, args.namespace, args.hashes, args.arrives_in)
     if command in ("pin", "unpin"):
         return cmd_pin(client, output, command == "unpin", args.namespace, args.session, args.hashes)
     if command == "policy":

@@ -53,6 +53,7 @@ SESSION_EVENT_KINDS = {
     "tool_pause": engine_pb2.TOOL_PAUSE,
     "tool_resume": engine_pb2.TOOL_RESUME,
     "session_end": engine_pb2.SESSION_END,
+    "turn_ahead": engine_pb2.TURN_AHEAD,
 }
 
 
@@ -121,6 +122,8 @@ class SessionInfo:
     expected_pause_s: float | None
     idle_s: float
     paused_s: float | None  # tool_pause only
+    ahead_in_s: float | None = None  # an announced turn: seconds until it arrives (negative: late)
+    ahead_blocks: int = 0  # an announced turn: its prompt's blocks
 
 
 @dataclass(frozen=True)
@@ -470,10 +473,14 @@ class Client:
         hashes: Sequence[int] = (),
         tool: str | None = None,
         expected_pause_s: float | None = None,
+        arrives_in_s: float | None = None,
     ) -> SessionState:
         """Tell the daemon what a session is doing. ``kind``: turn_start (with the prompt's
         ``hashes``), turn_end, tool_pause (``tool``, optional ``expected_pause_s``),
-        tool_resume, session_end. Returns the session's state after the event."""
+        tool_resume, session_end, turn_ahead (the next turn's ``hashes``, arriving in
+        ``arrives_in_s`` seconds). turn_ahead and session_end may name the session by its
+        hashes alone (``session_id=""``). Returns the session's state after the event (an
+        empty state: no live session continues those hashes)."""
         enum = SESSION_EVENT_KINDS.get(kind)
         if enum is None:
             raise ValueError(f"unknown session event {kind!r}; known: {', '.join(SESSION_EVENT_KINDS)}")
@@ -482,8 +489,18 @@ class Client:
         )
         if expected_pause_s is not None:
             req.expected_pause_s = expected_pause_s
+        if arrives_in_s is not None:
+            req.arrives_in_s = arrives_in_s
         r = self._call(self._engine.SessionEvent, req)
         return SessionState(r.state, r.turns)
+
+    def expect_turn(
+        self, namespace: str, session_id: str, hashes: Sequence[int], arrives_in_s: float
+    ) -> SessionState:
+        """Announce a session's next turn: its prompt's ``hashes`` arrive in ``arrives_in_s``
+        seconds (what a router or an agent framework knows before the turn is sent). The
+        daemon moves the blocks it holds of that prompt up ahead of the turn."""
+        return self.session_event(namespace, session_id, "turn_ahead", hashes, arrives_in_s=arrives_in_s)
 
     # -- admin API ------------------------------------------------------------------------
     def status(self) -> Status:
@@ -609,6 +626,7 @@ class Client:
                 x.namespace, x.session_id, x.state, x.inferred, x.turns, x.chain_blocks, x.held_blocks,
                 x.tool or None, x.expected_pause_s if x.HasField("expected_pause_s") else None, x.idle_s,
                 x.paused_s if x.state == "tool_pause" else None,
+                x.ahead_in_s if x.HasField("ahead_in_s") else None, x.ahead_blocks,
             )
             for x in self._call(self._admin.ListSessions, req).sessions
         ]

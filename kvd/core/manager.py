@@ -216,20 +216,24 @@ class KvCore:
         tool: str | None = None,
         expected_s: float | None = None,
         last_partial: bool = False,
-    ) -> Session:
+    ) -> Session | None:
         """Apply one :class:`SessionEvent`: turn_start (with the prompt's chained hashes),
-        turn_end, tool_pause (tool, optional expected seconds), tool_resume, session_end.
-        Raises InvalidArgument, UnknownNamespace, UnknownSession, SessionStateError."""
+        turn_end, tool_pause (tool, optional expected seconds), tool_resume, session_end,
+        turn_ahead (the next turn's hashes, arriving in ``expected_s`` seconds). A
+        session_end or turn_ahead may name its session by ``hashes`` alone (an empty id: the
+        live session whose chain they continue; None when there is none). Raises
+        InvalidArgument, UnknownNamespace, UnknownSession, SessionStateError."""
         self.namespace(namespace)
-        if not session_id:
-            raise InvalidArgument("a session event needs a session id")
-        if len(hashes) > self.config.max_lookup_hashes:
-            raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per turn")
         if kind not in SESSION_EVENTS:
             raise InvalidArgument(f"unknown session event {kind!r}; known: {', '.join(SessionEvent)}")
+        event = SessionEvent(kind)
+        by_chain = not session_id and event in (SessionEvent.SESSION_END, SessionEvent.TURN_AHEAD)
+        if not session_id and not (by_chain and hashes):
+            raise InvalidArgument("a session event needs a session id (session_end and turn_ahead: or the hashes)")
+        if len(hashes) > self.config.max_lookup_hashes:
+            raise InvalidArgument(f"at most {self.config.max_lookup_hashes} hashes per turn")
         now = self.clock()
         table = self.sessions
-        event = SessionEvent(kind)
         if event is SessionEvent.TURN_START:
             session = table.turn_start(namespace, session_id, hashes, now, last_partial)
         elif event is SessionEvent.TURN_END:
@@ -238,8 +242,15 @@ class KvCore:
             session = table.tool_pause(namespace, session_id, tool or "", expected_s, now)
         elif event is SessionEvent.TOOL_RESUME:
             session = table.tool_resume(namespace, session_id, now)
+        elif event is SessionEvent.TURN_AHEAD:
+            if expected_s is None:
+                raise InvalidArgument("turn_ahead needs the seconds until the turn arrives")
+            session = table.expect(namespace, session_id or None, hashes, expected_s, now)
         else:
-            session = table.end(namespace, session_id, now)
+            found = table.find(namespace, hashes) if by_chain else None
+            if by_chain and found is None:
+                return None
+            session = table.end(namespace, found.id if found is not None else session_id, now)
         self._sync_sessions()
         return session
 

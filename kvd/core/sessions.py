@@ -43,6 +43,7 @@ class SessionEvent(StrEnum):
     TOOL_PAUSE = "tool_pause"
     TOOL_RESUME = "tool_resume"
     SESSION_END = "session_end"
+    TURN_AHEAD = "turn_ahead"  # a turn will arrive, with these hashes, in about this many seconds
 
 
 class ObservationKind(StrEnum):
@@ -82,6 +83,8 @@ class Session:
     last_reported: tuple[SessionState, str | None] | None = None  # (state, tool) last put in the event log
     grown: int = 0  # blocks the latest turn added to the chain (the whole chain on turn 1)
     head: int = 0  # full blocks of the first turn's prompt: the context the program started from
+    ahead: list[int] = field(default_factory=list)  # the announced next turn's prompt (hashes)
+    expected_at: float | None = None  # when the announced turn arrives (seconds, core clock)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -180,6 +183,7 @@ class SessionTable:
         if session.turns and not session.resumed:
             self._learn_resume(session, now)
         session.resumed = False
+        session.ahead, session.expected_at = [], None
         session.turns += 1
         self._observations.append(Observation(ObservationKind.TURN, None, turns=session.turns, session=session))
         self._set_chain(session, hashes, last_partial)
@@ -237,6 +241,30 @@ class SessionTable:
             return session
         return self.turn_start(namespace, session_id, chain, now, last_partial)
 
+    def expect(
+        self, namespace: str, session_id: str | None, hashes: Sequence[int], arrives_in_s: float, now: float
+    ) -> Session | None:
+        """A turn of the session will arrive in about ``arrives_in_s`` seconds with the prompt
+        ``hashes``. A named session not known yet starts idle, waiting for it; without a name
+        the session is the live one whose chain ``hashes`` continue (None when there is none)."""
+        if not 0 <= arrives_in_s <= MAX_EXPECTED_PAUSE_S:
+            raise InvalidArgument(f"arrives_in_s must be in [0, {MAX_EXPECTED_PAUSE_S:.0f}]")
+        if session_id is None:
+            session = self._continued(namespace, hashes)
+            if session is None:
+                return None
+        else:
+            session = self._resolve(namespace, session_id, hashes, now)
+            if not session.turns:
+                session.state = IDLE
+        session.ahead, session.expected_at = list(hashes), now + arrives_in_s
+        self._changed.append(session)
+        return session
+
+    def find(self, namespace: str, hashes: Sequence[int]) -> Session | None:
+        """The live session whose chain ``hashes`` continue (or repeat), if any."""
+        return self._continued(namespace, hashes)
+
     def turn_end(self, namespace: str, session_id: str, now: float) -> Session:
         session = self._require(namespace, session_id)
         self._set_state(session, IDLE, now)
@@ -274,6 +302,7 @@ class SessionTable:
         while (``ended_expiry_s``) so late events about it are refused, not taken as new."""
         session.chain = []
         session.last_partial = False
+        session.ahead, session.expected_at = [], None
         self._ended[session.key] = session.last_active
 
     def expire(self, now: float) -> int:

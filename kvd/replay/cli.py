@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from kvd.core.sessions import MAX_EXPECTED_PAUSE_S
 from kvd.policies import POLICIES
-from kvd.replay.sim import PAUSE_HINTS, CostModel, PolicyResult, ReplayConfig, replay
+from kvd.replay.cost import CostModel
+from kvd.replay.result import PolicyResult, floor_summary
+from kvd.replay.sim import PAUSE_HINTS, ReplayConfig, floor, replay
 from kvd.replay.trace import FORMATS, TraceError, read_trace
 from kvd.sizes import parse_size
 
@@ -40,6 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pause-hints", default="none", choices=PAUSE_HINTS,
         help="what a tool pause event tells kvd: none (the tool's name; default) or exact (also the pause's true length)",
+    )
+    p.add_argument(
+        "--engines", type=int, default=0, metavar="N",
+        help="N engines on the node, each running one prefill at a time from a FIFO queue (default 0: no queueing)",
+    )
+    p.add_argument(
+        "--resume-lead-s", type=float, default=0.0, metavar="S",
+        help="the agent framework announces each turn S seconds before it arrives (default 0: never)",
+    )
+    p.add_argument(
+        "--session-end-after", type=float, metavar="S",
+        help="for traces without `last`: the application reports a conversation's end S seconds after its last turn",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the policies side by side (needs matplotlib)")
@@ -80,6 +96,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be positive")
     if args.block_size is not None and args.block_size <= 0:
         raise ValueError("--block-size must be positive")
+    if args.engines < 0:
+        raise ValueError("--engines must not be negative")
+    for flag, value in (("--resume-lead-s", args.resume_lead_s), ("--session-end-after", args.session_end_after)):
+        if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_EXPECTED_PAUSE_S):
+            raise ValueError(f"{flag} must be in [0, {MAX_EXPECTED_PAUSE_S:.0f}] seconds")
     trace = read_trace(args.trace, args.format, args.block_size)
     if not trace.requests:
         raise ValueError(f"{args.trace}: no requests")
@@ -91,9 +112,12 @@ def _run(args: argparse.Namespace) -> int:
         nvme_bytes=parse_capacity(args.nvme, block_bytes),
         cost=cost,
         pause_hints=args.pause_hints,
+        engines=args.engines,
+        resume_lead_s=args.resume_lead_s,
+        session_end_after_s=args.session_end_after,
     )
     results = _replay_all(trace, policies, config, show=not args.no_progress and sys.stderr.isatty())
-    report = make_report(args.trace, trace, config, results)
+    report = make_report(args.trace, trace, config, results, floor(trace, config))
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -127,7 +151,9 @@ def _replay_all(trace, policies: list[str], config: ReplayConfig, show: bool) ->
     return results
 
 
-def make_report(path: Path, trace, config: ReplayConfig, results: list[PolicyResult]) -> dict:
+def make_report(
+    path: Path, trace, config: ReplayConfig, results: list[PolicyResult], floor_result: PolicyResult | None = None
+) -> dict:
     block_bytes = trace.block_size * config.cost.bytes_per_token
     report = {
         "trace": str(path),
@@ -138,8 +164,13 @@ def make_report(path: Path, trace, config: ReplayConfig, results: list[PolicyRes
         "tiers": {t: {"bytes": b, "blocks": b // block_bytes} for t, b in config.capacities().items()},
         "cost_model": asdict(config.cost),
         "pause_hints": config.pause_hints,
+        "engines": config.engines,
+        "resume_lead_s": config.resume_lead_s,
+        "session_end_after_s": config.session_end_after_s,
         "policies": {r.policy: r.summary() for r in results},
     }
+    if floor_result is not None:
+        report["floor"] = floor_summary(floor_result)
     rates = {r.policy: r.hit_rate for r in results}
     if "lru" in rates and "belady" in rates:
         gap = rates["belady"] - rates["lru"]
@@ -153,17 +184,43 @@ def make_report(path: Path, trace, config: ReplayConfig, results: list[PolicyRes
 
 def print_table(report: dict) -> None:
     tiers = ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items())
-    hints = ", exact pause hints" if report.get("pause_hints") == "exact" else ""
-    print(f"{report['trace']}: {report['requests']} requests ({report['format']}), {tiers}{hints}")
-    print(f"{'policy':8} {'hit rate':>8} {'by tier':>26} {'TTFT p50/p90/p99 s':>22} {'session s mean/p90':>20} {'wall s':>7}")
+    setting = []
+    if report.get("pause_hints") == "exact":
+        setting.append("exact pause hints")
+    if report.get("engines"):
+        setting.append(f"{report['engines']} engines")
+    if report.get("resume_lead_s"):
+        setting.append(f"turns announced {report['resume_lead_s']:g} s ahead")
+    if report.get("session_end_after_s") is not None:
+        setting.append(f"ends reported {report['session_end_after_s']:g} s after")
+    extra = "".join(f", {x}" for x in setting)
+    print(f"{report['trace']}: {report['requests']} requests ({report['format']}), {tiers}{extra}")
+    print(
+        f"{'policy':8} {'hit rate':>8} {'by tier':>26} {'HBM share':>9} {'KV wait s mean/p90':>18} "
+        f"{'TTFT p50/p90/p99 s':>22} {'session s mean/p90':>20} {'wall s':>7}"
+    )
     for name, r in report["policies"].items():
         by_tier = " ".join(f"{t}={v:.3f}" for t, v in r["hit_rate_by_tier"].items())
         ttft = "/".join(f"{r['ttft_s'][q]:.2f}" for q in ("p50", "p90", "p99"))
         done = f"{r['session_completion_s']['mean']:.1f}/{r['session_completion_s']['p90']:.1f}"
-        print(f"{name:8} {r['hit_rate']:8.4f} {by_tier:>26} {ttft:>22} {done:>20} {r['wall_s']:7.1f}")
+        kv = f"{r['kv_transfer_s']['mean']:.3f}/{r['kv_transfer_s']['p90']:.3f}"
+        print(
+            f"{name:8} {r['hit_rate']:8.4f} {by_tier:>26} {r['hbm_share_reused']:9.3f} {kv:>18} "
+            f"{ttft:>22} {done:>20} {r['wall_s']:7.1f}"
+        )
+    floor_ = report.get("floor")
+    if floor_ is not None:
+        ttft = "/".join(f"{floor_['ttft_s'][q]:.2f}" for q in ("p50", "p90", "p99"))
+        done = f"{floor_['session_completion_s']['mean']:.1f}/{floor_['session_completion_s']['p90']:.1f}"
+        print(f"{'floor':8} {'':>8} {'':>26} {'':>9} {'0':>18} {ttft:>22} {done:>20}")
     for name, closed in report.get("gap_closed", {}).items():
         if closed is not None:
             print(f"{name} closes {closed:.1%} of the hit-rate gap between lru and belady")
+    print(
+        "hit rate: prompt tokens found held (higher is better); HBM share: reused bytes served from HBM; "
+        "KV wait: seconds a turn waits for KV bytes; floor: nothing ever transferred (one HBM tier holds all); "
+        "belady: the offline oracle"
+    )
 
 
 def plot(report: dict, out: Path) -> None:

@@ -2,91 +2,68 @@
 simulated clock.
 
 The objects are the daemon's: :class:`~kvd.core.manager.KvCore` with its catalog, session
-table and policy, over :class:`~kvd.tiers.ExtentAllocator` spaces (slot bookkeeping, no
-bytes). Only the mover and the engine are simulated:
+table and policy, over :class:`~kvd.tiers.alloc.ExtentAllocator` spaces (slot bookkeeping,
+no bytes). Only the mover and the engines are simulated:
 
-- a request arrives (open loop at its timestamp; closed loop, after its session's previous
-  turn finished plus ``pause_s``); the held prefix is looked up and loaded (promotions run at
-  once: their time is part of the TTFT), the rest is recomputed, and every block of the
-  prompt is stored — in parts of at most the top tier, as a client batches it, so the head
-  of a named session's prompt bigger than HBM moves down as its tail arrives;
-- TTFT = load time of the held prefix (per block, from the tier it was found in) +
-  recompute time of the rest; the turn finishes after its output is decoded;
+- a request arrives (open loop at its timestamp; closed loop, its session's previous turn's
+  end plus ``pause_s``). With ``engines``, it waits in a FIFO queue for one of them (each
+  runs one prefill at a time; decoding overlaps), and the node knows its prompt's hashes
+  while it waits (a ``turn_ahead`` event); without, it is served at once;
+- served, the held prefix is looked up and loaded (promotions run at once: their time is
+  part of the TTFT), the rest is recomputed, and every block of the prompt is stored — in
+  parts of at most the top tier, as a client batches it;
+- TTFT = queue wait + the KV transfer (the held prefix, per block from the tier it was found
+  in) + the prefill of the rest; the turn finishes after its output is decoded;
 - demotions a store or load needs run at once (their bytes are counted); write-behind and
   prefetch transfers run in the background on per-link queues at the link's bandwidth, so a
-  prefetch helps only if it lands before the turn arrives;
+  prefetch helps only if it lands before the turn is served;
 - with session ids, the replay sends what an agent framework would: turn start (with the
   prompt's hashes), turn end, a tool pause naming the tool of the next turn, session end
-  after the last turn. Without them the core infers sessions from the chains.
+  after the last turn; with ``resume_lead_s``, each turn is announced (``turn_ahead``) that
+  long before it arrives; with ``session_end_after_s``, a trace without ``last`` reports
+  each conversation's end that long after its last turn. Without session ids the core
+  infers sessions from the chains, and announcements and ends name them by their hashes.
 
-Costs (:class:`CostModel`'s defaults): 131,072 KV bytes per token (Llama-3.1-8B bf16),
-prefill 12,000 tokens/s, DRAM->HBM 25 GB/s, NVMe->DRAM 6 GB/s, DRAM->NVMe 3 GB/s, decode
-12 ms/token; HBM pool to the engine 1,000 GB/s (a device-to-device copy).
+Open-loop traces may overlap a session's turns: a turn that arrives before the previous one
+finished starts its turn (the core sees the session active again), and the earlier turn's
+end sends nothing (the session has moved on); a turn that arrives after its session ended
+starts the session anew under the same id. Session events the core refuses anyway (a
+session forgotten, ended by idle expiry) are counted in ``refused_session_events``.
+
+The cost model is :class:`~kvd.replay.cost.CostModel`.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import numpy as np
-
-from kvd.core.errors import NoSpace
+from kvd.core.errors import KvdError, NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, Transfer, Wait
-from kvd.core.sessions import MAX_EXPECTED_PAUSE_S, SessionConfig, SessionTable
+from kvd.core.sessions import MAX_EXPECTED_PAUSE_S, SessionConfig, SessionEvent, SessionTable
 from kvd.media import TIER_NAMES
-from kvd.policies import Future, make_policy
+from kvd.policies import make_policy
+from kvd.replay.cost import GB, CostModel
+from kvd.replay.result import PolicyResult
+from kvd.replay.schedule import conversation_ends, expected_order, future_of
 from kvd.replay.trace import Trace, TraceRequest
 from kvd.tiers.alloc import ExtentAllocator
 
 NAMESPACE = "replay"
 PAUSE_HINTS = ("none", "exact")
-GB = 1e9
 PAGE = 4096
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """Bytes per token, tokens per second, seconds per token, GB/s (1e9 bytes) per link."""
-
-    bytes_per_token: int = 131_072
-    prefill_tokens_per_s: float = 12_000.0
-    decode_s_per_token: float = 0.012
-    hbm_read_gbps: float = 1000.0
-    dram_to_hbm_gbps: float = 25.0
-    hbm_to_dram_gbps: float = 25.0
-    nvme_to_dram_gbps: float = 6.0
-    dram_to_nvme_gbps: float = 3.0
-
-    def link_gbps(self, src: str, dst: str) -> float:
-        table = {
-            ("dram", "hbm"): self.dram_to_hbm_gbps,
-            ("hbm", "dram"): self.hbm_to_dram_gbps,
-            ("nvme", "dram"): self.nvme_to_dram_gbps,
-            ("dram", "nvme"): self.dram_to_nvme_gbps,
-        }
-        if (src, dst) in table:
-            return table[(src, dst)]
-        # Tiers with one absent between them: the path through DRAM, one hop after the other.
-        via = [(src, "dram"), ("dram", dst)]
-        return 1.0 / sum(1.0 / table[hop] for hop in via)
-
-    def load_s_per_byte(self, tier: str, top: str) -> float:
-        """Seconds per byte to bring a block held in ``tier`` into the engine's HBM."""
-        if tier == "hbm":
-            return 1.0 / (self.hbm_read_gbps * GB)
-        if tier == "dram":
-            return 1.0 / (self.dram_to_hbm_gbps * GB)
-        return 1.0 / (self.nvme_to_dram_gbps * GB) + 1.0 / (self.dram_to_hbm_gbps * GB)
-
-
-@dataclass(frozen=True)
 class ReplayConfig:
-    """Tier capacities in bytes (0: the tier is absent) and the cost model."""
+    """Tier capacities in bytes (0: the tier is absent), the cost model, and what the
+    simulated node and its clients do. Seconds for times."""
 
     hbm_bytes: int = 0
     dram_bytes: int = 64 << 30
@@ -100,58 +77,22 @@ class ReplayConfig:
     # name alone, as most agent frameworks can; "exact", also the pause's true length as
     # expected_pause_s — a framework that knows its tools' run times (an upper bound).
     pause_hints: Literal["none", "exact"] = "none"
+    engines: int = 0  # engines on the node, each one prefill at a time (0: every request at once)
+    resume_lead_s: float = 0.0  # each turn is announced this long before it arrives (0: never)
+    session_end_after_s: float | None = None  # without `last`: a conversation's end, this long after it
 
     def __post_init__(self) -> None:
         if self.pause_hints not in PAUSE_HINTS:
             raise ValueError(f"pause hints must be one of {', '.join(PAUSE_HINTS)}, not {self.pause_hints!r}")
+        if self.engines < 0:
+            raise ValueError(f"engines must not be negative, got {self.engines}")
+        for name in ("resume_lead_s", "session_end_after_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_EXPECTED_PAUSE_S):
+                raise ValueError(f"{name} must be in [0, {MAX_EXPECTED_PAUSE_S:.0f}] seconds, got {value}")
 
     def capacities(self) -> dict[str, int]:
         return {t: b for t, b in (("hbm", self.hbm_bytes), ("dram", self.dram_bytes), ("nvme", self.nvme_bytes)) if b}
-
-
-@dataclass
-class PolicyResult:
-    """What one policy's replay measured. Tokens are prompt tokens; seconds simulated."""
-
-    policy: str
-    requests: int
-    prompt_tokens: int
-    hit_tokens: int
-    hit_tokens_by_tier: dict[str, int]
-    recomputed_tokens: int
-    compulsory_tokens: int
-    ttft_s: list[float]
-    session_completion_s: list[float]
-    bytes_moved: dict[str, int]
-    # Prompts not held whole right after their store: longer than a lone tier, no room
-    # (leases), or making room for a later part dropped an earlier part or its ancestor.
-    unstored_requests: int
-    wall_s: float
-    problems: list[str]
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-    def summary(self) -> dict:
-        ttft = np.asarray(self.ttft_s or [0.0])
-        done = np.asarray(self.session_completion_s or [0.0])
-        total = self.prompt_tokens or 1
-        return {
-            "hit_rate": self.hit_rate,
-            "hit_rate_by_tier": {t: n / total for t, n in self.hit_tokens_by_tier.items()},
-            "prompt_tokens": self.prompt_tokens,
-            "hit_tokens": self.hit_tokens,
-            "recomputed_tokens": self.recomputed_tokens,
-            "compulsory_tokens": self.compulsory_tokens,
-            "ttft_s": {f"p{q}": float(np.percentile(ttft, q)) for q in (50, 90, 99)},
-            "session_completion_s": {"mean": float(done.mean()), "p90": float(np.percentile(done, 90))},
-            "bytes_moved": dict(sorted(self.bytes_moved.items())),
-            "requests": self.requests,
-            "unstored_requests": self.unstored_requests,
-            "wall_s": self.wall_s,
-            "check_problems": self.problems,
-        }
 
 
 class SimClock:
@@ -162,7 +103,7 @@ class SimClock:
         return self.now
 
 
-ARRIVE, FINISH, XFER, TICK = 0, 1, 2, 3
+ARRIVE, FINISH, XFER, TICK, FREE, ANNOUNCE, END = range(7)
 
 
 class Replay:
@@ -194,7 +135,7 @@ class Replay:
                 )
             spaces[tier] = ExtentAllocator([(0, capacity)], PAGE)
         self.sessions = SessionTable(SessionConfig())
-        self.future = _future_of(trace) if policy == "belady" else None
+        self.future = future_of(trace, NAMESPACE) if policy == "belady" else None
         self.policy_name = policy
         self.core = KvCore(
             spaces,
@@ -212,15 +153,24 @@ class Replay:
         self._background: dict[int, Transfer] = {}
         self.bytes_moved: dict[str, int] = {}
         self.ttft: list[float] = []
+        self.kv_transfer: list[float] = []
+        self.queued: list[float] = []
         self.hit_by_tier = {t: 0 for t in self.core.tiers}
         self.prompt_tokens = self.hit_tokens = self.compulsory = 0
         self.unstored = 0
+        self.refused = 0
         self._seen: set[int] = set()
         self._session_start: dict[str, float] = {}
         self.session_done: list[float] = []
         self._next_turn: dict[int, TraceRequest] = {}
+        self._latest: dict[str, int] = {}  # session -> index of its latest turn served
+        self._arrived: dict[int, float] = {}  # request index -> when it arrived
+        self._queue: deque[TraceRequest] = deque()
+        self._busy = 0  # engines running a prefill
+        has_last = any(r.last for r in trace.requests)
+        self._ends = conversation_ends(trace) if config.session_end_after_s is not None and not has_last else set()
         # Request index -> its place in expected order (the future's rank).
-        self._rank = {r.index: i for i, r in enumerate(_order(trace))} if self.future is not None else {}
+        self._rank = {r.index: i for i, r in enumerate(expected_order(trace))} if self.future is not None else {}
         self._next_prefetch = 0.0
 
     # -- the event loop -------------------------------------------------------------------
@@ -237,9 +187,12 @@ class Replay:
                 self._next_turn[prev.index] = nxt
                 if nxt.pause_s is not None:
                     closed[nxt.index] = True
+        lead = self.config.resume_lead_s
         for req in trace.requests:
             if req.index not in closed:
                 self._push(req.arrival_s, ARRIVE, req)
+                if lead:
+                    self._push(max(0.0, req.arrival_s - lead), ANNOUNCE, (req, req.arrival_s))
         if trace.requests:
             self._push(0.0, TICK, None)
         served = 0
@@ -261,8 +214,16 @@ class Replay:
                 self._landed(data)
             elif kind == TICK:
                 self.core.expire_leases()
-                if served < len(trace.requests):
+                if served < len(trace.requests) or self._queue:
                     self._push(self.clock.now + self.config.tick_s, TICK, None)
+            elif kind == FREE:
+                self._busy -= 1
+                self._dispatch()
+            elif kind == ANNOUNCE:
+                req, at = data
+                self._announce(req, at - self.clock.now)
+            elif kind == END:
+                self._session_event(data, SessionEvent.SESSION_END, list(data.hash_ids))
             self._pump()
         self.core.take_events()
         return PolicyResult(
@@ -279,6 +240,9 @@ class Replay:
             unstored_requests=self.unstored,
             wall_s=time.perf_counter() - started,
             problems=self.core.check(),
+            kv_transfer_s=self.kv_transfer,
+            queue_s=self.queued if self.config.engines else None,
+            refused_session_events=self.refused,
         )
 
     def _push(self, t: float, kind: int, data: object) -> None:
@@ -286,15 +250,35 @@ class Replay:
 
     # -- a request ------------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
+        """A request reaches the node: served at once, or queued for an engine (the node
+        learns its hashes while it waits)."""
+        self._arrived[req.index] = self.clock.now
+        if req.session_id is not None:
+            self._session_start.setdefault(req.session_id, self.clock.now)
+        if not self.config.engines:
+            self._serve(req)
+            return
+        self._queue.append(req)
+        self._dispatch()
+        if self._queue and self._queue[-1] is req:
+            self._announce(req, 0.0)
+
+    def _dispatch(self) -> None:
+        while self._queue and self._busy < self.config.engines:
+            self._busy += 1
+            self._serve(self._queue.popleft())
+
+    def _serve(self, req: TraceRequest) -> None:
         core, now = self.core, self.clock.now
+        queued = now - self._arrived[req.index]
         if self.future is not None:
             self.future.serve(self._rank[req.index])
         hashes = list(req.hash_ids)
         bs = req.block_size
         last_partial = len(hashes) * bs > req.input_length
         if req.session_id is not None:
-            self._session_start.setdefault(req.session_id, now)
-            core.session_event(NAMESPACE, req.session_id, "turn_start", hashes, last_partial=last_partial)
+            self._latest[req.session_id] = req.index
+            self._session_event(req, SessionEvent.TURN_START, hashes, last_partial=last_partial)
         codes = core.lookup_codes(NAMESPACE, hashes)
         held = len(codes)
         load_s = 0.0
@@ -313,24 +297,32 @@ class Replay:
         if held:
             self._load(hashes[:held])
         self._store(req, hashes, last_partial)
-        ttft = load_s + (req.input_length - hit_tokens) / self.cost.prefill_tokens_per_s
-        self.ttft.append(ttft)
-        finish = now + ttft + req.output_length * self.cost.decode_s_per_token
+        prefill = load_s + (req.input_length - hit_tokens) / self.cost.prefill_tokens_per_s
+        self.ttft.append(queued + prefill)
+        self.kv_transfer.append(load_s)
+        self.queued.append(queued)
+        if self.config.engines:
+            self._push(now + prefill, FREE, None)
+        finish = now + prefill + req.output_length * self.cost.decode_s_per_token
         self._push(finish, FINISH, req)
         nxt = self._next_turn.get(req.index)
         if self.future is not None and nxt is not None and nxt.pause_s is not None and not req.last:
             self.future.schedule(self._rank[nxt.index], finish + nxt.pause_s)  # settled now
 
     def _finish(self, req: TraceRequest) -> None:
-        core, now = self.core, self.clock.now
-        nxt = self._next_turn.get(req.index)
+        now = self.clock.now
+        if req.index in self._ends:
+            self._push(now + self.config.session_end_after_s, END, req)
         if req.session_id is None:
-            self.session_done.append(now - req.arrival_s)  # a request alone is its own program
+            self.session_done.append(now - self._arrived[req.index])  # a request alone is its own program
             return
-        core.session_event(NAMESPACE, req.session_id, "turn_end")
+        nxt = self._next_turn.get(req.index)
+        if self._latest.get(req.session_id) != req.index:
+            return  # a later turn of the session has started: it carries on
+        self._session_event(req, SessionEvent.TURN_END)
         if nxt is None or req.last:
-            core.session_event(NAMESPACE, req.session_id, "session_end")
-            self.session_done.append(now - self._session_start[req.session_id])
+            self._session_event(req, SessionEvent.SESSION_END)
+            self.session_done.append(now - self._session_start.pop(req.session_id))
             return
         if nxt.tool:
             # A pause of 0 or of more than a day is no hint a session event can carry.
@@ -339,11 +331,24 @@ class Replay:
                 and nxt.pause_s is not None
                 and 0 < nxt.pause_s <= MAX_EXPECTED_PAUSE_S
             )
-            core.session_event(
-                NAMESPACE, req.session_id, "tool_pause", tool=nxt.tool, expected_s=nxt.pause_s if exact else None
-            )
+            self._session_event(req, SessionEvent.TOOL_PAUSE, tool=nxt.tool, expected_s=nxt.pause_s if exact else None)
         if nxt.pause_s is not None:
-            self._push(now + nxt.pause_s, ARRIVE, nxt)
+            arrival = now + nxt.pause_s
+            self._push(arrival, ARRIVE, nxt)
+            if self.config.resume_lead_s:
+                self._push(max(now, arrival - self.config.resume_lead_s), ANNOUNCE, (nxt, arrival))
+
+    def _announce(self, req: TraceRequest, arrives_in_s: float) -> None:
+        """Tell the node that ``req`` is coming (named by its session, or by its hashes)."""
+        self._session_event(req, SessionEvent.TURN_AHEAD, list(req.hash_ids), expected_s=max(0.0, arrives_in_s))
+
+    def _session_event(self, req: TraceRequest, kind: SessionEvent, hashes=(), **kw) -> None:
+        """One session event for ``req``'s session (by its hashes when it has no id); one the
+        core refuses is counted, not raised: a trace never stops the replay."""
+        try:
+            self.core.session_event(NAMESPACE, req.session_id or "", kind, hashes, **kw)
+        except KvdError:
+            self.refused += 1
 
     def _account_compulsory(self, hashes: list[int], req: TraceRequest) -> None:
         """Tokens an infinite cache would miss: from the first never-seen block on."""
@@ -476,23 +481,6 @@ class Replay:
             self._count(transfer)
 
 
-def _order(trace: Trace) -> list[TraceRequest]:
-    """The requests in expected arrival order (timestamps; ties in trace order)."""
-    return sorted(trace.requests, key=lambda r: (r.arrival_s, r.index))
-
-
-def _future_of(trace: Trace) -> Future:
-    """Belady's future: every request in expected order; a session's closed-loop turns
-    (those with ``pause_s``) form a group whose arrivals the replay settles as it goes."""
-    order = _order(trace)
-    return Future.from_chains(
-        NAMESPACE,
-        [r.hash_ids for r in order],
-        [r.arrival_s for r in order],
-        [r.session_id if r.session_id is not None and r.pause_s is not None else None for r in order],
-    )
-
-
 def replay(
     trace: Trace,
     policy: str,
@@ -501,3 +489,18 @@ def replay(
     check_every: int = 0,
 ) -> PolicyResult:
     return Replay(trace, policy, config, progress, check_every).run()
+
+
+def floor(trace: Trace, config: ReplayConfig) -> PolicyResult:
+    """The same trace with nothing ever transferred: one HBM tier holds every block (no
+    eviction, no movement between tiers), the same engines, no announcements."""
+    blocks = len({h for r in trace.requests for h in r.hash_ids}) + 1
+    whole = replace(
+        config,
+        hbm_bytes=blocks * trace.block_size * config.cost.bytes_per_token + PAGE,
+        dram_bytes=0,
+        nvme_bytes=0,
+        resume_lead_s=0.0,
+        session_end_after_s=None,
+    )
+    return Replay(trace, "lru", whole).run()

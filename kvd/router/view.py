@@ -178,6 +178,7 @@ class GlobalView:
         self.retry_s = retry_s
         self._changed = threading.Condition()
         self._feeds: dict[str, _Feed] = {}
+        self._tellers: dict[str, Client] = {}  # node -> the client that announces turns to it
         for address in addresses:
             self.add_node(address)
 
@@ -190,6 +191,9 @@ class GlobalView:
         """Stop following a daemon and forget what it holds."""
         feed = self._feeds.pop(address)
         feed.stop()
+        teller = self._tellers.pop(address, None)
+        if teller is not None:
+            teller.close()
         self.index.drop_node(address)
 
     def nodes(self) -> list[str]:
@@ -221,9 +225,46 @@ class GlobalView:
         best = max(nodes.values(), key=lambda s: (s.score, s.matched_blocks), default=None)
         return RouteScore(best.node if best else None, nodes)
 
+    def route(
+        self,
+        namespace: str,
+        hashes: Sequence[int],
+        session_id: str = "",
+        arrives_in_s: float = 0.0,
+        fallback: str | None = None,
+    ) -> RouteScore:
+        """Score a request and tell the node it goes to that it is coming: the best node
+        (or ``fallback`` when none holds its first block) gets a ``turn_ahead`` with the
+        prompt's hashes, arriving in ``arrives_in_s`` seconds, and moves what it holds of
+        them up before the request is sent. ``session_id``: the request's session (empty:
+        the node finds it by the hashes). The route stands whether or not the node could
+        be told (:meth:`announce`)."""
+        route = self.score(namespace, hashes)
+        node = route.best or fallback
+        if node is not None:
+            self.announce(node, namespace, hashes, session_id, arrives_in_s)
+        return route
+
+    def announce(
+        self, node: str, namespace: str, hashes: Sequence[int], session_id: str = "", arrives_in_s: float = 0.0
+    ) -> bool:
+        """Send ``node`` a ``turn_ahead`` for a request; False when it could not be told (a
+        failure is logged at debug level: an announcement is a hint)."""
+        teller = self._tellers.get(node)
+        if teller is None:
+            teller = self._tellers[node] = Client(node, shared_memory=False, tls=self.tls)
+        try:
+            teller.expect_turn(namespace, session_id, hashes, arrives_in_s)
+        except ClientError as exc:
+            log.debug("could not announce a turn of %r to %s: %s", session_id, node, exc)
+            return False
+        return True
+
     def close(self) -> None:
         for address in list(self._feeds):
             self._feeds.pop(address).stop()
+        for address in list(self._tellers):
+            self._tellers.pop(address).close()
 
     def __enter__(self) -> GlobalView:
         return self

@@ -200,6 +200,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     expected_pause_s=x.expected_pause_s,
                     idle_s=max(0.0, now - x.last_active),
                     paused_s=max(0.0, now - x.paused_at) if x.paused_at is not None else 0.0,
+                    ahead_in_s=x.expected_at - now if x.expected_at is not None else None,
+                    ahead_blocks=len(x.ahead),
                 )
             )
         return admin_pb2.ListSessionsResponse(sessions=out)

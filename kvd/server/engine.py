@@ -19,6 +19,7 @@ SESSION_KINDS = {
     engine_pb2.TOOL_PAUSE: "tool_pause",
     engine_pb2.TOOL_RESUME: "tool_resume",
     engine_pb2.SESSION_END: "session_end",
+    engine_pb2.TURN_AHEAD: "turn_ahead",
 }
 ROOM_WAIT_S = 10.0  # default bound on a request's wait for DRAM room (kvd serve --room-wait-seconds)
 PROMOTION_WAIT_S = 250.0  # bound on a load's wait for another load's promotion of the same blocks
@@ -271,9 +272,11 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             kind,
             request.hashes,
             tool=request.tool or None,
-            expected_s=request.expected_pause_s if request.HasField("expected_pause_s") else None,
+            expected_s=_expected_s(request, kind),
         )
         self.s.after_core()
+        if session is None:
+            return engine_pb2.SessionEventResponse()  # named by hashes that no live session continues
         return engine_pb2.SessionEventResponse(state=session.state, turns=session.turns)
 
     @streaming_rpc
@@ -299,3 +302,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 self.s.core.complete_load(lease_id)
                 self.s.after_core()
 
+
+def _expected_s(request, kind: str) -> float | None:
+    """The event's seconds: a tool pause's expected length, a turn's arrival from now."""
+    field = "arrives_in_s" if kind == "turn_ahead" else "expected_pause_s"
+    return getattr(request, field) if request.HasField(field) else None

@@ -182,7 +182,7 @@ class ListSessionsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("namespace", "session_id", "state", "inferred", "turns", "chain_blocks", "held_blocks", "tool", "expected_pause_s", "idle_s", "paused_s")
+    __slots__ = ("namespace", "session_id", "state", "inferred", "turns", "chain_blocks", "held_blocks", "tool", "expected_pause_s", "idle_s", "paused_s", "ahead_in_s", "ahead_blocks")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,8 @@ class SessionInfo(_message.Message):
     EXPECTED_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
     PAUSED_S_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_IN_S_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     session_id: str
     state: str
@@ -205,7 +207,9 @@ class SessionInfo(_message.Message):
     expected_pause_s: float
     idle_s: float
     paused_s: float
-    def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[str] = ..., inferred: _Optional[bool] = ..., turns: _Optional[int] = ..., chain_blocks: _Optional[int] = ..., held_blocks: _Optional[int] = ..., tool: _Optional[str] = ..., expected_pause_s: _Optional[float] = ..., idle_s: _Optional[float] = ..., paused_s: _Optional[float] = ...) -> None: ...
+    ahead_in_s: float
+    ahead_blocks: int
+    def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[str] = ..., inferred: _Optional[bool] = ..., turns: _Optional[int] = ..., chain_blocks: _Optional[int] = ..., held_blocks: _Optional[int] = ..., tool: _Optional[str] = ..., expected_pause_s: _Optional[float] = ..., idle_s: _Optional[float] = ..., paused_s: _Optional[float] = ..., ahead_in_s: _Optional[float] = ..., ahead_blocks: _Optional[int] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions",)

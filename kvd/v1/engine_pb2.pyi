@@ -16,28 +16,32 @@ class SessionEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOOL_PAUSE: _ClassVar[SessionEventKind]
     TOOL_RESUME: _ClassVar[SessionEventKind]
     SESSION_END: _ClassVar[SessionEventKind]
+    TURN_AHEAD: _ClassVar[SessionEventKind]
 SESSION_EVENT_UNSPECIFIED: SessionEventKind
 TURN_START: SessionEventKind
 TURN_END: SessionEventKind
 TOOL_PAUSE: SessionEventKind
 TOOL_RESUME: SessionEventKind
 SESSION_END: SessionEventKind
+TURN_AHEAD: SessionEventKind
 
 class SessionEventRequest(_message.Message):
-    __slots__ = ("namespace", "session_id", "kind", "hashes", "tool", "expected_pause_s")
+    __slots__ = ("namespace", "session_id", "kind", "hashes", "tool", "expected_pause_s", "arrives_in_s")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVES_IN_S_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     session_id: str
     kind: SessionEventKind
     hashes: _containers.RepeatedScalarFieldContainer[int]
     tool: str
     expected_pause_s: float
-    def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionEventKind, str]] = ..., hashes: _Optional[_Iterable[int]] = ..., tool: _Optional[str] = ..., expected_pause_s: _Optional[float] = ...) -> None: ...
+    arrives_in_s: float
+    def __init__(self, namespace: _Optional[str] = ..., session_id: _Optional[str] = ..., kind: _Optional[_Union[SessionEventKind, str]] = ..., hashes: _Optional[_Iterable[int]] = ..., tool: _Optional[str] = ..., expected_pause_s: _Optional[float] = ..., arrives_in_s: _Optional[float] = ...) -> None: ...
 
 class SessionEventResponse(_message.Message):
     __slots__ = ("state", "turns")

@@ -156,10 +156,15 @@ class EngineServicer:
 
     def SessionEvent(self, request, context):
         """What an agent session is doing: a turn starts (with its prompt's hashes) or ends, a
-        tool call pauses it (and for how long, if known), it resumes, it ends. Typed retention
-        keeps a paused session's blocks and fetches them back up before it resumes. Unknown
-        session (for all but turn_start): NOT_FOUND; an event its state does not allow
-        (resume when not paused, anything after the end): FAILED_PRECONDITION.
+        tool call pauses it (and for how long, if known), it resumes, it ends, or its next turn
+        is announced (TURN_AHEAD: the prompt's hashes, arriving in arrives_in_s seconds: a
+        router that sends the turn here, an agent framework whose tool returned). Typed
+        retention keeps a paused session's blocks and moves an announced or soon-resumed turn's
+        blocks up before it arrives. TURN_AHEAD and SESSION_END may name the session by its
+        hashes alone (an empty session_id: the live session whose chain they continue; none
+        found: an empty state). Unknown session (for all but turn_start and turn_ahead):
+        NOT_FOUND; an event its state does not allow (resume when not paused, anything after the
+        end): FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,47 @@
+"""What a trace says about its own schedule: the expected order of its requests, Belady's
+future, and which request ends each conversation."""
+
+from __future__ import annotations
+
+from kvd.policies import Future
+from kvd.replay.trace import Trace, TraceRequest
+
+
+def expected_order(trace: Trace) -> list[TraceRequest]:
+    """The requests in expected arrival order (timestamps; ties in trace order)."""
+    return sorted(trace.requests, key=lambda r: (r.arrival_s, r.index))
+
+
+def future_of(trace: Trace, namespace: str) -> Future:
+    """Belady's future: every request in expected order; a session's closed-loop turns
+    (those with ``pause_s``) form a group whose arrivals the replay settles as it goes."""
+    order = expected_order(trace)
+    return Future.from_chains(
+        namespace,
+        [r.hash_ids for r in order],
+        [r.arrival_s for r in order],
+        [r.session_id if r.session_id is not None and r.pause_s is not None else None for r in order],
+    )
+
+
+def conversation_ends(trace: Trace) -> set[int]:
+    """Indexes of the requests that end their conversation. With session ids: each session's
+    last request in the trace. Without: a request no later one continues — continuing as kvd
+    infers it, extending the chain through at least all but its last block. (A trace's hash
+    ids name whole prefixes, so the id at a chain's second-to-last place stands for it.)"""
+    ends: set[int] = set()
+    last_of: dict[str, int] = {}
+    tails: dict[int, list[int]] = {}  # the id a continuation must carry -> requests waiting for one
+    for req in expected_order(trace):
+        if req.session_id is not None:
+            last_of[req.session_id] = req.index
+            continue
+        ids = req.hash_ids
+        for h in ids:
+            for earlier in tails.pop(h, ()):
+                if earlier != req.index:
+                    ends.discard(earlier)
+        if ids:
+            tails.setdefault(ids[-2] if len(ids) >= 2 else ids[0], []).append(req.index)
+            ends.add(req.index)
+    return ends | set(last_of.values())
