@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvd.core.sessions import SessionTable
-from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy
+from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy, Prefetch
 from kvd.policies.belady import BeladyPolicy, Future
 from kvd.policies.lru import LruPolicy
 from kvd.policies.typed import TypedPolicy
@@ -37,6 +37,7 @@ __all__ = [
     "Future",
     "LruPolicy",
     "Policy",
+    "Prefetch",
     "TypedPolicy",
     "make_policy",
 ]

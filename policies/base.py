@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence, Set
+from dataclasses import dataclass
 from typing import ClassVar
 
 from kvd.core.sessions import Observation, Session
@@ -17,6 +18,16 @@ from kvd.core.sessions import Observation, Session
 BlockKey = tuple[str, int]
 # What a held copy is to a typed policy (policies/typed.py); ``pinned`` is an operator's pin.
 RETENTION_CLASSES = ("pinned", "shared_prefix", "session", "tool_pause", "ephemeral")
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Blocks that should move up together (one turn's prompt, its chain root first).
+    ``announced``: the turn was announced (a client said it is coming), so its blocks may
+    displace whatever the policy values below them; a guess displaces only worthless ones."""
+
+    keys: Sequence[BlockKey]
+    announced: bool = False
 
 
 class Policy(ABC):
@@ -74,10 +85,10 @@ class Policy(ABC):
         push it out)."""
 
     @abstractmethod
-    def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:
-        """Keys held only below ``tier`` that should move up into it now, most urgent
-        first (each chain root first). The caller must not call on_* methods while it
-        iterates."""
+    def prefetches(self, tier: str, now: float) -> Iterator[Prefetch]:
+        """Blocks held only below ``tier`` that should move up into it now, as groups that
+        move together or not at all, the most urgent first. The caller must not call on_*
+        methods while it iterates."""
 
     @abstractmethod
     def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:

@@ -24,7 +24,7 @@ import math
 from collections.abc import Hashable, Iterator, Sequence, Set
 
 from kvd.core.sessions import Observation, Session
-from kvd.policies.base import BlockKey, Policy
+from kvd.policies.base import BlockKey, Policy, Prefetch
 
 NEVER = 1 << 62
 NextUse = tuple[float, int]  # (seconds, the request's rank in the trace); sorts by time
@@ -229,7 +229,7 @@ class BeladyPolicy(Policy):
         uses a block uses its ancestors, so none is needed later than its descendants."""
         return -(self.future.next_use(key)[0] - now)
 
-    def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:
+    def prefetches(self, tier: str, now: float) -> Iterator[Prefetch]:
         """The oracle is a bound on hit rate, not on timing: it never prefetches."""
         return iter(())
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence, Set
 from sortedcontainers import SortedList
 
 from kvd.core.sessions import Observation, Session
-from kvd.policies.base import BlockKey, Policy
+from kvd.policies.base import BlockKey, Policy, Prefetch
 
 
 class LruPolicy(Policy):
@@ -82,11 +82,16 @@ class LruPolicy(Policy):
     def victims(self, tier: str, now: float) -> Iterator[BlockKey]:
         return (key for _, key in self._tier(tier)[1])
 
+    @property
+    def newest_use(self) -> float:
+        """The tick of the latest use of any block (what priority ranks highest)."""
+        return float(self._tick)
+
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
         """The tick of the block's last use (higher: more recent), in any tier."""
         return float(self._last.get(key, float("-inf")))
 
-    def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:
+    def prefetches(self, tier: str, now: float) -> Iterator[Prefetch]:
         """LRU has no notion of a future, so it never prefetches."""
         return iter(())
 

@@ -42,18 +42,23 @@ demotes one tier down; ephemeral blocks are dropped rather than written down.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
 from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, ObservationKind, Session, SessionTable
-from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy
+from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy, Prefetch
 from kvd.policies.guard import LruGuard
 from kvd.policies.lru import LruPolicy
 from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
 
 SHARED, EPHEMERAL = "shared_prefix", "ephemeral"
+# The value of a block of a turn announced to arrive within the horizon: above any reuse
+# probability (at most 1, plus a shared block's margin), so that nothing guessed displaces it
+# and it displaces whatever is only guessed.
+ANNOUNCED = 2.0
 CLASSES = RETENTION_CLASSES
 
 
@@ -102,6 +107,9 @@ class TypedPolicy(Policy):
         self._values: dict[str, tuple[float, list[tuple[float, int, object]]]] = {}  # tier -> (at, sorted)
         self._dirty: dict[str, set[object]] = {}  # tier -> groups whose value changed since sorting
         self._paused: dict[Session, None] = {}  # sessions in a tool pause (ordered set)
+        self._announced: dict[Session, list[BlockKey]] = {}  # sessions whose next turn was announced -> its keys
+        self._announced_keys: dict[BlockKey, Session] = {}  # a key of an announced turn -> its session
+        self._boosted_memo: dict[tuple[str, float], frozenset[BlockKey]] = {}
         self.guard = LruGuard()
         self._memo: dict[tuple[int, str], float] = {}
         self._memo_now = -math.inf
@@ -225,9 +233,22 @@ class TypedPolicy(Policy):
                 self._paused[session] = None
             else:
                 self._paused.pop(session, None)
+            self._announce(session)
         if reclassified:
             for tier in self._where:
                 self._refile(tier, reclassified)
+
+    def _announce(self, session: Session) -> None:
+        """File (or unfile) the keys of ``session``'s announced turn."""
+        self._boosted_memo.clear()
+        for key in self._announced.pop(session, ()):
+            if self._announced_keys.get(key) is session:
+                del self._announced_keys[key]
+        if session.expected_at is not None and session.live:
+            keys = [(session.namespace, h) for h in session.ahead]
+            self._announced[session] = keys
+            for key in keys:
+                self._announced_keys[key] = session
 
     def _refile(self, tier: str, keys: Set[BlockKey]) -> None:
         """Move ``keys`` held in ``tier`` to the groups they belong to now, keeping each old
@@ -260,8 +281,12 @@ class TypedPolicy(Policy):
         groups = self._groups.get(tier)
         if not groups:
             return iter(())
+        boosted = self._boosted(tier, now)
         if self.guard.prefer_lru:
-            return self._recency.victims(tier, now)  # the sessions bet is losing here: plain recency
+            recency = self._recency.victims(tier, now)  # the sessions bet is losing here: plain recency
+            if not boosted:
+                return recency
+            return itertools.chain((k for k in recency if k not in boosted), self._boosted_in(tier, boosted))
         ordered = self._ordered_groups(tier, now)
         # The streams read the groups in place, not copies (the caller calls no on_* while
         # it iterates, Policy.victims): see docs/decisions.md, "Cost".
@@ -276,24 +301,67 @@ class TypedPolicy(Policy):
         if held_by:
             streams.append(self._holders_stream(tier, groups, held_by, now))
         streams.append(self._session_stream(groups, ordered))
+        if boosted:
+            # An announced turn's blocks leave their groups' order and go last of all.
+            streams = [(item for item in stream if item[2] not in boosted) for stream in streams]
+            streams.append((ANNOUNCED, 0, key) for key in self._boosted_in(tier, boosted))
         return (key for _, _, key in heapq.merge(*streams, key=lambda item: (item[0], item[1])))
 
+    def _boosted(self, tier: str, now: float) -> frozenset[BlockKey]:
+        """The keys of the turns announced to arrive within ``tier``'s horizon (memoized per
+        tier and instant, until the sessions change)."""
+        if not self._announced:
+            return frozenset()
+        memo_key = (tier, now)
+        found = self._boosted_memo.get(memo_key)
+        if found is None:
+            horizon = self.horizon(tier)
+            found = frozenset(
+                key
+                for session, keys in self._announced.items()
+                if session.expected_at is not None and session.expected_at - now <= horizon
+                for key in keys
+            )
+            if len(self._boosted_memo) > 8:
+                self._boosted_memo.clear()
+            self._boosted_memo[memo_key] = found
+        return found
+
+    def _boosted_in(self, tier: str, boosted: frozenset[BlockKey]) -> Iterator[BlockKey]:
+        """The keys of ``boosted`` held in ``tier``, each announced chain's tail first."""
+        here = self._where.get(tier, {})
+        seen: set[BlockKey] = set()
+        for keys in list(self._announced.values()):
+            for key in reversed(keys):
+                if key in boosted and key in here and key not in seen:
+                    seen.add(key)
+                    yield key
+
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
-        """The block's value in ``tier`` (its last use, while the guard prefers recency).
+        """The block's value in ``tier`` (its last use, while the guard prefers recency), at
+        ``ANNOUNCED`` for a block of a turn announced to arrive within the horizon.
         A chain's root ranks first: a session's blocks share one value, a shared block is
         worth its latest user's value plus a margin, a block n sessions hold more than any
         one of them. (One gap: a shared block valued by its latest user may rank below an
         older user's more valuable tail.)"""
+        announced = self._announced_keys.get(key)
+        due = announced is not None and key in self._boosted(tier, now)
         if self.guard.prefer_lru:
-            return self._recency.priority(key, tier, now)
+            last_use = self._recency.priority(key, tier, now)
+            return max(last_use, self._recency.newest_use + 1.0) if due else last_use
         group = self._where.get(tier, {}).get(key)
         if group is None:
             group = self._group_of(key)
         if isinstance(group, Holders):
-            return self._group_value(group, tier, now)
-        if group is SHARED:
-            return self._shared_value(key, now - self._shared_last_use(key, tier, now), tier, now)
-        return self._group_value(group, tier, now)
+            value = self._group_value(group, tier, now)
+        elif group is SHARED:
+            value = self._shared_value(key, now - self._shared_last_use(key, tier, now), tier, now)
+        else:
+            value = self._group_value(group, tier, now)
+        # A block of a turn announced to come within the horizon is sure to be used, and
+        # soon: it outranks every guess (by recency, under the guard: it ranks as the next one
+        # used).
+        return max(value, ANNOUNCED) if due else value
 
     def worth_demoting(self, key: BlockKey, tier: str, now: float) -> bool:
         """Ephemeral blocks and the tails of ended sessions are dropped, not written down."""
@@ -304,25 +372,41 @@ class TypedPolicy(Policy):
             return False
         return not (isinstance(group, Session) and group.state == ENDED)
 
-    def prefetches(self, tier: str, now: float) -> Iterator[BlockKey]:
-        """Blocks of paused sessions whose resume is near, held below ``tier`` only."""
+    def prefetches(self, tier: str, now: float) -> Iterator[Prefetch]:
+        """Per session whose next turn is near, its blocks held below ``tier`` only: those
+        announced (their announced prompt, soonest first), then those in a tool pause whose
+        predicted resume is near (their chain). Near: within ``prefetch_lead_s`` of the
+        announced arrival, or of the ``prefetch_quantile`` of the pause's distribution."""
         here = self._where.get(tier, {})
-        due: list[tuple[float, Session]] = []
+        lead = self.config.prefetch_lead_s
+        due: list[tuple[float, Session, list[int], bool]] = []
+        for session in list(self._announced):
+            if session.expected_at is None or not session.live:
+                self._announce(session)
+            elif now >= session.expected_at - lead:
+                due.append((session.expected_at, session, session.ahead, True))
+        due.sort(key=lambda item: item[0])
+        paused: list[tuple[float, Session, list[int], bool]] = []
         for session in list(self._paused):
             if session.state != TOOL_PAUSE or session.paused_at is None:
                 self._paused.pop(session, None)
                 continue
+            if session in self._announced:
+                continue
             dist = self.pauses.distribution(session.tool, session.expected_pause_s)
             resume = session.paused_at + dist.quantile(self.config.prefetch_quantile)
-            if now >= resume - self.config.prefetch_lead_s:
-                due.append((resume, session))
-        due.sort(key=lambda item: item[0])
-        for _, session in due:
+            if now >= resume - lead:
+                paused.append((resume, session, session.chain, False))
+        paused.sort(key=lambda item: item[0])
+        for _, session, chain, announced in due + paused:
             ns = session.namespace
-            for h in session.chain:
-                key = (ns, h)
-                if key not in here and any(key in w for t, w in self._where.items() if t != tier):
-                    yield key
+            keys = [
+                key
+                for key in ((ns, h) for h in chain)
+                if key not in here and any(key in w for t, w in self._where.items() if t != tier)
+            ]
+            if keys:
+                yield Prefetch(keys, announced)
 
     # -- values ---------------------------------------------------------------------------
     def horizon(self, tier: str) -> float:
@@ -356,6 +440,9 @@ class TypedPolicy(Policy):
             return 0.0
         if group.state == ENDED:
             return 0.0
+        horizon = self.horizon(tier)
+        if group.expected_at is not None and group.expected_at - now <= horizon:
+            return ANNOUNCED  # its next turn was announced to come within the horizon
         self._resolve_turns(now)
         if group.state == TOOL_PAUSE and group.paused_at is not None:
             dist = self.pauses.distribution(group.tool, group.expected_pause_s)
@@ -364,7 +451,6 @@ class TypedPolicy(Policy):
             dist = self.pauses.distribution(None)
             elapsed = now - group.last_active
         p = self.turns.p(group.turns, group.grown)
-        horizon = self.horizon(tier)
         value = reuse_probability(dist, p, max(elapsed, 0.0), horizon)
         if self.config.monotone:
             # Never rank a session above an otherwise equal one seen more recently.

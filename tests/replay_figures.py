@@ -47,6 +47,9 @@ class Case:
     tiers: dict[str, str]
     fast: bool = False
     pause_hints: str = "none"
+    resume_lead_s: float = 0.0
+    engines: int = 0
+    session_end_after_s: float | None = None
 
     def load(self) -> Trace:
         if self.trace.startswith("agentic:"):
@@ -61,7 +64,13 @@ class Case:
         trace = self.load()
         block_bytes = trace.block_size * ReplayConfig().cost.bytes_per_token
         sizes = {f"{t}_bytes": parse_capacity(self.tiers.get(t, "0"), block_bytes) for t in ("hbm", "dram", "nvme")}
-        config = ReplayConfig(**sizes, pause_hints=self.pause_hints)
+        config = ReplayConfig(
+            **sizes,
+            pause_hints=self.pause_hints,
+            resume_lead_s=self.resume_lead_s,
+            engines=self.engines,
+            session_end_after_s=self.session_end_after_s,
+        )
         out = {}
         for policy in POLICIES:
             summary = replay(trace, policy, config).summary()
@@ -76,6 +85,9 @@ CASES = [
     Case("agentic20-s1-b1024-tight", "agentic:20:1:1024", TIGHT_1024, fast=True),
     Case("agentic20-s1-b1024-roomy", "agentic:20:1:1024", ROOMY_1024, fast=True),
     Case("agentic20-s1-b1024-roomy-exact", "agentic:20:1:1024", ROOMY_1024, fast=True, pause_hints="exact"),
+    Case("agentic20-s1-b1024-roomy-lead", "agentic:20:1:1024", ROOMY_1024, fast=True, resume_lead_s=0.5),
+    Case("agentic20-s1-b1024-roomy-engines", "agentic:20:1:1024", ROOMY_1024, fast=True, engines=2),
+    Case("head-1000-end30", "head", {"dram": "1000blocks"}, fast=True, session_end_after_s=30.0),
     Case("conversation-5000", "mooncake_conversation.jsonl", {"dram": "5000blocks"}),
     Case("conversation-10000", "mooncake_conversation.jsonl", {"dram": "10000blocks"}),
     Case("synthetic-5000", "mooncake_synthetic.jsonl", {"dram": "5000blocks"}),
@@ -83,6 +95,7 @@ CASES = [
     *(Case(f"agentic60-s{s}-roomy", f"agentic:60:{s}", ROOMY) for s in range(5)),
     Case("agentic60-s1-one-tier", "agentic:60:1", {"dram": "1100blocks"}),
     Case("agentic60-s1-roomy-exact", "agentic:60:1", ROOMY, pause_hints="exact"),
+    Case("agentic60-s1-roomy-lead", "agentic:60:1", ROOMY, resume_lead_s=0.5),
 ]
 BY_NAME = {c.name: c for c in CASES}
 

@@ -18,7 +18,7 @@ import pytest
 from kvd.core.errors import NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, LoadGrant, StoreGrant
 from kvd.core.types import Outcome
-from kvd.policies import LruPolicy
+from kvd.policies import LruPolicy, Prefetch
 from kvd.tiers import ExtentAllocator
 
 PAGE = 4096
@@ -35,7 +35,8 @@ class Wandering(LruPolicy):
         self.not_kept: set[tuple[str, int]] = set()
 
     def prefetches(self, tier, now):
-        return iter(list(self.due.get(tier, [])))
+        due = self.due.get(tier)
+        return iter([Prefetch(list(due))] if due else [])
 
     def priority(self, key, tier, now):
         return self.value.get(key, super().priority(key, tier, now))

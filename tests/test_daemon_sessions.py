@@ -180,3 +180,44 @@ def test_serve_refuses_the_belady_policy(tmp_path):
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("kvd serve: ") and message in lines[0], proc.stderr
         assert not (tmp_path / "kvd.sock").exists()
+
+
+# -- an announced turn --------------------------------------------------------------------------
+
+
+def test_an_announced_turn_is_moved_up_before_it_arrives_and_kvctl_shows_it(daemon_factory, wait_until):
+    d = daemon_factory(dram="1MiB", nvme="64MiB", extra=["--policy", "typed"]).start()
+    with Client(d.address, shared_memory=False) as c:
+        c.register_namespace(NS, 16, BLOCK)
+        c.session_event(NS, "a", "turn_start", A)
+        c.store(NS, A, [block(h) for h in A], session_id="a")
+        c.session_event(NS, "a", "turn_end")
+        assert c.sync() == 0
+        c.session_event(NS, "b", "turn_start", B)
+        c.store(NS, B, [block(h) for h in B], session_id="b")  # fills DRAM: a's blocks leave it
+        c.session_event(NS, "b", "turn_end")  # b is idle, not ended: its blocks are still valued
+        assert c.lookup(NS, A) == ["nvme"] * 8
+        # A router sends a's next turn here: the daemon is told 2 s ahead.
+        assert c.expect_turn(NS, "a", A + [108], 2.0) == SessionState("idle", 1)
+        (info,) = c.sessions(NS, "a")
+        assert info.ahead_blocks == 9 and 0 < info.ahead_in_s <= 2.0
+        wait_until(lambda: c.lookup(NS, A) == ["dram"] * 8, timeout=20, what="a's announced blocks in DRAM")
+        assert c.load(NS, A) == [block(h) for h in A]
+        c.session_event(NS, "a", "turn_start", A + [108])
+        (info,) = c.sessions(NS, "a")
+        assert info.ahead_in_s is None and info.ahead_blocks == 0
+        # Named by its hashes alone: the session b's chain continues; none for a chain nobody's.
+        assert c.expect_turn(NS, "", B + [300], 1.0) == SessionState("idle", 1)
+        assert c.expect_turn(NS, "", [5555], 1.0) == SessionState("", 0)
+        for bad in (-1.0, 86_401.0, float("nan")):
+            assert code_of(c.expect_turn, NS, "a", A, bad) == CODE.INVALID_ARGUMENT, bad
+        assert code_of(c.session_event, NS, "", "turn_end") == CODE.INVALID_ARGUMENT
+        assert c.check() == []
+    kvctl = [sys.executable, "-m", "kvd.cli.kvctl", "--addr", d.address]
+    hashes = [f"{h:x}" for h in (1, 2)]
+    out = subprocess.run([*kvctl, "sessions", "ahead", "c", *hashes, "-n", NS, "--in", "3", "-o", "json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '"blocks": 2' in out.stdout and '"state": "idle"' in out.stdout
+    out = subprocess.run([*kvctl, "sessions", "ahead", "c", *hashes, "-n", NS], capture_output=True, text=True)
+    assert out.returncode == 2 and "--in" in out.stderr

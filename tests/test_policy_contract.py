@@ -6,8 +6,18 @@ from __future__ import annotations
 import pytest
 
 from kvd.core.sessions import SessionTable
-from kvd.policies import POLICIES, RETENTION_CLASSES, BeladyPolicy, Future, LruPolicy, TypedPolicy, make_policy
+from kvd.policies import (
+    POLICIES,
+    RETENTION_CLASSES,
+    BeladyPolicy,
+    Future,
+    LruPolicy,
+    Prefetch,
+    TypedPolicy,
+    make_policy,
+)
 from kvd.policies.guard import LruGuard
+from kvd.policies.typed import ANNOUNCED
 
 NS = "ns"
 A, B, C, D = (NS, 1), (NS, 2), (NS, 3), (NS, 4)
@@ -297,9 +307,30 @@ def test_typed_prefetches_a_paused_session_before_its_predicted_resume():
     due = policy.pauses.distribution("run_tests", 40.0).quantile(policy.config.prefetch_quantile)
     at = 1 + due - policy.config.prefetch_lead_s
     assert list(policy.prefetches("dram", now=at - 0.5)) == []
-    assert list(policy.prefetches("dram", now=at + 0.01)) == [A, B]  # root first
+    assert list(policy.prefetches("dram", now=at + 0.01)) == [Prefetch([A, B])]  # a guess, root first
     policy.on_stored("dram", [A], now=at + 1)
-    assert list(policy.prefetches("dram", now=at + 1)) == [B]  # what is up already is not asked again
+    assert list(policy.prefetches("dram", now=at + 1)) == [Prefetch([B])]  # what is up already is not asked again
+
+
+def test_typed_prefetches_an_announced_turn_first_and_values_it_above_every_guess():
+    sessions, policy = typed_with()
+    for sid, chain in (("s", [1, 2]), ("t", [3, 4])):
+        sessions.turn_start(NS, sid, chain, now=0)
+        sessions.turn_end(NS, sid, now=1)
+    sync(sessions, policy, 1)
+    policy.on_stored("nvme", [A, B, C, D], now=1)
+    policy.on_stored("dram", [(NS, 9)], now=1)
+    sessions.tool_pause(NS, "s", "run_tests", 0.5, now=1)  # s resumes at once, by its hint
+    sessions.expect(NS, "t", [3, 4, 5], 1.5, now=1)  # t's next turn comes in 1.5 s
+    sync(sessions, policy, 1)
+    assert list(policy.prefetches("dram", now=1)) == [Prefetch([C, D], announced=True), Prefetch([A, B])]
+    assert policy.priority(C, "dram", 1) == ANNOUNCED > policy.priority(A, "dram", 1)
+    # An announced block is a store's last victim; the announcement ends with the turn.
+    policy.on_stored("dram", [C, D], now=2)
+    assert list(policy.victims("dram", 2))[-2:] == [D, C]
+    sessions.turn_start(NS, "t", [3, 4, 5], now=3)
+    sync(sessions, policy, 3)
+    assert policy.priority(C, "dram", 3) < ANNOUNCED
 
 
 def test_guard_prefers_lru_once_the_shadow_is_ahead_and_returns():

@@ -6,7 +6,7 @@ import pytest
 
 from kvd.core.errors import NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, StoreGrant, Wait
-from kvd.policies import LruPolicy
+from kvd.policies import LruPolicy, Prefetch
 from kvd.tiers import ExtentAllocator
 
 PAGE = 4096
@@ -21,9 +21,11 @@ class ScriptedPolicy(LruPolicy):
         self.due: dict[str, list[tuple[str, int]]] = {}
         self.value: dict[tuple[str, int], float] = {}
         self.keep_below = True
+        self.announced = False  # what it names is a guess, or a turn a client announced
 
     def prefetches(self, tier, now):
-        return iter(list(self.due.get(tier, [])))
+        due = self.due.get(tier)
+        return iter([Prefetch(list(due), self.announced)] if due else [])
 
     def priority(self, key, tier, now):
         return self.value.get(key, 0.0)
@@ -83,49 +85,80 @@ def test_a_due_block_moves_up_into_free_space_and_a_load_waits_for_it():
     assert core.check() == []
 
 
-def test_making_way_evicts_only_worthless_copies_and_all_or_nothing():
+def test_an_announced_turn_makes_way_from_what_is_worth_less_all_or_nothing():
     core, policy = make(dram=2, nvme=8)
-    nvme_only(core, 1, 2, filler=[3, 4])
+    nvme_only(core, 1, 2, filler=[3, 4])  # 3 and 4 are on NVMe too: leaving DRAM costs nothing
     core.take_events()
-    # Victims come in LRU order, 4 then 3. 4 is worthless; 3 is worth something, if less
-    # than what is due: a prefetch is a guess and does not push out what is still valued.
-    policy.value.update({(NS, 1): 5.0, (NS, 2): 5.0, (NS, 4): 0.0, (NS, 3): 1.0})
+    policy.announced = True
+    # 1 and 2 are due (5.0). 4 is worth less; 3 is worth more: room for one of two, so nothing
+    # moves, and nothing is evicted for nothing (the plan is not applied).
+    policy.value.update({(NS, 1): 5.0, (NS, 2): 5.0, (NS, 4): 0.0, (NS, 3): 6.0})
     policy.due["dram"] = [(NS, 1), (NS, 2)]
-    assert core.plan_prefetch(8) == []  # room for one of two: none (a part would only churn)
-    assert core.lookup(NS, [3]) == ["dram"]
-    policy.due["dram"] = [(NS, 1)]
-    [transfer] = core.plan_prefetch(8)
-    assert transfer.record.hash == 1
-    # 4 was dropped to make way (its NVMe copy stays); 3 stays.
-    removed = [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")]
-    assert removed == [(4, "dram", "evicted")]
-    assert core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [4]) == ["nvme"]
-    core.complete_transfer(transfer)
-    assert core.lookup(NS, [1, 2]) == ["dram", "nvme"]
+    assert core.plan_prefetch(8) == []
+    assert core.take_events() == [] and core.lookup(NS, [3]) == ["dram"] and core.lookup(NS, [4]) == ["dram"]
+    policy.value[(NS, 3)] = 1.0  # now both are worth less than what is due
+    transfers = core.plan_prefetch(8)
+    assert sorted(t.record.hash for t in transfers) == [1, 2]
+    removed = [(e.hash, e.tier, e.reason, e.cause) for e in core.take_events() if hasattr(e, "reason")]
+    assert sorted(removed) == [(3, "dram", "evicted", "prefetch"), (4, "dram", "evicted", "prefetch")]
+    for t in transfers:
+        core.complete_transfer(t)
+    assert core.lookup(NS, [1, 2]) == ["dram", "dram"] and core.lookup(NS, [3]) == ["nvme"]
     assert core.check() == []
 
 
-def test_making_way_never_pushes_anything_out_of_the_tier_below():
-    # DRAM holds 5 (worthless) with no NVMe copy; NVMe is full, holding only the due block
-    # 1. Demoting 5 would need NVMe room, and the only NVMe victim is 1 itself: a prefetch
-    # never cascades evictions down (they would drop blocks nobody weighed), so nothing moves.
-    core, policy = make(dram=1, nvme=1, write_behind=False)
-    store(core, 1)
-    core.queue_write_down()
-    settle(core)  # 1 on DRAM and NVMe
-    store(core, 5)  # DRAM has one slot: 1 leaves DRAM (held on NVMe), 5 has no NVMe copy
-    settle(core)
-    assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]
-    policy.value.update({(NS, 1): 5.0, (NS, 5): 0.0})
-    policy.due["dram"] = [(NS, 1)]
+def test_a_guess_makes_way_only_from_worthless_copies():
+    core, policy = make(dram=2, nvme=8)
+    nvme_only(core, 1, 2, filler=[3, 4])
     core.take_events()
-    assert core.plan_prefetch(8) == []
-    assert core.take_demotions() == [] and core.take_events() == []
-    assert core.lookup(NS, [1]) == ["nvme"] and core.lookup(NS, [5]) == ["dram"]
+    policy.value.update({(NS, 1): 5.0, (NS, 2): 5.0, (NS, 4): 0.0, (NS, 3): 1.0})
+    policy.due["dram"] = [(NS, 1), (NS, 2)]
+    assert core.plan_prefetch(8) == [] and core.take_events() == []  # room for one of two: none
+    policy.due["dram"] = [(NS, 1)]
+    [transfer] = core.plan_prefetch(8)
+    assert [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")] == [(4, "dram", "evicted")]
+    core.complete_transfer(transfer)
+    assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [3]) == ["dram"]
+    assert core.check() == []
+
+
+def guess_or_announced(announced: bool) -> tuple[KvCore, ScriptedPolicy]:
+    """DRAM 1 holds 5 (no NVMe copy, worth 1.0); NVMe 2 holds the due block 1 (worth 5.0) and
+    9 (worth 0.5)."""
+    core, policy = make(dram=1, nvme=2, write_behind=False)
+    for h in (9, 1):
+        core.restore_block(NS, h, None, PAGE, "nvme", core.spaces["nvme"].allocate(PAGE))
+    store(core, 5)
+    policy.value.update({(NS, 1): 5.0, (NS, 5): 1.0, (NS, 9): 0.5})
+    policy.due["dram"] = [(NS, 1)]
+    policy.announced = announced
+    core.take_events()
+    return core, policy
+
+
+def test_a_guess_pushes_nothing_out_of_the_tier_below():
+    # 5 (worthless to a guess) would go down only by pushing 9 out of NVMe: nobody weighed that.
+    core, policy = guess_or_announced(announced=False)
+    policy.value[(NS, 5)] = 0.0
+    assert core.plan_prefetch(8) == [] and core.take_demotions() == [] and core.take_events() == []
     policy.keep_below = False  # now 5 is not worth keeping below: it is dropped, 1 comes up
     [transfer] = core.plan_prefetch(8)
     core.complete_transfer(transfer)
     assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [5]) == []
+    assert core.check() == []
+
+
+def test_an_announced_turn_pushes_what_it_displaces_down_as_a_store_would():
+    # 5 goes down and NVMe drops 9, worth less than 5; 1 moves up once 5's move has landed.
+    core, policy = guess_or_announced(announced=True)
+    assert core.plan_prefetch(8) == []  # its room comes as the demotion lands
+    [demotion] = core.take_demotions()
+    assert (demotion.record.hash, demotion.dst_tier, demotion.cause) == (5, "nvme", "prefetch")
+    assert [(e.hash, e.tier, e.reason) for e in core.take_events() if hasattr(e, "reason")] == [(9, "nvme", "evicted")]
+    core.complete_transfer(demotion)
+    [transfer] = core.plan_prefetch(8)
+    core.complete_transfer(transfer)
+    assert core.lookup(NS, [1]) == ["dram"] and core.lookup(NS, [5]) == ["nvme"] and core.lookup(NS, [9]) == []
     assert core.check() == []
 
 

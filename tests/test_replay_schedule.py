@@ -170,3 +170,17 @@ def test_the_report_gives_the_floor_the_kv_wait_and_the_queue(tmp_path):
     lru = data["policies"]["lru"]
     assert {"kv_transfer_s", "hbm_share_reused", "queue_s"} <= set(lru)
     assert "floor" in out.stdout and "KV wait" in out.stdout
+
+
+def test_an_aiperf_trace_replays_as_a_closed_loop(tmp_path):
+    rows = [
+        {"session_id": "a", "input_length": 8, "output_length": 4, "hash_ids": [1, 2], "timestamp": 0.0, "group_id": 0},
+        {"session_id": "a", "input_length": 4, "output_length": 1, "hash_ids": [3], "delay": 1000.0},
+    ]
+    path = write_trace(tmp_path / "a.jsonl", rows)
+    t = read_trace(path, block_size=4)
+    r = replay(t, "typed", config())
+    # Turn 1 (the first prompt, its answer's block, its piece: 16 tokens) finds turn 0's
+    # two blocks; it arrives 1 s after turn 0's end (8 ms prefill, 40 ms decode).
+    assert r.prompt_tokens == 8 + 16 and r.hit_tokens == 8 and r.refused_session_events == 0
+    assert r.session_completion_s == pytest.approx([0.008 + 0.04 + 1.0 + 2 * MS + 8 * MS + 0.01])

@@ -608,7 +608,7 @@ def test_check_finds_counts_that_disagree_with_the_chains():
     t = SessionTable()
     t.turn_start(NS, "a", [1, 2], now=0)
     t.refs[k(9)] = 1  # a count no chain explains
-    t._released[k(1)] = 99  # a live key counted as released
+    t.sharing._released[k(1)] = 99  # a live key counted as released
     problems = t.check()
     assert any("disagree" in p for p in problems)
     assert any("released are in a live chain" in p for p in problems)

@@ -277,3 +277,59 @@ def test_bad_arguments_are_value_errors_not_trace_errors(tmp_path):
         read_trace(path, block_size=0)
     with pytest.raises(FileNotFoundError):
         read_trace(tmp_path / "absent.jsonl")
+
+
+# -- aiperf's agentic-code trace ---------------------------------------------------------------
+
+AIPERF = [
+    {"session_id": "a", "input_length": 1000, "output_length": 300, "hash_ids": [1, 2], "timestamp": 0.0, "group_id": 0},
+    {"session_id": "a", "input_length": 600, "output_length": 10, "hash_ids": [3, 4], "delay": 2000.0},
+    {"session_id": "b", "input_length": 512, "output_length": 1, "hash_ids": [1], "timestamp": 0.0, "group_id": 0},
+    {"session_id": "a", "input_length": 100, "output_length": 5, "hash_ids": [5], "delay": 500.0},
+]
+
+
+def write_lines(path, lines) -> str:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
+
+
+def test_an_aiperf_turn_is_every_earlier_piece_and_answer_then_its_own(tmp_path):
+    t = read_trace(write_lines(tmp_path / "a.jsonl", AIPERF))
+    assert t.format == "aiperf" and t.block_size == 512 and t.closed_loop
+    a0, a1, a2, b0 = t.requests
+    # Answers get fresh ids above the file's (5): 6 for a's first, 7 for its second.
+    assert (a0.hash_ids, a0.input_length, a0.pause_s, a0.last) == ((1, 2), 1000, None, False)
+    assert (a1.hash_ids, a1.input_length, a1.pause_s) == ((1, 2, 6, 3, 4), 3 * 512 + 600, 2.0)
+    assert (a2.hash_ids, a2.input_length, a2.pause_s, a2.last) == ((1, 2, 6, 3, 4, 7, 5), 6 * 512 + 100, 0.5, True)
+    assert (b0.session_id, b0.turn, b0.hash_ids, b0.last) == ("b", 0, (1,), True)
+    assert [r.index for r in t.requests] == [0, 1, 2, 3] and [r.turn for r in t.requests] == [0, 1, 2, 0]
+
+
+def test_aiperf_sessions_start_together_or_staggered_by_a_seeded_gap(tmp_path):
+    path = write_lines(tmp_path / "a.jsonl", AIPERF)
+    assert [r.arrival_s for r in read_trace(path).requests if r.turn == 0] == [0.0, 0.0]
+    staggered = [r.arrival_s for r in read_trace(path, session_gap_s=10.0, seed=3).requests if r.turn == 0]
+    assert staggered[0] == 0.0 and staggered[1] > 0
+    assert staggered == [r.arrival_s for r in read_trace(path, session_gap_s=10.0, seed=3).requests if r.turn == 0]
+    with pytest.raises(ValueError, match="session_gap_s"):
+        read_trace(path, session_gap_s=0.0)
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ({**AIPERF[1], "timestamp": 5.0}, "a later row has a timestamp"),
+        ({**AIPERF[1], "hash_ids": [3]}, "1 hash_ids for input_length 600"),
+        ({k: v for k, v in AIPERF[1].items() if k != "delay"}, "missing required field 'delay'"),
+        ({k: v for k, v in AIPERF[1].items() if k != "session_id"}, "missing required field 'session_id'"),
+    ],
+)
+def test_a_bad_aiperf_row_names_its_line(tmp_path, bad, problem):
+    path = write_lines(tmp_path / "a.jsonl", [AIPERF[0], bad])
+    with pytest.raises(TraceError, match=problem) as err:
+        read_trace(path, format="aiperf")
+    assert err.value.line == 2
+    first = write_lines(tmp_path / "b.jsonl", [{**AIPERF[0], "delay": 1.0}])
+    with pytest.raises(TraceError, match="first row has a delay"):
+        read_trace(first)

@@ -37,6 +37,7 @@ from kvd.core.transfers import Transfers
 from kvd.core.types import (
     MAX_UINT64,
     BlockSpec,
+    Cause,
     CoreConfig,
     CoreStats,
     LoadGrant,
@@ -92,13 +93,13 @@ class KvCore:
     def policy(self) -> Policy:
         return self.holdings.policy
 
-    def planner(self, protect: Protect | None = None) -> Planner:
+    def planner(self, protect: Protect | None = None, cause: Cause = Cause.CAPACITY) -> Planner:
         """A placement planner over the core's state now (see :mod:`kvd.core.placement`):
         it decides and changes nothing; :func:`kvd.core.placement.apply` carries out its plan."""
         held = self.holdings
         return Planner(
             self.tiers, self.spaces, self.catalog, held.policy, held.pins, self.transfers.moving, self.clock(),
-            protect or Protect(), self.transfers.writes_behind,
+            protect or Protect(), self.transfers.writes_behind, cause,
         )
 
     # -- namespaces -----------------------------------------------------------------------

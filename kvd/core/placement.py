@@ -83,6 +83,7 @@ class Plan:
 
     steps: list[Step] = field(default_factory=list)
     orphaned_under: set[BlockKey] = field(default_factory=set)
+    lost: int = 0  # blocks of some worth whose last copy the steps drop (their orphans not counted)
 
 
 class Planner:
@@ -107,6 +108,7 @@ class Planner:
         now: float,
         protect: Protect | None = None,
         writes_behind: bool = False,
+        cause: Cause = Cause.CAPACITY,
     ) -> None:
         self.tiers = tiers
         self.top = tiers[0]
@@ -118,6 +120,7 @@ class Planner:
         self.now = now
         self.protect = protect or Protect()
         self.writes_behind = writes_behind
+        self.cause = cause  # what the room is for (the removal events name it)
         self.plan = Plan()
         self._gone: set[Copy] = set()
         self._gone_of: dict[BlockRecord, int] = {}  # copies of a record the plan drops
@@ -244,6 +247,8 @@ class Planner:
         self.plan.steps.append(Drop(record, tier, copy, cause))
         self._forget(record, tier, copy)
         if not self.present(record):
+            if self.policy.priority(record.key, tier, self.now) > 0:
+                self.plan.lost += 1
             self._orphan(self.catalog.get(record.namespace), record.hash)
 
     def _orphan(self, ns: Namespace, h: int) -> None:
@@ -330,28 +335,41 @@ class Planner:
                     self.unclaim(lower, record.nbytes)
                 return 0
             if below is True:
-                self.demote(record, tier, copy, lower, Cause.CAPACITY)  # into the slot claimed
+                self.demote(record, tier, copy, lower, self.cause)  # into the slot claimed
                 return copy.slot.length
             if isinstance(below, Wait):
                 return copy.slot.length
-        self.drop(record, tier, copy, Cause.CAPACITY)
+        self.drop(record, tier, copy, self.cause)
         return 0
 
-    def way(self, tier: TierName, need: int, worth: float) -> None:
-        """Make up to ``need`` bytes of ``tier`` for prefetches from copies the policy values
-        at ``worth`` or less: each is dropped when held ready below or not worth keeping,
-        demoted when the tier below has a free slot, else left. A prefetch is a guess about
-        the future: it never pushes anything out of the tiers below."""
+    def way(self, tier: TierName, need: int, worth: float, cascade: bool = True) -> bool:
+        """Make ``need`` bytes of ``tier`` for prefetches from the copies the policy values
+        below ``worth``. With ``cascade`` (an announced turn) each is evicted as a store's
+        victim is; without (a guess), each is dropped when held ready below or not worth
+        keeping, demoted only into a free slot below (a guess pushes nothing out of the
+        tiers below), else left. Returns whether the room is made: free once the plan is
+        applied, or once its demotions land. (Apply the plan only then: a part of the room
+        made for nothing moved blocks for nothing.)"""
         lower = self.lower(tier)
-        for record, copy in self.victims(tier, need, max_priority=worth):
-            if self.copy_in(record, tier) is not copy:
-                continue  # orphaned by an earlier drop
-            below = self.copy_in(record, lower) if lower else None
-            if lower is None or (below is not None and below.ready) or not self.worth_demoting(record, tier):
-                self.drop(record, tier, copy, Cause.PREFETCH)
-            elif below is None and self.has_slot(lower, record.nbytes):
-                self.claim(lower, record.nbytes)
-                self.demote(record, tier, copy, lower, Cause.PREFETCH)
+        short = need - self.free_bytes(tier)
+        pending = 0
+        if short > 0:
+            for record, copy in self.victims(tier, short, max_priority=worth):
+                if cascade:
+                    pending += self.evict(tier, lower, record, copy)
+                elif self.copy_in(record, tier) is copy:
+                    pending += self._guess_way(tier, lower, record, copy)
+        return self.free_bytes(tier) + pending >= need
+
+    def _guess_way(self, tier: TierName, lower: TierName | None, record: BlockRecord, copy: Copy) -> int:
+        below = self.copy_in(record, lower) if lower else None
+        if lower is None or (below is not None and below.ready) or not self.worth_demoting(record, tier):
+            self.drop(record, tier, copy, self.cause)
+        elif below is None and self.has_slot(lower, record.nbytes):
+            self.claim(lower, record.nbytes)
+            self.demote(record, tier, copy, lower, self.cause)
+            return copy.slot.length
+        return 0
 
     # -- victims --------------------------------------------------------------------------
     def worth_demoting(self, record: BlockRecord, tier: TierName) -> bool:

@@ -5,14 +5,13 @@ extend one another. Engines and routers may say so (session events with an id); 
 hints the table infers it: a request whose prefix extends an earlier request's chain, up to
 that chain's last and possibly partial block, continues that session.
 
-The table also keeps, per block, how many live sessions' chains hold it: a block in two or
-more is a *shared prefix* (system prompt, repository context). Like the rest of the core it
-does no I/O and reads time only from the ``now`` it is given (seconds).
+The table also keeps, per block, how many live sessions' chains hold it (:mod:`kvd.core.
+sharing`): a block in two or more is a *shared prefix* (system prompt, repository context).
+A session's next turn may be announced (:meth:`SessionTable.expect`). Like the rest of the
+core it does no I/O and reads time only from the ``now`` it is given (seconds).
 
-Invariants (checked by :meth:`check`):
-- ``refs[key]`` equals the number of sessions whose chain holds ``key`` (keys with no
-  session are absent), and ``hinted_refs[key]`` the number of those an engine named;
-- each session's chain tail keys are indexed in ``_tails`` unless they are shared.
+Invariants (checked by :meth:`check`): the sharing counts agree with the live chains; each
+session's chain tail keys are indexed in ``_tails`` unless they are shared.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kvd.core.errors import InvalidArgument, SessionStateError, UnknownSession
+from kvd.core.sharing import Sharing
 
 BlockKey = tuple[str, int]
 
@@ -123,24 +123,10 @@ class SessionTable:
     def __init__(self, config: SessionConfig | None = None) -> None:
         self.config = config or SessionConfig()
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # least recent first
-        self.refs: dict[BlockKey, int] = {}
-        # Of those, chains of sessions an engine named (not inferred): they say when they
-        # end, so a hold of theirs is a promise of reuse; an inferred one may have gone quiet.
-        self.hinted_refs: dict[BlockKey, int] = {}
-        self._owner: dict[BlockKey, Session] = {}  # the first session to hold a key
-        self._latest: dict[BlockKey, Session] = {}  # the last session to take a key into its chain
-        # Keys that were once in two sessions' chains: a repository context outlives the
-        # sessions that shared it (the next session on that repository wants it again).
-        self._ever_shared: OrderedDict[BlockKey, None] = OrderedDict()
-        # Keys an ended session's chain left held by no chain, with that session's seq: a key
-        # taken up again by another session was in two sessions' chains, one after the other
-        # (the next session on a repository after the last one on it ended). Not the keys a
-        # live chain moves past (a turn's partial last block, each turn): no one takes them.
-        self._released: OrderedDict[BlockKey, int] = OrderedDict()
+        self.sharing = Sharing(self.config.max_shared_keys)
         self._tails: dict[BlockKey, Session] = {}  # a chain's last two keys -> its session
         self._ids = itertools.count(1)
         self._changed: list[Session] = []  # state changes since take_changes()
-        self._reclassified: set[BlockKey] = set()  # keys whose holders changed
         self._observations: list[Observation] = []
         self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()  # ended sessions -> end time
 
@@ -154,20 +140,27 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def refs(self) -> dict[BlockKey, int]:
+        """Key -> the live sessions' chains holding it (see :mod:`kvd.core.sharing`)."""
+        return self.sharing.refs
+
+    @property
+    def hinted_refs(self) -> dict[BlockKey, int]:
+        """Key -> the chains holding it of sessions an engine named."""
+        return self.sharing.hinted_refs
+
     def owner(self, key: BlockKey) -> Session | None:
         """The one live session holding ``key`` in its chain; None when shared or orphaned."""
-        if self.refs.get(key, 0) != 1:
-            return None
-        session = self._owner.get(key)
-        return session if session is not None and session.live else None
+        return self.sharing.owner(key)
 
     def latest(self, key: BlockKey) -> Session | None:
         """The session that most recently took ``key`` into its chain."""
-        return self._latest.get(key)
+        return self.sharing.latest(key)
 
     def is_shared(self, key: BlockKey) -> bool:
         """In two or more live chains now, or once was (a shared prefix stays one)."""
-        return self.refs.get(key, 0) >= 2 or key in self._ever_shared
+        return self.sharing.is_shared(key)
 
     # -- events ---------------------------------------------------------------------------
     def turn_start(
@@ -214,7 +207,7 @@ class SessionTable:
         if parent is not None:
             owner = session if session is not None else self._tails.get((namespace, parent))
             if owner is None and chain:
-                owner = self._latest.get((namespace, chain[0]))  # a part stored again (a retry)
+                owner = self.sharing.latest((namespace, chain[0]))  # a part stored again (a retry)
             if owner is not None and owner.live:
                 at = _rindex(owner.chain, parent)
                 if at is not None:
@@ -337,7 +330,7 @@ class SessionTable:
         return out
 
     def take_reclassified(self) -> set[BlockKey]:
-        out, self._reclassified = self._reclassified, set()
+        out, self.sharing.reclassified = self.sharing.reclassified, set()
         return out
 
     def take_observations(self) -> list[Observation]:
@@ -357,16 +350,7 @@ class SessionTable:
                     counts[key] = counts.get(key, 0) + 1
                     if not session.inferred:
                         hinted[key] = hinted.get(key, 0) + 1
-        if counts != self.refs:
-            diff = set(counts.items()) ^ set(self.refs.items())
-            problems.append(f"sessions: {len(diff)} block reference counts disagree with the chains")
-        if hinted != self.hinted_refs:
-            diff = set(hinted.items()) ^ set(self.hinted_refs.items())
-            problems.append(f"sessions: {len(diff)} hinted reference counts disagree with the chains")
-        held = sum(1 for key in self._released if key in self.refs)
-        if held:
-            problems.append(f"sessions: {held} keys counted as released are in a live chain")
-        return problems
+        return problems + self.sharing.check(counts, hinted)
 
     # -- internals ------------------------------------------------------------------------
     def _require(self, namespace: str, session_id: str) -> Session:
@@ -436,44 +420,11 @@ class SessionTable:
         self._tail(session)
 
     def _ref(self, key: BlockKey, session: Session) -> None:
-        n = self.refs.get(key, 0) + 1
-        self.refs[key] = n
-        self._latest[key] = session
-        self._reclassified.add(key)  # a policy may value a block by its holders
-        if not session.inferred:
-            self.hinted_refs[key] = self.hinted_refs.get(key, 0) + 1
-        if n == 1:
-            self._owner[key] = session  # an orphan's copies become this session's
-            holder = self._released.pop(key, None)
-            if holder is not None and holder != session.seq:
-                self._mark_shared(key)
-        elif n == 2:
-            self._tails.pop(key, None)
-            self._mark_shared(key)
-
-    def _mark_shared(self, key: BlockKey) -> None:
-        self._ever_shared[key] = None
-        self._ever_shared.move_to_end(key)
-        if len(self._ever_shared) > self.config.max_shared_keys:
-            self._ever_shared.popitem(last=False)
+        if self.sharing.ref(key, session) == 2:
+            self._tails.pop(key, None)  # a shared key says nothing about which chain continues
 
     def _unref(self, key: BlockKey, session: Session) -> None:
-        n = self.refs.get(key, 0) - 1
-        self._reclassified.add(key)
-        if not session.inferred:
-            hinted = self.hinted_refs.get(key, 0) - 1
-            if hinted > 0:
-                self.hinted_refs[key] = hinted
-            else:
-                self.hinted_refs.pop(key, None)
-        if n <= 0:
-            self.refs.pop(key, None)
-            self._owner.pop(key, None)
-            self._latest.pop(key, None)
-            return
-        self.refs[key] = n
-        if self._owner.get(key) is session:
-            self._owner.pop(key)  # re-found when it is one session's again
+        self.sharing.unref(key, session)
 
     def _tail(self, session: Session) -> None:
         for h in session.chain[-2:]:
@@ -494,15 +445,8 @@ class SessionTable:
         self._untail(session)
         if session.turns >= 2:
             for h in session.chain[: session.head]:
-                self._mark_shared((session.namespace, h))
-        for h in set(session.chain):
-            key = (session.namespace, h)
-            self._unref(key, session)
-            if key not in self.refs:
-                self._released[key] = session.seq
-                self._released.move_to_end(key)
-                if len(self._released) > self.config.max_shared_keys:
-                    self._released.popitem(last=False)
+                self.sharing.mark_shared((session.namespace, h))
+        self.sharing.release(session, [(session.namespace, h) for h in set(session.chain)])
         self._forget_chain(session)
 
     def _learn_resume(self, session: Session, now: float) -> None:

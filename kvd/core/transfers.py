@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from kvd.core.catalog import BlockRecord, Copy
+from kvd.core.catalog import BlockKey, BlockRecord, Copy
 from kvd.core.events import RemovalReason
 from kvd.core.holdings import Holdings
 from kvd.core.placement import Planner, Protect, apply
 from kvd.core.types import Cause, CoreConfig, Outcome, Transfer, TransferKind
 from kvd.media import DRAM, NVME, TierName
+from kvd.policies import Prefetch
 
 UPWARD = (TransferKind.PROMOTE, TransferKind.PREFETCH)
 
@@ -36,7 +37,7 @@ class Transfers:
     """Transfers in flight, demotions waiting for the mover, and the write-behind queue.
     ``planner``: makes a :class:`Planner` over the core's state at this instant."""
 
-    def __init__(self, holdings: Holdings, config: CoreConfig, planner: Callable[[Protect], Planner]) -> None:
+    def __init__(self, holdings: Holdings, config: CoreConfig, planner: Callable[..., Planner]) -> None:
         self.holdings = holdings
         self.config = config
         self.planner = planner
@@ -157,44 +158,57 @@ class Transfers:
     # -- prefetch -------------------------------------------------------------------------
     def plan_prefetch(self, max_blocks: int) -> list[Transfer]:
         """Up to ``max_blocks`` transfers moving blocks the policy expects to be needed soon
-        one tier up (to the top tier from the next one, and so on). Room is made only from
-        copies the policy values less than what is due, and at most worthless ones (a
-        prefetch is a guess); all of a tier's due blocks move, or none (a part squeezed in
-        is pushed out again by the next store before it is used)."""
+        one tier up (to the top tier from the next one, and so on), group by group as the
+        policy names them (one turn's prompt; the most urgent first). A group moves whole or
+        not at all (a part squeezed in is pushed out again before it is used). Its room is
+        made only from copies the policy values below every block of the group, never from
+        their sources below, and the plan is applied only when it makes the whole room; a
+        group whose room waits for demotions to land keeps the less urgent ones out. A guess
+        (a turn not announced) makes way only where that loses no block: what it displaces
+        goes down, or goes where another tier holds it."""
         held = self.holdings
         out: list[Transfer] = []
         now = held.clock()
         for upper, lower in zip(held.tiers, held.tiers[1:]):
-            due = self._due(upper, lower, max_blocks - len(out), now)
-            if not due:
-                continue
             space = held.spaces[upper]
-            need = sum(space.slot_bytes(record.nbytes) for record in due)
-            if space.capacity_bytes - space.used_bytes < need:
-                worth = min(0.0, min(held.policy.priority(r.key, upper, now) for r in due) - 1e-12)
-                planner = self.planner(Protect())
-                planner.way(upper, need, worth)
-                apply(planner.plan, held, self)
-            if space.capacity_bytes - space.used_bytes >= need:
+            seen: set = set()
+            for group in _announced_first(held.policy.prefetches(upper, now)):
+                due = self._due(group.keys, upper, lower, seen, max_blocks - len(out))
+                if not due:
+                    continue
+                need = sum(space.slot_bytes(record.nbytes) for record in due)
+                if space.capacity_bytes - space.used_bytes < need:
+                    worth = min(held.policy.priority(r.key, upper, now) for r in due) - 1e-12
+                    if not group.announced:
+                        worth = min(0.0, worth)  # a guess makes way only from worthless copies
+                    sources = frozenset(r.copies[lower] for r in due)
+                    planner = self.planner(Protect(copies=sources), Cause.PREFETCH)
+                    if not planner.way(upper, need, worth, cascade=group.announced):
+                        continue  # no room for it now
+                    apply(planner.plan, held, self, keep=sources)
+                    if space.capacity_bytes - space.used_bytes < need:
+                        break  # its room comes as the demotions land
                 self._prefetch_into(upper, lower, due, out)
-            if len(out) >= max_blocks:
-                break
+                if len(out) >= max_blocks:
+                    return out
         return out
 
-    def _due(self, upper: TierName, lower: TierName, limit: int, now: float) -> list[BlockRecord]:
-        """The policy's prefetches into ``upper`` that ``lower`` holds ready, each once (a
-        block several sessions share may be named once for each), at most ``limit``."""
+    def _due(
+        self, group: Sequence[BlockKey], upper: TierName, lower: TierName, seen: set, limit: int
+    ) -> list[BlockRecord]:
+        """The blocks of ``group`` that ``lower`` holds ready and ``upper`` does not, each
+        once across the groups of one round (a block several sessions share is named once
+        for each), at most ``limit``."""
         due: list[BlockRecord] = []
-        seen = set()
-        for key in self.holdings.policy.prefetches(upper, now):
+        for key in group:
+            if len(due) >= limit:
+                break
             record = self.holdings.catalog.record(key)
             src = record.copies.get(lower) if record is not None else None
             if record is None or key in seen or upper in record.copies or src is None or not src.ready:
                 continue
             seen.add(key)
             due.append(record)
-            if len(due) >= limit:
-                break
         return due
 
     def _prefetch_into(self, upper: TierName, lower: TierName, due: list[BlockRecord], out: list[Transfer]) -> None:
@@ -242,3 +256,12 @@ class Transfers:
         elif transfer.kind not in UPWARD and NVME in held.spaces and held.lower(transfer.src_tier):
             self.write_behind.append(record)
         held.sweep_orphans()
+
+
+def _announced_first(groups) -> list[Prefetch]:
+    """The announced groups one by one, then every guess as one group: guesses move
+    together or not at all (one by one, small ones squeezed into a full tier and pushed
+    out what the next stores needed)."""
+    named = list(groups)
+    guesses = [key for g in named if not g.announced for key in g.keys]
+    return [g for g in named if g.announced] + ([Prefetch(guesses)] if guesses else [])

@@ -57,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--session-end-after", type=float, metavar="S",
         help="for traces without `last`: the application reports a conversation's end S seconds after its last turn",
     )
+    p.add_argument(
+        "--session-gap-s", type=float, metavar="MEAN",
+        help="aiperf traces: start the sessions one after another, exponential gaps of this mean (seed: --seed)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the seed of --session-gap-s (default 0)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the policies side by side (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
@@ -101,7 +106,9 @@ def _run(args: argparse.Namespace) -> int:
     for flag, value in (("--resume-lead-s", args.resume_lead_s), ("--session-end-after", args.session_end_after)):
         if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_EXPECTED_PAUSE_S):
             raise ValueError(f"{flag} must be in [0, {MAX_EXPECTED_PAUSE_S:.0f}] seconds")
-    trace = read_trace(args.trace, args.format, args.block_size)
+    if args.session_gap_s is not None and not (math.isfinite(args.session_gap_s) and args.session_gap_s > 0):
+        raise ValueError("--session-gap-s must be a positive number of seconds")
+    trace = read_trace(args.trace, args.format, args.block_size, args.session_gap_s, args.seed)
     if not trace.requests:
         raise ValueError(f"{args.trace}: no requests")
     cost = CostModel(**{f.name: getattr(args, f.name) for f in fields(CostModel)})

@@ -339,8 +339,10 @@ class Replay:
                 self._push(max(now, arrival - self.config.resume_lead_s), ANNOUNCE, (nxt, arrival))
 
     def _announce(self, req: TraceRequest, arrives_in_s: float) -> None:
-        """Tell the node that ``req`` is coming (named by its session, or by its hashes)."""
+        """Tell the node that ``req`` is coming (named by its session, or by its hashes);
+        its mover plans prefetches at once, as the daemon's does when a turn is announced."""
         self._session_event(req, SessionEvent.TURN_AHEAD, list(req.hash_ids), expected_s=max(0.0, arrives_in_s))
+        self._next_prefetch = self.clock.now
 
     def _session_event(self, req: TraceRequest, kind: SessionEvent, hashes=(), **kw) -> None:
         """One session event for ``req``'s session (by its hashes when it has no id); one the

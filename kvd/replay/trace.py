@@ -1,7 +1,7 @@
-"""Request traces for `kvd replay`: one reader for three JSONL formats.
+"""Request traces for `kvd replay`: one reader for four JSONL formats.
 
 - ``mooncake`` — Mooncake's FAST'25 traces (kvcache-ai/Mooncake, ``FAST25-release/traces``;
-  tests/data holds the head of the conversation trace): ``timestamp`` in
+  traces/ holds the conversation and synthetic ones): ``timestamp`` in
   **milliseconds** from the trace start, ``input_length``, ``output_length`` (tokens),
   ``hash_ids`` (one id per 512 tokens, the last block may be partial). No sessions.
 - ``bailian`` — Alibaba Bailian's Qwen traces (alibaba-edu/qwen-bailian-usagetraces-anon,
@@ -13,6 +13,9 @@
 - ``kvd`` — kvd's agentic session format (what `kvd gen-workload` writes): ``timestamp`` in
   **seconds**, optional ``block_size`` (default 16), ``session_id``, ``turn`` (0-based),
   ``tool``, ``pause_s`` (seconds, closed loop), ``last``.
+- ``aiperf`` — what ``aiperf synthesize agentic-code`` writes: Mooncake-style rows with a
+  ``session_id``; a session's later rows carry only the piece a turn adds and its ``delay``
+  (:mod:`kvd.replay.aiperf`).
 
 A Mooncake line is also a valid kvd line — but its timestamp is in milliseconds, so a
 Mooncake file read as ``kvd`` would run 1000 times slower. ``format="auto"`` therefore reads
@@ -34,12 +37,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("mooncake", "bailian", "kvd")
-DEFAULT_BLOCK_SIZE = {"mooncake": 512, "bailian": 16, "kvd": 16}
+FORMATS = ("mooncake", "bailian", "kvd", "aiperf")
+DEFAULT_BLOCK_SIZE = {"mooncake": 512, "bailian": 16, "kvd": 16, "aiperf": 512}
 """Tokens per hash id when a line does not say (kvd's ``block_size`` field)."""
 
 _BAILIAN_KEYS = frozenset({"chat_id", "parent_chat_id"})
 _KVD_KEYS = frozenset({"session_id", "pause_s", "turn", "tool", "last", "block_size"})
+_AIPERF_KEYS = frozenset({"delay", "group_id"})
 _HASH_LIMIT = 1 << 64  # block ids are the daemon's 64-bit unsigned hashes
 
 
@@ -90,12 +94,20 @@ class Trace:
         return any(r.pause_s is not None for r in self.requests)
 
 
-def read_trace(path: str | os.PathLike[str], format: str = "auto", block_size: int | None = None) -> Trace:
+def read_trace(
+    path: str | os.PathLike[str],
+    format: str = "auto",
+    block_size: int | None = None,
+    session_gap_s: float | None = None,
+    seed: int = 0,
+) -> Trace:
     """Read a JSONL trace.
 
-    ``format``: ``"auto"`` (Bailian when a line has ``chat_id``/``parent_chat_id``, kvd when
-    one has any of ``session_id``/``pause_s``/``turn``/``tool``/``last``/``block_size``,
-    otherwise Mooncake), or one of :data:`FORMATS`. ``block_size``: tokens per hash id for
+    ``format``: ``"auto"`` (Bailian when a line has ``chat_id``/``parent_chat_id``, aiperf
+    when one has ``delay``/``group_id``, kvd when one has any of
+    ``session_id``/``pause_s``/``turn``/``tool``/``last``/``block_size``, otherwise
+    Mooncake), or one of :data:`FORMATS`. ``session_gap_s`` (aiperf): start the sessions one
+    after another, exponential gaps of this mean (``seed``), not all at their timestamps. ``block_size``: tokens per hash id for
     lines that do not give one (default: 512 Mooncake, 16 Bailian and kvd); a kvd line whose
     ``block_size`` differs from the argument (or, without it, from the first line's) is an
     error — one trace has one geometry.
@@ -112,6 +124,10 @@ def read_trace(path: str | os.PathLike[str], format: str = "auto", block_size: i
     default_bs = block_size if block_size is not None else DEFAULT_BLOCK_SIZE[format]
     if format == "mooncake":
         requests = _mooncake(path, records, default_bs)
+    elif format == "aiperf":
+        from kvd.replay.aiperf import read_aiperf  # it builds on this module's line reader
+
+        requests = read_aiperf(path, records, default_bs, session_gap_s, seed)
     elif format == "bailian":
         requests = _bailian(path, records, default_bs)
     else:
@@ -149,6 +165,8 @@ def _detect(records: list[Record]) -> str:
     # A whole-file decision: a kvd file's first request may well carry no session fields.
     if any(not _BAILIAN_KEYS.isdisjoint(obj) for _, obj in records):
         return "bailian"
+    if any(not _AIPERF_KEYS.isdisjoint(obj) for _, obj in records):
+        return "aiperf"
     if any(not _KVD_KEYS.isdisjoint(obj) for _, obj in records):
         return "kvd"
     return "mooncake"

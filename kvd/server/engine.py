@@ -275,6 +275,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
             expected_s=_expected_s(request, kind),
         )
         self.s.after_core()
+        if kind == "turn_ahead" and self.s.mover is not None:
+            self.s.mover.wake()  # its blocks move up now, not at the mover's next round
         if session is None:
             return engine_pb2.SessionEventResponse()  # named by hashes that no live session continues
         return engine_pb2.SessionEventResponse(state=session.state, turns=session.turns)
