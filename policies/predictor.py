@@ -11,6 +11,8 @@ Pure objects: fed observations, asked for probabilities; time is seconds, given 
 - :class:`ContinuePredictor` estimates P(another turn | turns so far) per turn bucket. A
   turn's outcome is known when the next turn starts, or, for the rest, once the turn is
   older than a maturity age (by then a session that was coming back would have).
+- :class:`EndReports` learns whether sessions that end say so, and how late: a session that
+  has been quiet longer than its end would take to be reported is coming back.
 """
 
 from __future__ import annotations
@@ -347,6 +349,59 @@ class ContinuePredictor:
         """(continued, stopped) resolved so far in the cell of ``turns`` and ``blocks``."""
         t, b = turn_bucket(turns), _bucket(GROWTH_BUCKETS, blocks)
         return self._continued[t][b], self._stopped[t][b]
+
+
+class EndReports:
+    """How sessions end: the share whose end is reported (an end event, against those that
+    went quiet until they expired), and how long after its last sign of life a session's end
+    is reported (the latest ``window`` reports, seconds).
+
+    :meth:`continuing` turns P(another turn) into P(another turn | no end reported after
+    ``e`` seconds of quiet)::
+
+        p' = p / (p + (1 - p) (1 - R(e)))
+
+    with R(e) the share of ending sessions whose end has been reported by ``e``. Where no end
+    was ever reported R is 0 and p' = p: a namespace without end events keeps its guess.
+    ``prior_weight`` counts as unreported ends, so R stays below 1 and p' below 1 for p < 1.
+    """
+
+    def __init__(self, window: int = 1024, prior_weight: float = 2.0) -> None:
+        if window < 1:
+            raise ValueError("the window of end reports holds at least one")
+        self.window = window
+        self.prior_weight = prior_weight
+        self.reported = 0
+        self.unreported = 0
+        self._recent: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def observe(self, seconds: float, reported: bool) -> None:
+        """A session ended ``seconds`` after its last sign of life, ``reported`` or not."""
+        if not reported:
+            self.unreported += 1
+            return
+        if seconds < 0 or math.isnan(seconds):
+            return
+        self.reported += 1
+        self._recent.append(seconds)
+        bisect.insort(self._sorted, seconds)
+        if len(self._recent) > self.window:
+            old = self._recent.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+    def reported_by(self, seconds: float) -> float:
+        """P(an ending session's end has been reported ``seconds`` after its last sign of life)."""
+        if not self._sorted:
+            return 0.0
+        share = self.reported / (self.reported + self.unreported + self.prior_weight)
+        return share * bisect.bisect_right(self._sorted, seconds) / len(self._sorted)
+
+    def continuing(self, p_continue: float, quiet_s: float) -> float:
+        """P(another turn | ``p_continue`` before, no end reported after ``quiet_s`` seconds)."""
+        silent_end = (1.0 - p_continue) * (1.0 - self.reported_by(quiet_s))
+        total = p_continue + silent_end
+        return p_continue / total if total > 0 else 0.0
 
 
 def reuse_probability(dist: Lognormal | Empirical, p_continue: float, elapsed_s: float, horizon_s: float) -> float:

@@ -18,6 +18,11 @@ distribution (or around the hint's expected seconds), and given the time already
 
     P = p (F(e + H) - F(e)) / (1 - p F(e))
 
+Where sessions report their ends, quiet says more: p becomes P(another turn | no end reported
+after the quiet so far), from the share of ends reported and how late they come
+(:class:`~kvd.policies.predictor.EndReports`) — a session quiet for longer than its end would
+take to be reported is coming back.
+
 The horizon H is the tier's residence time (Little's law: blocks held / insertions per
 second). A shared block that n live named sessions hold (their engines said who they are,
 so they also say when they end) is worth P(any of them turns within H) = 1 - (1 - q)^n,
@@ -35,8 +40,12 @@ that changes group (a holder came or went) joins its new group at the recent end
 chain's order kept. Victims merge the groups by value.
 
 Prefetch: a paused session whose predicted resume is near (the ``prefetch_quantile`` of its
-pause distribution, minus a lead for the transfer) asks for its blocks one tier up. Pressure
-demotes one tier down; ephemeral blocks are dropped rather than written down.
+pause distribution, minus a lead for the transfer) asks for its blocks one tier up. A turn
+announced (``turn_ahead``) is sure to come: its blocks are worth ``ANNOUNCED`` within the
+horizon and move up first, making way. So is a hinted pause once its tool's hints have
+proved sharp (``sure_hint_sigma``): its session's chain is announced for the pause's
+predicted end. Pressure demotes one tier down; ephemeral blocks are dropped rather than
+written down.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, ObservationKind, S
 from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy, Prefetch
 from kvd.policies.guard import LruGuard
 from kvd.policies.lru import LruPolicy
-from kvd.policies.predictor import ContinuePredictor, PausePredictor, reuse_probability
+from kvd.policies.predictor import ContinuePredictor, EndReports, PausePredictor, reuse_probability
 
 SHARED, EPHEMERAL = "shared_prefix", "ephemeral"
 # The value of a block of a turn announced to arrive within the horizon: above any reuse
@@ -83,6 +92,7 @@ class TypedConfig:
     shared_margin: float = 0.05  # added to a shared block's value: it outlives its users' tails
     prefetch_quantile: float = 0.25  # prefetch once this share of pauses would have ended ...
     prefetch_lead_s: float = 2.0  # ... minus this lead
+    sure_hint_sigma: float = 0.25  # a hinted pause of a tool whose hints proved this sharp (log s) is announced
     maturity_min_s: float = 5.0  # bounds on the age at which an unanswered turn counts as the last
     maturity_max_s: float = 900.0
     shared_by_holders: bool = True  # value a shared block by how many live named sessions hold it
@@ -96,6 +106,7 @@ class TypedPolicy(Policy):
         self.config = config or TypedConfig()
         self.pauses = PausePredictor(model=self.config.pause_model)
         self.turns = ContinuePredictor()
+        self.ends = EndReports()
         self.shared_gaps = PausePredictor()
         # tier -> group -> key -> last access (seconds); a group is a Session or a class name
         self._groups: dict[str, dict[object, OrderedDict[BlockKey, float]]] = {}
@@ -109,6 +120,7 @@ class TypedPolicy(Policy):
         self._paused: dict[Session, None] = {}  # sessions in a tool pause (ordered set)
         self._announced: dict[Session, list[BlockKey]] = {}  # sessions whose next turn was announced -> its keys
         self._announced_keys: dict[BlockKey, Session] = {}  # a key of an announced turn -> its session
+        self._arrivals: dict[Session, float] = {}  # an announced turn's arrival (seconds, policy clock)
         self._boosted_memo: dict[tuple[str, float], frozenset[BlockKey]] = {}
         self.guard = LruGuard()
         self._memo: dict[tuple[int, str], float] = {}
@@ -226,6 +238,8 @@ class TypedPolicy(Policy):
             elif obs.kind is ObservationKind.TURN and obs.session is not None:
                 self.turns.reached(obs.session, obs.turns, obs.session.grown, now)
                 self._judge(obs.session)
+            elif obs.kind is ObservationKind.END:
+                self.ends.observe(obs.seconds, obs.reported)
         for tier in self._groups:
             self._dirty.setdefault(tier, set()).update(changed)
         for session in changed:
@@ -239,16 +253,39 @@ class TypedPolicy(Policy):
                 self._refile(tier, reclassified)
 
     def _announce(self, session: Session) -> None:
-        """File (or unfile) the keys of ``session``'s announced turn."""
+        """File (or unfile) the keys of ``session``'s announced turn: one announced by
+        ``turn_ahead``, or a tool pause whose hint is sure (see :meth:`_sure_resume`), whose
+        next turn carries the chain so far (but a partial last block, which it completes)."""
         self._boosted_memo.clear()
         for key in self._announced.pop(session, ()):
             if self._announced_keys.get(key) is session:
                 del self._announced_keys[key]
-        if session.expected_at is not None and session.live:
-            keys = [(session.namespace, h) for h in session.ahead]
-            self._announced[session] = keys
-            for key in keys:
-                self._announced_keys[key] = session
+        self._arrivals.pop(session, None)
+        if not session.live:
+            return
+        if session.expected_at is not None:
+            at, hashes = session.expected_at, session.ahead
+        else:
+            at = self._sure_resume(session)
+            hashes = session.chain[:-1] if session.last_partial else session.chain
+        if at is None:
+            return
+        keys = [(session.namespace, h) for h in hashes]
+        self._announced[session] = keys
+        self._arrivals[session] = at
+        for key in keys:
+            self._announced_keys[key] = session
+
+    def _sure_resume(self, session: Session) -> float | None:
+        """When a session in a hinted tool pause resumes, if its tool's hints have proved
+        sharp (their log error's spread at most ``sure_hint_sigma``): the ``prefetch_quantile``
+        of the pause predicted around the hint, so the move is done before most resumes."""
+        if session.state != TOOL_PAUSE or session.paused_at is None or not session.expected_pause_s:
+            return None
+        dist = self.pauses.distribution(session.tool, session.expected_pause_s)
+        if dist.sigma > self.config.sure_hint_sigma:
+            return None
+        return session.paused_at + dist.quantile(self.config.prefetch_quantile)
 
     def _refile(self, tier: str, keys: Set[BlockKey]) -> None:
         """Move ``keys`` held in ``tier`` to the groups they belong to now, keeping each old
@@ -319,7 +356,7 @@ class TypedPolicy(Policy):
             found = frozenset(
                 key
                 for session, keys in self._announced.items()
-                if session.expected_at is not None and session.expected_at - now <= horizon
+                if self._arrivals[session] - now <= horizon
                 for key in keys
             )
             if len(self._boosted_memo) > 8:
@@ -374,19 +411,19 @@ class TypedPolicy(Policy):
 
     def prefetches(self, tier: str, now: float) -> Iterator[Prefetch]:
         """Per session whose next turn is near, its blocks held below ``tier`` only: those
-        announced (their announced prompt, soonest first), then those in a tool pause whose
-        predicted resume is near (their chain). Near: within ``prefetch_lead_s`` of the
+        announced (their announced prompt, or a surely hinted pause's chain; soonest first),
+        then those in a tool pause whose predicted resume is near (their chain). Near: within ``prefetch_lead_s`` of the
         announced arrival, or of the ``prefetch_quantile`` of the pause's distribution."""
         here = self._where.get(tier, {})
         lead = self.config.prefetch_lead_s
-        due: list[tuple[float, Session, list[int], bool]] = []
-        for session in list(self._announced):
-            if session.expected_at is None or not session.live:
+        due: list[tuple[float, Session, list[BlockKey], bool]] = []
+        for session, keys in list(self._announced.items()):
+            if not session.live:
                 self._announce(session)
-            elif now >= session.expected_at - lead:
-                due.append((session.expected_at, session, session.ahead, True))
+            elif now >= self._arrivals[session] - lead:
+                due.append((self._arrivals[session], session, keys, True))
         due.sort(key=lambda item: item[0])
-        paused: list[tuple[float, Session, list[int], bool]] = []
+        paused: list[tuple[float, Session, list[BlockKey], bool]] = []
         for session in list(self._paused):
             if session.state != TOOL_PAUSE or session.paused_at is None:
                 self._paused.pop(session, None)
@@ -396,15 +433,10 @@ class TypedPolicy(Policy):
             dist = self.pauses.distribution(session.tool, session.expected_pause_s)
             resume = session.paused_at + dist.quantile(self.config.prefetch_quantile)
             if now >= resume - lead:
-                paused.append((resume, session, session.chain, False))
+                paused.append((resume, session, [(session.namespace, h) for h in session.chain], False))
         paused.sort(key=lambda item: item[0])
-        for _, session, chain, announced in due + paused:
-            ns = session.namespace
-            keys = [
-                key
-                for key in ((ns, h) for h in chain)
-                if key not in here and any(key in w for t, w in self._where.items() if t != tier)
-            ]
+        for _, _session, chain, announced in due + paused:
+            keys = [key for key in chain if key not in here and any(key in w for t, w in self._where.items() if t != tier)]
             if keys:
                 yield Prefetch(keys, announced)
 
@@ -441,8 +473,9 @@ class TypedPolicy(Policy):
         if group.state == ENDED:
             return 0.0
         horizon = self.horizon(tier)
-        if group.expected_at is not None and group.expected_at - now <= horizon:
-            return ANNOUNCED  # its next turn was announced to come within the horizon
+        at = self._arrivals.get(group)
+        if at is not None and at - now <= horizon:
+            return ANNOUNCED  # its next turn was announced (or surely hinted) to come within the horizon
         self._resolve_turns(now)
         if group.state == TOOL_PAUSE and group.paused_at is not None:
             dist = self.pauses.distribution(group.tool, group.expected_pause_s)
@@ -450,7 +483,7 @@ class TypedPolicy(Policy):
         else:
             dist = self.pauses.distribution(None)
             elapsed = now - group.last_active
-        p = self.turns.p(group.turns, group.grown)
+        p = self.ends.continuing(self.turns.p(group.turns, group.grown), now - group.last_active)
         value = reuse_probability(dist, p, max(elapsed, 0.0), horizon)
         if self.config.monotone:
             # Never rank a session above an otherwise equal one seen more recently.

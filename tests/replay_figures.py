@@ -3,7 +3,8 @@
 The core's retention and placement decide every figure `kvd replay` reports, and the replay
 is deterministic, so a change meant to keep behaviour keeps every figure to the last bit.
 ``tests/data/replay_figures.json`` holds the figures of each case below (the whole summary
-of each policy except its wall time). The ``fast`` cases run in tests/test_replay_figures.py;
+of each policy except its wall time, and with an HBM tier the floor's: the same trace with
+nothing ever transferred). The ``fast`` cases run in tests/test_replay_figures.py;
 the others take minutes of CPU (``make replay-figures``)::
 
     python tests/replay_figures.py check [--fast] [--jobs N] [CASE ...]
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvd.replay.cli import parse_capacity
-from kvd.replay.sim import ReplayConfig, replay
+from kvd.replay.sim import ReplayConfig, floor, replay
 from kvd.replay.trace import Trace, read_trace
 from kvd.replay.workload import AgenticConfig, generate_agentic
 
@@ -40,7 +41,7 @@ ROOMY_1024 = {"hbm": "275blocks", "dram": "1375blocks", "nvme": "10000blocks"}
 @dataclass(frozen=True)
 class Case:
     """One replay setting. ``trace``: ``agentic:SESSIONS:SEED[:BLOCK_TOKENS]`` (generated), a
-    file in traces/, or ``head`` (the conversation trace's first ``HEAD`` requests)."""
+    file in traces/ (its format detected), or ``head`` (the conversation trace's first ``HEAD`` requests)."""
 
     name: str
     trace: str
@@ -50,6 +51,7 @@ class Case:
     resume_lead_s: float = 0.0
     engines: int = 0
     session_end_after_s: float | None = None
+    session_gap_s: float | None = None  # aiperf traces: sessions staggered by this mean gap
 
     def load(self) -> Trace:
         if self.trace.startswith("agentic:"):
@@ -58,7 +60,7 @@ class Case:
         if self.trace == "head":
             whole = read_trace(TRACES / "mooncake_conversation.jsonl")
             return Trace(whole.format, whole.requests[:HEAD], whole.block_size)
-        return read_trace(TRACES / self.trace)
+        return read_trace(TRACES / self.trace, session_gap_s=self.session_gap_s)
 
     def run(self) -> dict:
         trace = self.load()
@@ -76,6 +78,10 @@ class Case:
             summary = replay(trace, policy, config).summary()
             del summary["wall_s"]
             out[policy] = summary
+        if self.tiers.get("hbm"):
+            # What the same trace costs with nothing ever transferred (placement's limit).
+            out["floor"] = floor(trace, config).summary()
+            del out["floor"]["wall_s"]
         return out
 
 
@@ -95,7 +101,12 @@ CASES = [
     *(Case(f"agentic60-s{s}-roomy", f"agentic:60:{s}", ROOMY) for s in range(5)),
     Case("agentic60-s1-one-tier", "agentic:60:1", {"dram": "1100blocks"}),
     Case("agentic60-s1-roomy-exact", "agentic:60:1", ROOMY, pause_hints="exact"),
-    Case("agentic60-s1-roomy-lead", "agentic:60:1", ROOMY, resume_lead_s=0.5),
+    *(Case(f"agentic60-s{s}-roomy-lead", f"agentic:60:{s}", ROOMY, resume_lead_s=0.5) for s in range(5)),
+    *(Case(f"agentic60-s{s}-roomy-engines", f"agentic:60:{s}", ROOMY, engines=2) for s in range(5)),
+    Case("conversation-5000-end30", "mooncake_conversation.jsonl", {"dram": "5000blocks"}, session_end_after_s=30.0),
+    Case("conversation-10000-end30", "mooncake_conversation.jsonl", {"dram": "10000blocks"}, session_end_after_s=30.0),
+    Case("aiperf300-1000", "aiperf_agentic_code_300.jsonl", {"dram": "1000blocks"}, session_gap_s=2.0),
+    Case("aiperf300-2000", "aiperf_agentic_code_300.jsonl", {"dram": "2000blocks"}, session_gap_s=2.0),
 ]
 BY_NAME = {c.name: c for c in CASES}
 

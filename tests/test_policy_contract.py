@@ -278,6 +278,34 @@ def test_typed_ended_session_goes_before_a_paused_one():
     assert policy.worth_demoting(C, "dram", 2) is True
 
 
+def _quiet_and_fresh(report_ends: bool) -> tuple[float, float]:
+    """Priorities of an idle session quiet for 10 s and of one quiet for 1 s, after ten
+    earlier one-turn sessions that ended 3 s after their turn (reported, or not)."""
+    sessions, policy = typed_with()
+    for i in range(10):
+        sessions.turn_start(NS, f"earlier{i}", [100 + i], now=i)
+        sessions.turn_end(NS, f"earlier{i}", now=i)
+        if report_ends:
+            sessions.end(NS, f"earlier{i}", now=i + 3.0)
+    sessions.turn_start(NS, "quiet", [1], now=20)
+    sessions.turn_end(NS, "quiet", now=20)
+    sessions.turn_start(NS, "fresh", [2], now=29)
+    sessions.turn_end(NS, "fresh", now=29)
+    sync(sessions, policy, 30)
+    policy.on_stored("dram", [A, B], now=30)
+    return policy.priority(A, "dram", 30), policy.priority(B, "dram", 30)
+
+
+def test_typed_values_a_quiet_session_whose_end_would_have_been_reported_by_now():
+    # Ends are reported 3 s after the last turn: 10 s of quiet without one says the session
+    # is coming back, so it outranks a session quiet for 1 s, which may yet end.
+    quiet, fresh = _quiet_and_fresh(report_ends=True)
+    assert quiet > fresh
+    # Without end reports, quiet means nothing more: the fresher session ranks first.
+    quiet, fresh = _quiet_and_fresh(report_ends=False)
+    assert quiet <= fresh
+
+
 def test_typed_blocks_of_no_session_change_class_when_a_session_takes_them():
     sessions, policy = typed_with()
     policy.on_stored("dram", [A, B, C], now=0)  # e.g. restored from NVMe after a restart
@@ -331,6 +359,33 @@ def test_typed_prefetches_an_announced_turn_first_and_values_it_above_every_gues
     sessions.turn_start(NS, "t", [3, 4, 5], now=3)
     sync(sessions, policy, 3)
     assert policy.priority(C, "dram", 3) < ANNOUNCED
+
+
+def test_typed_announces_a_hinted_pause_once_its_tools_hints_proved_sharp():
+    sessions, policy = typed_with()
+    for _ in range(20):
+        policy.pauses.observe("build", 30.0, 30.0)  # build's hints were exact
+    for _ in range(5):
+        policy.pauses.observe("grep", 90.0, 30.0)  # grep's a third of the pause
+        policy.pauses.observe("grep", 10.0, 30.0)  # or three times it
+    for sid, chain, tool in (("s", [1, 2], "build"), ("t", [3, 4, 7], "grep")):
+        sessions.turn_start(NS, sid, chain, now=0, last_partial=sid == "t")
+        sessions.turn_end(NS, sid, now=1)
+        sessions.tool_pause(NS, sid, tool, 30.0, now=1)
+    sync(sessions, policy, 1)
+    policy.on_stored("nvme", [A, B, C, D, (NS, 7)], now=1)
+    resume = 1 + policy.pauses.distribution("build", 30.0).quantile(policy.config.prefetch_quantile)
+    assert 25 < resume < 31
+    lead = policy.config.prefetch_lead_s
+    assert not any(p.announced for p in policy.prefetches("dram", now=resume - lead - 0.5))
+    # Sure to come: an announced turn of the chain so far; grep's pause stays a guess.
+    due = list(policy.prefetches("dram", now=resume - lead + 0.01))
+    assert due == [Prefetch([A, B], announced=True), Prefetch([C, D, (NS, 7)])]
+    assert policy.priority(A, "nvme", resume - 0.5) == ANNOUNCED > policy.priority(C, "nvme", resume - 0.5)
+    # The pause ends: so does the announcement.
+    sessions.turn_start(NS, "s", [1, 2, 5], now=resume)
+    sync(sessions, policy, resume)
+    assert policy.priority(A, "nvme", resume) < ANNOUNCED
 
 
 def test_guard_prefers_lru_once_the_shadow_is_ahead_and_returns():

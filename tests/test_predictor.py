@@ -19,6 +19,7 @@ from kvd.policies.predictor import (
     MIN_SIGMA,
     ContinuePredictor,
     Empirical,
+    EndReports,
     Lognormal,
     LognormalFit,
     PausePredictor,
@@ -394,3 +395,38 @@ def test_reuse_probability_by_hand():
     e = Empirical([1.0, 2.0, 4.0], [0.0, 1.0], mu=1.0, sigma=0.3)
     assert reuse_probability(e, 1.0, 0.0, 3.0) == pytest.approx(math.log(1.5) / math.log(2.0))
     assert reuse_probability(e, 1.0, 0.0, 1.5) == 0.0
+
+
+def test_end_reports_without_any_report_leave_the_guess_alone():
+    ends = EndReports()
+    assert ends.reported_by(1e9) == 0.0
+    assert ends.continuing(0.3, 1e9) == pytest.approx(0.3)
+    for _ in range(5):
+        ends.observe(40.0, reported=False)  # sessions that only went quiet
+    assert ends.continuing(0.3, 1e9) == pytest.approx(0.3)
+
+
+def test_end_reports_by_hand():
+    ends = EndReports(prior_weight=2.0)
+    for seconds in (10.0, 20.0, 30.0, 40.0):
+        ends.observe(seconds, reported=True)
+    ends.observe(5.0, reported=False)
+    ends.observe(-1.0, reported=True)  # no such delay: ignored
+    ends.observe(math.nan, reported=True)
+    # 4 of 4 + 1 + 2 ends reported; by 25 s, 2 of the 4 delays.
+    assert ends.reported_by(25.0) == pytest.approx(4 / 7 * 2 / 4)
+    assert ends.reported_by(9.9) == 0.0
+    assert ends.reported_by(40.0) == pytest.approx(4 / 7)
+    # p' = p / (p + (1 - p)(1 - R)): past every delay, p = 0.5 -> 0.5 / (0.5 + 0.5 * 3/7).
+    assert ends.continuing(0.5, 100.0) == pytest.approx(0.5 / (0.5 + 0.5 * 3 / 7))
+    assert ends.continuing(0.5, 0.0) == pytest.approx(0.5)  # nothing is reported at once
+    assert ends.continuing(1.0, 100.0) == 1.0 and ends.continuing(0.0, 100.0) == 0.0
+
+
+def test_end_reports_keep_the_latest_window():
+    ends = EndReports(window=2, prior_weight=0.0)
+    for seconds in (100.0, 1.0, 2.0):
+        ends.observe(seconds, reported=True)
+    assert ends.reported_by(2.0) == 1.0  # 100 s fell out of the window
+    with pytest.raises(ValueError):
+        EndReports(window=0)

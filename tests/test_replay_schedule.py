@@ -100,6 +100,18 @@ def test_conversation_ends_are_the_requests_nothing_later_continues():
     assert conversation_ends(Trace("mooncake", reqs, 4)) == {1, 2, 3}
 
 
+def test_a_prompt_continued_only_through_a_system_prompt_everyone_carries_ends_its_conversation():
+    from kvd.replay.trace import TraceRequest, Trace  # noqa: I001 - the records as read_trace makes them
+    chains = [
+        [0, 5, 6],  # a conversation after the system prompt 0
+        [0, 7],  # a short one: 0 is not its own, so only its last block (7) continues it
+        [0, 5, 6, 8, 9],  # continues r0 (through 5, which r0 brought in)
+        [0, 10, 11],  # a new conversation: it carries 0, not 7
+    ]
+    reqs = [TraceRequest(i, float(i), 4 * len(c), 1, tuple(c), 4) for i, c in enumerate(chains)]
+    assert conversation_ends(Trace("mooncake", reqs, 4)) == {1, 2, 3}
+
+
 def test_ends_reported_after_a_delay_name_each_conversation_by_its_hashes(tmp_path, monkeypatch):
     t = trace(tmp_path, [
         {"timestamp": 0.0, "input_length": 10, "output_length": 1, "hash_ids": [1, 2, 3], "block_size": 4},

@@ -217,6 +217,17 @@ def test_a_finished_program_leaves_the_context_it_started_from_as_a_shared_prefi
     assert [t.is_shared(k(h)) for h in (7, 8, 9, 10, 11)] == [True, True, False, False, False]
     assert t.check() == []
 
+def test_an_inferred_conversation_leaves_no_shared_prefix_when_it_ends():
+    # An inferred session is one chain, not a program started from a repository: its first
+    # prompt is its own, and another conversation sharing it is seen sharing it while it lives.
+    t = SessionTable()
+    s = infer(t, [7, 8, 9], now=0, last_partial=True)
+    assert infer(t, [7, 8, 10, 11], now=1) is s and s.turns == 2
+    t.end(NS, s.id, now=2)
+    assert not any(t.is_shared(k(h)) for h in (7, 8, 9, 10, 11))
+    assert t.check() == []
+
+
 def test_released_keys_are_remembered_up_to_the_bound():
     t = SessionTable(SessionConfig(max_shared_keys=2))
     for sid, h in (("a", 5), ("b", 6), ("c", 7)):
@@ -267,6 +278,18 @@ def test_state_transitions_and_the_observations_they_emit():
 
     t.end(NS, "a", now=30.0)
     assert s.state == ENDED and not s.live
+    [end] = t.take_observations()  # reported 3.5 s after its last sign of life (a turn start)
+    assert (end.kind, end.seconds, end.turns, end.session, end.reported) == ("end", 3.5, 4, s, True)
+
+
+def test_a_session_that_expires_is_an_unreported_end():
+    t = SessionTable(SessionConfig(idle_expiry_s=100.0))
+    s = t.turn_start(NS, "a", [1], now=10.0)
+    t.turn_end(NS, "a", now=12.0)
+    t.take_observations()
+    assert t.expire(now=112.0) == 1
+    [end] = t.take_observations()
+    assert (end.kind, end.seconds, end.session, end.reported) == ("end", 100.0, s, False)
 
 
 def test_inferred_sessions_learn_the_gap_since_their_last_sign_of_life():

@@ -49,6 +49,7 @@ class SessionEvent(StrEnum):
 class ObservationKind(StrEnum):
     PAUSE = "pause"  # a pause ended: its length
     TURN = "turn"  # a turn started: the session's turn count
+    END = "end"  # a session ended, its end reported or not: the seconds since its last sign of life
 
 
 ACTIVE, IDLE, TOOL_PAUSE, ENDED = SessionState
@@ -99,7 +100,8 @@ class Session:
 class Observation:
     """What one session event taught: ``pause`` — a pause of ``tool`` ended after
     ``seconds`` (its hint had said ``expected_s``, when there was one); ``turn`` —
-    ``session`` started its ``turns``-th turn."""
+    ``session`` started its ``turns``-th turn; ``end`` — a session ended ``seconds`` after
+    its last sign of life, ``reported`` by its end event or not (it went quiet too long)."""
 
     kind: ObservationKind
     tool: str | None
@@ -107,6 +109,7 @@ class Observation:
     turns: int = 0
     session: Session | None = None
     expected_s: float | None = None
+    reported: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ class SessionTable:
 
     def end(self, namespace: str, session_id: str, now: float) -> Session:
         session = self._require(namespace, session_id)
+        self._observe_end(session, now, reported=True)
         self._set_state(session, ENDED, now)
         self._release(session)
         return session
@@ -317,6 +321,7 @@ class SessionTable:
             if not too_many and now - session.last_active < self.config.idle_expiry_s:
                 break
             if session.live:
+                self._observe_end(session, now, reported=False)
                 self._set_state(session, ENDED, now)
                 self._release(session)
             del self._sessions[session.key]
@@ -440,10 +445,12 @@ class SessionTable:
 
     def _release(self, session: Session) -> None:
         """An ended session no longer holds its chain: its private blocks are orphans — all
-        but the context a program of several turns started from (system prompt, repository,
-        task), which the next program on that repository starts from too: a shared prefix."""
+        but the context a named program of several turns started from (system prompt,
+        repository, task), which the next program on that repository starts from too: a
+        shared prefix. An inferred session is a conversation's chain, not a program: its first
+        prompt is its own (a prefix it shares with live chains is shared already)."""
         self._untail(session)
-        if session.turns >= 2:
+        if session.turns >= 2 and not session.inferred:
             for h in session.chain[: session.head]:
                 self.sharing.mark_shared((session.namespace, h))
         self.sharing.release(session, [(session.namespace, h) for h in set(session.chain)])
@@ -457,6 +464,12 @@ class SessionTable:
         elif session.state != ACTIVE or session.inferred:
             # Without a turn end the last sign of life stands in for it (inferred sessions).
             self._observations.append(Observation(ObservationKind.PAUSE, None, now - session.last_active, session.turns))
+
+    def _observe_end(self, session: Session, now: float, reported: bool) -> None:
+        seconds = max(now - session.last_active, 0.0)
+        self._observations.append(
+            Observation(ObservationKind.END, session.tool, seconds, session.turns, session, reported=reported)
+        )
 
     def _set_state(self, session: Session, state: SessionState, now: float) -> None:
         if state != TOOL_PAUSE:

@@ -28,20 +28,31 @@ def conversation_ends(trace: Trace) -> set[int]:
     """Indexes of the requests that end their conversation. With session ids: each session's
     last request in the trace. Without: a request no later one continues — continuing as kvd
     infers it, extending the chain through at least all but its last block. (A trace's hash
-    ids name whole prefixes, so the id at a chain's second-to-last place stands for it.)"""
+    ids name whole prefixes, so the id at a chain's second-to-last place stands for it.) As
+    kvd does, a continuation is told only by an id the conversation brought in itself: a
+    two-block prompt after a system prompt that every conversation carries is continued only
+    by a request that carries its last block."""
     ends: set[int] = set()
     last_of: dict[str, int] = {}
     tails: dict[int, list[int]] = {}  # the id a continuation must carry -> requests waiting for one
+    conversation: dict[int, int] = {}  # request index -> its conversation's first request
+    brought: dict[int, int] = {}  # id -> the conversation that first carried it
     for req in expected_order(trace):
         if req.session_id is not None:
             last_of[req.session_id] = req.index
             continue
         ids = req.hash_ids
+        mine = req.index
         for h in ids:
             for earlier in tails.pop(h, ()):
                 if earlier != req.index:
                     ends.discard(earlier)
+                    mine = conversation[earlier]
+        conversation[req.index] = mine
+        for h in ids:
+            brought.setdefault(h, mine)
         if ids:
-            tails.setdefault(ids[-2] if len(ids) >= 2 else ids[0], []).append(req.index)
+            own = len(ids) >= 2 and brought[ids[-2]] == mine
+            tails.setdefault(ids[-2] if own else ids[-1], []).append(req.index)
             ends.add(req.index)
     return ends | set(last_of.values())
