@@ -4,7 +4,8 @@ Classes (one per held copy, from the core's session table; the core reports an o
 pinned copies as ``pinned`` itself):
 
 - ``shared_prefix``: in two or more sessions' chains, at once or one after the other, or
-  the context a finished program of several turns started from (system prompt, repository).
+  the context a finished named program of several turns started from (system prompt,
+  repository).
 - ``session``: the private context of one live session (active, idle or in a tool pause).
 - ``ephemeral``: held by no live session — a chain's last, partial block (its next turn
   re-hashes it), a block the chain moved past, the turns an ended session added, a one-turn
@@ -17,6 +18,10 @@ turn comes with P(continue | turns so far) after a gap drawn from its tool's lea
 distribution (or around the hint's expected seconds), and given the time already waited::
 
     P = p (F(e + H) - F(e)) / (1 - p F(e))
+
+A named session's wait e starts when its turn ends (a turn end or a tool pause; for a turn
+that says nothing, at most ``turn_grace_s`` after its last sign of life): a long answer is
+no sign that the session went quiet. An inferred session's starts at its last store.
 
 Where sessions report their ends, quiet says more: p becomes P(another turn | no end reported
 after the quiet so far), from the share of ends reported and how late they come
@@ -57,7 +62,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
-from kvd.core.sessions import ENDED, TOOL_PAUSE, Observation, ObservationKind, Session, SessionTable
+from kvd.core.sessions import ACTIVE, ENDED, TOOL_PAUSE, Observation, ObservationKind, Session, SessionTable
 from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy, Prefetch
 from kvd.policies.guard import LruGuard
 from kvd.policies.lru import LruPolicy
@@ -93,6 +98,7 @@ class TypedConfig:
     prefetch_quantile: float = 0.25  # prefetch once this share of pauses would have ended ...
     prefetch_lead_s: float = 2.0  # ... minus this lead
     sure_hint_sigma: float = 0.25  # a hinted pause of a tool whose hints proved this sharp (log s) is announced
+    turn_grace_s: float = 30.0  # a named session mid-turn starts its pause clock at most this long after its last sign of life
     maturity_min_s: float = 5.0  # bounds on the age at which an unanswered turn counts as the last
     maturity_max_s: float = 900.0
     shared_by_holders: bool = True  # value a shared block by how many live named sessions hold it
@@ -483,6 +489,10 @@ class TypedPolicy(Policy):
         else:
             dist = self.pauses.distribution(None)
             elapsed = now - group.last_active
+            if group.state == ACTIVE and not group.inferred:
+                # Its pause begins when the turn ends (a turn end or a tool pause says so);
+                # an answer that takes long is no sign that the session went quiet.
+                elapsed = max(elapsed - self.config.turn_grace_s, 0.0)
         p = self.ends.continuing(self.turns.p(group.turns, group.grown), now - group.last_active)
         value = reuse_probability(dist, p, max(elapsed, 0.0), horizon)
         if self.config.monotone:

@@ -306,6 +306,25 @@ def test_typed_values_a_quiet_session_whose_end_would_have_been_reported_by_now(
     assert quiet <= fresh
 
 
+def test_typed_starts_a_named_sessions_pause_clock_when_its_turn_ends():
+    sessions, policy = typed_with()
+    for i in range(20):  # sessions pause about a second between turns
+        sessions.turn_start(NS, "earlier", [100], now=2 * i)
+        sessions.turn_end(NS, "earlier", now=2 * i + 1)
+    sessions.turn_start(NS, "answering", [1], now=50)  # a long answer: no turn end yet
+    sessions.turn_start(NS, "paused", [2], now=50)
+    sessions.turn_end(NS, "paused", now=50)
+    sync(sessions, policy, 50)
+    policy.on_stored("dram", [A, B], now=50)
+    at_start = policy.priority(A, "dram", 50)
+    # 10 s on, the answering session is still a turn's end away from its pause; the paused
+    # one is ten typical pauses overdue.
+    assert policy.priority(A, "dram", 60) == at_start > policy.priority(B, "dram", 60)
+    # A turn that runs past the grace counts as quiet from then on (no turn end may come).
+    late = 50 + policy.config.turn_grace_s + 10
+    assert policy.priority(A, "dram", late) < at_start
+
+
 def test_typed_blocks_of_no_session_change_class_when_a_session_takes_them():
     sessions, policy = typed_with()
     policy.on_stored("dram", [A, B, C], now=0)  # e.g. restored from NVMe after a restart
