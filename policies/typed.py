@@ -63,10 +63,12 @@ from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
 from kvd.core.sessions import ACTIVE, ENDED, TOOL_PAUSE, Observation, ObservationKind, Session, SessionTable
+from kvd.policies.announced import Announced
 from kvd.policies.base import RETENTION_CLASSES, BlockKey, Policy, Prefetch
 from kvd.policies.guard import LruGuard
 from kvd.policies.lru import LruPolicy
 from kvd.policies.predictor import ContinuePredictor, EndReports, PausePredictor, reuse_probability
+from kvd.policies.residence import Residence
 
 SHARED, EPHEMERAL = "shared_prefix", "ephemeral"
 # The value of a block of a turn announced to arrive within the horizon: above any reuse
@@ -117,17 +119,12 @@ class TypedPolicy(Policy):
         # tier -> group -> key -> last access (seconds); a group is a Session or a class name
         self._groups: dict[str, dict[object, OrderedDict[BlockKey, float]]] = {}
         self._where: dict[str, dict[BlockKey, object]] = {}
-        self._rate: dict[str, float] = {}  # tier -> insertions per second (EWMA)
-        self._occupancy: dict[str, int] = {}  # tier -> blocks held after its latest insertion
-        self._last_insert: dict[str, float] = {}
-        self._pending_n: dict[str, int] = {}
+        c = self.config
+        self.residence = Residence(c.initial_horizon_s, c.horizon_scale, c.min_horizon_s, c.rate_halflife)
         self._values: dict[str, tuple[float, list[tuple[float, int, object]]]] = {}  # tier -> (at, sorted)
         self._dirty: dict[str, set[object]] = {}  # tier -> groups whose value changed since sorting
         self._paused: dict[Session, None] = {}  # sessions in a tool pause (ordered set)
-        self._announced: dict[Session, list[BlockKey]] = {}  # sessions whose next turn was announced -> its keys
-        self._announced_keys: dict[BlockKey, Session] = {}  # a key of an announced turn -> its session
-        self._arrivals: dict[Session, float] = {}  # an announced turn's arrival (seconds, policy clock)
-        self._boosted_memo: dict[tuple[str, float], frozenset[BlockKey]] = {}
+        self.announced = Announced()
         self.guard = LruGuard()
         self._memo: dict[tuple[int, str], float] = {}
         self._memo_now = -math.inf
@@ -188,9 +185,7 @@ class TypedPolicy(Policy):
             members[key] = now
             members.move_to_end(key)
             where[key] = group
-        if keys:
-            self._count_insertions(tier, len(keys), now)
-        self._occupancy[tier] = len(where)
+        self.residence.stored(tier, len(keys), len(where), now)
 
     def on_accessed(self, keys: Sequence[BlockKey], now: float) -> None:
         last_seen: dict[BlockKey, float] = {}
@@ -259,28 +254,16 @@ class TypedPolicy(Policy):
                 self._refile(tier, reclassified)
 
     def _announce(self, session: Session) -> None:
-        """File (or unfile) the keys of ``session``'s announced turn: one announced by
-        ``turn_ahead``, or a tool pause whose hint is sure (see :meth:`_sure_resume`), whose
-        next turn carries the chain so far (but a partial last block, which it completes)."""
-        self._boosted_memo.clear()
-        for key in self._announced.pop(session, ()):
-            if self._announced_keys.get(key) is session:
-                del self._announced_keys[key]
-        self._arrivals.pop(session, None)
+        """File (or take back) ``session``'s announced turn: one announced by ``turn_ahead``,
+        or a tool pause whose hint is sure (see :meth:`_sure_resume`), whose next turn carries
+        the chain so far (but a partial last block, which it completes)."""
         if not session.live:
-            return
-        if session.expected_at is not None:
-            at, hashes = session.expected_at, session.ahead
+            self.announced.file(session, None)
+        elif session.expected_at is not None:
+            self.announced.file(session, session.expected_at, session.ahead)
         else:
-            at = self._sure_resume(session)
             hashes = session.chain[:-1] if session.last_partial else session.chain
-        if at is None:
-            return
-        keys = [(session.namespace, h) for h in hashes]
-        self._announced[session] = keys
-        self._arrivals[session] = at
-        for key in keys:
-            self._announced_keys[key] = session
+            self.announced.file(session, self._sure_resume(session), hashes)
 
     def _sure_resume(self, session: Session) -> float | None:
         """When a session in a hinted tool pause resumes, if its tool's hints have proved
@@ -351,34 +334,12 @@ class TypedPolicy(Policy):
         return (key for _, _, key in heapq.merge(*streams, key=lambda item: (item[0], item[1])))
 
     def _boosted(self, tier: str, now: float) -> frozenset[BlockKey]:
-        """The keys of the turns announced to arrive within ``tier``'s horizon (memoized per
-        tier and instant, until the sessions change)."""
-        if not self._announced:
-            return frozenset()
-        memo_key = (tier, now)
-        found = self._boosted_memo.get(memo_key)
-        if found is None:
-            horizon = self.horizon(tier)
-            found = frozenset(
-                key
-                for session, keys in self._announced.items()
-                if self._arrivals[session] - now <= horizon
-                for key in keys
-            )
-            if len(self._boosted_memo) > 8:
-                self._boosted_memo.clear()
-            self._boosted_memo[memo_key] = found
-        return found
+        """The keys of the turns announced to arrive within ``tier``'s horizon."""
+        return self.announced.within(tier, self.horizon(tier), now) if self.announced else frozenset()
 
     def _boosted_in(self, tier: str, boosted: frozenset[BlockKey]) -> Iterator[BlockKey]:
         """The keys of ``boosted`` held in ``tier``, each announced chain's tail first."""
-        here = self._where.get(tier, {})
-        seen: set[BlockKey] = set()
-        for keys in list(self._announced.values()):
-            for key in reversed(keys):
-                if key in boosted and key in here and key not in seen:
-                    seen.add(key)
-                    yield key
+        return self.announced.held(self._where.get(tier, {}), boosted)
 
     def priority(self, key: BlockKey, tier: str, now: float) -> float:
         """The block's value in ``tier`` (its last use, while the guard prefers recency), at
@@ -387,8 +348,7 @@ class TypedPolicy(Policy):
         worth its latest user's value plus a margin, a block n sessions hold more than any
         one of them. (One gap: a shared block valued by its latest user may rank below an
         older user's more valuable tail.)"""
-        announced = self._announced_keys.get(key)
-        due = announced is not None and key in self._boosted(tier, now)
+        due = self.announced.session_of(key) is not None and key in self._boosted(tier, now)
         if self.guard.prefer_lru:
             last_use = self._recency.priority(key, tier, now)
             return max(last_use, self._recency.newest_use + 1.0) if due else last_use
@@ -422,19 +382,13 @@ class TypedPolicy(Policy):
         announced arrival, or of the ``prefetch_quantile`` of the pause's distribution."""
         here = self._where.get(tier, {})
         lead = self.config.prefetch_lead_s
-        due: list[tuple[float, Session, list[BlockKey], bool]] = []
-        for session, keys in list(self._announced.items()):
-            if not session.live:
-                self._announce(session)
-            elif now >= self._arrivals[session] - lead:
-                due.append((self._arrivals[session], session, keys, True))
-        due.sort(key=lambda item: item[0])
+        due = [(at, session, keys, True) for at, session, keys in self.announced.due(now, lead)]
         paused: list[tuple[float, Session, list[BlockKey], bool]] = []
         for session in list(self._paused):
             if session.state != TOOL_PAUSE or session.paused_at is None:
                 self._paused.pop(session, None)
                 continue
-            if session in self._announced:
+            if session in self.announced:
                 continue
             dist = self.pauses.distribution(session.tool, session.expected_pause_s)
             resume = session.paused_at + dist.quantile(self.config.prefetch_quantile)
@@ -448,15 +402,8 @@ class TypedPolicy(Policy):
 
     # -- values ---------------------------------------------------------------------------
     def horizon(self, tier: str) -> float:
-        """Seconds a block stays in ``tier``: the blocks it held after its latest insertion
-        over the insertion rate (Little's law). Counted at insertions: while a cascade of
-        evictions makes room the tier holds fewer blocks for an instant, and values that
-        dipped with it would rank the victims of one eviction by the order they were asked."""
-        rate = self._rate.get(tier)
-        held = self._occupancy.get(tier, 0)
-        if not rate or not held:
-            return self.config.initial_horizon_s
-        return max(self.config.horizon_scale * held / rate, self.config.min_horizon_s)
+        """Seconds a block stays in ``tier`` (:class:`~kvd.policies.residence.Residence`)."""
+        return self.residence.horizon(tier)
 
     def _group_value(self, group: object, tier: str, now: float) -> float:
         # One value per group, tier and instant: every block of a session shares it.
@@ -479,7 +426,7 @@ class TypedPolicy(Policy):
         if group.state == ENDED:
             return 0.0
         horizon = self.horizon(tier)
-        at = self._arrivals.get(group)
+        at = self.announced.arrival(group)
         if at is not None and at - now <= horizon:
             return ANNOUNCED  # its next turn was announced (or surely hinted) to come within the horizon
         self._resolve_turns(now)
@@ -588,23 +535,6 @@ class TypedPolicy(Policy):
                 del self._groups[tier][group]
         if forget:
             self._where[tier].pop(key, None)
-
-    def _count_insertions(self, tier: str, n: int, now: float) -> None:
-        last = self._last_insert.get(tier)
-        self._last_insert[tier] = now
-        if last is None:
-            return
-        dt = now - last
-        alpha = min(1.0, n / self.config.rate_halflife)
-        if dt <= 0:
-            # Several stores at one instant: fold them into the next interval.
-            self._pending_n[tier] = self._pending_n.get(tier, 0) + n
-            self._last_insert[tier] = last
-            return
-        n += self._pending_n.pop(tier, 0)
-        rate = n / dt
-        old = self._rate.get(tier)
-        self._rate[tier] = rate if old is None else old + alpha * (rate - old)
 
     def check(self, held: dict[str, set[BlockKey]]) -> list[str]:
         problems = []
