@@ -378,12 +378,14 @@ class TypedPolicy(Policy):
     def prefetches(self, tier: str, now: float) -> Iterator[Prefetch]:
         """Per session whose next turn is near, its blocks held below ``tier`` only: those
         announced (their announced prompt, or a surely hinted pause's chain; soonest first),
-        then those in a tool pause whose predicted resume is near (their chain). Near: within ``prefetch_lead_s`` of the
-        announced arrival, or of the ``prefetch_quantile`` of the pause's distribution."""
+        then those in a tool pause whose predicted resume is near (their chain). Near: within
+        ``prefetch_lead_s`` of the announced arrival, or of the ``prefetch_quantile`` of the
+        pause's distribution."""
         here = self._where.get(tier, {})
+        below = [where for t, where in self._where.items() if t != tier]
         lead = self.config.prefetch_lead_s
-        due = [(at, session, keys, True) for at, session, keys in self.announced.due(now, lead)]
-        paused: list[tuple[float, Session, list[BlockKey], bool]] = []
+        groups = [(keys, True) for _, _, keys in self.announced.due(now, lead)]
+        guesses: list[tuple[float, list[BlockKey]]] = []
         for session in list(self._paused):
             if session.state != TOOL_PAUSE or session.paused_at is None:
                 self._paused.pop(session, None)
@@ -393,10 +395,11 @@ class TypedPolicy(Policy):
             dist = self.pauses.distribution(session.tool, session.expected_pause_s)
             resume = session.paused_at + dist.quantile(self.config.prefetch_quantile)
             if now >= resume - lead:
-                paused.append((resume, session, [(session.namespace, h) for h in session.chain], False))
-        paused.sort(key=lambda item: item[0])
-        for _, _session, chain, announced in due + paused:
-            keys = [key for key in chain if key not in here and any(key in w for t, w in self._where.items() if t != tier)]
+                guesses.append((resume, [(session.namespace, h) for h in session.chain]))
+        guesses.sort(key=lambda item: item[0])
+        groups += [(keys, False) for _, keys in guesses]
+        for chain, announced in groups:
+            keys = [key for key in chain if key not in here and any(key in where for where in below)]
             if keys:
                 yield Prefetch(keys, announced)
 
