@@ -172,7 +172,7 @@ torch = pytest.importorskip("torch")
 import numpy as np  # noqa: E402
 
 from kvd.connector.paged import PagedCaches  # noqa: E402
-from kvd.connector.transfer import BackgroundLoads, Transfers  # noqa: E402
+from kvd.connector.transfer import BackgroundLoads, BackgroundSaves, Transfers  # noqa: E402
 
 
 def caches(num_blocks: int, shape=(2, 4, 8), dtype=None, layers=3, seed=0):
@@ -312,6 +312,72 @@ def test_background_load_that_raises_fails_all_its_blocks(daemon):
         bg.submit("r", [1, 2], [0, 9])  # block 9 is outside the cache: a ValueError in the thread
         bg.close()
         assert bg.finished() == {"r": [0, 9]}
+
+
+class GatedTransfers:
+    """A hand-written stand-in for Transfers: each save waits for ``gate``; a save of a hash
+    in ``fail`` returns False, of a hash in ``boom`` raises."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.fail: set[int] = set()
+        self.boom: set[int] = set()
+        self.saved: list[list[int]] = []
+
+    def save(self, hashes, parents, block_ids, session_id) -> bool:
+        self.gate.wait(30)
+        if set(hashes) & self.boom:
+            raise RuntimeError("copy failed")
+        self.saved.append(list(hashes))
+        return not set(hashes) & self.fail
+
+
+def test_background_saves_release_a_request_only_after_its_saves_end():
+    t = GatedTransfers()
+    saves = BackgroundSaves(t)
+    saves.submit("r1", 1, [11, 12], [None, 11], [0, 1], "s")
+    saves.submit("r2", 2, [21], [None], [2], None)
+    saves.submit("r1", 3, [13], [12], [3], "s")
+    saves.release(["r1"])
+    # Nothing ended yet: no request is reported, no outcome, three saves pending.
+    assert saves.finished() == set() and saves.take_outcomes() == (set(), set()) and saves.pending == 3
+    t.fail = {21}
+    t.gate.set()
+    saves.wait(["r1", "r2"])
+    assert t.saved == [[11, 12], [21], [13]]  # in submission order
+    assert saves.take_outcomes() == ({1, 3}, {2}) and saves.take_outcomes() == (set(), set())
+    # r1 was released: reported once; r2 was not: never reported, and nothing of it is left.
+    assert saves.finished() == {"r1"} and saves.finished() == set() and saves.pending == 0
+    saves.release(["r2"])  # released after its saves ended: reported at the next call
+    assert saves.finished() == {"r2"}
+    saves.close()
+
+
+def test_background_save_that_raises_is_a_failed_save_and_still_releases():
+    t = GatedTransfers()
+    t.boom = {7}
+    t.gate.set()
+    saves = BackgroundSaves(t)
+    saves.submit("r", 5, [7], [None], [0], None)
+    saves.release(["r"])
+    saves.close()  # waits for the save
+    assert saves.take_outcomes() == (set(), {5})
+    assert saves.finished() == {"r"}
+
+
+def test_background_saves_wait_only_for_the_named_requests(daemon):
+    src = caches(4)
+    with daemon.client(shared_memory=True) as c:
+        a = PagedCaches(src, 4)
+        c.register_namespace("ns", 16, a.block_bytes)
+        saves = BackgroundSaves(Transfers(c, "ns", a))
+        saves.submit("r", 1, [1, 2], [None, 1], [0, 3], None)
+        saves.wait(["r", "unknown"])  # an unknown request has nothing to wait for
+        assert len(c.lookup("ns", [1, 2])) == 2
+        assert saves.take_outcomes() == ({1}, set())
+        saves.close()
 
 
 @pytest.mark.gpu

@@ -47,6 +47,7 @@ EXPECTED_ABSTRACT = [
 # Base-class methods with a default that the connector must override too, on either side.
 EXPECTED_OVERRIDES = {
     "request_finished", "take_events", "update_connector_output", "register_kv_caches", "get_finished",
+    "handle_preemptions",
     "get_block_ids_with_load_errors", "shutdown", "build_connector_worker_meta",
 }
 
@@ -125,12 +126,35 @@ def fields(e):
 conn = KvdConnector.__new__(KvdConnector)
 conn._planner = type("P", (), {"load_failed": lambda self, ids: None})()
 conn._pending_events = {1: ours[0], 2: ours[1], 3: ours[1]}
+conn._unconfirmed = {1: "r1", 2: "r1", 3: "r1"}
+conn._ending = {}
 conn._events = []
 a = KvdWorkerMetadata(stored={1, 2}, failed=set())
 b = KvdWorkerMetadata(stored={1}, failed={3})
 conn.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=a.aggregate(b)))
 taken = list(conn.take_events())
+
+# A finished request with a save not yet confirmed keeps its blocks (vLLM's delayed free), and
+# its turn's end reaches kvd once the workers report the request's saves ended.
+from kvd.connector.plan import Planner
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+    def session_event(self, ns, sid, kind, **kw):
+        self.calls.append([ns, sid, kind])
+
+late = KvdConnector.__new__(KvdConnector)
+late._planner, late._client, late._namespace = Planner(BS), Recorder(), "ns"
+late._unconfirmed, late._released, late._ending, late._pending_events, late._events = {9: "r1"}, [], {}, {}, []
+delayed = late.request_finished(request, [0, 1])
+before = list(late._client.calls)
+late.update_connector_output(KVConnectorOutput(finished_sending={"r1"}, kv_connector_worker_meta=KvdWorkerMetadata(stored={9})))
+request2 = Request("r2", [1, 2, 3], SamplingParams(max_tokens=1), None, session_id="agent-9")
+at_once = late.request_finished(request2, [2])
 print(json.dumps({
+    "delayed": list(delayed), "released": late._released, "events_before": before,
+    "events_after": late._client.calls, "at_once": list(at_once), "unconfirmed_after": sorted(late._unconfirmed),
     "theirs_blocks": [len(e.block_hashes) for e in theirs],
     "ours": [{k: repr(v) for k, v in fields(e).items()} for e in ours],
     "theirs_1_2": {k: repr(v) for k, v in fields(theirs[1]).items()},
@@ -139,6 +163,7 @@ print(json.dumps({
     "taken": [e is ours[0] for e in taken],
     "taken_again": len(list(conn.take_events())),
     "pending_left": sorted(conn._pending_events),
+    "unconfirmed_left": sorted(conn._unconfirmed),
     "aggregate": [sorted(a.aggregate(b).stored), sorted(a.aggregate(b).failed)],
     "removed_fields": list(BlockRemoved.__struct_fields__),
 }))
@@ -162,3 +187,13 @@ def test_block_stored_events_are_what_vllms_block_pool_publishes(version, extra_
     # Save 1 stored by both workers: an event; 2 by one only and 3 failed on one: none, dropped.
     assert got["aggregate"] == [[1], [2, 3]]
     assert got["taken"] == [True] and got["taken_again"] == 0 and got["pending_left"] == []
+    assert got["unconfirmed_left"] == []
+
+
+@pytest.mark.parametrize("version, extra_path", [("0.32.0", None), ("0.33.0", VLLM_033)], ids=["vllm-0.32", "vllm-0.33"])
+def test_a_finished_request_with_saves_running_keeps_its_blocks_and_ends_its_turn_after(version, extra_path):
+    got = run_in_vllm(EVENTS, extra_path)
+    assert got["delayed"] == [True, None] and got["released"] == ["r1"]
+    assert got["events_before"] == []  # the turn's end waits for the request's saves
+    assert got["events_after"] == [["ns", "agent-9", "turn_end"], ["ns", "agent-9", "turn_end"]]
+    assert got["at_once"] == [False, None] and got["unconfirmed_after"] == []

@@ -134,6 +134,22 @@ def _session_state(client, namespace: str) -> dict | None:
     return None
 
 
+def _settled(llm, client, namespace: str, prompt: list[int], run: dict, session: str | None = None) -> None:
+    """Wait until the engine's saves of a finished run are in kvd (they end on the connector's
+    background thread after the request returns), and, for a session's turn, until the turn's
+    end reached the daemon (it follows the saves): the session is in state ``session``.
+    Raises TimeoutError after 60 s."""
+    computed = prompt + run["tokens"][:-1]
+    keys = _keys(llm, computed)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = _session_state(client, namespace) if session else None
+        if len(client.lookup(namespace, keys)) == len(keys) and (not session or (state and state["state"] == session)):
+            return
+        time.sleep(0.02)  # polling the daemon for a condition, with a deadline
+    raise TimeoutError(f"kvd never held the run's {len(keys)} blocks")
+
+
 def _push_out_of_dram(client, block_bytes: int, seed: int) -> None:
     """Store unrelated blocks (another namespace) until the daemon's DRAM (and HBM, when it
     has one) holds none of ours."""
@@ -209,6 +225,8 @@ def scenarios(llm, client, ns: str | None, nvme_dir: Path | None, seed: int) -> 
     llm.reset_prefix_cache()
     p = tokens(*_prompt("repeat", seed))
     first = _generate(llm, p)
+    if client:
+        _settled(llm, client, ns, p, first)
     llm.reset_prefix_cache()
     held = client.lookup(ns, _keys(llm, p)) if client else []
     second = _generate(llm, p)
@@ -223,11 +241,13 @@ def scenarios(llm, client, ns: str | None, nvme_dir: Path | None, seed: int) -> 
     hint = {"session_id": SESSION, "tool": "run_tests", "expected_pause_s": 30}
     turn1 = _generate(llm, t1, hint if client else None)
     if client:
+        _settled(llm, client, ns, t1, turn1, session="tool_pause")
         turn1["session_after"] = _session_state(client, ns)
     llm.reset_prefix_cache()
     t2 = t1 + turn1["tokens"] + tokens(TURN2_NEW, 4 + seed)
     turn2 = _generate(llm, t2, {"session_id": SESSION} if client else None)
     if client:
+        _settled(llm, client, ns, t2, turn2, session="idle")
         turn2["session_after"] = _session_state(client, ns)
     result["session"] = {"turn1": turn1, "turn2": turn2}
 
@@ -237,6 +257,7 @@ def scenarios(llm, client, ns: str | None, nvme_dir: Path | None, seed: int) -> 
     before = _generate(llm, p3)
     result["corrupt"] = {"first": before}
     if client:
+        _settled(llm, client, ns, p3, before)
         keys = _keys(llm, p3)
         assert client.sync() == 0
         original = client.load(ns, keys)

@@ -12,6 +12,9 @@ inline over gRPC through one host staging buffer.
 :class:`BackgroundLoads` runs loads on a thread of their own, for vLLM's asynchronous
 loading protocol: the engine keeps stepping other requests while a request's blocks arrive
 (e.g. promoted from NVMe by the daemon), and learns of each finished load by request id.
+:class:`BackgroundSaves` runs saves on another thread, so a step never waits for kvd: the
+engine keeps a finished request's blocks until its saves end, and waits for the saves of a
+preempted request before its blocks are reused.
 
 Nothing here imports vLLM; ``torch`` (through :mod:`kvd.connector.paged`) is required.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -196,3 +199,79 @@ class BackgroundLoads:
             return future.result()
         log.error("kvd background load of %d blocks failed; vLLM recomputes them", len(block_ids), exc_info=exc)
         return block_ids
+
+
+class BackgroundSaves:
+    """Saves that run on one background thread, in submission order. The engine's blocks must
+    stay unchanged until a save of them ends: a finished request's blocks are freed only once
+    :meth:`finished` reports it (after :meth:`release`), and :meth:`wait` blocks until the
+    saves of given requests end (before a preempted request's blocks are reused)."""
+
+    def __init__(self, transfers: Transfers) -> None:
+        self._transfers = transfers
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvd-save")
+        self._lock = threading.Lock()
+        self._running: dict[str, list[Future]] = {}  # req_id -> its saves not yet reaped
+        self._outcomes: dict[int, bool] = {}  # save_id -> stored, for saves over since the last take
+        self._released: set[str] = set()  # finished requests whose blocks wait for their saves
+
+    def submit(self, req_id: str, save_id: int, hashes: Sequence[int], parents: Sequence[int | None],
+               block_ids: Sequence[int], session_id: str | None) -> None:
+        """Start saving one planned save (``save_id`` names its outcome in :meth:`take_outcomes`)."""
+        args = (list(hashes), list(parents), list(block_ids), session_id)
+        future = self._pool.submit(self._save, save_id, *args)
+        with self._lock:
+            self._running.setdefault(req_id, []).append(future)
+
+    def release(self, req_ids: Iterable[str]) -> None:
+        """These requests finished: report each by :meth:`finished` once its saves end."""
+        with self._lock:
+            self._released.update(req_ids)
+
+    def finished(self) -> set[str]:
+        """Released requests whose saves have all ended, each reported once."""
+        with self._lock:
+            self._reap()
+            done = {r for r in self._released if r not in self._running}
+            self._released -= done
+        return done
+
+    def wait(self, req_ids: Iterable[str]) -> None:
+        """Block until every save of these requests ends."""
+        with self._lock:
+            futures = [f for r in req_ids for f in self._running.get(r, ())]
+        for future in futures:
+            future.exception()  # waits; the outcome is recorded by _save
+
+    def take_outcomes(self) -> tuple[set[int], set[int]]:
+        """(stored, failed) save ids of the saves over since the last call."""
+        with self._lock:
+            outcomes, self._outcomes = self._outcomes, {}
+        return {i for i, ok in outcomes.items() if ok}, {i for i, ok in outcomes.items() if not ok}
+
+    @property
+    def pending(self) -> int:
+        """Saves submitted and not yet ended."""
+        with self._lock:
+            return sum(1 for futures in self._running.values() for f in futures if not f.done())
+
+    def close(self) -> None:
+        """Wait for running saves (their blocks must not be freed under them), then stop."""
+        self._pool.shutdown(wait=True)
+
+    def _save(self, save_id: int, hashes, parents, block_ids, session_id) -> None:
+        try:
+            ok = self._transfers.save(hashes, parents, block_ids, session_id)
+        except Exception:  # a bug in a copy must not leave the engine waiting for this save
+            log.exception("kvd background save of %d blocks failed", len(hashes))
+            ok = False
+        with self._lock:
+            self._outcomes[save_id] = ok
+
+    def _reap(self) -> None:
+        for req_id, futures in list(self._running.items()):
+            left = [f for f in futures if not f.done()]
+            if left:
+                self._running[req_id] = left
+            else:
+                del self._running[req_id]

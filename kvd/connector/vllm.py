@@ -10,8 +10,11 @@ It stays thin: the scheduler side asks the daemon what it holds (``Lookup``) and
 step, which blocks to load and save (``kvd.connector.plan``); the worker side copies those
 blocks straight between vLLM's paged caches and the daemon's shared-memory arena slots
 (``kvd.connector.transfer`` over ``kvd.native.PagedKv``). Blocks are keyed by vLLM's own
-block hashes. A save completes in ``wait_for_save`` after the step's forward, so vLLM frees
-blocks as usual. A load completes in ``start_load_kv`` before the forward (the default), or,
+block hashes. A step never waits for a save: ``wait_for_save`` hands the step's saves to a
+background thread; a finished request's blocks stay allocated until its saves end (vLLM's
+delayed free: ``request_finished`` answers True, ``get_finished`` reports the request), its
+turn-end or tool-pause event follows them, and a preempted request's saves end before its
+blocks are reused (``handle_preemptions``). A load completes in ``start_load_kv`` before the forward (the default), or,
 with ``kvd_async_load``, on a background thread while the request waits in vLLM's
 ``WAITING_FOR_REMOTE_KVS`` and other requests keep running; ``get_finished`` reports it done.
 
@@ -49,7 +52,7 @@ from kvd.connector.plan import (
     SaveSpec,
     SessionHints,
 )
-from kvd.connector.transfer import BackgroundLoads, Transfers
+from kvd.connector.transfer import BackgroundLoads, BackgroundSaves, Transfers
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -71,11 +74,15 @@ MAX_NAMESPACE = 200  # the daemon takes up to 256 characters
 @dataclass
 class KvdConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, per step: blocks to load (before the forward, or in the
-    background when ``load_async``), blocks to save after it."""
+    background when ``load_async``), blocks to save after it; ``released``: finished
+    requests whose blocks wait for their saves (each reported by ``get_finished`` once they
+    end); ``preempted``: requests whose blocks vLLM may reuse from this step on."""
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     load_async: bool = False
+    released: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +152,9 @@ class KvdConnector(KVConnectorBase_V1):
             self._emit_events = bool(events is not None and events.enable_kv_cache_events)
             self._pending_events: dict[int, KVCacheEvent] = {}  # save_id -> its BlockStored
             self._events: list[KVCacheEvent] = []
+            self._unconfirmed: dict[int, str] = {}  # save_id -> req_id: saves not yet reported
+            self._released: list[str] = []  # finished requests for the next step's metadata
+            self._ending: dict[str, SessionHints] = {}  # released requests: their session's event
             # A block is loadable only if every shard of it is held.
             self._namespaces = [
                 namespace_for(vllm_config, tp, pp)
@@ -158,8 +168,8 @@ class KvdConnector(KVConnectorBase_V1):
             self._namespace = namespace_for(vllm_config, get_tensor_model_parallel_rank(), get_pp_group().rank_in_group)
             self._transfers: Transfers | None = None
             self._background: BackgroundLoads | None = None
+            self._saves: BackgroundSaves | None = None
             self._load_errors: set[int] = set()
-            self._save_outcomes = KvdWorkerMetadata()
         logger.info("KvdConnector (%s): daemon %s, namespace %s", role.name, self._client.address, self._namespace)
 
     # ==============================
@@ -207,41 +217,63 @@ class KvdConnector(KVConnectorBase_V1):
         plan = self._planner.step(
             scheduled, scheduler_output.num_scheduled_tokens, scheduler_output.scheduled_spec_decode_tokens
         )
-        if self._emit_events:
-            for save in plan.saves:
+        for save in plan.saves:
+            self._unconfirmed[save.save_id] = save.req_id
+            if self._emit_events:
                 request = self._planner.request(save.req_id)
                 self._pending_events[save.save_id] = stored_event(
                     request, save.first, len(save.hashes), self._block_size, save.session_id or request.session_id
                 )
-        return KvdConnectorMetadata(loads=plan.loads, saves=plan.saves, load_async=self._async_load)
+        released, self._released = self._released, []
+        return KvdConnectorMetadata(
+            loads=plan.loads, saves=plan.saves, load_async=self._async_load, released=released,
+            preempted=sorted(scheduler_output.preempted_req_ids or ()),
+        )
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Blocks whose load failed are recomputed by vLLM: plan to save them again. Saves
-        the workers confirmed become ``BlockStored`` events for ``take_events``."""
+        the workers confirmed become ``BlockStored`` events for ``take_events``. A released
+        request whose saves all ended ends its session's turn now, after its blocks."""
         self._planner.load_failed(connector_output.invalid_block_ids or ())
         outcome = connector_output.kv_connector_worker_meta
         if isinstance(outcome, KvdWorkerMetadata):
             for save_id in outcome.stored:
+                self._unconfirmed.pop(save_id, None)
                 event = self._pending_events.pop(save_id, None)
                 if event is not None:
                     self._events.append(event)
             for save_id in outcome.failed:
+                self._unconfirmed.pop(save_id, None)
                 self._pending_events.pop(save_id, None)
+        for req_id in connector_output.finished_sending or ():
+            hints = self._ending.pop(req_id, None)
+            if hints is not None:
+                self._session_event(hints)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Tell kvd the session's turn ended, or that it pauses on a tool call (hinted by
-        ``kv_transfer_params={"kvd": {"tool": ..., "expected_pause_s": ...}}``). Saves are
-        done by now, so vLLM may free the blocks at once (False)."""
-        hints = self._planner.finished(request.request_id) or self._hints(request)
-        if hints.session_id is not None:
-            kind = "tool_pause" if hints.tool else "turn_end"
-            try:
-                self._client.session_event(
-                    self._namespace, hints.session_id, kind, tool=hints.tool, expected_pause_s=hints.expected_pause_s
-                )
-            except ClientError as exc:
-                logger.warning("kvd session event %s of %s failed: %s", kind, hints.session_id, exc)
+        ``kv_transfer_params={"kvd": {"tool": ..., "expected_pause_s": ...}}``). With saves
+        of the request still running, vLLM keeps its blocks (True) until the workers report
+        them ended, and the session's event waits for them too."""
+        req_id = request.request_id
+        hints = self._planner.finished(req_id) or self._hints(request)
+        if req_id in self._unconfirmed.values():
+            self._released.append(req_id)
+            self._ending[req_id] = hints
+            return True, None
+        self._session_event(hints)
         return False, None
+
+    def _session_event(self, hints: SessionHints) -> None:
+        if hints.session_id is None:
+            return
+        kind = "tool_pause" if hints.tool else "turn_end"
+        try:
+            self._client.session_event(
+                self._namespace, hints.session_id, kind, tool=hints.tool, expected_pause_s=hints.expected_pause_s
+            )
+        except ClientError as exc:
+            logger.warning("kvd session event %s of %s failed: %s", kind, hints.session_id, exc)
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         """``BlockStored`` (medium ``CPU``) for the blocks kvd holds since the last call
@@ -268,6 +300,7 @@ class KvdConnector(KVConnectorBase_V1):
         caches = PagedCaches(kv_caches, self._num_blocks)
         self._client.register_namespace(self._namespace, self._block_size, caches.block_bytes)
         self._transfers = Transfers(self._client, self._namespace, caches)
+        self._saves = BackgroundSaves(self._transfers)
         if self._async_load:
             self._background = BackgroundLoads(self._transfers)
         logger.info(
@@ -275,12 +308,21 @@ class KvdConnector(KVConnectorBase_V1):
             len(caches.names), caches.block_bytes, self._transfers.shared_memory, self._async_load,
         )
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before vLLM reuses a preempted request's blocks: let its running saves end."""
+        if not isinstance(kv_connector_metadata, KvdConnectorMetadata):
+            raise TypeError(f"KvdConnector got {type(kv_connector_metadata).__name__} metadata")
+        if kv_connector_metadata.preempted and self._saves is not None:
+            self._saves.wait(kv_connector_metadata.preempted)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Copy this step's planned blocks from kvd into the paged caches: before the forward,
         or (``load_async``) start them on the background thread. A block kvd no longer has
         (evicted, or failed its checksum) is reported by ``get_block_ids_with_load_errors``
         and recomputed by vLLM."""
         meta = self._meta()
+        if meta.released:
+            self._require_saves().release(meta.released)
         if not meta.loads:
             return
         transfers = self._require_transfers()
@@ -308,25 +350,27 @@ class KvdConnector(KVConnectorBase_V1):
         return None
 
     def wait_for_save(self) -> None:
-        """Copy the blocks this step filled into kvd (after the forward wrote them)."""
+        """Start copying the blocks this step filled into kvd (the forward wrote them); the
+        copies run on the background thread while the next steps run."""
         meta = self._meta()
         if not meta.saves:
             return
-        transfers = self._require_transfers()
+        saves = self._require_saves()
         for spec in meta.saves:
-            ok = transfers.save(spec.hashes, spec.parents, spec.block_ids, spec.session_id)
-            (self._save_outcomes.stored if ok else self._save_outcomes.failed).add(spec.save_id)
+            saves.submit(spec.req_id, spec.save_id, spec.hashes, spec.parents, spec.block_ids, spec.session_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Requests whose asynchronous load is over (loaded or failed: its failed blocks are
-        reported by ``get_block_ids_with_load_errors`` in the same step). Saves finish
-        within their step, so no request is ever still sending."""
-        if self._background is None:
-            return None, None
-        done = self._background.finished()
-        for failed in done.values():
-            self._load_errors.update(failed)
-        return None, set(done) or None
+        """(sending, receiving): released requests whose saves all ended (vLLM frees their
+        blocks now); requests whose asynchronous load is over (loaded or failed: its failed
+        blocks are reported by ``get_block_ids_with_load_errors`` in the same step)."""
+        sent = self._saves.finished() if self._saves is not None else set()
+        received: set[str] = set()
+        if self._background is not None:
+            done = self._background.finished()
+            for failed in done.values():
+                self._load_errors.update(failed)
+            received = set(done)
+        return sent or None, received or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids whose load from kvd failed since the last call (vLLM recomputes them)."""
@@ -334,18 +378,21 @@ class KvdConnector(KVConnectorBase_V1):
         return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        """The outcome of the saves since the last call (None when there were none)."""
-        outcome = self._save_outcomes
-        if not outcome.stored and not outcome.failed:
+        """The outcome of the saves ended since the last call (None when there were none)."""
+        if self._saves is None:
             return None
-        self._save_outcomes = KvdWorkerMetadata()
-        return outcome
+        stored, failed = self._saves.take_outcomes()
+        if not stored and not failed:
+            return None
+        return KvdWorkerMetadata(stored=stored, failed=failed)
 
     def shutdown(self) -> None:
-        """Let running background loads finish, unregister the arena, close the client."""
+        """Let running background loads and saves finish, unregister the arena, close the client."""
         if self._role == KVConnectorRole.WORKER:
             if self._background is not None:
                 self._background.close()
+            if self._saves is not None:
+                self._saves.close()
             if self._transfers is not None:
                 self._transfers.close()
         self._client.close()
@@ -360,3 +407,8 @@ class KvdConnector(KVConnectorBase_V1):
         if self._transfers is None:
             raise RuntimeError("KvdConnector: blocks to move before register_kv_caches")
         return self._transfers
+
+    def _require_saves(self) -> BackgroundSaves:
+        if self._saves is None:
+            raise RuntimeError("KvdConnector: blocks to save before register_kv_caches")
+        return self._saves
