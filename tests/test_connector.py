@@ -145,6 +145,7 @@ def test_session_hints():
     hints = SessionHints.parse({"kvd": {"tool": "run_tests", "expected_pause_s": 30}}, "s1")
     assert hints == SessionHints("s1", "run_tests", 30.0)
     assert SessionHints.parse({"kvd": {"session_id": "s2"}}, "s1").session_id == "s2"
+    assert SessionHints.parse({"kvd": {"session_end": True}}, "s1") == SessionHints("s1", session_end=True)
 
 
 @pytest.mark.parametrize(
@@ -159,6 +160,9 @@ def test_session_hints():
         ({"kvd": {"session_id": "s", "tool": "t", "expected_pause_s": float("nan")}}, "seconds >= 0"),
         ({"kvd": {"session_id": "s", "expected_pause_s": 3}}, 'needs a "tool"'),
         ({"kvd": {"tool": "t"}}, "needs a session id"),
+        ({"kvd": {"session_id": "s", "session_end": 1}}, "session_end.*must be true or false"),
+        ({"kvd": {"session_id": "s", "tool": "t", "session_end": True}}, "cannot both pause"),
+        ({"kvd": {"session_end": True}}, "session_end.*needs a session id"),
     ],
 )
 def test_bad_session_hints_name_the_field(params, message):

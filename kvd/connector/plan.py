@@ -41,23 +41,25 @@ class EngineRequest(Protocol):
 @dataclass(frozen=True)
 class SessionHints:
     """What a request says about its agent session. ``tool`` set: the session pauses on that
-    tool call when the request finishes (``expected_pause_s`` seconds, if known)."""
+    tool call when the request finishes (``expected_pause_s`` seconds, if known);
+    ``session_end``: the request is the session's last turn, the session ends with it."""
 
     session_id: str | None = None
     tool: str | None = None
     expected_pause_s: float | None = None
+    session_end: bool = False
 
     @classmethod
     def parse(cls, kv_transfer_params: Mapping[str, Any] | None, session_id: str | None = None) -> SessionHints:
         """Hints from ``kv_transfer_params["kvd"]`` (``session_id``, ``tool``,
-        ``expected_pause_s``), the session id falling back to the engine's own. ValueError
-        names the first bad field."""
+        ``expected_pause_s``, ``session_end``), the session id falling back to the engine's
+        own. ValueError names the first bad field."""
         raw = (kv_transfer_params or {}).get("kvd")
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
             raise ValueError(f'kv_transfer_params["kvd"] must be an object, got {type(raw).__name__}')
-        unknown = sorted(set(raw) - {"session_id", "tool", "expected_pause_s"})
+        unknown = sorted(set(raw) - {"session_id", "tool", "expected_pause_s", "session_end"})
         if unknown:
             raise ValueError(f'kv_transfer_params["kvd"] has unknown keys: {", ".join(unknown)}')
         sid = raw.get("session_id", session_id)
@@ -74,7 +76,14 @@ class SessionHints:
             pause = float(pause)
         if tool is not None and sid is None:
             raise ValueError('kv_transfer_params["kvd"]["tool"] needs a session id')
-        return cls(sid or None, tool, pause)
+        end = raw.get("session_end", False)
+        if not isinstance(end, bool):
+            raise ValueError(f'kv_transfer_params["kvd"]["session_end"] must be true or false, got {end!r}')
+        if end and tool is not None:
+            raise ValueError('kv_transfer_params["kvd"] cannot both pause on a "tool" and end the session')
+        if end and sid is None:
+            raise ValueError('kv_transfer_params["kvd"]["session_end"] needs a session id')
+        return cls(sid or None, tool, pause, end)
 
 
 @dataclass(frozen=True)

@@ -251,8 +251,9 @@ class KvdConnector(KVConnectorBase_V1):
                 self._session_event(hints)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Tell kvd the session's turn ended, or that it pauses on a tool call (hinted by
-        ``kv_transfer_params={"kvd": {"tool": ..., "expected_pause_s": ...}}``). With saves
+        """Tell kvd the session's turn ended, that it pauses on a tool call (hinted by
+        ``kv_transfer_params={"kvd": {"tool": ..., "expected_pause_s": ...}}``), or that the
+        session ended (``{"kvd": {"session_end": true}}``). With saves
         of the request still running, vLLM keeps its blocks (True) until the workers report
         them ended, and the session's event waits for them too."""
         req_id = request.request_id
@@ -267,7 +268,7 @@ class KvdConnector(KVConnectorBase_V1):
     def _session_event(self, hints: SessionHints) -> None:
         if hints.session_id is None:
             return
-        kind = "tool_pause" if hints.tool else "turn_end"
+        kind = "session_end" if hints.session_end else "tool_pause" if hints.tool else "turn_end"
         try:
             self._client.session_event(
                 self._namespace, hints.session_id, kind, tool=hints.tool, expected_pause_s=hints.expected_pause_s
