@@ -145,7 +145,7 @@ class Recorder:
         self.calls.append([ns, sid, kind])
 
 late = KvdConnector.__new__(KvdConnector)
-late._planner, late._client, late._namespace = Planner(BS), Recorder(), "ns"
+late._planner, late._client, late._namespace, late._notices = Planner(BS), Recorder(), "ns", None
 late._unconfirmed, late._released, late._ending, late._pending_events, late._events = {9: "r1"}, [], {}, {}, []
 delayed = late.request_finished(request, [0, 1])
 before = list(late._client.calls)

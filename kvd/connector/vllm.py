@@ -27,6 +27,7 @@ with ``kvd_async_load``, on a background thread while the request waits in vLLM'
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -155,6 +156,9 @@ class KvdConnector(KVConnectorBase_V1):
             self._unconfirmed: dict[int, str] = {}  # save_id -> req_id: saves not yet reported
             self._released: list[str] = []  # finished requests for the next step's metadata
             self._ending: dict[str, SessionHints] = {}  # released requests: their session's event
+            # Session events go out on a thread of their own, in order: the scheduler's step
+            # never waits for the daemon's answer to one.
+            self._notices: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="kvd-session")
             # A block is loadable only if every shard of it is held.
             self._namespaces = [
                 namespace_for(vllm_config, tp, pp)
@@ -268,6 +272,12 @@ class KvdConnector(KVConnectorBase_V1):
     def _session_event(self, hints: SessionHints) -> None:
         if hints.session_id is None:
             return
+        if self._notices is not None:
+            self._notices.submit(self._send_session_event, hints)
+        else:
+            self._send_session_event(hints)
+
+    def _send_session_event(self, hints: SessionHints) -> None:
         kind = "session_end" if hints.session_end else "tool_pause" if hints.tool else "turn_end"
         try:
             self._client.session_event(
@@ -388,7 +398,10 @@ class KvdConnector(KVConnectorBase_V1):
         return KvdWorkerMetadata(stored=stored, failed=failed)
 
     def shutdown(self) -> None:
-        """Let running background loads and saves finish, unregister the arena, close the client."""
+        """Let running background loads, saves and session events finish, unregister the
+        arena, close the client."""
+        if self._role == KVConnectorRole.SCHEDULER and self._notices is not None:
+            self._notices.shutdown(wait=True)
         if self._role == KVConnectorRole.WORKER:
             if self._background is not None:
                 self._background.close()
