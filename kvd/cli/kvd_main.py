@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         bench_sub.add_parser("soak", help="many concurrent clients on loopback TCP: errors, latency, daemon RSS"), _size
     )
 
+    from kvd.bench.e2e.bench import add_arguments as add_e2e_arguments
+
+    add_e2e_arguments(
+        bench_sub.add_parser("e2e", help="aiperf replays an agentic trace through vLLM: no cache, kvd, LMCache"), _size
+    )
+
     from kvd.replay.cli import add_arguments as add_replay_arguments
     from kvd.replay.workload import add_arguments as add_workload_arguments
 
@@ -151,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.soak import run_cli as run_soak
 
         return run_soak(args)
+    if args.command == "bench" and args.bench == "e2e":
+        from kvd.bench.e2e.bench import run_cli as run_e2e
+
+        return run_e2e(args)
     if args.command == "replay":
         from kvd.replay.cli import run_cli as run_replay
 
