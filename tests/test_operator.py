@@ -49,7 +49,7 @@ def test_a_pinned_block_survives_pressure_and_unpin_lets_it_go(daemon_factory, k
     with d.client() as c:
         c.register_namespace("m", 16, BLOCK)
         c.store("m", [100], blocks(100), parents=[None])
-        r = kvctl(d, "pin", "-n", "m", f"{100:x}", "ffff")
+        r = kvctl(d, "pin", "-n", "m", "100", "0xffff")  # decimal as printed, or 0x-hex
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "1 blocks pinned (1 not held); 1 pinned in all"
         for h in range(1, 40):  # far more than DRAM holds: LRU would drop 100 first
@@ -64,8 +64,9 @@ def test_a_pinned_block_survives_pressure_and_unpin_lets_it_go(daemon_factory, k
 
 
 def test_pin_errors_are_one_line(daemon, kvctl):
-    r = kvctl(daemon, "pin", "-n", "m", "xyz")
-    assert r.returncode == 2 and "not a hexadecimal block hash" in r.stderr
+    for bad in ("xyz", "ff", str(1 << 64)):
+        r = kvctl(daemon, "pin", "-n", "m", bad)
+        assert r.returncode == 2 and "not a " in r.stderr and "block hash" in r.stderr, (bad, r.stderr)
     r = kvctl(daemon, "pin", "-n", "m")
     assert r.returncode == 2 and r.stderr.splitlines() == ["kvctl: pin: give block hashes or --session, not both or neither"]
     r = kvctl(daemon, "pin", "-n", "nope", "1")
@@ -218,3 +219,48 @@ def test_drain_errors(daemon, kvctl):
     assert r.returncode == 2 and r.stderr.splitlines() == ["kvctl: drain: --wait must be positive"]
     r = kvctl(daemon, "resume")
     assert (r.returncode, r.stdout.strip()) == (0, "serving (was not drained)")
+
+
+def test_blocks_prints_hashes_as_pin_reads_them(daemon, kvctl):
+    with daemon.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        c.store("m", [2**63 + 5, 300], blocks(1) + blocks(2), parents=[None, 2**63 + 5])
+    table = kvctl(daemon, "blocks", "-n", "m").stdout.splitlines()[1:]
+    printed = sorted(int(line.split()[1]) for line in table)
+    assert printed == [300, 2**63 + 5]
+    assert sorted(b["hash"] for b in json.loads(kvctl(daemon, "blocks", "-o", "json").stdout)) == printed
+    r = kvctl(daemon, "pin", "-n", "m", *map(str, printed))
+    assert r.stdout.strip() == "2 blocks pinned (0 not held); 2 pinned in all", r.stderr
+
+
+def test_no_daemon_is_said_at_once(tmp_path, kvctl):
+    import time
+
+    t0 = time.monotonic()
+    r = kvctl(f"unix://{tmp_path}/nobody.sock", "status")
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and r.stderr.splitlines() == [f"kvctl: unavailable: no kvd daemon listens at unix://{tmp_path}/nobody.sock"]
+    assert took < 8, took  # the default --timeout is 10 s; a refused connection is said at once
+    # Nothing listens on a TCP port either (one just freed): the same.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = kvctl(f"127.0.0.1:{port}", "status")
+    assert r.returncode == 1 and r.stderr.splitlines() == [f"kvctl: unavailable: no kvd daemon listens at 127.0.0.1:{port}"]
+
+
+def test_a_closed_pipe_ends_kvctl_without_a_traceback(daemon):
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before kvctl writes a byte
+    try:
+        r = subprocess.run([sys.executable, "-m", "kvd.cli.kvctl", "--addr", daemon.address, "status"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert r.returncode == 1 and r.stderr == ""

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvd.cli.parsing import ArgumentParser
 from kvd.client import Client, ClientError, TlsFiles, default_address
-from kvd.client.channel import open_channel
+from kvd.client.channel import listening, open_channel
 from kvd.media import TIER_NAMES
 from kvd.sizes import format_size
 from kvd.v1 import view_pb2, view_pb2_grpc
@@ -48,12 +48,15 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--tls-key", type=Path, default=default(None), help="client certificate's key")
 
 
+CONNECT_S = 1.0  # a daemon that does not accept a connection within this is not there
+
+
 def _hash(text: str) -> int:
-    """A block hash as `kvctl blocks` prints it: hexadecimal, 0x optional."""
+    """A block hash as kvctl prints it, in decimal, or in hexadecimal with a 0x prefix."""
     try:
-        value = int(text, 16)
+        value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal block hash") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a block hash (decimal, or hexadecimal with 0x)") from None
     if not 0 <= value < 1 << 64:
         raise argparse.ArgumentTypeError(f"{text!r} is not a 64-bit block hash")
     return value
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sessions, suppress=True)
     sessions.add_argument("action", nargs="?", choices=["list", "show", "ahead"], default="list")
     sessions.add_argument("session", nargs="?", help="show, ahead: the session id")
-    sessions.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="ahead: the turn's prompt hashes (hex)")
+    sessions.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="ahead: the turn's prompt hashes")
     sessions.add_argument("--namespace", "-n", default=None)
     sessions.add_argument("--in", dest="arrives_in", type=float, metavar="S", help="ahead: seconds until the turn arrives")
     for name, text in (("pin", "keep blocks where they are whatever the policy says"),
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(pin, suppress=True)
         pin.add_argument("--namespace", "-n", required=True)
         pin.add_argument("--session", help="every block of this session's chain, instead of hashes")
-        pin.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="block hashes (hex, as `blocks` prints)")
+        pin.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="block hashes (decimal as `blocks` prints them, or 0x-hex)")
     policy = sub.add_parser("policy", help="the retention policy: get, or set NAME (at run time)")
     _add_common(policy, suppress=True)
     policy.add_argument("action", choices=["get", "set"])
@@ -176,7 +179,7 @@ def cmd_blocks(client: Client, output: str, namespace: str | None, limit: int | 
         if limit is not None and len(blocks) >= limit:
             break
         blocks.append(b)
-    rows = [[b.namespace, f"{b.hash:016x}", "-" if b.parent is None else f"{b.parent:016x}", b.nbytes, ",".join(b.tiers)]
+    rows = [[b.namespace, b.hash, "-" if b.parent is None else b.parent, b.nbytes, ",".join(b.tiers)]
             for b in blocks]
     _emit(output, [asdict(b) for b in blocks], _table(rows, ["NAMESPACE", "HASH", "PARENT", "BYTES", "TIERS"]))
     return 0
@@ -214,9 +217,9 @@ def _event_line(f: dict) -> str:
     kind, head = f["kind"], f"{f['seq']:>8}"
     if kind == "stored":
         session = f"  session {f['session_id']}" if f["session_id"] else ""
-        return f"{head}  stored    {f['namespace']}  {f['hash']:016x}  {f['tier']}  {f['nbytes']}{session}"
+        return f"{head}  stored    {f['namespace']}  {f['hash']}  {f['tier']}  {f['nbytes']}{session}"
     if kind == "removed":
-        return f"{head}  removed   {f['namespace']}  {f['hash']:016x}  {f['tier']}  {f['reason']}"
+        return f"{head}  removed   {f['namespace']}  {f['hash']}  {f['tier']}  {f['reason']}"
     if kind == "registered":
         return f"{head}  namespace {f['namespace']}  {f['block_tokens']} tokens  {f['block_bytes']} bytes"
     if kind == "cleared":
@@ -388,6 +391,19 @@ def cmd_resume(client: Client, output: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader left (`kvctl status | head -1`): stop quietly, and let the interpreter's
+        # last flush go nowhere instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     address = args.addr or default_address()
     token = args.token or os.environ.get("KVD_TOKEN") or None
@@ -403,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                     return cmd_health(channel, args.output, args.service, args.liveness, args.timeout)
                 return cmd_watch(channel, args.output, args.namespace, args.from_seq, args.count)
         with Client(address, shared_memory=False, timeout=args.timeout, token=token, tls=tls) as client:
+            if not listening(address, min(args.timeout, CONNECT_S)):
+                print(f"kvctl: unavailable: no kvd daemon listens at {address}", file=sys.stderr)
+                return 1
             client.wait_ready(args.timeout)
             return _run(client, args)
     except ClientError as exc:

@@ -9,6 +9,7 @@ daemon demands it of Admin calls over TCP.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,27 @@ def grpc_target(address: str) -> str:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"address {address!r} is neither unix:///path nor host:port")
     return address
+
+
+def listening(address: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections at ``address`` (a plain socket connect, no gRPC):
+    False at once for a missing unix socket or a refused connection, and after ``timeout``
+    seconds for an address that does not answer. A daemon too busy to answer gRPC quickly
+    still accepts connections, so this tells "nobody there" from "slow"."""
+    target = grpc_target(address)
+    if target.startswith("unix:"):
+        path = target.removeprefix("unix://") if target.startswith("unix://") else target.removeprefix("unix:")
+        family, where = socket.AF_UNIX, path
+    else:
+        host, _, port = target.rpartition(":")
+        family, where = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, (host.strip("[]"), int(port))
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(where)
+        except OSError:
+            return False
+    return True
 
 
 class _BearerToken(
