@@ -229,8 +229,10 @@ def test_a_port_in_use_stops_the_daemon_with_one_line(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         r = run_serve(tmp_path, "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == f"kvd serve: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"kvd serve: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    )
     assert not (tmp_path / "kvd.sock").exists()  # it never served
 
 

@@ -228,9 +228,13 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"kvd serve: --kv-events needs {exc.name} (pip install 'kvd[kv-events]')", file=sys.stderr)
             return 2
     from kvd.server.daemon import serve
+    from kvd.server.startup import StartupError
 
     try:
         serve(config)
+    except StartupError as exc:
+        print(f"kvd serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"kvd serve: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GiB = 1 << 30
+MAX_UNIX_PATH = 107  # bytes of a unix socket's path (sun_path holds 108 with its NUL)
 # The fault plan is a test and chaos facility: refused unless this variable is "1", so that
 # no production config file or stray KVD_FAULT_PLAN turns fault injection on by accident.
 ALLOW_FAULTS_ENV = "KVD_ALLOW_FAULTS"
@@ -57,8 +58,18 @@ class ServeConfig:
         """Raise ValueError naming the bad setting."""
         if self.dram_bytes < self.page_bytes or self.dram_bytes % self.page_bytes:
             raise ValueError(f"--dram-bytes must be a whole number of pages ({self.page_bytes} bytes), at least one")
-        if self.nvme_bytes and self.nvme_bytes < self.page_bytes:
-            raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or at least {self.page_bytes} bytes")
+        if self.nvme_bytes < 0 or self.nvme_bytes % self.page_bytes:
+            raise ValueError(f"--nvme-bytes must be 0 (no NVMe tier) or a whole number of pages ({self.page_bytes} bytes)")
+        if self.slab_bytes < self.page_bytes or self.slab_bytes % self.page_bytes:
+            raise ValueError(f"--slab-bytes must be a whole number of pages ({self.page_bytes} bytes), at least one")
+        if self.nvme_bytes and self.nvme_dir.exists() and not self.nvme_dir.is_dir():
+            raise ValueError(f"--nvme-dir {self.nvme_dir}: not a directory")
+        if self.socket.exists() and self.socket.is_dir():
+            raise ValueError(f"--socket {self.socket}: a directory, not a socket path")
+        if len(str(self.socket.resolve()).encode()) > MAX_UNIX_PATH:
+            raise ValueError(
+                f"--socket {self.socket}: its absolute path is longer than the {MAX_UNIX_PATH} bytes a unix socket may have"
+            )
         if self.hbm_bytes < 0 or self.hbm_bytes % self.page_bytes:
             raise ValueError(f"--hbm-bytes must be 0 (no HBM tier) or a multiple of {self.page_bytes} bytes")
         if not re.fullmatch(r"cuda(:\d+)?|cpu", self.hbm_device):

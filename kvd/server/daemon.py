@@ -33,6 +33,7 @@ from kvd.server.drain import DrainResult, ShuttingDown, drain, resume
 from kvd.server.engine import EngineService
 from kvd.server.metrics import DaemonMetrics
 from kvd.server.mover import Mover
+from kvd.server.startup import SocketLock, StartupError
 from kvd.server.state import DaemonState
 from kvd.server.view import ViewService
 from kvd.tiers.dram import DramArena
@@ -55,13 +56,22 @@ def build_state(config: ServeConfig, hbm: HbmPool | None = None) -> DaemonState:
     clock = time.monotonic
     nvme = None
     if config.nvme_bytes:
-        config.nvme_dir.mkdir(parents=True, exist_ok=True)
-        nvme = NvmeStore(
-            config.nvme_dir, config.nvme_bytes, slab_bytes=config.slab_bytes, page_bytes=config.page_bytes,
-            io=fault_io(config),
-        )
-    config.shm_dir.mkdir(parents=True, exist_ok=True)
-    arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
+        try:
+            config.nvme_dir.mkdir(parents=True, exist_ok=True)
+            nvme = NvmeStore(
+                config.nvme_dir, config.nvme_bytes, slab_bytes=config.slab_bytes, page_bytes=config.page_bytes,
+                io=fault_io(config),
+            )
+        except OSError as exc:  # RocksDB's "lock hold by current process" / a read-only disk
+            raise StartupError("--nvme-dir", f"{config.nvme_dir}: {exc.strerror or exc}") from None
+    try:
+        config.shm_dir.mkdir(parents=True, exist_ok=True)
+        arena = DramArena(config.arena_path, config.dram_bytes, page_bytes=config.page_bytes)
+    except OSError as exc:
+        if nvme is not None:
+            nvme.close()
+        raise StartupError("--shm-dir", f"{config.shm_dir}: cannot hold a {config.dram_bytes}-byte arena: "
+                                        f"{exc.strerror or exc}") from None
     # The core allocates and frees through the tiers themselves (pure bookkeeping), so a
     # tier's own records follow its slots (NvmeStore forgets a freed slot's checksum).
     spaces = {"hbm": hbm} if hbm is not None else {}
@@ -176,12 +186,15 @@ class Daemon:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.hbm = open_hbm(config)
+        self.lock = SocketLock.acquire(config.socket)  # first: a second daemon touches nothing
+        self.hbm = None
         try:
+            self.hbm = open_hbm(config)
             self.state = build_state(config, self.hbm)
         except BaseException:
             if self.hbm is not None:
                 self.hbm.close()  # a host pool's shared-memory file must not outlive us
+            self.lock.release()
             raise
         self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvd-io")
         self.server: grpc.aio.Server | None = None
@@ -193,7 +206,10 @@ class Daemon:
         state = self.state
         if self.config.metrics_port:  # first: a port in use stops the daemon before it serves
             state.metrics = DaemonMetrics(state)
-            state.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            try:
+                state.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                raise StartupError("--metrics-port", f"{self.config.metrics_port}: {exc.strerror or exc}") from None
         if self.config.kv_events is not None:
             from kvd.server.kv_events import KvEventPublisher  # pyzmq + msgspec: an optional extra
 
@@ -233,18 +249,17 @@ class Daemon:
         socket = self.config.socket
         socket.parent.mkdir(parents=True, exist_ok=True)
         if socket.exists() or socket.is_symlink():
-            socket.unlink()  # a stale socket of a killed daemon
-        if server.add_insecure_port(f"unix:{socket.resolve()}") == 0:
-            raise OSError(f"cannot listen on unix socket {socket}")
+            socket.unlink()  # a stale socket of a killed daemon: we hold its lock
+        _listen(lambda: server.add_insecure_port(f"unix:{socket.resolve()}"), "--socket", f"{socket}: cannot listen")
         if self.config.tcp:
             credentials = tls_credentials(self.config)
             if credentials is None:
                 log.warning("TCP %s without TLS (--tcp-insecure): use it on a trusted network only", self.config.tcp)
-                port = server.add_insecure_port(self.config.tcp)
+                _listen(lambda: server.add_insecure_port(self.config.tcp), "--tcp", f"{self.config.tcp}: cannot listen")
             else:
-                port = server.add_secure_port(self.config.tcp, credentials)
-            if port == 0:
-                raise OSError(f"cannot listen on tcp {self.config.tcp}")
+                _listen(lambda: server.add_secure_port(self.config.tcp, credentials), "--tcp",
+                        f"{self.config.tcp}: cannot listen (in use, or --tls-cert/--tls-key are not a certificate "
+                        "and its key in PEM)")
         # The servicer starts out SERVING for ""; nothing may say so before the last step below.
         await self.set_serving(False)
         await server.start()
@@ -333,6 +348,17 @@ class Daemon:
             self.config.socket.unlink()
         except FileNotFoundError:
             pass
+        self.lock.release()
+
+
+def _listen(bind, flag: str, message: str) -> None:
+    """gRPC's bind: 0 or a RuntimeError ("Failed to bind") become a StartupError naming ``flag``."""
+    try:
+        port = bind()
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise StartupError(flag, message)
 
 
 async def serve_async(config: ServeConfig) -> None:
@@ -340,7 +366,11 @@ async def serve_async(config: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop(grace_s=0)  # the arena, the socket, the ports: nothing stays behind
+        raise
     await daemon.stopping.wait()
     await daemon.shutdown()
 
