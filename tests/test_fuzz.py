@@ -358,10 +358,10 @@ def unary(channel, name: str, request, timeout: float = 60.0) -> grpc.StatusCode
         return exc.code()
 
 
-def test_millions_of_hashes_are_refused_and_a_million_is_served(target, kvctl):
+def test_more_than_65536_hashes_are_refused_and_65536_are_served(target, kvctl):
     d, channel = target
     rng = random.Random(3)
-    huge = [rng.getrandbits(64) for _ in range(3_000_000)]  # ~27 MB packed
+    huge = [rng.getrandbits(64) for _ in range((1 << 16) + 1)]
     calls = {
         "/kvd.v1.Engine/Lookup": engine_pb2.LookupRequest(namespace=NS, hashes=huge),
         "/kvd.v1.Engine/PrepareLoad": engine_pb2.PrepareLoadRequest(namespace=NS, hashes=huge),
@@ -380,9 +380,11 @@ def test_millions_of_hashes_are_refused_and_a_million_is_served(target, kvctl):
     specs = [types_pb2.BlockSpec(hash=h, nbytes=BLOCK) for h in huge[:200_000]]  # > 65,536 blocks a batch
     assert unary(channel, "/kvd.v1.Engine/PrepareStore", engine_pb2.PrepareStoreRequest(namespace=NS, blocks=specs)) \
         == grpc.StatusCode.INVALID_ARGUMENT
-    # At the limit (2**20 hashes) a lookup is served: the held prefix of random hashes is empty.
+    # At the limit (2**16 hashes) a lookup, a turn and an announcement are served.
     with Client(d.address) as c:
-        assert c.lookup(NS, huge[: 1 << 20]) == []
+        assert c.lookup(NS, huge[: 1 << 16]) == []
+        assert c.session_event(NS, "s-limit", "turn_start", huge[: 1 << 16]).state == "active"
+        c.session_event(NS, "s-limit", "session_end")
         assert c.lookup(NS, list(range(1, 9))) != []
     assert_alive(d, kvctl)
 

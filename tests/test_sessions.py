@@ -411,6 +411,26 @@ def test_expire_beyond_max_sessions_forgets_the_least_recently_active():
     assert any(s.id == "b" and s.state == ENDED for s in ended)
 
 
+def test_chains_beyond_max_chain_keys_end_the_least_recently_active():
+    t = SessionTable(SessionConfig(max_chain_keys=5, idle_expiry_s=1e9))
+    t.turn_start(NS, "a", [1, 2], now=0)
+    t.turn_start(NS, "b", [3, 4], now=1)
+    t.turn_start(NS, "c", [5, 6], now=2)  # 6 keys held: one session too many
+    assert t.check() == []
+    assert t.expire(now=3) == 1
+    assert [s.id for s in t.sessions()] == ["b", "c"] and t.check() == []
+    t.turn_start(NS, "b", [3, 4, 7, 8], now=4)  # b grows: 6 keys again, c is now the oldest
+    assert t.expire(now=5) == 1
+    assert [s.id for s in t.sessions()] == ["b"] and t.check() == []
+
+
+def test_check_finds_a_miscounted_chain():
+    t = SessionTable()
+    t.turn_start(NS, "a", [1, 2], 0)
+    t._chain_keys += 1
+    assert t.check() == ["chain keys counted 3, held 2"]
+
+
 def test_check_finds_a_corrupted_reference_count():
     t = SessionTable()
     t.turn_start(NS, "a", [1, 2], 0)

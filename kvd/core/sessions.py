@@ -118,6 +118,9 @@ class SessionConfig:
     idle_expiry_s: float = 3600.0  # a session idle this long is treated as ended
     ended_expiry_s: float = 60.0  # an ended session is forgotten this long after its end
     max_shared_keys: int = 1_000_000  # keys remembered as once shared, and as released (the oldest forgotten)
+    # Keys in all live chains together (memory: ~200 bytes each with their sharing counts);
+    # beyond it the least recently active sessions end, as beyond max_sessions.
+    max_chain_keys: int = 2_000_000
 
 
 class SessionTable:
@@ -132,6 +135,7 @@ class SessionTable:
         self._changed: list[Session] = []  # state changes since take_changes()
         self._observations: list[Observation] = []
         self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()  # ended sessions -> end time
+        self._chain_keys = 0  # sum of len(chain) over every session
 
     # -- queries --------------------------------------------------------------------------
     def get(self, namespace: str, session_id: str) -> Session | None:
@@ -297,6 +301,7 @@ class SessionTable:
     def _forget_chain(self, session: Session) -> None:
         """An ended session holds nothing: its chain goes (memory), its record stays a
         while (``ended_expiry_s``) so late events about it are refused, not taken as new."""
+        self._chain_keys -= len(session.chain)
         session.chain = []
         session.last_partial = False
         session.ahead, session.expected_at = [], None
@@ -317,7 +322,8 @@ class SessionTable:
             ended += 1
         while self._sessions:
             session = next(iter(self._sessions.values()))
-            too_many = len(self._sessions) > self.config.max_sessions
+            too_many = (len(self._sessions) > self.config.max_sessions
+                        or self._chain_keys > self.config.max_chain_keys)
             if not too_many and now - session.last_active < self.config.idle_expiry_s:
                 break
             if session.live:
@@ -355,6 +361,9 @@ class SessionTable:
                     counts[key] = counts.get(key, 0) + 1
                     if not session.inferred:
                         hinted[key] = hinted.get(key, 0) + 1
+        keys = sum(len(session.chain) for session in self._sessions.values())
+        if keys != self._chain_keys:
+            problems.append(f"chain keys counted {self._chain_keys}, held {keys}")
         return problems + self.sharing.check(counts, hinted)
 
     # -- internals ------------------------------------------------------------------------
@@ -418,6 +427,7 @@ class SessionTable:
                 self._ref((ns, h), session)
         # A turn's store may come in parts: they add to the same turn's growth.
         session.grown = len(new) - common + (session.grown if same_turn else 0)
+        self._chain_keys += len(new) - len(old)
         session.chain = new
         session.last_partial = last_partial
         if session.turns <= 1:  # the first turn, or a part of its store

@@ -40,7 +40,7 @@ class CoreConfig:
     lease_seconds: float = 30.0
     max_lease_seconds: float = 600.0
     write_behind: bool = True  # copy every committed block down to NVMe in the background
-    max_lookup_hashes: int = 1 << 20
+    max_lookup_hashes: int = 1 << 16  # a lookup's, a turn's, an announcement's, a pin's
     max_batch_blocks: int = 1 << 16
     max_namespace_len: int = 256
     max_block_bytes: int = 1 << 30
