@@ -239,6 +239,25 @@ def test_without_a_token_file_admin_is_unix_socket_only(daemon_factory):
         assert local.resume() is False  # nothing was drained over TCP
 
 
+def test_the_engine_api_over_tcp_needs_no_admin_token(daemon_factory):
+    """A client that did not register the namespace itself (a second engine) stores and loads
+    over TCP without the admin token: the block size comes from the View API."""
+    port = _free_port()
+    d = daemon_factory(nvme="0", extra=["--tcp", f"127.0.0.1:{port}", "--tcp-insecure"]).start()
+    with d.client() as local:
+        local.register_namespace("m", 16, BLOCK)
+        local.store("m", [1, 2], [b"a" * BLOCK, b"b" * BLOCK])
+    from kvd.client import Client
+
+    with Client(f"127.0.0.1:{port}") as remote:
+        assert remote.load("m", [1, 2, 3]) == [b"a" * BLOCK, b"b" * BLOCK, None]
+        assert remote.lookup("m", [1, 2]) == ["dram", "dram"]
+    with Client(f"127.0.0.1:{port}") as remote:
+        with pytest.raises(Exception) as info:
+            remote.load("nope", [1])
+        assert "not registered" in str(info.value)
+
+
 # -- namespaces isolate tenants -------------------------------------------------------------------
 def test_no_lookup_load_score_or_listing_crosses_namespaces(daemon):
     secret = [os.urandom(BLOCK) for _ in range(3)]

@@ -679,11 +679,18 @@ class Client:
             yield lo, len(sizes)
 
     def _namespace_block_bytes(self, namespace: str) -> int:
-        """A namespace's block size: known from register_namespace, else asked of the daemon."""
+        """A namespace's block size: known from register_namespace, else asked of the daemon
+        through the View API (a snapshot page of one block carries the geometry; the Admin
+        API would need the admin token over TCP)."""
         if namespace not in self._block_bytes:
-            for ns in self.status().namespaces:
-                self._block_bytes[ns.name] = ns.block_bytes
-        # An unknown namespace: the daemon answers NOT_FOUND on the first batch.
+            try:
+                page = self._call(self._view.Snapshot, view_pb2.SnapshotRequest(namespace=namespace, page_size=1))
+            except ClientError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return 1  # an unknown namespace: the first batch gets the daemon's NOT_FOUND
+            for ns in page.namespaces:
+                self._block_bytes[ns.namespace] = ns.block_bytes
         return self._block_bytes.get(namespace, 1)
 
     def _ensure_arena(self, arena_id: bytes | None = None) -> bool:
