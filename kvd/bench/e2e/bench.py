@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser, size) -> None:
                    help="the cache layer's memory when roomy (default 1GiB: every session's context)")
     p.add_argument("--tight-bytes", type=size, default=parse_size("64MiB"),
                    help="the cache layer's memory when tight (default 64MiB: below the live working set)")
-    p.add_argument("--engine-kv-bytes", type=size, default=parse_size("160MiB"),
-                   help="vLLM's own KV cache (default 160MiB: a few sessions' contexts)")
+    p.add_argument("--engine-kv-bytes", type=size, default=parse_size("96MiB"),
+                   help="vLLM's own KV cache (default 96MiB: a few sessions' contexts)")
     p.add_argument("--concurrency", type=int, default=8, help="sessions aiperf keeps in flight (default 8)")
     p.add_argument("--trace", type=Path, default=TRACE, help=f"aiperf multi_turn JSONL (default {TRACE.relative_to(REPO)})")
     p.add_argument("--out", type=Path, default=None, help="artifacts directory (default var/bench-e2e/<time>)")
@@ -79,8 +80,13 @@ def validate(args: argparse.Namespace) -> tuple[list[Layer], list[str]]:
     return layers, sizes
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds run_once's finally: every process it started stops
+
+
 def measure(args: argparse.Namespace) -> dict:
     layers, sizes = validate(args)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     envs = Envs(args.vllm_python, Path(sys.executable), args.aiperf, args.lmcache, args.lmcache_path)
     envs.check(layers)
     out = args.out or REPO / "var" / "bench-e2e" / time.strftime("%Y%m%d-%H%M%S")

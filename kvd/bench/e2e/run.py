@@ -122,7 +122,11 @@ def run_once(spec: RunSpec, envs: Envs) -> dict:
         argv += ["--kv-transfer-config", json.dumps(connector)]
     if spec.layer in (Layer.KVD_TYPED, Layer.KVD_LRU):
         argv += ["--middleware", "kvd.connector.middleware.SessionFromUser"]  # sessions from `user` too
-    vllm = Proc("vllm", argv, spec.out / "vllm.log", env={**vllm_env, "HF_HUB_OFFLINE": "1",
+    # One core, one thread for the model in every configuration: vLLM's CPU backend reserves a
+    # core more when a KV connector is configured, which on a small machine leaves none
+    # reserved and runs the model on every core (another thread count, another ITL).
+    pinning = {"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1"}
+    vllm = Proc("vllm", argv, spec.out / "vllm.log", env={**vllm_env, **pinning, "HF_HUB_OFFLINE": "1",
                                                           "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"})
     procs = [*layer_procs, vllm]
     try:

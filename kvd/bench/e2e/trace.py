@@ -8,7 +8,7 @@ pause before a turn: the agent's tool call. All sessions open with the same syst
 repository context they share). Texts are words of the benchmark model's vocabulary
 (:func:`kvd.bench.e2e.model.words`): one word, one token.
 
-    python -m kvd.bench.e2e.trace OUT.jsonl [--sessions 8 --turns 6 ...]
+    python -m kvd.bench.e2e.trace OUT.jsonl [--sessions 16 --turns 8 ...]
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ class TraceShape:
     (the system text included); ``output_tokens`` a reply; ``pause_ms`` +- ``jitter_ms``
     between turns."""
 
-    sessions: int = 8
-    turns: int = 6
-    first_tokens: int = 1500
-    last_tokens: int = 5000
-    system_tokens: int = 1000
-    output_tokens: int = 32
-    pause_ms: float = 2000.0
-    jitter_ms: float = 1000.0
+    sessions: int = 16
+    turns: int = 8
+    first_tokens: int = 1000
+    last_tokens: int = 4000
+    system_tokens: int = 300
+    output_tokens: int = 16
+    pause_ms: float = 1500.0
+    jitter_ms: float = 500.0
     seed: int = 0
 
 
