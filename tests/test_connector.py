@@ -153,8 +153,10 @@ def test_session_hints():
     [
         ({"kvd": "s1"}, "must be an object"),
         ({"kvd": {"sesion_id": "s1"}}, "unknown keys: sesion_id"),
-        ({"kvd": {"session_id": ""}}, "non-empty string"),
-        ({"kvd": {"session_id": 5}}, "non-empty string"),
+        ({"kvd": {"session_id": ""}}, "1..256 printable characters"),
+        ({"kvd": {"session_id": 5}}, "1..256 printable characters"),
+        ({"kvd": {"session_id": "a\u202eb"}}, "1..256 printable characters"),
+        ({"kvd": {"session_id": "s", "tool": "x\x00"}}, r'\["tool"\] must be 1..256 printable'),
         ({"kvd": {"session_id": "s", "tool": "t", "expected_pause_s": -1}}, "seconds >= 0"),
         ({"kvd": {"session_id": "s", "tool": "t", "expected_pause_s": True}}, "seconds >= 0"),
         ({"kvd": {"session_id": "s", "tool": "t", "expected_pause_s": float("nan")}}, "seconds >= 0"),

@@ -147,7 +147,22 @@ def test_malformed_stores_are_invalid_argument_and_store_nothing(small):
         assert rpc_code(engine.PrepareStore, engine_pb2.PrepareStoreRequest(namespace=NS)) == CODE.INVALID_ARGUMENT
         empty = engine_pb2.StoreInlineRequest(header=engine_pb2.StoreInlineHeader(namespace=NS))
         assert rpc_code(engine.StoreInline, iter([empty])) == CODE.INVALID_ARGUMENT
-        assert rpc_code(admin.Sync, admin_pb2.SyncRequest(timeout_s=-1)) == CODE.INVALID_ARGUMENT
+        for bad in (-1.0, float("nan"), float("inf"), 3601.0):
+            assert rpc_code(admin.Sync, admin_pb2.SyncRequest(timeout_s=bad)) == CODE.INVALID_ARGUMENT, bad
+            assert rpc_code(admin.Drain, admin_pb2.DrainRequest(timeout_s=bad)) == CODE.INVALID_ARGUMENT, bad
+        # A cycle of parents, in one store or through a held block, stores nothing.
+        cyc = [types_pb2.BlockSpec(hash=0xB1, parent=0xB2, nbytes=BLOCK), types_pb2.BlockSpec(hash=0xB2, parent=0xB1, nbytes=BLOCK)]
+        assert rpc_code(engine.PrepareStore, engine_pb2.PrepareStoreRequest(namespace=NS, blocks=cyc)) == CODE.INVALID_ARGUMENT
+        # Names with control or bidi-override characters are refused, as are overlong ones.
+        for name in ("a\x00b", "evil\u202etxt", "x" * 257, ""):
+            req = engine_pb2.RegisterNamespaceRequest(namespace=name, block_tokens=16, block_bytes=BLOCK)
+            assert rpc_code(engine.RegisterNamespace, req) == CODE.INVALID_ARGUMENT, name
+            req = engine_pb2.SessionEventRequest(namespace=NS, session_id=name, kind=engine_pb2.TURN_START, hashes=[1])
+            assert rpc_code(engine.SessionEvent, req) == CODE.INVALID_ARGUMENT, name
+        req = engine_pb2.SessionEventRequest(namespace=NS, session_id="s-ok", kind=engine_pb2.TURN_START, hashes=[1])
+        engine.SessionEvent(req, timeout=10)
+        req = engine_pb2.SessionEventRequest(namespace=NS, session_id="s-ok", kind=engine_pb2.TOOL_PAUSE, tool="rm\x1b[2J")
+        assert rpc_code(engine.SessionEvent, req) == CODE.INVALID_ARGUMENT
         assert rpc_code(admin.ListBlocks, admin_pb2.ListBlocksRequest(page_token="zz")) == CODE.INVALID_ARGUMENT
         assert rpc_code(admin.ListBlocks, admin_pb2.ListBlocksRequest(page_size=10**6)) == CODE.INVALID_ARGUMENT
         stats = admin.Status(admin_pb2.StatusRequest(), timeout=10)

@@ -720,3 +720,20 @@ def test_batched_io_keeps_short_blocks_on_their_slots(tmp_path, direct_io):
     assert [bytes(o) for o in outs] == blocks
     assert store.check() == []
     store.close()
+
+
+def test_only_the_daemon_reads_the_manifest_and_the_slabs(tmp_path):
+    """Namespace names and hashes (the manifest) and KV bytes (the slabs) are not for other
+    local users, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        store = NvmeStore(tmp_path / "nv", 1 << 20, slab_bytes=1 << 20)
+        store.recover()
+        slot = store.allocate(8192)
+        store.write_many([(slot, b"x" * 8192)])
+        store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "nv" / "manifest").stat().st_mode) == 0o700
+    slabs = [p for p in (tmp_path / "nv").iterdir() if p.is_file()]
+    assert slabs and all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in slabs)

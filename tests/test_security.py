@@ -282,3 +282,26 @@ def test_no_lookup_load_score_or_listing_crosses_namespaces(daemon):
         assert {x.namespace for x in sessions} == {"tenant-b"} and "s" in {x.session_id for x in sessions}
         assert b.evict("tenant-b") == (3, 0)
         assert a.load("tenant-a", [1, 2, 3]) == secret
+
+
+def test_a_connection_that_never_speaks_is_closed(daemon):
+    """A client that connects and sends nothing holds a descriptor only until the handshake
+    deadline (5 s); thousands of them do not pile up."""
+    import socket
+    import time
+
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(str(daemon.socket))
+    raw.settimeout(60)
+    t0 = time.monotonic()
+    try:
+        data = raw.recv(4096)
+        while data:  # the server's own preface and settings frames, then the close
+            data = raw.recv(4096)
+    except ConnectionResetError:
+        pass
+    finally:
+        raw.close()
+    assert time.monotonic() - t0 < 30
+    with daemon.client() as c:
+        c.register_namespace("m", 16, 4096)  # and the daemon serves others meanwhile

@@ -65,6 +65,23 @@ def test_bad_block_size_duplicates_and_empty_are_invalid():
     assert core.check() == []
 
 
+def test_parents_that_would_make_a_cycle_are_invalid():
+    core, _ = make_core(8)
+    with pytest.raises(InvalidArgument, match="block 0: its parents lead back to itself"):
+        core.prepare_store(NS, [BlockSpec(41, 42, PAGE), BlockSpec(42, 41, PAGE)])
+    with pytest.raises(InvalidArgument, match="block 0: its parents lead back to itself"):
+        core.prepare_store(NS, [BlockSpec(1, 3, PAGE), BlockSpec(2, 1, PAGE), BlockSpec(3, 2, PAGE)])
+    with pytest.raises(InvalidArgument, match="cannot be its own parent"):
+        core.prepare_store(NS, [BlockSpec(7, 7, PAGE)])
+    # 42 held with parent 41 (not held): storing 41 under 42 would close the loop.
+    store(core, 42, parent=41)
+    with pytest.raises(InvalidArgument, match="block 0: its parents lead back to itself"):
+        core.prepare_store(NS, [BlockSpec(41, 42, PAGE)])
+    # The same blocks the right way round are a chain.
+    store(core, 41)
+    assert core.check() == []
+
+
 def test_a_commit_discards_before_anything_becomes_readable_whatever_the_blocks_order():
     # A child listed before its parent, and the parent fails: both go, and the policy never
     # hears of a block that is gone.

@@ -134,6 +134,9 @@ def test_a_resume_point_that_fell_out_or_another_epoch_asks_for_resync(daemon_fa
         assert batch.next_seq > 20
         (other,) = list(c.watch(from_seq=batch.next_seq, epoch=b"not-this-one"))
         assert other.resync
+        # A position far beyond the head (no epoch given) is answered at once, not awaited.
+        (ahead,) = list(c.watch(from_seq=batch.next_seq + 1_000_000))
+        assert ahead.resync and ahead.next_seq == batch.next_seq
     d.kill()
     d.start()
     with d.client() as c:

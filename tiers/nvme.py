@@ -566,6 +566,10 @@ class NvmeStore(Tier):
     def _open_db(self) -> Rdict:
         path = self._dir / "manifest"
         try:
+            # Namespace names and hashes are the tenants' business, as slab bytes are (0600):
+            # the manifest's directory is the daemon's alone, whatever the umask.
+            path.mkdir(mode=0o700, exist_ok=True)
+            path.chmod(0o700)
             return Rdict(str(path), Options(raw_mode=True))
         except Exception as exc:  # rocksdict raises bare Exception (e.g. LOCK held)
             raise OSError(f"cannot open manifest {path}: {exc}") from exc

@@ -30,6 +30,14 @@ def block_key(block_hash: bytes | int) -> int:
     return int.from_bytes(bytes(block_hash), "big") & MASK64
 
 
+MAX_NAME = 256  # the daemon's limit on session and tool names
+
+
+def usable_name(value: Any) -> bool:
+    """Whether the daemon takes ``value`` as a session or tool name: 1..256 printable characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME and value.isprintable()
+
+
 class EngineRequest(Protocol):
     """What the planner reads of an engine request (vLLM's ``Request`` has these)."""
 
@@ -66,8 +74,10 @@ class SessionHints:
         tool = raw.get("tool")
         pause = raw.get("expected_pause_s")
         for name, value in (("session_id", sid), ("tool", tool)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f'kv_transfer_params["kvd"]["{name}"] must be a non-empty string, got {value!r}')
+            if value is not None and not usable_name(value):
+                raise ValueError(
+                    f'kv_transfer_params["kvd"]["{name}"] must be 1..{MAX_NAME} printable characters, got {value!r}'
+                )
         if pause is not None:
             if isinstance(pause, bool) or not isinstance(pause, (int, float)) or not math.isfinite(pause) or pause < 0:
                 raise ValueError(f'kv_transfer_params["kvd"]["expected_pause_s"] must be seconds >= 0, got {pause!r}')

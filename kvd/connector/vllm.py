@@ -52,6 +52,7 @@ from kvd.connector.plan import (
     RunningRequestStep,
     SaveSpec,
     SessionHints,
+    usable_name,
 )
 from kvd.connector.transfer import BackgroundLoads, BackgroundSaves, Transfers
 
@@ -295,11 +296,18 @@ class KvdConnector(KVConnectorBase_V1):
         return events
 
     def _hints(self, request: Request) -> SessionHints:
+        engine_session = getattr(request, "session_id", None)
+        if engine_session is not None and not usable_name(engine_session):
+            # A client's X-Session-ID the daemon would refuse: the request still uses kvd, as
+            # a request without a session.
+            logger.warning("request %s: ignoring session id %r (not 1..256 printable characters)",
+                           request.request_id, engine_session)
+            engine_session = None
         try:
-            return SessionHints.parse(request.kv_transfer_params, getattr(request, "session_id", None))
+            return SessionHints.parse(request.kv_transfer_params, engine_session)
         except ValueError as exc:
             logger.warning("request %s: ignoring kvd hints: %s", request.request_id, exc)
-            return SessionHints(session_id=getattr(request, "session_id", None))
+            return SessionHints(session_id=engine_session)
 
     # ==============================
     # Worker side

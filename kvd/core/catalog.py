@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kvd.core.errors import GeometryConflict, InvalidArgument, UnknownNamespace
+from kvd.core.errors import GeometryConflict, InvalidArgument, UnknownNamespace, check_name
 from kvd.media import TIER_CODES, TIER_NAMES, Slot, TierName
 
 BlockKey = tuple[str, int]  # (namespace, hash)
@@ -116,8 +116,7 @@ class Catalog:
 
     def validate(self, name: str, block_tokens: int, block_bytes: int) -> None:
         """Raise InvalidArgument for a name or geometry no namespace may have."""
-        if not name or len(name) > self.max_name_len:
-            raise InvalidArgument(f"namespace must be 1..{self.max_name_len} characters")
+        check_name("namespace", name, self.max_name_len)
         if block_tokens <= 0:
             raise InvalidArgument("block_tokens must be positive")
         if not 0 < block_bytes <= self.max_block_bytes:

@@ -440,3 +440,22 @@ class KvCore:
             if spec.parent == spec.hash:
                 raise InvalidArgument(f"block {i}: a block cannot be its own parent")
             seen.add(spec.hash)
+        # Parents must not make a cycle: within the store (in any order), or through held
+        # blocks back into it. Each block's ancestry is walked until a block an earlier walk
+        # passed (checked already), so the whole check is linear in the store and the chain.
+        parent_of = {spec.hash: spec.parent for spec in blocks}
+        # The catalog leads back into the store only through a block held, or named as a
+        # held block's parent: otherwise the walks stay within the store.
+        into_catalog = any(spec.hash in ns.blocks or spec.hash in ns.children for spec in blocks)
+        walked: dict[int, int] = {}  # hash -> the walk that passed it
+        for i, spec in enumerate(blocks):
+            h: int | None = spec.hash
+            while h is not None and h not in walked:
+                walked[h] = i
+                if h in parent_of:
+                    h = parent_of[h]
+                else:
+                    record = ns.blocks.get(h) if into_catalog else None
+                    h = record.parent if record is not None else None
+            if h is not None and walked[h] == i:
+                raise InvalidArgument(f"block {i}: its parents lead back to itself (a cycle of parents)")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kvd.core.errors import InvalidArgument, SessionStateError, UnknownSession
+from kvd.core.errors import InvalidArgument, SessionStateError, UnknownSession, check_name
 from kvd.core.sharing import Sharing
 
 BlockKey = tuple[str, int]
@@ -275,6 +275,7 @@ class SessionTable:
     ) -> Session:
         if not tool:
             raise InvalidArgument("a tool pause needs the tool's name")
+        check_name("tool", tool)
         if expected_s is not None and not 0 < expected_s <= MAX_EXPECTED_PAUSE_S:
             raise InvalidArgument(f"expected pause seconds must be in (0, {MAX_EXPECTED_PAUSE_S:.0f}]")
         session = self._require(namespace, session_id)
@@ -377,8 +378,7 @@ class SessionTable:
 
     def _resolve(self, namespace: str, session_id: str | None, hashes: Sequence[int], now: float) -> Session:
         if session_id is not None:
-            if not session_id or len(session_id) > MAX_SESSION_ID_LEN:
-                raise InvalidArgument(f"session ids are 1..{MAX_SESSION_ID_LEN} characters")
+            check_name("session", session_id, MAX_SESSION_ID_LEN)
             session = self._sessions.get((namespace, session_id))
             if session is not None and session.live:
                 self._sessions.move_to_end(session.key)

@@ -3,6 +3,7 @@ eviction, pinning, sessions, the policy, drain."""
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from kvd import __version__
@@ -105,8 +106,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @unary_rpc
     async def Sync(self, request, context):
-        if request.timeout_s < 0:
-            raise InvalidArgument("timeout_s must not be negative")
+        check_timeout(request.timeout_s)
         if not self.s.core.writes_behind:
             # No write-behind (HBM on top, or --no-write-behind): a Sync writes down now
             # what has no NVMe copy, or it would report blocks durable that are not.
@@ -223,8 +223,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     @unary_rpc
     async def Drain(self, request, context):
-        if request.timeout_s < 0:
-            raise InvalidArgument("timeout_s must not be negative")
+        check_timeout(request.timeout_s)
         result = await self.control.drain(request.timeout_s or 60.0, request.exit)
         return admin_pb2.DrainResponse(
             written=result.written, pending=result.pending, leases=result.leases, exiting=request.exit
@@ -233,3 +232,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @unary_rpc
     async def Resume(self, request, context):
         return admin_pb2.ResumeResponse(was_draining=await self.control.resume())
+
+
+MAX_TIMEOUT_S = 3600.0  # a Sync or Drain waits at most an hour
+
+
+def check_timeout(timeout_s: float) -> None:
+    """A Sync's or Drain's wait: finite seconds in [0, 3600] (0: the default of 60 s)."""
+    if not math.isfinite(timeout_s) or not 0 <= timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidArgument(f"timeout_s must be seconds in [0, {MAX_TIMEOUT_S:.0f}] (0: 60), got {timeout_s}")

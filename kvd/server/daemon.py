@@ -47,6 +47,9 @@ log = logging.getLogger("kvd.daemon")
 MAX_MESSAGE_BYTES = 256 << 20
 SERVICES = ("kvd.v1.Engine", "kvd.v1.Admin", "kvd.v1.View")
 REAP_INTERVAL_S = 0.5
+HANDSHAKE_TIMEOUT_MS = 5_000
+IDLE_CONNECTION_MS = 600_000
+MAX_STREAMS_PER_CONNECTION = 256
 
 
 def build_state(config: ServeConfig, hbm: HbmPool | None = None) -> DaemonState:
@@ -229,6 +232,11 @@ class Daemon:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A connection that never says HTTP/2 within this is closed (it holds a descriptor).
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+            # One that stays idle this long is closed too; a client reconnects when it needs to.
+            ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ]
         interceptors = [state.metrics.interceptor()] if state.metrics is not None else []
         interceptors.append(AdminAuth(self.config.admin_token()))

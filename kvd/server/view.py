@@ -73,7 +73,10 @@ class ViewService(view_pb2_grpc.ViewServicer):
     async def Watch(self, request, context):
         buffer = self.s.events
         cursor = request.from_seq or buffer.next_seq
-        if (request.epoch and request.epoch != self.s.epoch) or buffer.since(cursor) is None:
+        # A position this daemon never reached (another daemon's, or made up) is answered as
+        # one it no longer holds: resynchronize, rather than wait for a sequence far ahead.
+        beyond = cursor > buffer.next_seq
+        if (request.epoch and request.epoch != self.s.epoch) or beyond or buffer.since(cursor) is None:
             yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
             return
         namespace = request.namespace

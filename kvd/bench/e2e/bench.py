@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     envs = Envs(args.vllm_python, Path(sys.executable), args.aiperf, args.lmcache, args.lmcache_path)
     envs.check(layers)
-    out = args.out or REPO / "var" / "bench-e2e" / time.strftime("%Y%m%d-%H%M%S")
+    out = (args.out or REPO / "var" / "bench-e2e" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # sockets need it
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
     if not (model / "kvd_shape.json").exists():
