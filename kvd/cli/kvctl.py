@@ -2,7 +2,7 @@
 check, drain/resume, health.
 
 ``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock); ``--token``
-to ``KVD_TOKEN`` (Admin calls over TCP need it); ``--tls-ca/--tls-cert/--tls-key`` to
+to ``KVD_TOKEN`` (Admin calls over TCP need it, and every call to a daemon with tenants); ``--tls-ca/--tls-cert/--tls-key`` to
 ``KVD_TLS_CA``, ``KVD_TLS_CLIENT_CERT``, ``KVD_TLS_CLIENT_KEY``. ``-o table|json|yaml``. Errors print one line on stderr and exit
 non-zero (1: the daemon refused or is unreachable; 2: usage).
 """
@@ -42,7 +42,7 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
     parser.add_argument("-o", "--output", choices=OUTPUTS, default=default("table"))
     parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for the daemon")
-    parser.add_argument("--token", default=default(None), help="admin bearer token (default: $KVD_TOKEN)")
+    parser.add_argument("--token", default=default(None), help="bearer token, the admin's or a tenant's (default: $KVD_TOKEN)")
     parser.add_argument("--tls-ca", type=Path, default=default(None), help="CA of the daemon's TLS certificate")
     parser.add_argument("--tls-cert", type=Path, default=default(None), help="client certificate (mutual TLS)")
     parser.add_argument("--tls-key", type=Path, default=default(None), help="client certificate's key")

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-token-file", type=Path, metavar="FILE",
         help="Admin calls over TCP need 'authorization: Bearer <token in FILE>' (without it Admin is unix-only)",
     )
+    serve.add_argument(
+        "--tenants", type=Path, metavar="FILE",
+        help="TOML of [tenant.NAME] tables (token, namespaces globs; mode 0600): every TCP call needs a token",
+    )
+    serve.add_argument(
+        "--unix-tenants", action="store_true", default=None, help="with --tenants: the unix socket needs tokens too"
+    )
     serve.add_argument("--socket-group", metavar="GROUP", help="group owning the unix socket (mode 0660)")
     serve.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at :PORT/metrics (off by default)"
@@ -178,6 +185,7 @@ SERVE_FLAGS = (
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
     "drain_seconds", "log_level", "log_format", "room_wait_seconds", "fault_plan",
     "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
+    "tenants", "unix_tenants",
 )
 
 

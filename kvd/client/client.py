@@ -272,7 +272,8 @@ class Client:
         tls: TlsFiles | None = None,
     ) -> None:
         """``shared_memory``: None tries the arena and falls back to inline; True requires it.
-        ``token``: the daemon's admin bearer token (Admin calls over TCP need it); ``tls``:
+        ``token``: a bearer token sent with every call: the daemon's admin token (Admin calls
+        over TCP need it), or a tenant's (a daemon with tenants needs one); ``tls``:
         CA and optional client certificate for a daemon serving TCP with TLS."""
         self.address = address or default_address()
         self.timeout = timeout
@@ -703,7 +704,14 @@ class Client:
         self._unmap()
         if self._want_shm is False:
             return False
-        info = self._call(self._engine.GetArena, engine_pb2.GetArenaRequest())
+        try:
+            info = self._call(self._engine.GetArena, engine_pb2.GetArenaRequest())
+        except ClientError as exc:
+            # A tenant of a daemon that serves tenants: the arena holds every tenant's
+            # bytes, so its bytes go inline.
+            if exc.code != grpc.StatusCode.PERMISSION_DENIED or self._want_shm:
+                raise
+            return False
         self._top_bytes = info.hbm.capacity_bytes if info.HasField("hbm") else info.file_bytes - HEADER_BYTES
         try:
             self._arena = open_arena(info.path, expected_arena_id=info.arena_id)

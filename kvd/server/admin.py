@@ -15,6 +15,7 @@ from kvd.server.drain import DrainResult
 from kvd.server.listing import block_info, held_page
 from kvd.server.metrics import tier_healths
 from kvd.server.state import DaemonState, unary_rpc
+from kvd.server.tenants import caller
 from kvd.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -34,6 +35,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def Status(self, request, context):
         stats = self.s.core.stats()
         healths = tier_healths(self.s)
+        who = caller()
         tiers = []
         for usage in stats.tiers:
             health = healths.get(usage.tier)
@@ -49,8 +51,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 admin_pb2.TierStatus(
                     tier=TIER_CODES[usage.tier],
                     capacity_bytes=usage.capacity_bytes,
-                    used_bytes=usage.used_bytes,
-                    blocks=usage.blocks,
+                    # Use across every namespace is other tenants' business: a tenant sees capacity only.
+                    used_bytes=usage.used_bytes if who.is_operator else 0,
+                    blocks=usage.blocks if who.is_operator else 0,
                     location=location,
                     direct_io=direct,
                     degraded=any(f.active for f in faults),
@@ -70,16 +73,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     namespace=ns.name, block_tokens=ns.block_tokens, block_bytes=ns.block_bytes, blocks=held
                 )
                 for ns, held in stats.namespaces
+                if who.allows(ns.name)
             ],
-            leases=stats.leases,
-            write_behind_queue=stats.write_behind_pending,
-            recovered_blocks=self.s.recovered_blocks,
-            dropped_on_recovery=self.s.dropped_on_recovery,
+            # Node-wide counts are the operator's (a tenant's own are in its namespaces' rows).
+            leases=stats.leases if who.is_operator else 0,
+            write_behind_queue=stats.write_behind_pending if who.is_operator else 0,
+            recovered_blocks=self.s.recovered_blocks if who.is_operator else 0,
+            dropped_on_recovery=self.s.dropped_on_recovery if who.is_operator else 0,
         )
 
     @unary_rpc
     async def ListBlocks(self, request, context):
-        records, next_token = held_page(self.s.core, request.namespace, request.page_size, request.page_token)
+        records, next_token = held_page(
+            self.s.core, request.namespace, request.page_size, request.page_token, caller().allows
+        )
         return admin_pb2.ListBlocksResponse(blocks=[block_info(r) for r in records], next_page_token=next_token)
 
     @unary_rpc
@@ -178,6 +185,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             for x in core.sessions.sessions()
             if (not request.namespace or x.namespace == request.namespace)
             and (not request.session_id or x.id == request.session_id)
+            and caller().allows(x.namespace)
         ]
         if request.session_id and not sessions:
             raise UnknownSession(f"session {request.session_id!r} of {request.namespace!r} is unknown")

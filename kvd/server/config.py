@@ -30,6 +30,8 @@ class ServeConfig:
     tls_client_ca: Path | None = None  # mutual TLS: TCP clients must present a certificate it signed
     tcp_insecure: bool = False  # TCP without TLS: a trusted network only (tests, a loopback router)
     admin_token_file: Path | None = None  # Admin calls over TCP need `authorization: Bearer <its content>`
+    tenants: Path | None = None  # TOML of [tenant.NAME] token + namespace globs (mode 0600): calls need a token
+    unix_tenants: bool = False  # with tenants: the unix socket needs tokens too (else it is the operator's)
     socket_group: str | None = None  # group (name or gid) owning the unix socket, mode 0660; None: the daemon's
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None or 0: off
     metrics_host: str = "0.0.0.0"  # every interface: a Prometheus in the cluster scrapes the pod
@@ -138,6 +140,18 @@ class ServeConfig:
             raise ValueError(f"--admin-token-file: {self.admin_token_file} is empty")
         if self.socket_group is not None:
             self.socket_gid()
+        if self.unix_tenants and self.tenants is None:
+            raise ValueError("--unix-tenants needs --tenants")
+        if self.tenants is not None:
+            self.tenant_tokens()  # ValueError naming the file and the problem
+
+    def tenant_tokens(self):
+        """Token -> tenant, from ``--tenants`` (None without it)."""
+        if self.tenants is None:
+            return None
+        from kvd.server.tenants import load_tenants
+
+        return load_tenants(self.tenants)
 
     def admin_token(self) -> str | None:
         """The admin bearer token (the file's content without surrounding whitespace)."""

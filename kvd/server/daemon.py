@@ -26,7 +26,7 @@ from kvd.core.manager import CoreConfig, KvCore
 from kvd.core.sessions import SessionTable
 from kvd.policies import make_policy
 from kvd.server.admin import AdminService
-from kvd.server.auth import AdminAuth
+from kvd.server.auth import Auth
 from kvd.server.codec import NAMESPACE_PREFIX, parse_block_key, parse_block_meta, parse_namespace
 from kvd.server.config import ServeConfig
 from kvd.server.drain import DrainResult, ShuttingDown, drain, resume
@@ -239,7 +239,10 @@ class Daemon:
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ]
         interceptors = [state.metrics.interceptor()] if state.metrics is not None else []
-        interceptors.append(AdminAuth(self.config.admin_token()))
+        tenants = self.config.tenant_tokens()
+        interceptors.append(Auth(self.config.admin_token(), tenants, self.config.unix_tenants))
+        if tenants is not None and self.config.tcp_insecure:
+            log.warning("tenant tokens travel over TCP without TLS (--tcp-insecure): loopback and tests only")
         server = grpc.aio.server(options=options, interceptors=interceptors)
         engine_pb2_grpc.add_EngineServicer_to_server(EngineService(state, self.config.room_wait_seconds), server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, self), server)

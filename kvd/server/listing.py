@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 from kvd.core.catalog import BlockRecord
 from kvd.core.errors import InvalidArgument
@@ -15,8 +16,11 @@ DEFAULT_PAGE = 1000
 MAX_PAGE = 100_000
 
 
-def held_page(core: KvCore, namespace: str, page_size: int, page_token: str) -> tuple[list[BlockRecord], str]:
-    """One page of readable blocks after ``page_token``, and the next page's token ("" at the end).
+def held_page(
+    core: KvCore, namespace: str, page_size: int, page_token: str, allows: Callable[[str], bool] = lambda ns: True
+) -> tuple[list[BlockRecord], str]:
+    """One page of readable blocks after ``page_token``, and the next page's token ("" at the end),
+    of ``namespace`` (every namespace the caller ``allows`` when empty).
 
     One pass over the catalog keeping the page's worth of smallest keys: no sort of every
     block per page. Raises InvalidArgument for a page size over MAX_PAGE or a foreign token,
@@ -35,7 +39,7 @@ def held_page(core: KvCore, namespace: str, page_size: int, page_token: str) -> 
     keyed = (
         (key, r)
         for r in core.blocks(namespace or None)
-        if r.fastest_ready() and (key := block_key(r.namespace, r.hash)) > after
+        if r.fastest_ready() and allows(r.namespace) and (key := block_key(r.namespace, r.hash)) > after
     )
     chosen = heapq.nsmallest(page + 1, keyed, key=lambda kr: kr[0])
     more = len(chosen) > page

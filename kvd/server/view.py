@@ -8,6 +8,7 @@ from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, 
 from kvd.media import TIER_CODES, TIER_NAMES
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
+from kvd.server.tenants import caller
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 # The kinds every watcher gets; NamespaceCleared and SessionChanged only when asked for
@@ -80,6 +81,7 @@ class ViewService(view_pb2_grpc.ViewServicer):
             yield view_pb2.WatchResponse(epoch=self.s.epoch, resync=True, next_seq=buffer.next_seq)
             return
         namespace = request.namespace
+        allows = caller().allows  # a tenant's stream carries its own namespaces' events only
         kinds = wire_kinds(request)
         stream = object()  # this stream's entry in watch_cursors: its lag, for metrics
         self.s.watch_cursors[stream] = cursor
@@ -96,7 +98,8 @@ class ViewService(view_pb2_grpc.ViewServicer):
                 events = events[:MAX_BATCH_EVENTS]
                 cursor = events[-1].seq + 1
                 chosen = [
-                    e for e in events if isinstance(e, kinds) and (not namespace or e.namespace == namespace)
+                    e for e in events
+                    if isinstance(e, kinds) and (not namespace or e.namespace == namespace) and allows(e.namespace)
                 ]
                 if chosen:
                     yield view_pb2.WatchResponse(
@@ -112,8 +115,10 @@ class ViewService(view_pb2_grpc.ViewServicer):
     @unary_rpc
     async def Snapshot(self, request, context):
         as_of = self.s.events.next_seq
-        records, next_token = held_page(self.s.core, request.namespace, request.page_size, request.page_token)
+        allows = caller().allows
+        records, next_token = held_page(self.s.core, request.namespace, request.page_size, request.page_token, allows)
         names = [self.s.core.namespace(request.namespace)] if request.namespace else self.s.core.namespaces()
+        names = [n for n in names if allows(n.name)]
         return view_pb2.SnapshotResponse(
             epoch=self.s.epoch,
             as_of_seq=as_of,
