@@ -182,3 +182,21 @@ def test_unix_tenants_without_tenants_is_refused(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 2 and r.stderr.strip() == "kvd serve: --unix-tenants needs --tenants"
+
+
+def test_a_router_follows_a_tenant_daemon_with_a_token(tenants):
+    """GlobalView over TCP: with the admin token it sees every tenant; with a tenant's, its own."""
+    from kvd.router import GlobalView
+
+    d, address = tenants
+    with Client(address, token=ACME) as acme, Client(address, token=GLOBEX) as globex:
+        acme.register_namespace("acme-r", 16, BLOCK)
+        globex.register_namespace("globex-r", 16, BLOCK)
+        acme.store("acme-r", [1, 2], [bytes(BLOCK)] * 2)
+        globex.store("globex-r", [1, 2], [bytes(BLOCK)] * 2)
+        snap = acme.snapshot()
+    for token, sees in ((ADMIN, {"acme-r", "globex-r"}), (ACME, {"acme-r"})):
+        with GlobalView([address], token=token) as view:
+            assert view.wait_for(address, snap.epoch, snap.as_of_seq, timeout=30)
+            seen = {ns for ns in ("acme-r", "globex-r") if view.score(ns, [1, 2]).best == address}
+            assert seen == sees, token

@@ -47,10 +47,12 @@ class _Feed:
     """One daemon's stream into the index, run by a thread until stopped."""
 
     def __init__(
-        self, address: str, index: BlockIndex, changed: threading.Condition, retry_s: float, tls: TlsFiles | None
+        self, address: str, index: BlockIndex, changed: threading.Condition, retry_s: float, tls: TlsFiles | None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.tls = tls
+        self.token = token
         self.index = index
         self.changed = changed
         self.retry_s = retry_s
@@ -74,14 +76,12 @@ class _Feed:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with (
-                    Client(self.address, shared_memory=False, tls=self.tls) as client,
-                    open_channel(self.address, tls=self.tls)[0] as channel,
-                ):
+                raw, calls = open_channel(self.address, token=self.token, tls=self.tls)
+                with Client(self.address, shared_memory=False, tls=self.tls, token=self.token) as client, raw as channel:
                     self._client, self._channel = client, channel
                     if self._stop.is_set():
                         return
-                    self._follow(client, view_pb2_grpc.ViewStub(channel))
+                    self._follow(client, view_pb2_grpc.ViewStub(calls))
             except (ClientError, ValueError) as exc:
                 if self._stop.is_set():
                     return
@@ -169,10 +169,14 @@ class GlobalView:
         index: BlockIndex | None = None,
         retry_s: float = 0.5,
         tls: TlsFiles | None = None,
+        token: str | None = None,
     ) -> None:
         """``tls``: the CA (and client certificate, for mutual TLS) of daemons serving TCP
-        with TLS; None: plain connections (unix sockets, --tcp-insecure)."""
+        with TLS; None: plain connections (unix sockets, --tcp-insecure). ``token``: the
+        bearer token of daemons that serve tenants (the admin token sees every namespace; a
+        tenant's, its own)."""
         self.tls = tls
+        self.token = token
         self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
         self.index = index if index is not None else MemoryIndex()
         self.retry_s = retry_s
@@ -185,7 +189,7 @@ class GlobalView:
     def add_node(self, address: str) -> None:
         if address in self._feeds:
             raise ValueError(f"{address} is already in the view")
-        self._feeds[address] = _Feed(address, self.index, self._changed, self.retry_s, self.tls)
+        self._feeds[address] = _Feed(address, self.index, self._changed, self.retry_s, self.tls, self.token)
 
     def remove_node(self, address: str) -> None:
         """Stop following a daemon and forget what it holds."""
@@ -252,7 +256,7 @@ class GlobalView:
         failure is logged at debug level: an announcement is a hint)."""
         teller = self._tellers.get(node)
         if teller is None:
-            teller = self._tellers[node] = Client(node, shared_memory=False, tls=self.tls)
+            teller = self._tellers[node] = Client(node, shared_memory=False, tls=self.tls, token=self.token)
         try:
             teller.expect_turn(namespace, session_id, hashes, arrives_in_s)
         except ClientError as exc:
