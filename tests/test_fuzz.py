@@ -76,7 +76,10 @@ INT_RANGES = {
     F.TYPE_UINT64: (0, (1 << 64) - 1), F.TYPE_FIXED64: (0, (1 << 64) - 1),
 }
 # Names the daemon knows, so that generated requests reach past "unknown namespace".
-KNOWN_TEXT = st.sampled_from([NS, "", "lru", "typed", "belady", "s1", "bash", "x" * 300, "\u00e9\U0001f600", "a\0b"])
+KNOWN_TEXT = st.sampled_from([
+    NS, "", "lru", "typed", "belady", "s1", "bash", "x" * 300, "x" * 257, "\u00e9\U0001f600", "a\0b",
+    "evil\u202etxt", "\x1b[2J", "zero\u200bwidth", "globex-a",  # refused names; another tenant's namespace
+])
 
 
 def scalar(field) -> st.SearchStrategy:
@@ -222,7 +225,7 @@ def call(channel: grpc.Channel, method, data, parsed: bool, outcome: Outcome) ->
         outcome.broken.append(f"{name}: ended without a status ({code!r})")
         return
     outcome.record(method, code, parsed, details)
-    if method.full_name == DRAIN:
+    if method.full_name == DRAIN and code == grpc.StatusCode.OK:  # drained: serve again
         channel.unary_unary("/kvd.v1.Admin/Resume")(admin_pb2.ResumeRequest().SerializeToString(), timeout=10)
 
 
@@ -420,3 +423,61 @@ def test_memory_stays_bounded_over_repeated_passes(target, kvctl):
         samples.append(rss_bytes(d.proc.pid))
     assert samples[2] - samples[0] < RSS_SLACK_BYTES, [s >> 20 for s in samples]
     assert_alive(d, kvctl)
+
+
+# -- a tenant's fuzzed calls ----------------------------------------------------------------------
+TENANT_TOKEN = "fuzz-tenant-token-0123"
+OTHER_TOKEN = "other-tenant-token-0123"
+
+
+@pytest.fixture(scope="module")
+def tenant_target(tmp_path_factory):
+    """A daemon serving two tenants on TCP; the fuzz tenant owns "fz", the other "globex-a"."""
+    import socket
+
+    from conftest import DaemonProcess
+
+    from kvd.client import Client
+    from kvd.client.channel import open_channel as token_channel
+
+    root = tmp_path_factory.mktemp("fuzz-tenants")
+    tenants = root / "tenants.toml"
+    tenants.write_text(f'[tenant.fuzz]\ntoken = "{TENANT_TOKEN}"\nnamespaces = ["{NS}"]\n'
+                       f'[tenant.other]\ntoken = "{OTHER_TOKEN}"\nnamespaces = ["globex-*"]\n')
+    tenants.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = DaemonProcess(root, dram="16MiB", nvme="32MiB", extra=[
+        "--lease-seconds", "2", "--log-level", "ERROR", "--tcp", f"127.0.0.1:{port}", "--tcp-insecure",
+        "--tenants", str(tenants)])
+    d.start()
+    address = f"127.0.0.1:{port}"
+    with Client(address, token=TENANT_TOKEN) as mine, Client(address, token=OTHER_TOKEN) as other:
+        mine.register_namespace(NS, 16, BLOCK)
+        mine.store(NS, list(range(1, 9)), [bytes([i]) * BLOCK for i in range(1, 9)])
+        other.register_namespace("globex-a", 16, BLOCK)
+        other.store("globex-a", [1, 2], [b"G" * BLOCK] * 2)
+        other.session_event("globex-a", "g1", "turn_start", [1, 2])
+        before = sorted((x.session_id, x.state, x.turns) for x in other.sessions("globex-a"))
+    raw, channel = token_channel(address, token=TENANT_TOKEN, options=[
+        ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+    yield d, address, channel, before
+    raw.close()
+    d.stop()
+
+
+def test_a_tenants_fuzzed_calls_never_reach_another_tenant(tenant_target):
+    from kvd.client import Client
+
+    d, address, channel, sessions_before = tenant_target
+    outcome = Outcome()
+    fuzz_unary(channel, outcome)
+    fuzz_streams(channel, outcome)
+    assert not outcome.broken, outcome.broken[:10]
+    assert d.proc.poll() is None
+    with Client(address, token=OTHER_TOKEN) as other:
+        assert other.load("globex-a", [1, 2]) == [b"G" * BLOCK] * 2  # untouched
+        assert sorted((x.session_id, x.state, x.turns) for x in other.sessions("globex-a")) == sessions_before
+    with Client(address, token=TENANT_TOKEN) as mine:
+        assert {b.namespace for b in mine.snapshot().blocks} <= {NS}
