@@ -153,8 +153,11 @@ def test_drain_writes_kept_blocks_refuses_work_and_resume_serves_again(daemon_fa
             c.load("m", [1])
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
         assert c.lookup("m", [1, 2, 3]) == ["dram"] * 3  # lookups still answer
+        assert "  drained: stores and loads refused until `kvctl resume`  " in kvctl(d, "status").stdout
+        assert json.loads(kvctl(d, "status", "-o", "json").stdout)["serving"] is False
         assert kvctl(d, "resume").stdout.strip() == "serving"
         assert health(d) == "SERVING"
+        assert kvctl(d, "status").stdout.split("\n")[0].split()[2] == "serving"
         c.store("m", [4], blocks(4), parents=[3])
         assert c.load("m", [1, 4]) == blocks(1, 4)
     assert kvctl(d, "check").returncode == 0
@@ -264,3 +267,22 @@ def test_a_closed_pipe_ends_kvctl_without_a_traceback(daemon):
     finally:
         os.close(write)
     assert r.returncode == 1 and r.stderr == ""
+
+
+def test_sync_sessions_show_health_and_watch_read_as_people_expect(daemon, kvctl):
+    with daemon.client() as c:
+        c.register_namespace("m", 16, BLOCK)
+        start = c.snapshot().as_of_seq
+        c.store("m", [1, 2], blocks(1, 2))
+        c.session_event("m", "agent-1", "turn_start", [1, 2])
+        c.session_event("m", "agent-1", "tool_pause", tool="pytest", expected_pause_s=12.5)
+    r = kvctl(daemon, "sync")
+    assert (r.returncode, r.stdout.strip()) == (0, "synced"), r.stderr
+    assert json.loads(kvctl(daemon, "sync", "-o", "json").stdout) == {"pending": 0}
+    assert kvctl(daemon, "sync", "--wait", "0").returncode == 2
+    shown = dict(line.split(": ", 1) for line in kvctl(daemon, "sessions", "show", "agent-1", "-n", "m").stdout.splitlines())
+    assert shown["inferred"] == "no" and shown["expected_pause_s"] == "12.5s" and shown["ahead_in_s"] == "-"
+    assert kvctl(daemon, "health", "-o", "json").stdout == json.dumps({"service": "", "status": "SERVING"}, indent=2) + "\n"
+    # The namespace's registration is the event just before the snapshot's sequence number.
+    lines = kvctl(daemon, "watch", "--from-seq", str(start - 1), "--count", "1").stdout.splitlines()
+    assert lines[0].split()[1:3] == ["registered", "m"]

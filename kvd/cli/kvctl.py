@@ -1,5 +1,5 @@
 """`kvctl`: operate a kvd daemon — status, sessions, blocks, pin/unpin, evict, policy, watch,
-check, drain/resume, health.
+check, sync, drain/resume, health.
 
 ``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock); ``--token``
 to ``KVD_TOKEN`` (Admin calls over TCP need it, and every call to a daemon with tenants); ``--tls-ca/--tls-cert/--tls-key`` to
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--wait", type=float, default=60.0, help="seconds for leases and NVMe writes (default 60)")
     drain.add_argument("--exit", action="store_true", help="then exit 0, as on SIGTERM (else: drained until resume)")
     _add_common(sub.add_parser("resume", help="serve again after a drain without --exit"), suppress=True)
+    sync = sub.add_parser("sync", help="write every kept block to NVMe now (exit 1 if some are still pending)")
+    _add_common(sync, suppress=True)
+    sync.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the writes (default 60)")
     return parser
 
 
@@ -153,12 +156,15 @@ def _health(tier) -> str:
 
 def cmd_status(client: Client, output: str) -> int:
     st = client.status()
+    serving = client.serving()
     if output != "table":
         data = asdict(st)
+        data["serving"] = serving
         data["tiers"] = {t["name"]: t for t in data["tiers"]}
         _emit(output, data)
         return 0
-    print(f"kvd {st.version}  up {st.uptime_s:.0f}s  policy {st.policy}  leases {st.leases}  "
+    state = "serving" if serving else "drained: stores and loads refused until `kvctl resume`"
+    print(f"kvd {st.version}  {state}  up {st.uptime_s:.0f}s  policy {st.policy}  leases {st.leases}  "
           f"write-behind queue {st.write_behind_queue}  recovered {st.recovered_blocks} (dropped {st.dropped_on_recovery})")
     rows = [
         [t.name, format_size(t.capacity_bytes), format_size(t.used_bytes),
@@ -221,7 +227,7 @@ def _event_line(f: dict) -> str:
     if kind == "removed":
         return f"{head}  removed   {f['namespace']}  {f['hash']}  {f['tier']}  {f['reason']}"
     if kind == "registered":
-        return f"{head}  namespace {f['namespace']}  {f['block_tokens']} tokens  {f['block_bytes']} bytes"
+        return f"{head}  registered {f['namespace']}  {f['block_tokens']} tokens  {f['block_bytes']} bytes"
     if kind == "cleared":
         return f"{head}  cleared   {f['namespace']}"
     tool = f"  {f['tool']}" if f["tool"] else ""
@@ -271,10 +277,7 @@ def cmd_health(channel: grpc.Channel, output: str, service: str, liveness: bool,
         print(f"kvctl: not_found: the daemon reports no health for service {service!r}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    if output == "json":
-        print(json.dumps({"service": service, "status": status}))
-    else:
-        _emit(output, {"service": service, "status": status}, status)
+    _emit(output, {"service": service, "status": status}, status)
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     return 0 if serving or (liveness and reply.status == health_pb2.HealthCheckResponse.NOT_SERVING) else 1
 
@@ -322,7 +325,7 @@ def cmd_sessions(
         raise ValueError("sessions list takes no session id (use: sessions show ID)")
     infos = client.sessions(namespace, session)
     if action == "show":
-        _emit(output, asdict(infos[0]), "\n".join(f"{k}: {v}" for k, v in asdict(infos[0]).items()))
+        _emit(output, asdict(infos[0]), "\n".join(f"{k}: {_shown(k, v)}" for k, v in asdict(infos[0]).items()))
         return 0
     rows = [
         [x.namespace, x.session_id, x.state + (f" ({x.tool})" if x.tool else ""), "yes" if x.inferred else "no",
@@ -332,6 +335,17 @@ def cmd_sessions(
     _emit(output, [asdict(x) for x in infos],
           _table(rows, ["NAMESPACE", "SESSION", "STATE", "INFERRED", "TURNS", "HELD/CHAIN", "IDLE"]))
     return 0
+
+
+def _shown(key: str, value) -> str:
+    """A session field for people: yes/no, seconds to 0.1 s, '-' for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}s" if key.endswith("_s") else f"{value:g}"
+    return str(value)
 
 
 def cmd_ahead(
@@ -382,6 +396,14 @@ def cmd_drain(client: Client, output: str, wait: float, exit: bool) -> int:
     text = f"drained: {r.written} blocks written to NVMe, {r.pending} pending, {r.leases} leases open"
     _emit(output, asdict(r), text + ("; exiting" if r.exiting else "; resume with `kvctl resume`"))
     return 1 if r.pending or r.leases else 0
+
+
+def cmd_sync(client: Client, output: str, wait: float) -> int:
+    if not 0 < wait <= 3600:
+        raise ValueError("sync: --wait must be seconds in (0, 3600]")
+    pending = client.sync(wait)
+    _emit(output, {"pending": pending}, "synced" if not pending else f"{pending} blocks still pending after {wait:g} s")
+    return 1 if pending else 0
 
 
 def cmd_resume(client: Client, output: str) -> int:
@@ -455,6 +477,8 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         return cmd_policy(client, output, args.action, args.name)
     if command == "drain":
         return cmd_drain(client, output, args.wait, args.exit)
+    if command == "sync":
+        return cmd_sync(client, output, args.wait)
     return cmd_resume(client, output)
 
 

@@ -322,6 +322,14 @@ class Client:
         except grpc.FutureTimeoutError:
             raise ClientError(grpc.StatusCode.UNAVAILABLE, f"no kvd daemon answers at {self.address}") from None
 
+    def serving(self) -> bool:
+        """Whether the daemon serves stores and loads (gRPC health SERVING), False while it is
+        drained or stopping."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        reply = self._call(health_pb2_grpc.HealthStub(self._channel).Check, health_pb2.HealthCheckRequest())
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     @property
     def shared_memory(self) -> bool:
         """Whether block bytes go through the mapped arena (True) or inline over gRPC."""
