@@ -206,6 +206,12 @@ class GlobalView:
     def connected(self, address: str) -> bool:
         return self._feeds[address].connected
 
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        """Wait until every node's feed has its snapshot (True), or ``timeout`` seconds (False:
+        the nodes not reached are left out of scores until they are)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: all(f.connected for f in self._feeds.values()), timeout)
+
     def wait_for(self, address: str, epoch: bytes, seq: int, timeout: float = 30.0) -> bool:
         """Wait until the view has applied a daemon's events up to ``seq`` of ``epoch``."""
         feed = self._feeds[address]
@@ -223,7 +229,7 @@ class GlobalView:
             nodes[address] = NodeScore(
                 address,
                 match.blocks,
-                {tier: n * tokens for tier, n in match.by_tier.items()},
+                {str(tier): n * tokens for tier, n in match.by_tier.items()},  # plain names, as printed
                 sum(n * self.tier_weights.get(tier, 0.0) for tier, n in match.by_tier.items()),
             )
         best = max(nodes.values(), key=lambda s: (s.score, s.matched_blocks), default=None)
