@@ -21,12 +21,14 @@ with ``kvd_async_load``, on a background thread while the request waits in vLLM'
 ``kv_connector_extra_config`` keys: ``kvd_address`` (default ``$KVD_ADDR`` or
 ./var/kvd.sock), ``kvd_namespace`` (default: the served model name), ``kvd_shared_memory``
 (default: required for a unix socket, else inline bytes over gRPC), ``kvd_timeout_s``,
-``kvd_async_load`` (default false).
+``kvd_async_load`` (default false), ``kvd_token`` (default ``$KVD_TOKEN``: the bearer token
+of a daemon that serves tenants; a tenant's bytes go inline, never through the arena).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -140,9 +142,11 @@ class KvdConnector(KVConnectorBase_V1):
         self._num_blocks = kv_cache_config.num_blocks
         address = extra.get("kvd_address")
         shm = extra.get("kvd_shared_memory")
-        if shm is None and address and str(address).startswith("unix:"):
+        token = extra.get("kvd_token") or os.environ.get("KVD_TOKEN") or None
+        if shm is None and address and str(address).startswith("unix:") and token is None:
             shm = True  # a local daemon: block bytes go through the arena, never inline
-        self._client = Client(address, shared_memory=shm, timeout=float(extra.get("kvd_timeout_s", 60.0)))
+        # With a token (a daemon serving tenants) the arena may be refused: bytes then go inline.
+        self._client = Client(address, shared_memory=shm, timeout=float(extra.get("kvd_timeout_s", 60.0)), token=token)
         self._async_load = extra.get("kvd_async_load", False)
         if not isinstance(self._async_load, bool):
             raise ValueError(f"kv_connector_extra_config kvd_async_load must be true or false, got {self._async_load!r}")
