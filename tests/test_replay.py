@@ -449,6 +449,17 @@ def kvd(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_replay(tmp_path, flag):
+    trace = tmp_path / "t.jsonl"
+    open_loop(trace, ONE_TIER)
+    for out, says in ((tmp_path / "no-such-dir" / "r.out", "no directory"), (tmp_path, "a directory, not a file")):
+        proc = kvd("replay", str(trace), "--dram", "4blocks", *COST_FLAGS, flag, str(out), "--no-progress")
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and stdout == "", stderr  # no report table: nothing ran
+        assert stderr.startswith(f"kvd replay: {flag} {out}: ") and says in stderr, stderr
+
+
 def test_cli_json_and_plot(tmp_path):
     trace = tmp_path / "t.jsonl"
     open_loop(trace, ONE_TIER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -108,6 +109,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be in [0, {MAX_EXPECTED_PAUSE_S:.0f}] seconds")
     if args.session_gap_s is not None and not (math.isfinite(args.session_gap_s) and args.session_gap_s > 0):
         raise ValueError("--session-gap-s must be a positive number of seconds")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is not None:
+            _check_output(flag, out)  # before the replay, not after it ran for minutes
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'kvd[plot]'") from None
     trace = read_trace(args.trace, args.format, args.block_size, args.session_gap_s, args.seed)
     if not trace.requests:
         raise ValueError(f"{args.trace}: no requests")
@@ -228,6 +237,18 @@ def print_table(report: dict) -> None:
         "KV wait: seconds a turn waits for KV bytes; floor: nothing ever transferred (one HBM tier holds all); "
         "belady: the offline oracle"
     )
+
+
+def _check_output(flag: str, out: Path) -> None:
+    """ValueError naming ``flag`` when ``out`` cannot be written: a directory, or in a
+    directory that does not exist or that this process may not write."""
+    if out.is_dir():
+        raise ValueError(f"{flag} {out}: a directory, not a file")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {out}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: {parent} is not writable")
 
 
 def plot(report: dict, out: Path) -> None:
