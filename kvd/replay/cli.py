@@ -261,23 +261,32 @@ def plot(report: dict, out: Path) -> None:
         raise ValueError("--plot needs matplotlib: pip install 'kvd[plot]'") from None
     names = list(report["policies"])
     rows = [report["policies"][n] for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    labels = [f"{n}\n(offline oracle)" if n == "belady" else n for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     tiers = sorted({t for r in rows for t in r["hit_rate_by_tier"]}, key=["hbm", "dram", "nvme"].index)
     bottom = [0.0] * len(names)
     for tier in tiers:
         values = [r["hit_rate_by_tier"].get(tier, 0.0) for r in rows]
-        axes[0].bar(names, values, bottom=bottom, label=tier)
+        axes[0].bar(labels, values, bottom=bottom, label=tier)
         bottom = [b + v for b, v in zip(bottom, values)]
-    axes[0].set_title("prefix hit rate (by tier)")
-    axes[0].legend()
+    axes[0].set_title("prefix hit rate, by tier\n(higher is better)")
+    axes[0].set_ylim(0, 1)
     width = 0.25
     for i, q in enumerate(("p50", "p90", "p99")):
         axes[1].bar([j + (i - 1) * width for j in range(len(names))], [r["ttft_s"][q] for r in rows], width, label=q)
-    axes[1].set_xticks(range(len(names)), names)
-    axes[1].set_title("TTFT (s)")
-    axes[1].legend()
-    axes[2].bar(names, [r["session_completion_s"]["mean"] for r in rows])
-    axes[2].set_title("mean session completion (s)")
+    axes[1].set_xticks(range(len(names)), labels)
+    axes[1].set_title("TTFT, seconds\n(lower is better)")
+    axes[2].bar(labels, [r["session_completion_s"]["mean"] for r in rows])
+    axes[2].set_title("mean session completion, seconds\n(lower is better)")
+    floor_ = report.get("floor")
+    if floor_ is not None:  # the same trace with nothing ever transferred: no policy goes below it
+        axes[1].axhline(floor_["ttft_s"]["p50"], color="black", linestyle="--", linewidth=1, label="floor p50")
+        axes[2].axhline(floor_["session_completion_s"]["mean"], color="black", linestyle="--", linewidth=1,
+                        label="floor (nothing transferred)")
+        axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    # Legends below the axes, never over a bar.
+    for ax in axes[:2]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
     fig.suptitle(f"{Path(report['trace']).name}: " + ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items()))
     fig.tight_layout()
     fig.savefig(out)
