@@ -20,6 +20,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from kvd.connector.plan import usable_name
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -27,7 +29,6 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HEADER = b"x-session-id"
-MAX_SESSION_ID = 256  # characters; a longer ``user`` is not taken as a session id
 
 
 class SessionFromUser:
@@ -71,9 +72,7 @@ def session_from_body(body: bytes) -> str | None:
     if not isinstance(parsed, dict) or parsed.get("session_id"):
         return None
     user = parsed.get("user")
-    if not isinstance(user, str) or not user or len(user) > MAX_SESSION_ID or not user.isprintable():
-        return None
-    return user
+    return user if usable_name(user) else None
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

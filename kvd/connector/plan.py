@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvd.core.errors import MAX_NAME_LEN as MAX_NAME
+
 MASK64 = (1 << 64) - 1
 
 
@@ -30,11 +32,9 @@ def block_key(block_hash: bytes | int) -> int:
     return int.from_bytes(bytes(block_hash), "big") & MASK64
 
 
-MAX_NAME = 256  # the daemon's limit on session and tool names
-
-
 def usable_name(value: Any) -> bool:
-    """Whether the daemon takes ``value`` as a session or tool name: 1..256 printable characters."""
+    """Whether the daemon takes ``value`` as a session or tool name (its ``check_name``:
+    1..256 printable characters)."""
     return isinstance(value, str) and 0 < len(value) <= MAX_NAME and value.isprintable()
 
 

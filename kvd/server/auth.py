@@ -73,20 +73,23 @@ class Auth(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(KVD_PREFIX):
             return handler
-        admit = self._admit
+        if self._tenants is None and not method.startswith(ADMIN_PREFIX):
+            return handler  # open to every caller, who is the operator: no wrapper on the data path
 
-        async def abort(context, denied: Denied):
-            log.warning("refused %s from %s: %s", method, context.peer(), denied.details)
-            await context.abort(denied.code, denied.details)
+        async def enter(context, request) -> Caller:
+            """The caller, named for the handler; or the call aborted."""
+            try:
+                who = self._admit(method, context, request)
+            except Denied as denied:
+                await _abort(method, context, denied)
+            CALLER.set(who)
+            return who
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request, context):
-                try:
-                    CALLER.set(admit(method, context, request))
-                except Denied as denied:
-                    await abort(context, denied)
+                await enter(context, request)
                 return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -97,10 +100,7 @@ class Auth(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def streamed(request, context):
-                try:
-                    CALLER.set(admit(method, context, request))
-                except Denied as denied:
-                    await abort(context, denied)
+                await enter(context, request)
                 async for message in inner_stream(request, context):
                     yield message
 
@@ -112,17 +112,12 @@ class Auth(grpc.aio.ServerInterceptor):
             inner_upload = handler.stream_unary
 
             async def upload(request_iterator, context):
-                try:
-                    who = admit(method, context, None)
-                except Denied as denied:
-                    await abort(context, denied)
-                CALLER.set(who)
+                who = await enter(context, None)
 
                 async def checked():
                     async for part in request_iterator:
-                        header = getattr(part, "header", None)
-                        if header is not None and part.HasField("header") and not who.allows(header.namespace):
-                            await abort(context, _outside(who, header.namespace))
+                        if part.HasField("header") and not who.allows(part.header.namespace):
+                            await _abort(method, context, _outside(who, part.header.namespace))
                         yield part
 
                 return await inner_upload(checked(), context)
@@ -174,6 +169,11 @@ class Auth(grpc.aio.ServerInterceptor):
             if hmac.compare_digest(given.encode(), token.encode()):
                 return tenant
         return None
+
+
+async def _abort(method: str, context, denied: Denied) -> None:
+    log.warning("refused %s from %s: %s", method, context.peer(), denied.details)
+    await context.abort(denied.code, denied.details)
 
 
 def _outside(who: Caller, namespace: str) -> Denied:
