@@ -501,6 +501,15 @@ def test_cli_json_and_plot(tmp_path):
         (report["policies"]["typed"]["hit_rate"] - 16 / 56) / (8 / 56)
     )
     assert "lru" in stdout and "belady" in stdout
+    # The text report gives tokens (recomputed, compulsory) and explains every column it prints.
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if "prompt tokens" in line and "recomputed" in line)
+    row = lines[head + 1].split()
+    assert row[1:4] == ["56", str(56 - ONE_TIER_EXPECT["lru"][0]), "24"], row
+    legend = lines[lines.index("legend:") + 1 :]
+    for term in ("hit rate", "KV wait s mean/p90", "TTFT p50/p90/p99 s", "session s mean/p90", "wall s",
+                 "recomputed", "compulsory", "floor", "belady"):
+        assert any(line.split("  ")[1] == term for line in legend), term
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 

@@ -198,7 +198,23 @@ def make_report(
     return report
 
 
+LEGEND = (
+    ("hit rate", "prompt tokens found held ÷ prompt tokens (higher is better); by tier: found in that tier"),
+    ("HBM share", "reused bytes served from HBM ÷ all reused bytes (higher is better)"),
+    ("KV wait s mean/p90", "seconds a turn waits for KV bytes on its critical path (lower is better)"),
+    ("TTFT p50/p90/p99 s", "time to first token: queueing + KV wait + prefill of the rest (lower is better)"),
+    ("session s mean/p90", "a session's first arrival to the end of its last turn (lower is better)"),
+    ("wall s", "real seconds the replay of that policy took (every other time is simulated)"),
+    ("recomputed", "prompt tokens prefilled because no tier held them (lower is better)"),
+    ("compulsory", "tokens of blocks no earlier request stored: no policy finds them"),
+    ("GB a->b", "bytes copied from tier a to tier b, in 10^9 bytes"),
+    ("floor", "the same trace with nothing ever transferred (one HBM tier holds all): the limit of placement"),
+    ("belady", "the offline oracle: evicts the block used furthest in the future, which no daemon can know"),
+)
+
+
 def print_table(report: dict) -> None:
+    """The report for people: the latency table, the tokens and bytes table, and a legend."""
     tiers = ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items())
     setting = []
     if report.get("pause_hints") == "exact":
@@ -229,14 +245,27 @@ def print_table(report: dict) -> None:
         ttft = "/".join(f"{floor_['ttft_s'][q]:.2f}" for q in ("p50", "p90", "p99"))
         done = f"{floor_['session_completion_s']['mean']:.1f}/{floor_['session_completion_s']['p90']:.1f}"
         print(f"{'floor':8} {'':>8} {'':>26} {'':>9} {'0':>18} {ttft:>22} {done:>20}")
+    print()
+    _print_tokens_and_bytes(report["policies"])
     for name, closed in report.get("gap_closed", {}).items():
         if closed is not None:
             print(f"{name} closes {closed:.1%} of the hit-rate gap between lru and belady")
-    print(
-        "hit rate: prompt tokens found held (higher is better); HBM share: reused bytes served from HBM; "
-        "KV wait: seconds a turn waits for KV bytes; floor: nothing ever transferred (one HBM tier holds all); "
-        "belady: the offline oracle"
-    )
+    print("legend:")
+    width = max(len(term) for term, _ in LEGEND)
+    for term, meaning in LEGEND:
+        print(f"  {term:{width}}  {meaning}")
+
+
+def _print_tokens_and_bytes(policies: dict) -> None:
+    """Per policy: prompt, recomputed and compulsory tokens, and GB moved over each tier link."""
+    links = sorted({link for r in policies.values() for link in r["bytes_moved"]})
+    head = f"{'policy':8} {'prompt tokens':>14} {'recomputed':>14} {'compulsory':>14}"
+    print(head + "".join(f" {'GB ' + link:>15}" for link in links) + ("" if links else "  GB moved: none"))
+    for name, r in policies.items():
+        moved = "".join(f" {r['bytes_moved'].get(link, 0) / 1e9:15,.1f}" for link in links)
+        print(
+            f"{name:8} {r['prompt_tokens']:14,} {r['recomputed_tokens']:14,} {r['compulsory_tokens']:14,}{moved}"
+        )
 
 
 def _check_output(flag: str, out: Path) -> None:
@@ -262,31 +291,39 @@ def plot(report: dict, out: Path) -> None:
     names = list(report["policies"])
     rows = [report["policies"][n] for n in names]
     labels = [f"{n}\n(offline oracle)" if n == "belady" else n for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
     tiers = sorted({t for r in rows for t in r["hit_rate_by_tier"]}, key=["hbm", "dram", "nvme"].index)
     bottom = [0.0] * len(names)
     for tier in tiers:
         values = [r["hit_rate_by_tier"].get(tier, 0.0) for r in rows]
         axes[0].bar(labels, values, bottom=bottom, label=tier)
         bottom = [b + v for b, v in zip(bottom, values)]
+    ceiling = 1 - rows[0]["compulsory_tokens"] / rows[0]["prompt_tokens"] if rows[0]["prompt_tokens"] else 1.0
+    axes[0].axhline(ceiling, color="black", linestyle=":", linewidth=1, label="ceiling (first uses miss)")
     axes[0].set_title("prefix hit rate, by tier\n(higher is better)")
+    axes[0].set_ylabel("share of prompt tokens")
     axes[0].set_ylim(0, 1)
     width = 0.25
+    floor_ = report.get("floor")
     for i, q in enumerate(("p50", "p90", "p99")):
-        axes[1].bar([j + (i - 1) * width for j in range(len(names))], [r["ttft_s"][q] for r in rows], width, label=q)
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        axes[1].bar(xs, [r["ttft_s"][q] for r in rows], width, label=q)
+        if floor_ is not None:  # the same quantile with nothing ever transferred: no policy goes below it
+            axes[1].hlines([floor_["ttft_s"][q]] * len(xs), [x - width / 2 for x in xs], [x + width / 2 for x in xs],
+                           color="black", linestyle="--", linewidth=1.5,
+                           label="floor: nothing transferred" if i == 0 else None)
     axes[1].set_xticks(range(len(names)), labels)
     axes[1].set_title("TTFT, seconds\n(lower is better)")
+    axes[1].set_ylabel("seconds")
     axes[2].bar(labels, [r["session_completion_s"]["mean"] for r in rows])
     axes[2].set_title("mean session completion, seconds\n(lower is better)")
-    floor_ = report.get("floor")
-    if floor_ is not None:  # the same trace with nothing ever transferred: no policy goes below it
-        axes[1].axhline(floor_["ttft_s"]["p50"], color="black", linestyle="--", linewidth=1, label="floor p50")
-        axes[2].axhline(floor_["session_completion_s"]["mean"], color="black", linestyle="--", linewidth=1,
-                        label="floor (nothing transferred)")
-        axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    axes[2].set_ylabel("seconds")
+    if floor_ is not None:
+        axes[2].axhline(floor_["session_completion_s"]["mean"], color="black", linestyle="--", linewidth=1.5,
+                        label="floor: nothing transferred")
     # Legends below the axes, never over a bar.
-    for ax in axes[:2]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
+    for ax in axes:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.suptitle(f"{Path(report['trace']).name}: " + ", ".join(f"{t} {v['blocks']} blocks" for t, v in report["tiers"].items()))
     fig.tight_layout()
     fig.savefig(out)
