@@ -120,7 +120,7 @@ def test_thousand_blocks_survive_kill9_and_restart(daemon_factory, kvctl):
         assert c.check() == []
 
     r = kvctl(d, "check")
-    assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "ok", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok: yes\nproblems: -\n", "")
 
     r = kvctl(d, "status", "-o", "json")
     assert r.returncode == 0, r.stderr

@@ -202,7 +202,8 @@ def test_nvme_writes_failing_keep_dram_serving(daemon_factory, tmp_path, allow_f
         assert [(f["op"], f["errno"], f["active"]) for f in nvme["faults"]] == [(op, code, True)]
         assert tier_json(kvctl, d, "dram")["degraded"] is False
         r = kvctl(d, "status")
-        assert f"degraded ({op} {code} x" in r.stdout
+        nvme_row = next(line for line in r.stdout.splitlines() if line.startswith("nvme "))
+        assert " yes " in nvme_row and f" {op} {code} x" in nvme_row
         assert Scrape(scrape_text(d.metrics_port))("kvd_tier_degraded", tier="nvme") == 1
         assert len(fault_lines(d, "nvme", op, code)) == 1
         assert c.check() == []

@@ -124,7 +124,7 @@ def test_serving_on_the_unix_socket_and_on_tcp(daemon_factory, kvctl):
         for service in ("", *SERVICES):
             assert _check(address, service) == SERVING, (address, service)
         r = kvctl(address, "health")
-        assert (r.returncode, r.stdout, r.stderr) == (0, "SERVING\n", "")
+        assert (r.returncode, r.stdout, r.stderr) == (0, "service: -\nstatus: SERVING\n", "")
         r = kvctl(address, "health", "--service", "kvd.v1.Engine", "-o", "json")
         assert r.returncode == 0 and json.loads(r.stdout) == {"service": "kvd.v1.Engine", "status": "SERVING"}
 
@@ -158,9 +158,9 @@ def test_set_serving_reaches_checks_watchers_and_the_probe(inproc, kvctl):
         for service in ("", *SERVICES):
             assert _check(inproc.address, service) == NOT_SERVING, service
         r = kvctl(inproc.address, "health")
-        assert (r.returncode, r.stdout) == (1, "NOT_SERVING\n")
+        assert (r.returncode, r.stdout) == (1, "service: -\nstatus: NOT_SERVING\n")
         r = kvctl(inproc.address, "health", "--liveness")  # draining is alive: no restart
-        assert (r.returncode, r.stdout) == (0, "NOT_SERVING\n")
+        assert (r.returncode, r.stdout) == (0, "service: -\nstatus: NOT_SERVING\n")
 
         inproc.call(inproc.daemon.set_serving(True))
         assert _check(inproc.address) == SERVING
@@ -222,4 +222,4 @@ def test_liveness_probe_fails_on_a_hung_daemon(daemon, kvctl):
     finally:
         daemon.proc.send_signal(signal.SIGCONT)
     r = kvctl(daemon, "health", "--liveness")
-    assert (r.returncode, r.stdout) == (0, "SERVING\n")
+    assert (r.returncode, r.stdout) == (0, "service: -\nstatus: SERVING\n")

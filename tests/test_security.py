@@ -220,7 +220,7 @@ def test_admin_over_tcp_needs_the_bearer_token(daemon_factory, pki, tmp_path, kv
     ]
     r = subprocess.run([*base, "policy", "set", "lru"], capture_output=True, text=True,
                        env={**env, "KVD_TOKEN": "s3cret-token"}, timeout=60)
-    assert (r.returncode, r.stdout.strip()) == (0, "lru"), r.stderr
+    assert (r.returncode, r.stdout.splitlines()[0]) == (0, "policy: lru"), r.stderr
     r = subprocess.run([*base, "--token", "nope", "status"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and r.stderr.splitlines() == ["kvctl: unauthenticated: wrong admin token"]
     assert "refused /kvd.v1.Admin/Status from ipv4:127.0.0.1" in d.log()

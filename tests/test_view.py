@@ -206,8 +206,8 @@ def test_session_changes_reach_only_a_watcher_that_asks_and_kvctl_prints_them(da
     assert sessions[0] == ("s1", "active", "") and sessions[-1] == ("s1", "tool_pause", "pytest")
     out = kvctl(d, "watch", "--from-seq", str(start), "--count", str(end - start))
     assert out.returncode == 0, out.stderr
-    lines = [line.split() for line in out.stdout.splitlines()]
-    assert [line[1:] for line in lines if line[1] == "stored"] == [
-        ["stored", NS, "1", "dram", "4096", "session", "s1"]
+    lines = [line.split()[2:] for line in out.stdout.splitlines()]
+    assert [line for line in lines if line[0] == "kind=stored"] == [
+        ["kind=stored", f"namespace={NS}", "hash=1", "parent=-", "tier=dram", "nbytes=4096", "session_id=s1"]
     ]
-    assert lines[-1][1:] == ["session", NS, "s1", "tool_pause", "pytest"]
+    assert lines[-1] == ["kind=session", f"namespace={NS}", "session_id=s1", "state=tool_pause", "tool=pytest"]

@@ -3,29 +3,28 @@ check, sync, drain/resume, health.
 
 ``--addr`` defaults to ``KVD_ADDR``, then the default socket (./var/kvd.sock); ``--token``
 to ``KVD_TOKEN`` (Admin calls over TCP need it, and every call to a daemon with tenants); ``--tls-ca/--tls-cert/--tls-key`` to
-``KVD_TLS_CA``, ``KVD_TLS_CLIENT_CERT``, ``KVD_TLS_CLIENT_KEY``. ``-o table|json|yaml``. Errors print one line on stderr and exit
-non-zero (1: the daemon refused or is unreachable; 2: usage).
+``KVD_TLS_CA``, ``KVD_TLS_CLIENT_CERT``, ``KVD_TLS_CLIENT_KEY``. ``-o table|json|yaml`` print one
+schema per command (:mod:`kvd.cli.render`). Errors print one line on stderr and exit non-zero
+(1: the daemon refused or is unreachable; 2: usage).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import grpc
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvd.cli import render
 from kvd.cli.parsing import ArgumentParser
-from kvd.client import Client, ClientError, TlsFiles, default_address
+from kvd.client import BlockInfo, Client, ClientError, NamespaceInfo, Status, TlsFiles, default_address
 from kvd.client.channel import listening, open_channel
 from kvd.media import TIER_NAMES
-from kvd.sizes import format_size
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 OUTPUTS = ("table", "json", "yaml")
@@ -129,71 +128,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(output: str, data, table: str | None = None) -> None:
-    """Print ``data`` as JSON or YAML, or ``table`` (the human form) for -o table."""
-    if output == "json":
-        print(json.dumps(data, indent=2))
-    elif output == "yaml":
-        print(yaml.safe_dump(data, sort_keys=False), end="")
-    else:
-        print(table if table is not None else data)
+TIER_KEYS = ("name", "capacity_bytes", "used_bytes", "used_pct", "blocks", "degraded", "faults", "location", "direct_io")
+NAMESPACE_KEYS = tuple(f.name for f in fields(NamespaceInfo))
+BLOCK_KEYS = tuple(f.name for f in fields(BlockInfo))
+SESSION_KEYS = (
+    "namespace", "session_id", "state", "tool", "expected_pause_s", "inferred", "turns", "held_blocks", "chain_blocks",
+    "idle_s",
+)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+def _faults(faults: list[dict]) -> str:
+    """A tier's faults in a table cell: ``write ENOSPC x3, read EIO x1 (recovered)``."""
+    return ", ".join(
+        f"{f['op']} {f['errno']} x{f['count']}" + ("" if f["active"] else " (recovered)") for f in faults
+    ) or "-"
 
 
-def _health(tier) -> str:
-    """``ok``, or ``degraded`` and the faults that degrade it: ``degraded (write ENOSPC x3)``."""
-    if not tier.degraded:
-        return "ok"
-    active = ", ".join(f"{f.op} {f.errno} x{f.count}" for f in tier.faults if f.active)
-    return f"degraded ({active})" if active else "degraded"
+def status_data(st: Status, serving: bool) -> dict:
+    """`kvctl status`'s schema: the daemon's figures, its tiers by name, its namespaces."""
+    data = {
+        "version": st.version, "serving": serving, "uptime_s": st.uptime_s, "policy": st.policy, "leases": st.leases,
+        "write_behind_queue": st.write_behind_queue, "recovered_blocks": st.recovered_blocks,
+        "dropped_on_recovery": st.dropped_on_recovery,
+    }
+    data["tiers"] = {
+        t.name: {
+            "name": t.name, "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
+            "used_pct": 100 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else None, "blocks": t.blocks,
+            "degraded": t.degraded, "faults": [asdict(f) for f in t.faults], "location": t.location,
+            "direct_io": t.direct_io,
+        }
+        for t in st.tiers
+    }
+    data["namespaces"] = [asdict(n) for n in st.namespaces]
+    return data
 
 
 def cmd_status(client: Client, output: str) -> int:
-    st = client.status()
-    serving = client.serving()
-    if output != "table":
-        data = asdict(st)
-        data["serving"] = serving
-        data["tiers"] = {t["name"]: t for t in data["tiers"]}
-        _emit(output, data)
-        return 0
-    state = "serving" if serving else "drained: stores and loads refused until `kvctl resume`"
-    print(f"kvd {st.version}  {state}  up {st.uptime_s:.0f}s  policy {st.policy}  leases {st.leases}  "
-          f"write-behind queue {st.write_behind_queue}  recovered {st.recovered_blocks} (dropped {st.dropped_on_recovery})")
-    rows = [
-        [t.name, format_size(t.capacity_bytes), format_size(t.used_bytes),
-         f"{100 * t.used_bytes / t.capacity_bytes:.1f}%" if t.capacity_bytes else "-", t.blocks, _health(t), t.location]
-        for t in st.tiers
-    ]
-    print(_table(rows, ["TIER", "CAPACITY", "USED", "USE", "BLOCKS", "HEALTH", "LOCATION"]))
-    if st.namespaces:
-        print()
-        rows = [[n.name, n.block_tokens, format_size(n.block_bytes), n.blocks] for n in st.namespaces]
-        print(_table(rows, ["NAMESPACE", "BLOCK_TOKENS", "BLOCK_BYTES", "BLOCKS"]))
+    data = status_data(client.status(), client.serving())
+    scalars = {k: v for k, v in data.items() if k not in ("tiers", "namespaces")}
+    table = "\n\n".join([
+        render.record(scalars),
+        "tiers:\n" + render.columns(list(data["tiers"].values()), TIER_KEYS, {"faults": _faults}),
+        "namespaces:\n" + render.columns(data["namespaces"], NAMESPACE_KEYS),
+    ])
+    render.emit(output, data, table)
+    if not data["serving"]:
+        print("kvctl: drained: stores and loads are refused until `kvctl resume`", file=sys.stderr)
     return 0
 
 
 def cmd_blocks(client: Client, output: str, namespace: str | None, limit: int | None) -> int:
-    blocks = []
+    rows = []
     for b in client.list_blocks(namespace):
-        if limit is not None and len(blocks) >= limit:
+        if limit is not None and len(rows) >= limit:
             break
-        blocks.append(b)
-    rows = [[b.namespace, b.hash, "-" if b.parent is None else b.parent, b.nbytes, ",".join(b.tiers)]
-            for b in blocks]
-    _emit(output, [asdict(b) for b in blocks], _table(rows, ["NAMESPACE", "HASH", "PARENT", "BYTES", "TIERS"]))
+        rows.append(asdict(b))
+    render.emit_rows(output, rows, BLOCK_KEYS)
     return 0
 
 
 def cmd_check(client: Client, output: str) -> int:
     problems = client.check()
-    _emit(output, {"ok": not problems, "problems": problems}, "\n".join(problems) if problems else "ok")
+    render.emit_record(output, {"ok": not problems, "problems": problems})
     return 1 if problems else 0
 
 
@@ -206,32 +203,17 @@ def _event_fields(e: view_pb2.Event) -> dict:
         fields.update(
             hash=body.hash,
             parent=body.parent if body.HasField("parent") else None,
-            tier=TIER_NAMES[body.tier - 1],
+            tier=str(TIER_NAMES[body.tier - 1]),
             nbytes=body.nbytes,
             session_id=body.session_id or None,
         )
     elif kind == "removed":
-        fields.update(hash=body.hash, tier=TIER_NAMES[body.tier - 1], reason=body.reason)
+        fields.update(hash=body.hash, tier=str(TIER_NAMES[body.tier - 1]), reason=body.reason)
     elif kind == "registered":
         fields.update(block_tokens=body.block_tokens, block_bytes=body.block_bytes)
     elif kind == "session":
         fields.update(session_id=body.session_id, state=body.state, tool=body.tool or None)
     return fields
-
-
-def _event_line(f: dict) -> str:
-    kind, head = f["kind"], f"{f['seq']:>8}"
-    if kind == "stored":
-        session = f"  session {f['session_id']}" if f["session_id"] else ""
-        return f"{head}  stored    {f['namespace']}  {f['hash']}  {f['tier']}  {f['nbytes']}{session}"
-    if kind == "removed":
-        return f"{head}  removed   {f['namespace']}  {f['hash']}  {f['tier']}  {f['reason']}"
-    if kind == "registered":
-        return f"{head}  registered {f['namespace']}  {f['block_tokens']} tokens  {f['block_bytes']} bytes"
-    if kind == "cleared":
-        return f"{head}  cleared   {f['namespace']}"
-    tool = f"  {f['tool']}" if f["tool"] else ""
-    return f"{head}  session   {f['namespace']}  {f['session_id']}  {f['state']}{tool}"
 
 
 def cmd_watch(channel: grpc.Channel, output: str, namespace: str | None, from_seq: int, count: int | None) -> int:
@@ -250,13 +232,7 @@ def cmd_watch(channel: grpc.Channel, output: str, namespace: str | None, from_se
             )
             return 1
         for e in batch.events:
-            fields = _event_fields(e)
-            if output == "json":
-                print(json.dumps(fields), flush=True)
-            elif output == "yaml":
-                print("---\n" + yaml.safe_dump(fields, sort_keys=False), end="", flush=True)
-            else:
-                print(_event_line(fields), flush=True)
+            render.emit_event(output, _event_fields(e))
             seen += 1
             if count is not None and seen >= count:
                 return 0
@@ -277,7 +253,7 @@ def cmd_health(channel: grpc.Channel, output: str, service: str, liveness: bool,
         print(f"kvctl: not_found: the daemon reports no health for service {service!r}", file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    _emit(output, {"service": service, "status": status}, status)
+    render.emit_record(output, {"service": service, "status": status})
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     return 0 if serving or (liveness and reply.status == health_pb2.HealthCheckResponse.NOT_SERVING) else 1
 
@@ -298,8 +274,9 @@ def cmd_evict(client: Client, output: str, namespace: str | None, session: str |
         removed, remaining = client.evict(namespace)
     else:
         raise ValueError("evict: give --namespace, --session with --namespace, or --all")
-    data = {"namespace": namespace, "session": session, "all": everything, "removed": removed, "remaining": remaining}
-    _emit(output, data, f"{scope}: {removed} blocks removed")
+    render.emit_record(
+        output, {"namespace": namespace, "session_id": session, "all": everything, "removed": removed, "remaining": remaining}
+    )
     if remaining:
         print(f"kvctl: {remaining} blocks of {scope} are being read or moved and stay; run evict again", file=sys.stderr)
         return 1
@@ -325,27 +302,10 @@ def cmd_sessions(
         raise ValueError("sessions list takes no session id (use: sessions show ID)")
     infos = client.sessions(namespace, session)
     if action == "show":
-        _emit(output, asdict(infos[0]), "\n".join(f"{k}: {_shown(k, v)}" for k, v in asdict(infos[0]).items()))
+        render.emit_record(output, asdict(infos[0]))
         return 0
-    rows = [
-        [x.namespace, x.session_id, x.state + (f" ({x.tool})" if x.tool else ""), "yes" if x.inferred else "no",
-         x.turns, f"{x.held_blocks}/{x.chain_blocks}", f"{x.idle_s:.0f}s"]
-        for x in infos
-    ]
-    _emit(output, [asdict(x) for x in infos],
-          _table(rows, ["NAMESPACE", "SESSION", "STATE", "INFERRED", "TURNS", "HELD/CHAIN", "IDLE"]))
+    render.emit_rows(output, [{k: getattr(x, k) for k in SESSION_KEYS} for x in infos], SESSION_KEYS)
     return 0
-
-
-def _shown(key: str, value) -> str:
-    """A session field for people: yes/no, seconds to 0.1 s, '-' for none."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.1f}s" if key.endswith("_s") else f"{value:g}"
-    return str(value)
 
 
 def cmd_ahead(
@@ -359,9 +319,8 @@ def cmd_ahead(
     if arrives_in is None or not 0 <= arrives_in <= 86_400:
         raise ValueError("sessions ahead: --in must give the seconds until the turn arrives (0..86400)")
     state = client.expect_turn(namespace, session, hashes, arrives_in)
-    data = {"namespace": namespace, "session": session, "blocks": len(hashes), "arrives_in_s": arrives_in,
-            "state": state.state, "turns": state.turns}
-    _emit(output, data, f"session {session} of {namespace}: {len(hashes)} blocks announced in {arrives_in:g} s ({state.state})")
+    render.emit_record(output, {"namespace": namespace, "session_id": session, "blocks": len(hashes),
+                                "arrives_in_s": arrives_in, "state": state.state, "turns": state.turns})
     return 0
 
 
@@ -369,9 +328,7 @@ def cmd_pin(client: Client, output: str, unpin: bool, namespace: str, session: s
     if bool(session) == bool(hashes):
         raise ValueError(f"{'unpin' if unpin else 'pin'}: give block hashes or --session, not both or neither")
     result = (client.unpin if unpin else client.pin)(namespace, hashes, session_id=session)
-    verb = "unpinned" if unpin else "pinned"
-    missing = "not pinned" if unpin else "not held"
-    _emit(output, asdict(result), f"{result.changed} blocks {verb} ({result.not_held} {missing}); {result.pinned} pinned in all")
+    render.emit_record(output, asdict(result))
     return 0
 
 
@@ -385,7 +342,7 @@ def cmd_policy(client: Client, output: str, action: str, name: str | None) -> in
             raise ValueError("policy set: give a policy name")
         client.set_policy(name)
         policy, available = client.policy()
-    _emit(output, {"policy": policy, "available": available}, policy)
+    render.emit_record(output, {"policy": policy, "available": available})
     return 0
 
 
@@ -393,8 +350,9 @@ def cmd_drain(client: Client, output: str, wait: float, exit: bool) -> int:
     if wait <= 0:
         raise ValueError("drain: --wait must be positive")
     r = client.drain(wait, exit)
-    text = f"drained: {r.written} blocks written to NVMe, {r.pending} pending, {r.leases} leases open"
-    _emit(output, asdict(r), text + ("; exiting" if r.exiting else "; resume with `kvctl resume`"))
+    render.emit_record(output, asdict(r))
+    if not r.exiting:
+        print("kvctl: drained: stores and loads are refused until `kvctl resume`", file=sys.stderr)
     return 1 if r.pending or r.leases else 0
 
 
@@ -402,13 +360,15 @@ def cmd_sync(client: Client, output: str, wait: float) -> int:
     if not 0 < wait <= 3600:
         raise ValueError("sync: --wait must be seconds in (0, 3600]")
     pending = client.sync(wait)
-    _emit(output, {"pending": pending}, "synced" if not pending else f"{pending} blocks still pending after {wait:g} s")
+    render.emit_record(output, {"pending": pending})
+    if pending:
+        print(f"kvctl: {pending} blocks still pending after {wait:g} s", file=sys.stderr)
     return 1 if pending else 0
 
 
 def cmd_resume(client: Client, output: str) -> int:
     was = client.resume()
-    _emit(output, {"was_draining": was}, "serving" if was else "serving (was not drained)")
+    render.emit_record(output, {"was_draining": was})
     return 0
 
 
