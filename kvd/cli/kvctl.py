@@ -39,7 +39,10 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument(
         "--addr", default=default(None), help="unix:///path or host:port (default: $KVD_ADDR, then ./var/kvd.sock)"
     )
-    parser.add_argument("-o", "--output", choices=OUTPUTS, default=default("table"))
+    parser.add_argument(
+        "-o", "--output", choices=OUTPUTS, default=default("table"),
+        help="table (default), json or yaml: the same keys in each form",
+    )
     parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds to wait for the daemon")
     parser.add_argument("--token", default=default(None), help="bearer token, the admin's or a tenant's (default: $KVD_TOKEN)")
     parser.add_argument("--tls-ca", type=Path, default=default(None), help="CA of the daemon's TLS certificate")
@@ -68,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sub.add_parser("status", help="tiers, namespaces, leases"), suppress=True)
     blocks = sub.add_parser("blocks", help="list held blocks")
     _add_common(blocks, suppress=True)
-    blocks.add_argument("--namespace", "-n", default=None)
+    blocks.add_argument("--namespace", "-n", default=None, help="only this namespace's blocks")
     blocks.add_argument("--limit", type=int, default=None, help="at most this many blocks")
     _add_common(sub.add_parser("check", help="validate the daemon's invariants (exit 1 if any fails)"), suppress=True)
     watch = sub.add_parser("watch", help="print the daemon's events as they happen (Ctrl-C stops)")
     _add_common(watch, suppress=True)
-    watch.add_argument("--namespace", "-n", default=None)
+    watch.add_argument("--namespace", "-n", default=None, help="only this namespace's events")
     watch.add_argument("--from-seq", type=int, default=0, help="resume from this sequence number (default: now)")
     watch.add_argument("--count", type=int, default=None, help="exit after this many events")
     health = sub.add_parser(
@@ -98,22 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
         "sessions", help="sessions the daemon knows: list, show one, or announce one's next turn (ahead)"
     )
     _add_common(sessions, suppress=True)
-    sessions.add_argument("action", nargs="?", choices=["list", "show", "ahead"], default="list")
-    sessions.add_argument("session", nargs="?", help="show, ahead: the session id")
+    sessions.add_argument(
+        "action", nargs="?", choices=["list", "show", "ahead"], default="list",
+        help="list (default), show one session, or announce its next turn (ahead)",
+    )
+    sessions.add_argument("session", nargs="?", metavar="ID", help="show, ahead: the session id")
     sessions.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="ahead: the turn's prompt hashes")
-    sessions.add_argument("--namespace", "-n", default=None)
+    sessions.add_argument("--namespace", "-n", default=None, help="the session's namespace (list: only this one)")
     sessions.add_argument("--in", dest="arrives_in", type=float, metavar="S", help="ahead: seconds until the turn arrives")
     for name, text in (("pin", "keep blocks where they are whatever the policy says"),
                        ("unpin", "let the policy decide about blocks again")):
         pin = sub.add_parser(name, help=text)
         _add_common(pin, suppress=True)
-        pin.add_argument("--namespace", "-n", required=True)
+        pin.add_argument("--namespace", "-n", required=True, help="the blocks' namespace")
         pin.add_argument("--session", help="every block of this session's chain, instead of hashes")
         pin.add_argument("hashes", nargs="*", type=_hash, metavar="HASH", help="block hashes (decimal as `blocks` prints them, or 0x-hex)")
     policy = sub.add_parser("policy", help="the retention policy: get, or set NAME (at run time)")
     _add_common(policy, suppress=True)
-    policy.add_argument("action", choices=["get", "set"])
-    policy.add_argument("name", nargs="?", help="set: the policy to switch to")
+    policy.add_argument("action", choices=["get", "set"], help="get the policy, or set it to NAME")
+    policy.add_argument("name", nargs="?", metavar="NAME", help="set: the policy to switch to")
     drain = sub.add_parser(
         "drain",
         help="stop new stores and loads, let leases finish, write kept blocks to NVMe (health: NOT_SERVING)",
