@@ -8,6 +8,7 @@ and what they say is compared with the daemon's own Watch stream and block list.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,8 +22,12 @@ import zmq
 from conftest import DaemonProcess
 from test_clear import watch_until_cleared
 
+from kvd.core.catalog import BlockRecord, Copy
 from kvd.core.events import BlockRemoved, BlockStored, NamespaceCleared, NamespaceRegistered, SessionChanged
-from kvd.server.kv_events import END_SEQ, KVEventBatch, KvEventPublisher, is_bind_endpoint, vllm_events
+from kvd.core.types import BlockOrigin
+from kvd.server import kv_events
+from kvd.server.kv_event_wire import Encoding, Keyable, encode_batch, wire_events
+from kvd.server.kv_events import END_SEQ, KvEventPublisher, chain_order, is_bind_endpoint
 from kvd.v1 import admin_pb2, admin_pb2_grpc
 
 pytestmark = pytest.mark.timeout(180)
@@ -30,7 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("KVD_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 BLOCK = 64 << 10
-MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "STORAGE"}
+MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "NVME"}
 
 # Run by .venv-vllm's python: decode each payload (hex, one a line on stdin) with vLLM's own
 # KVEventBatch, re-encode it with vLLM's encoder, print what it found as JSON.
@@ -101,83 +106,207 @@ def vllm_decode(payloads: list[bytes]) -> dict:
 # -- the mapping, without a daemon ------------------------------------------------------------
 
 
-def test_events_map_to_vllm_maps_in_field_order_grouped_per_namespace():
-    tokens = {"m": 16, "n": 32}.__getitem__
+def origin(*tokens: int, lora: str | None = None, extra: list | None = None) -> BlockOrigin:
+    return BlockOrigin.of(tokens, lora, msgspec.msgpack.encode(extra) if extra is not None else None)
+
+
+class Held:
+    """A fake of the core's holdings: ``blocks`` maps hash -> (origin, parent); ``missing``
+    hashes are not held."""
+
+    def __init__(self, blocks: dict[int, tuple[BlockOrigin | None, int | None]], tokens: int = 2) -> None:
+        self.held = blocks
+        self.tokens = tokens
+
+    def block_tokens(self, namespace: str) -> int:
+        return self.tokens
+
+    def origin_of(self, namespace: str, h: int):
+        return self.held[h]
+
+
+def trim(event):
+    """An array-encoded event without its trailing nulls (msgspec writes every field)."""
+    if isinstance(event, list):
+        assert len(event) == (16 if event[0] == "BlockStored" else 6)  # the tag and vLLM 0.33's fields
+        while event[-1] is None:
+            event = event[:-1]
+    return event
+
+
+def wire(events, held: Held, encoding=Encoding.ARRAY) -> dict[str, list]:
+    groups = wire_events(events, held.block_tokens, Keyable(held.origin_of))
+    structs = {ns: [g.encodable(encoding) for g in gs] for ns, gs in groups.items()}
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(structs))  # extra keys are raw msgpack
+    return {ns: [trim(e) for e in events] for ns, events in decoded.items()}
+
+
+def test_stores_of_one_chain_share_a_positional_block_stored_with_their_tokens():
+    a, b, c = origin(1, 2), origin(3, 4, lora="fr"), origin(5, 6)
+    held = Held({1: (a, None), 2: (a, 1), 3: (a, 2), 4: (None, None), 5: (a, 4)})
     events = [
-        NamespaceRegistered(1, "m", 16, 4096, 0.0),
+        NamespaceRegistered(1, "m", 2, 4096, 0.0),
         SessionChanged(2, "m", "s1", "active", None, 0.0),
-        BlockStored(3, "m", 1, None, "dram", 4096, 0.0, "s1"),
-        BlockStored(4, "m", 2, 1, "dram", 4096, 0.0, "s1"),  # the chain goes on: same event
-        BlockStored(5, "n", 9, None, "hbm", 4096, 0.0),
-        BlockStored(6, "m", 3, 2, "nvme", 4096, 0.0),  # another tier: a new event
-        BlockStored(7, "m", 5, None, "nvme", 4096, 0.0),  # another chain: a new event
+        BlockStored(3, "m", 1, None, "dram", 4096, 0.0, "s1", a),
+        BlockStored(4, "m", 2, 1, "dram", 4096, 0.0, "s1", c),  # the chain goes on: same event
+        BlockStored(5, "m", 3, 2, "nvme", 4096, 0.0, None, c),  # another tier: a new event, parent 2 known
+        BlockStored(6, "m", 4, None, "dram", 4096, 0.0),  # no tokens: a location update
+        BlockStored(7, "m", 5, 4, "dram", 4096, 0.0, None, b),  # its parent has no tokens: a location update too
         BlockRemoved(8, "m", 1, "dram", "evicted", 0.0),
         BlockRemoved(9, "m", 2, "dram", "evicted", 0.0),
         BlockRemoved(10, "m", 3, "nvme", "cleared", 0.0),
-        NamespaceCleared(11, "m", 0.0),
+        NamespaceCleared(11, "m", 0.0),  # never sent: llm-d would clear the whole pod
     ]
-    stored = {"type": "BlockStored", "token_ids": [], "lora_id": None, "lora_name": None}
-    as_maps = {ns: msgspec.to_builtins(batch) for ns, batch in vllm_events(events, tokens).items()}
-    assert as_maps == {
-        "m": [
-            {**stored, "block_hashes": [1, 2], "parent_block_hash": None, "block_size": 16, "medium": "CPU",
-             "session_id": "s1"},
-            {**stored, "block_hashes": [3], "parent_block_hash": 2, "block_size": 16, "medium": "STORAGE"},
-            {**stored, "block_hashes": [5], "parent_block_hash": None, "block_size": 16, "medium": "STORAGE"},
-            {"type": "BlockRemoved", "block_hashes": [1, 2], "medium": "CPU"},
-            {"type": "BlockRemoved", "block_hashes": [3], "medium": "STORAGE"},
-            {"type": "AllBlocksCleared"},
-        ],
-        "n": [{**stored, "block_hashes": [9], "parent_block_hash": None, "block_size": 32, "medium": "GPU"}],
-    }
-    assert list(as_maps["m"][0]) == [  # vLLM 0.33's declaration order; session_id is a later field
+    assert wire(events, held) == {"m": [
+        ["BlockStored", [1, 2], None, [1, 2, 5, 6], 2, None, "CPU", *[None] * 7, "s1"],  # session_id: 14th
+        ["BlockStored", [3], 2, [5, 6], 2, None, "NVME"],
+        ["BlockStored", [4, 5], None, [], 2, None, "CPU"],
+        ["BlockRemoved", [1, 2], "CPU"],
+        ["BlockRemoved", [3], "NVME"],
+    ]}
+    assert wire(events[:2], held) == {}  # registrations and sessions have no wire form
+
+
+def test_a_chain_breaks_where_its_lora_or_token_knowledge_changes_and_extra_keys_ride_along():
+    a, fr = origin(1, 2, extra=["img-1"]), origin(3, 4, lora="fr")
+    held = Held({1: (a, None), 2: (fr, 1), 3: (None, 2), 4: (a, 3)})
+    events = [
+        BlockStored(1, "m", 1, None, "hbm", 4096, 0.0, None, a),
+        BlockStored(2, "m", 2, 1, "hbm", 4096, 0.0, None, fr),  # another LoRA: its own event
+        BlockStored(3, "m", 3, 2, "hbm", 4096, 0.0),  # no tokens
+        BlockStored(4, "m", 4, 3, "hbm", 4096, 0.0, None, a),  # behind a tokenless block: no tokens either
+    ]
+    assert wire(events, held)["m"] == [
+        ["BlockStored", [1], None, [1, 2], 2, None, "GPU", None, [["img-1"]]],
+        ["BlockStored", [2], 1, [3, 4], 2, None, "GPU", "fr"],
+        ["BlockStored", [3, 4], None, [], 2, None, "GPU"],
+    ]
+
+
+def test_map_encoding_is_vllms_tagged_maps_in_field_order():
+    a = origin(7, 8)
+    held = Held({1: (a, None)})
+    events = [BlockStored(1, "m", 1, None, "dram", 4096, 0.0, "s1", a), BlockRemoved(2, "m", 1, "nvme", "evicted", 0.0)]
+    as_maps = wire(events, held, Encoding.MAP)["m"]
+    assert as_maps == [
+        {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None, "token_ids": [7, 8], "block_size": 2,
+         "lora_id": None, "medium": "CPU", "lora_name": None, "session_id": "s1"},
+        {"type": "BlockRemoved", "block_hashes": [1], "medium": "NVME"},
+    ]
+    assert list(as_maps[0]) == [  # vLLM 0.33's declaration order; session_id is a later field
         "type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name",
         "session_id",
     ]
-    assert vllm_events(events[:2], tokens) == {}  # registrations and sessions have no vLLM form
-    # Encoded: the batch is an array of three, BlockStored a map16 (its 16 possible entries),
-    # BlockRemoved a fixmap, as vLLM 0.33's own structs encode them.
-    batch = KVEventBatch(1.0, vllm_events(events, tokens)["m"], 0)
-    payload = msgspec.msgpack.encode(batch)
-    assert payload[:10] == bytes.fromhex("93cb3ff0000000000000") and payload[10] == 0x96  # [1.0, [6 events]
-    assert payload[11:14] == bytes.fromhex("de0009")  # first event: map16 of 9 entries
-    assert msgspec.msgpack.decode(payload)[1] == as_maps["m"] and payload[-1] == 0  # rank 0
+    groups = wire_events(events, held.block_tokens, Keyable(held.origin_of))["m"]
+    # The batch is an array of three; BlockStored a map16 (its 16 possible entries) in map
+    # form, as vLLM 0.33's own structs encode it; an array with the tag first in array form.
+    payload = encode_batch(Encoding.MAP, 1.0, groups, msgspec.msgpack.encode)
+    assert payload[:10] == bytes.fromhex("93cb3ff0000000000000") and payload[10] == 0x92
+    assert payload[11:14] == bytes.fromhex("de0009") and payload[-1] == 0
+    payload = encode_batch(Encoding.ARRAY, 1.0, groups, msgspec.msgpack.encode)
+    assert payload[11] & 0xF0 == 0x90 or payload[11] == 0xDC
+    assert msgspec.msgpack.decode(payload)[1][0][0] == "BlockStored"
 
 
-def test_publisher_sends_topic_seq_and_a_three_element_batch_and_buffers_a_bounded_replay(tmp_path):
-    endpoint = f"ipc://{tmp_path}/kv.sock"
-    pub = KvEventPublisher(endpoint, "node-1", lambda ns: 16, buffer_batches=2, clock=lambda: 12.5)
-    pub.start()
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    try:
-        sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
-        sub.connect(endpoint)
-        # PUB drops what it sends before the subscription arrives; publish until one lands.
-        h = 0
-        while not sub.poll(50):
-            h += 1
-            assert h < 200, "the subscription never reached the publisher"
-            pub.publish([BlockStored(h, "m", h, None, "dram", 4096, 0.0)])
+def test_keyable_walks_to_the_root_once_and_a_block_not_held_is_not_keyable():
+    a = origin(1, 2)
+    calls = []
+
+    def origin_of(ns, h):
+        calls.append(h)
+        return {1: (a, None), 2: (a, 1), 3: (a, 2), 5: (a, 9)}[h]
+
+    keyable = Keyable(origin_of)
+    assert keyable("m", 3) and calls == [3, 2, 1]
+    assert keyable("m", 2) and keyable("m", None) and calls == [3, 2, 1]  # memoized
+    assert not keyable("m", 5) and not keyable("m", 9)  # 9 is not held
+
+
+def test_chain_order_puts_every_parent_first():
+    records = {h: BlockRecord("m", h, p, 1) for h, p in ((3, 2), (1, None), (4, 2), (2, 1), (9, None))}
+    order = [r.hash for r in chain_order(records)]
+    assert sorted(order) == [1, 2, 3, 4, 9]
+    assert all(order.index(records[h].parent) < order.index(h) for h in order if records[h].parent)
+
+
+async def collect(sub, count: int) -> list[tuple[bytes, int, list]]:
+    out = []
+    while len(out) < count:
+        assert await asyncio.wait_for(asyncio.to_thread(sub.poll, 5000), 10), f"{len(out)} of {count} messages"
         topic, seq, payload = sub.recv_multipart()
-        assert topic == b"kv@node-1@m" and len(seq) == 8
-        assert msgspec.msgpack.decode(payload) == [12.5, [
-            {"type": "BlockStored", "block_hashes": [int.from_bytes(seq, "big") + 1], "parent_block_hash": None,
-             "token_ids": [], "block_size": 16, "lora_id": None, "medium": "CPU", "lora_name": None}
-        ], 0]
-        assert pub.next_seq == h
-        # One core call touching two namespaces: two messages, consecutive sequence numbers.
-        pub.publish([BlockRemoved(0, "a", 1, "nvme", "evicted", 0.0), NamespaceCleared(0, "b", 0.0)])
-        got = [sub.recv_multipart() for _ in range(2)]
-        assert [(t, int.from_bytes(s, "big")) for t, s, _ in got] == [(b"kv@node-1@a", h), (b"kv@node-1@b", h + 1)]
-        assert msgspec.msgpack.decode(got[1][2]) == [12.5, [{"type": "AllBlocksCleared"}], 0]
-        assert [seq for seq, _, _ in pub._buffer] == [h, h + 1]  # the last two only
-        pub.publish([SessionChanged(0, "a", "s", "idle", None, 0.0)])  # nothing to send
-        assert pub.next_seq == h + 2 and not sub.poll(100)
-    finally:
-        sub.close(linger=0)
-        ctx.term()
-        pub.close()
+        out.append((topic, int.from_bytes(seq, "big"), msgspec.msgpack.decode(payload)))
+    return out
+
+
+def test_publisher_sends_to_every_attached_pod_and_announces_a_new_one_first(tmp_path):
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    a = origin(1, 2)
+    held = Held({1: (a, None), 2: (a, 1)})
+
+    class Blocks(Held):
+        def blocks(self, namespace):
+            r1, r2 = BlockRecord("m", 1, None, 4096, origin=a), BlockRecord("m", 2, 1, 4096, origin=a)
+            r1.copies["dram"] = Copy(None, ready=True)
+            r2.copies["dram"] = Copy(None, ready=True)
+            r2.copies["nvme"] = Copy(None, ready=True)
+            return {2: r2, 1: r1}
+
+    holdings = Blocks(held.held)
+
+    async def scenario():
+        pub = KvEventPublisher(endpoint, "node-1", holdings, buffer_batches=100, clock=lambda: 12.5)
+        pub.start()
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        try:
+            sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
+            sub.connect(endpoint)
+            assert pub.topics("m") == [b"kv@node-1@m"]  # nobody attached: the daemon's pod
+            # PUB drops what it sends before the subscription arrives; publish until one lands.
+            tries = 0
+            while not sub.poll(50):
+                tries += 1
+                assert tries < 200, "the subscription never reached the publisher"
+                pub.publish([BlockRemoved(0, "warm", 1, "dram", "evicted", 0.0)])
+            while sub.poll(100):
+                sub.recv_multipart()
+            assert pub.attach("m", "pod-a", "llama") is True
+            assert pub.attach("m", "pod-a", "llama") is False  # already told
+            # Published while the announcement is pending: it goes out after the announcement.
+            pub.publish([BlockRemoved(0, "m", 2, "nvme", "evicted", 0.0)])
+            got = await collect(sub, 2)
+            assert [(t, [trim(e) for e in p[1]]) for t, _, p in got] == [
+                (b"kv@pod-a@llama", [
+                    ["BlockStored", [1, 2], None, [1, 2, 1, 2], 2, None, "CPU"],
+                    ["BlockStored", [2], 1, [1, 2], 2, None, "NVME"],
+                ]),
+                (b"kv@pod-a@llama", [["BlockRemoved", [2], "NVME"]]),
+            ]
+            assert got[1][1] == got[0][1] + 1
+            pub.attach("m", "pod-b", None)  # no model name: the namespace stands in
+            await collect(sub, 1)
+            assert pub.topics("m") == [b"kv@pod-a@llama", b"kv@pod-b@m"]
+            pub.publish([BlockRemoved(0, "m", 1, "dram", "evicted", 0.0), NamespaceCleared(0, "m", 0.0)])
+            got = await collect(sub, 2)
+            assert [t for t, _, _ in got] == [b"kv@pod-a@llama", b"kv@pod-b@m"]
+            assert got[0][2] == got[1][2] and [trim(e) for e in got[0][2][1]] == [["BlockRemoved", [1], "CPU"]]
+            assert got[0][2][0] == 12.5 and got[0][2][2] == 0
+            pub.publish([SessionChanged(0, "m", "s", "idle", None, 0.0)])  # nothing to send
+            assert not sub.poll(100)
+        finally:
+            sub.close(linger=0)
+            ctx.term()
+            await pub.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_namespace_keeps_at_most_max_pods_and_forgets_the_longest_silent(tmp_path, monkeypatch):
+    monkeypatch.setattr(kv_events, "MAX_PODS", 2)
+    pub = KvEventPublisher(f"ipc://{tmp_path}/kv.sock", "node-1", Held({}))
+    for pod in ("a", "b", "a", "c"):
+        pub.attach("m", pod, "x")  # not started: no announcement
+    assert pub.topics("m") == [b"kv@a@x", b"kv@c@x"]
 
 
 def test_endpoints_bind_or_connect_by_vllms_rule():
@@ -240,21 +369,18 @@ def per_block(events_by_namespace: dict[str, list[dict]]) -> dict[str, list[tupl
         for e in events:
             kind = e["class"].rsplit(".", 1)[1]
             if kind == "BlockStored":
-                parent = e["parent_block_hash"]
-                for h in e["block_hashes"]:
-                    rows.append(("stored", h, parent, e["medium"], e["block_size"], e["session_id"]))
-                    parent = h
-            elif kind == "BlockRemoved":
-                rows.extend(("removed", h, e["medium"]) for h in e["block_hashes"])
+                # Tokenless (these blocks have none): location updates without a parent.
+                assert e["parent_block_hash"] is None and e["token_ids"] == []
+                rows.extend(("stored", h, e["medium"], e["block_size"], e["session_id"]) for h in e["block_hashes"])
             else:
-                rows.append(("cleared",))
+                rows.extend(("removed", h, e["medium"]) for h in e["block_hashes"])
     return out
 
 
 def test_vllm_decodes_the_daemons_messages_to_what_it_holds(daemon_factory, tmp_path, wait_until):
     pub, rep = f"ipc://{tmp_path}/kv.sock", f"ipc://{tmp_path}/replay.sock"
     d = daemon_factory(dram="1MiB", nvme="32MiB", extra=[
-        "--kv-events", pub, "--kv-events-replay", rep, "--kv-events-pod", "node-7",
+        "--kv-events", pub, "--kv-events-replay", rep, "--kv-events-pod", "node-7", "--kv-events-encoding", "map",
     ]).start()
     ctx = zmq.Context()
     sub = subscribe(ctx, pub)
@@ -273,12 +399,12 @@ def test_vllm_decodes_the_daemons_messages_to_what_it_holds(daemon_factory, tmp_
             held = {(b.namespace, b.hash, MEDIUM[t]) for b in c.list_blocks() for t in b.tiers}
             truth = watch_until_cleared(d.address, 1, "m")  # every event since the start
 
-        live = []  # the subscriber's messages, until m's AllBlocksCleared
-        while not live or msgspec.msgpack.decode(live[-1][2])[1][-1] != {"type": "AllBlocksCleared"}:
+        messages = replay(rep, 0)  # published before the clear's answer: every message
+        live = []  # the subscriber's messages, up to the last one replayed
+        while not live or live[-1][1] < messages[-1][1]:
             assert sub.poll(10_000), f"{len(live)} messages, then nothing"
             topic, seq, payload = sub.recv_multipart()
             live.append((topic, int.from_bytes(seq, "big"), payload))
-        messages = replay(rep, 0)
     finally:
         sub.close(linger=0)
         ctx.term()
@@ -293,7 +419,7 @@ def test_vllm_decodes_the_daemons_messages_to_what_it_holds(daemon_factory, tmp_
         assert batch["same_bytes"], "vLLM's encoder writes other bytes for the same events"
         assert batch["rank"] == 0 and batch["events"]
         assert {e["class"] for e in batch["events"]} <= {
-            f"vllm.distributed.kv_events.{k}" for k in ("BlockStored", "BlockRemoved", "AllBlocksCleared")
+            f"vllm.distributed.kv_events.{k}" for k in ("BlockStored", "BlockRemoved")  # never AllBlocksCleared
         }
         for e in batch["events"]:
             if e["class"].endswith("BlockStored"):
@@ -311,30 +437,25 @@ def test_vllm_decodes_the_daemons_messages_to_what_it_holds(daemon_factory, tmp_
         kind = e.WhichOneof("kind")
         if kind == "stored":
             s = e.stored
-            parent = s.parent if s.HasField("parent") else None
-            row = ("stored", s.hash, parent, MEDIUM[("hbm", "dram", "nvme")[s.tier - 1]], tokens[s.namespace],
+            row = ("stored", s.hash, MEDIUM[("hbm", "dram", "nvme")[s.tier - 1]], tokens[s.namespace],
                    s.session_id or None)
             expected.setdefault(s.namespace, []).append(row)
         elif kind == "removed":
             r = e.removed
             expected.setdefault(r.namespace, []).append(("removed", r.hash, MEDIUM[("hbm", "dram", "nvme")[r.tier - 1]]))
-        elif kind == "cleared":
-            expected.setdefault(e.cleared.namespace, []).append(("cleared",))
     assert per_block(by_namespace) == expected
     m_rows = expected["m"]
-    assert m_rows[:3] == [("stored", h, p, "CPU", 16, "s1") for h, p in ((1, None), (2, 1), (3, 2))]
-    assert m_rows[-1] == ("cleared",) and any(r[0] == "removed" and r[2] == "CPU" for r in expected["n"])
+    assert m_rows[:3] == [("stored", h, "CPU", 16, "s1") for h in (1, 2, 3)]
+    assert m_rows[-1][0] == "removed" and any(r[0] == "removed" and r[2] == "CPU" for r in expected["n"])
 
     # Applying the decoded events gives exactly what the daemon holds.
     state: set[tuple[str, int, str]] = set()
     for ns, rows in per_block(by_namespace).items():
         for row in rows:
             if row[0] == "stored":
-                state.add((ns, row[1], row[3]))
-            elif row[0] == "removed":
-                state.discard((ns, row[1], row[2]))
+                state.add((ns, row[1], row[2]))
             else:
-                state = {x for x in state if x[0] != ns}
+                state.discard((ns, row[1], row[2]))
     assert state == held and not any(ns == "m" for ns, _, _ in held)
 
 
@@ -353,8 +474,8 @@ def test_connect_mode_pushes_to_a_subscriber_that_binds(daemon_factory, wait_unt
             c.store("m", [5], [bytes(4096)], session_id="s")
             topic, _, payload = sub.recv_multipart()
         assert topic.decode() == f"kv@{socket_hostname()}@m"  # the pod defaults to the host name
-        (event,) = msgspec.msgpack.decode(payload)[1]
-        assert (event["type"], event["block_hashes"], event["session_id"]) == ("BlockStored", [5], "s")
+        (event,) = msgspec.msgpack.decode(payload)[1]  # positional: llm-d's form, the default
+        assert (event[0], event[1], event[14]) == ("BlockStored", [5], "s")
     finally:
         sub.close(linger=0)
         ctx.term()
@@ -387,7 +508,7 @@ def test_replay_skips_a_malformed_request_and_keeps_only_the_buffer(daemon_facto
         ctx.term()
     got = replay(rep, 0)
     assert [seq for _, seq, _ in got] == [2, 3, 4]  # the last three of five
-    assert [msgspec.msgpack.decode(p)[1][0]["block_hashes"] for _, _, p in got] == [[3], [4], [5]]
+    assert [msgspec.msgpack.decode(p)[1][0][1] for _, _, p in got] == [[3], [4], [5]]
     assert replay(rep, 4) == got[2:] and replay(rep, 9) == []
     assert "invalid replay request" in d.log()
 
@@ -412,6 +533,7 @@ NO_ZMQ = "import sys; sys.modules['zmq'] = None  # pyzmq not installed"
         (["--kv-events-replay", "tcp://*:5558"], "--kv-events-replay needs --kv-events"),
         (["--kv-events", "tcp://*:5557", "--kv-events-buffer", "0"], "--kv-events-buffer must be positive"),
         (["--kv-events", "tcp://*:5557", "--kv-events-pod", "a@b"], "--kv-events-pod must be"),
+        (["--kv-events", "tcp://*:5557", "--kv-events-encoding", "cbor"], "--kv-events-encoding"),
     ],
 )
 def test_bad_kv_events_flags_exit_2_with_one_line(args, message, tmp_path):

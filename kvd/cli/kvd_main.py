@@ -78,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--kv-events-replay", metavar="ENDPOINT", help="replay ROUTER socket, e.g. tcp://*:5558")
     serve.add_argument("--kv-events-buffer", type=int, help="messages kept for replay (default 10000)")
-    serve.add_argument("--kv-events-pod", metavar="ID", help="the pod of topic kv@POD@NAMESPACE (default: the host name)")
+    serve.add_argument(
+        "--kv-events-pod", metavar="ID",
+        help="the pod of a namespace no engine attached to: topic kv@ID@NAMESPACE (default: the host name)",
+    )
+    serve.add_argument(
+        "--kv-events-encoding", choices=("array", "map"),
+        help="events as positional arrays (llm-d's indexer reads them; the default) or maps (vLLM 0.33's bytes)",
+    )
     serve.add_argument(
         "--drain-seconds", type=float,
         help="on SIGTERM, how long leases may finish and kept blocks go to NVMe before exit (default 25)",
@@ -183,6 +190,7 @@ SERVE_FLAGS = (
     "socket", "dram_bytes", "nvme_dir", "nvme_bytes", "tcp", "metrics_port", "metrics_host", "shm_dir", "policy",
     "lease_seconds", "slab_bytes", "hbm_device",
     "io_threads", "event_buffer", "kv_events", "kv_events_replay", "kv_events_buffer", "kv_events_pod",
+    "kv_events_encoding",
     "drain_seconds", "log_level", "log_format", "room_wait_seconds", "fault_plan",
     "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
     "tenants", "unix_tenants",

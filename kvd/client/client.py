@@ -242,17 +242,29 @@ def _u64(values: Sequence[int], what: str) -> list[int]:
     return out
 
 
-def _block_specs(hashes: list[int], parents: Sequence[int | None] | None, sizes: list[int]) -> list:
-    """BlockSpecs of a store: ``parents`` omitted, each block's parent is the previous hash."""
+def _block_specs(
+    hashes: list[int],
+    parents: Sequence[int | None] | None,
+    sizes: list[int],
+    token_ids: Sequence[Sequence[int]] | None = None,
+    extra_keys: Sequence[bytes | None] | None = None,
+) -> list:
+    """BlockSpecs of a store: ``parents`` omitted, each block's parent is the previous hash;
+    ``token_ids`` and ``extra_keys``, when given, one entry per block."""
     if parents is None:
         parents = [None, *hashes[:-1]]
-    elif len(parents) != len(hashes):
-        raise ValueError(f"{len(hashes)} hashes but {len(parents)} parents")
+    for what, values in (("parents", parents), ("token_ids", token_ids), ("extra_keys", extra_keys)):
+        if values is not None and len(values) != len(hashes):
+            raise ValueError(f"{len(hashes)} hashes but {len(values)} {what}")
     specs = []
-    for h, p, n in zip(hashes, parents, sizes):
+    for i, (h, p, n) in enumerate(zip(hashes, parents, sizes)):
         spec = types_pb2.BlockSpec(hash=h, nbytes=n)
         if p is not None:
             spec.parent = _u64([p], "parents")[0]
+        if token_ids is not None:
+            spec.token_ids.extend(token_ids[i])
+        if extra_keys is not None and extra_keys[i]:
+            spec.extra_keys = extra_keys[i]
         specs.append(spec)
     return specs
 
@@ -337,9 +349,16 @@ class Client:
         return self._arena is not None
 
     # -- engine API -----------------------------------------------------------------------
-    def register_namespace(self, name: str, block_tokens: int, block_bytes: int) -> bool:
-        """Register a namespace's geometry; True when it is new."""
-        req = engine_pb2.RegisterNamespaceRequest(namespace=name, block_tokens=block_tokens, block_bytes=block_bytes)
+    def register_namespace(
+        self, name: str, block_tokens: int, block_bytes: int, model_name: str | None = None, pod_id: str | None = None
+    ) -> bool:
+        """Register a namespace's geometry; True when it is new. An engine names the model it
+        serves and its pod's id as the router's scheduler knows it: the daemon's KV events
+        for the namespace then go to that pod's topic too (``kv@<pod_id>@<model_name>``)."""
+        req = engine_pb2.RegisterNamespaceRequest(
+            namespace=name, block_tokens=block_tokens, block_bytes=block_bytes,
+            model_name=model_name or "", pod_id=pod_id or "",
+        )
         created = self._call(self._engine.RegisterNamespace, req).created
         self._block_bytes[name] = block_bytes
         return created
@@ -362,17 +381,23 @@ class Client:
         blocks: Sequence[bytes | bytearray | memoryview],
         parents: Sequence[int | None] | None = None,
         session_id: str | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        lora_name: str | None = None,
+        extra_keys: Sequence[bytes | None] | None = None,
     ) -> int:
         """Store blocks; returns how many were written (the rest were already held, or lay
         behind a block that went while they were stored: no lookup could reach them).
 
         ``parents``: each block's parent hash (None for a chain's first block); omitted, each
-        block's parent is the previous hash in the list.
+        block's parent is the previous hash in the list. ``token_ids``: each block's tokens
+        (the namespace's tokens per block), kept with it and published with its KV events;
+        ``lora_name`` and ``extra_keys`` (each block's engine extra keys as one msgpack
+        array, or None) go with them.
         """
         hashes = _u64(hashes, "hashes")
         if len(blocks) != len(hashes):
             raise ValueError(f"{len(hashes)} hashes but {len(blocks)} blocks")
-        specs = _block_specs(hashes, parents, [memoryview(b).nbytes for b in blocks])
+        specs = _block_specs(hashes, parents, [memoryview(b).nbytes for b in blocks], token_ids, extra_keys)
         shm = self._ensure_arena()
         ranges = list(self._batches([s.nbytes for s in specs]))
         if shm:
@@ -382,8 +407,10 @@ class Client:
                     if slot.write:
                         self._copy_in(arena, slot.slot, block)
 
-            return self._store_shm(namespace, specs, fill, ranges, session_id)
-        return sum(self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id) for lo, hi in ranges)
+            return self._store_shm(namespace, specs, fill, ranges, session_id, lora_name)
+        return sum(
+            self._store_inline(namespace, specs[lo:hi], blocks[lo:hi], session_id, lora_name) for lo, hi in ranges
+        )
 
     def load(self, namespace: str, hashes: Sequence[int]) -> list[bytes | None]:
         """Each block's bytes, or None where the daemon does not hold it (or it failed its checksum)."""
@@ -441,21 +468,26 @@ class Client:
         copy: SlotCopy,
         parents: Sequence[int | None] | None = None,
         session_id: str | None = None,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        lora_name: str | None = None,
+        extra_keys: Sequence[bytes | None] | None = None,
     ) -> int:
         """Store ``block_bytes``-byte blocks whose bytes ``copy`` writes straight into the
         arena slots PrepareStore grants (no buffer of the caller's in between); it is called
         once per batch, with only the blocks the daemon does not hold yet. Returns how many
-        were written. Needs the arena: FAILED_PRECONDITION without it (use :meth:`store`)."""
+        were written. Needs the arena: FAILED_PRECONDITION without it (use :meth:`store`).
+        ``token_ids``, ``lora_name``, ``extra_keys``: as for :meth:`store`."""
         hashes = _u64(hashes, "hashes")
         if block_bytes <= 0:
             raise ValueError(f"block_bytes must be positive, got {block_bytes}")
-        specs = _block_specs(hashes, parents, [block_bytes] * len(hashes))
+        specs = _block_specs(hashes, parents, [block_bytes] * len(hashes), token_ids, extra_keys)
         self._require_arena()
 
         def fill(arena: ArenaMapping, lo: int, slots) -> None:
             self._copy_slots(arena, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.write])
 
-        return self._store_shm(namespace, specs, fill, list(self._batches([block_bytes] * len(hashes))), session_id)
+        ranges = list(self._batches([block_bytes] * len(hashes)))
+        return self._store_shm(namespace, specs, fill, ranges, session_id, lora_name)
 
     def load_slots(self, namespace: str, hashes: Sequence[int], block_bytes: int, copy: SlotCopy) -> list[bool]:
         """Load blocks by letting ``copy`` read them straight from the arena slots PrepareLoad
@@ -795,7 +827,7 @@ class Client:
             raise ClientError(grpc.StatusCode.UNAVAILABLE, "the daemon's arena changed and cannot be mapped")
         return self._arena
 
-    def _store_shm(self, namespace, specs, fill, ranges, session_id) -> int:
+    def _store_shm(self, namespace, specs, fill, ranges, session_id, lora_name=None) -> int:
         """Pipelined: the next ``pipeline_depth`` batches' PrepareStore calls are in flight while
         this batch's bytes are copied (``fill(arena, lo, slots)``: the batch starting at index
         ``lo``), so the daemon allocates (and evicts) ahead of the copy.
@@ -805,7 +837,9 @@ class Client:
         """
 
         def prepare(lo: int, hi: int):
-            req = engine_pb2.PrepareStoreRequest(namespace=namespace, blocks=specs[lo:hi], session_id=session_id or "")
+            req = engine_pb2.PrepareStoreRequest(
+                namespace=namespace, blocks=specs[lo:hi], session_id=session_id or "", lora_name=lora_name or ""
+            )
             return self._engine.PrepareStore.future(req, timeout=self.timeout)
 
         def commit(lease_id: str, abort: bool = False):
@@ -889,11 +923,13 @@ class Client:
                 settle(*completes.popleft())
         return result
 
-    def _store_inline(self, namespace, specs, blocks, session_id) -> int:
+    def _store_inline(self, namespace, specs, blocks, session_id, lora_name=None) -> int:
         chunk = 1 << 20
 
         def requests():
-            header = engine_pb2.StoreInlineHeader(namespace=namespace, blocks=specs, session_id=session_id or "")
+            header = engine_pb2.StoreInlineHeader(
+                namespace=namespace, blocks=specs, session_id=session_id or "", lora_name=lora_name or ""
+            )
             yield engine_pb2.StoreInlineRequest(header=header)
             for index, block in enumerate(blocks):
                 data = memoryview(block).cast("B")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kvd.core.errors import GeometryConflict, InvalidArgument, UnknownNamespace, check_name
+from kvd.core.types import BlockOrigin
 from kvd.media import TIER_CODES, TIER_NAMES, Slot, TierName
 
 BlockKey = tuple[str, int]  # (namespace, hash)
@@ -28,11 +29,15 @@ class Copy:
 
 @dataclass(slots=True, eq=False)
 class BlockRecord:
+    """A block: its chain link, its size, its copies, and what it was computed from (its
+    tokens, when the engine that stored it gave them)."""
+
     namespace: str
     hash: int
     parent: int | None
     nbytes: int
     copies: dict[TierName, Copy] = field(default_factory=dict)
+    origin: BlockOrigin | None = None
 
     @property
     def key(self) -> BlockKey:

@@ -52,6 +52,8 @@ def check(holdings: Holdings, leases: LeaseTable, transfers: Transfers, sessions
                     problems.append(f"{ns.name}/{h}: {tier} copy has {copy.readers} readers")
                 if copy.ready:
                     held[tier].add(record.key)
+            if record.origin is not None and record.origin.num_tokens != ns.block_tokens:
+                problems.append(f"{ns.name}/{h}: {record.origin.num_tokens} token ids, not {ns.block_tokens}")
             fastest = record.fastest_ready()
             expect = TIER_CODES[fastest] if fastest else None
             if ns.visible.get(h) != expect:

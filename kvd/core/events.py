@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kvd.core.types import Cause
+from kvd.core.types import BlockOrigin, Cause
 from kvd.media import TierName
 
 
@@ -46,6 +46,7 @@ class BlockStored:
     nbytes: int
     ts: float
     session_id: str | None = None  # the session whose store made it, when known
+    origin: BlockOrigin | None = None  # its tokens (and LoRA, extra keys), when the engine gave them
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +109,10 @@ class EventLog:
     _pending: list[Event] = field(default_factory=list)
 
     def stored(
-        self, ns: str, h: int, parent: int | None, tier: TierName, nbytes: int, ts: float, session_id: str | None = None
+        self, ns: str, h: int, parent: int | None, tier: TierName, nbytes: int, ts: float, session_id: str | None = None,
+        origin: BlockOrigin | None = None,
     ) -> None:
-        self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts, session_id))
+        self._pending.append(BlockStored(self.next_seq, ns, h, parent, tier, nbytes, ts, session_id, origin))
         self.next_seq += 1
 
     def removed(

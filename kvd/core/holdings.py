@@ -87,7 +87,7 @@ class Holdings:
         The caller tells the policy (``on_stored``)."""
         copy.ready = True
         ns.refresh(record)
-        self.events.stored(ns.name, record.hash, record.parent, tier, record.nbytes, now, session_id)
+        self.events.stored(ns.name, record.hash, record.parent, tier, record.nbytes, now, session_id, record.origin)
 
     # -- drops ----------------------------------------------------------------------------
     def drop(

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from kvd.core.catalog import BlockKey, BlockRecord, Catalog, Copy, Namespace
 from kvd.core.check import check
-from kvd.core.errors import InvalidArgument
+from kvd.core.errors import InvalidArgument, check_name
 from kvd.core.events import Event, EventLog
 from kvd.core.holdings import Holdings
 from kvd.core.leases import LeaseTable
@@ -35,7 +35,10 @@ from kvd.core.sessions import SESSION_EVENTS, Session, SessionEvent, SessionStat
 from kvd.core.stores import Stores
 from kvd.core.transfers import Transfers
 from kvd.core.types import (
+    MAX_BLOCK_TOKENS_KEPT,
+    MAX_EXTRA_KEYS_BYTES,
     MAX_UINT64,
+    BlockOrigin,
     BlockSpec,
     Cause,
     CoreConfig,
@@ -374,13 +377,16 @@ class KvCore:
 
     # -- warm restart ---------------------------------------------------------------------
     def restore_block(
-        self, namespace: str, h: int, parent: int | None, nbytes: int, tier: TierName, slot: Slot
+        self, namespace: str, h: int, parent: int | None, nbytes: int, tier: TierName, slot: Slot,
+        origin: BlockOrigin | None = None,
     ) -> None:
         """Re-enter a block recovered from a persistent tier; ``slot`` is already allocated."""
         ns = self.namespace(namespace)
         if h in ns.blocks:
             raise ValueError(f"block {h} of {namespace!r} restored twice")
-        record = BlockRecord(namespace, h, parent, nbytes)
+        if origin is not None and origin.num_tokens != ns.block_tokens:
+            origin = None  # recorded under another geometry: the block stays, its tokens go
+        record = BlockRecord(namespace, h, parent, nbytes, origin=origin)
         copy = Copy(slot)
         record.copies[tier] = copy
         ns.add(record)
@@ -439,6 +445,8 @@ class KvCore:
                 raise InvalidArgument(f"block {i}: hash {spec.hash} appears twice")
             if spec.parent == spec.hash:
                 raise InvalidArgument(f"block {i}: a block cannot be its own parent")
+            if spec.origin is not None:
+                _validate_origin(ns, i, spec.origin)
             seen.add(spec.hash)
         # Parents must not make a cycle: within the store (in any order), or through held
         # blocks back into it. Each block's ancestry is walked until a block an earlier walk
@@ -459,3 +467,17 @@ class KvCore:
                     h = record.parent if record is not None else None
             if h is not None and walked[h] == i:
                 raise InvalidArgument(f"block {i}: its parents lead back to itself (a cycle of parents)")
+
+
+def _validate_origin(ns: Namespace, i: int, origin: BlockOrigin) -> None:
+    """A block's tokens fill it exactly; its LoRA name and extra keys are bounded."""
+    if origin.num_tokens != ns.block_tokens:
+        raise InvalidArgument(
+            f"block {i} has {origin.num_tokens} token ids; namespace {ns.name!r} holds {ns.block_tokens} tokens a block"
+        )
+    if origin.num_tokens > MAX_BLOCK_TOKENS_KEPT:
+        raise InvalidArgument(f"block {i}: at most {MAX_BLOCK_TOKENS_KEPT} token ids a block are kept")
+    if origin.extra_keys is not None and len(origin.extra_keys) > MAX_EXTRA_KEYS_BYTES:
+        raise InvalidArgument(f"block {i}: extra keys of {len(origin.extra_keys)} bytes (at most {MAX_EXTRA_KEYS_BYTES})")
+    if origin.lora_name is not None:
+        check_name("LoRA", origin.lora_name)

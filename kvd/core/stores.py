@@ -133,9 +133,12 @@ class Stores:
         items: list[tuple[BlockRecord, Copy] | None] = []
         for spec, place in zip(blocks, placed):
             if not place:
+                held = ns.blocks.get(spec.hash)
+                if held is not None and held.origin is None:
+                    held.origin = spec.origin  # the same hash names the same tokens
                 items.append(None)
                 continue
-            record = BlockRecord(ns.name, spec.hash, spec.parent, spec.nbytes)
+            record = BlockRecord(ns.name, spec.hash, spec.parent, spec.nbytes, origin=spec.origin)
             copy = Copy(next(free))
             record.copies[top] = copy
             ns.add(record)

@@ -5,6 +5,9 @@ Sizes are bytes, times are seconds on the core's clock, counts are blocks or has
 
 from __future__ import annotations
 
+import sys
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
@@ -46,13 +49,56 @@ class CoreConfig:
     max_block_bytes: int = 1 << 30
 
 
+MAX_EXTRA_KEYS_BYTES = 1024  # a block's extra keys, as the engine encodes them
+MAX_BLOCK_TOKENS_KEPT = 4096  # token ids kept per block (a namespace's tokens per block)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockOrigin:
+    """What a block was computed from, as the engine knows it: kept with the block and
+    published with its KV events, so a router that keys blocks by their tokens indexes it.
+
+    ``token_ids``: the block's tokens as little-endian uint32 (4 bytes a token; 97 bytes of
+    object and data for 16 tokens, where a tuple of ints would take ~640). ``lora_name``:
+    the LoRA adapter, if any. ``extra_keys``: the engine's extra hash keys of the block, one
+    msgpack array, opaque to kvd. One origin is shared by every copy of the block.
+    """
+
+    token_ids: bytes
+    lora_name: str | None = None
+    extra_keys: bytes | None = None
+
+    @classmethod
+    def of(cls, tokens: Sequence[int], lora_name: str | None = None, extra_keys: bytes | None = None) -> BlockOrigin:
+        """Pack ``tokens`` (each 0 <= t < 2**32; ValueError otherwise)."""
+        try:
+            packed = array("I", tokens)
+        except (OverflowError, TypeError) as exc:
+            raise ValueError(f"token ids must be 32-bit unsigned integers: {exc}") from None
+        if sys.byteorder != "little":
+            packed.byteswap()
+        return cls(packed.tobytes(), lora_name or None, extra_keys or None)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) // 4
+
+    def tokens(self) -> list[int]:
+        out = array("I", self.token_ids)
+        if sys.byteorder != "little":
+            out.byteswap()
+        return out.tolist()
+
+
 @dataclass(frozen=True, slots=True)
 class BlockSpec:
-    """A block a store names: its chained hash, its parent's (None for a chain's root), its bytes."""
+    """A block a store names: its chained hash, its parent's (None for a chain's root), its
+    bytes, and (optionally) what it was computed from."""
 
     hash: int
     parent: int | None
     nbytes: int
+    origin: BlockOrigin | None = None
 
 
 class TransferKind(StrEnum):

@@ -12,6 +12,7 @@ MAX_UNIX_PATH = 107  # bytes of a unix socket's path (sun_path holds 108 with it
 # The fault plan is a test and chaos facility: refused unless this variable is "1", so that
 # no production config file or stray KVD_FAULT_PLAN turns fault injection on by accident.
 ALLOW_FAULTS_ENV = "KVD_ALLOW_FAULTS"
+KV_EVENT_ENCODINGS = ("array", "map")  # kvd serve --kv-events-encoding
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class ServeConfig:
     kv_events: str | None = None  # ZMQ endpoint of the vLLM-format publisher; off unless asked for
     kv_events_replay: str | None = None  # ZMQ endpoint of its replay ROUTER socket
     kv_events_buffer: int = 10_000  # published messages kept for replay
-    kv_events_pod: str | None = None  # the <pod> of topic kv@<pod>@<namespace>; None: the host name
+    kv_events_pod: str | None = None  # the <pod> of topic kv@<pod>@<model> by default; None: the host name
+    kv_events_encoding: str = "array"  # array (llm-d reads it) or map (vLLM 0.33's own bytes)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR
     log_format: str = "text"  # text, or json: one object per line with the request id
     drain_seconds: float = 25.0  # SIGTERM: time for leases to finish and kept blocks to reach NVMe
@@ -108,7 +110,11 @@ class ServeConfig:
         if self.kv_events_buffer <= 0:
             raise ValueError("--kv-events-buffer must be positive")
         if self.kv_events_pod is not None and (not self.kv_events_pod or "@" in self.kv_events_pod):
-            raise ValueError("--kv-events-pod must be non-empty and without '@' (topics are kv@<pod>@<namespace>)")
+            raise ValueError("--kv-events-pod must be non-empty and without '@' (topics are kv@<pod>@<model>)")
+        if self.kv_events_encoding not in KV_EVENT_ENCODINGS:
+            raise ValueError(
+                f"--kv-events-encoding must be one of {', '.join(KV_EVENT_ENCODINGS)}, got {self.kv_events_encoding!r}"
+            )
         self._validate_security()
         if self.tcp is not None:
             host, sep, port = self.tcp.rpartition(":")

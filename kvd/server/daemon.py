@@ -124,7 +124,8 @@ def recover(state: DaemonState, verify: bool) -> None:
     for entry in entries:
         try:
             namespace, h = parse_block_key(entry.key)
-            core.restore_block(namespace, h, parse_block_meta(entry.meta), entry.nbytes, "nvme", entry.slot)
+            parent, origin = parse_block_meta(entry.meta)
+            core.restore_block(namespace, h, parent, entry.nbytes, "nvme", entry.slot, origin)
         except (KvdError, KeyError, ValueError, LookupError) as exc:
             log.warning("dropping manifest entry %r: %s", entry.key, exc)
             orphans.append(entry)
@@ -214,14 +215,15 @@ class Daemon:
             except OSError as exc:
                 raise StartupError("--metrics-port", f"{self.config.metrics_port}: {exc.strerror or exc}") from None
         if self.config.kv_events is not None:
-            from kvd.server.kv_events import KvEventPublisher  # pyzmq + msgspec: an optional extra
+            from kvd.server.kv_events import Holdings, KvEventPublisher  # pyzmq: an optional extra
 
             publisher = KvEventPublisher(
                 self.config.kv_events,
                 self.config.kv_events_pod or socketlib.gethostname(),
-                lambda name: state.core.namespace(name).block_tokens,
+                Holdings(state.core),
                 replay_endpoint=self.config.kv_events_replay,
                 buffer_batches=self.config.kv_events_buffer,
+                encoding=self.config.kv_events_encoding,
             )
             publisher.start()  # before any RPC can make an event
             state.kv_events = publisher

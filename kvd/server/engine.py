@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from kvd.core.errors import InvalidArgument, KvdError, NoSpace, UnknownLease
+import msgspec
+
+from kvd.core.errors import InvalidArgument, KvdError, NoSpace, UnknownLease, check_name
 from kvd.core.manager import BlockSpec, StoreGrant, Wait
+from kvd.core.types import MAX_BLOCK_TOKENS_KEPT, MAX_EXTRA_KEYS_BYTES, BlockOrigin
 from kvd.media import TIER_CODES
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
@@ -34,8 +37,38 @@ def tier_runs(codes: list[int]) -> list[tuple[int, int]]:
     return [(code, sum(1 for _ in run)) for code, run in itertools.groupby(codes)]
 
 
-def block_specs(blocks) -> list[BlockSpec]:
-    return [BlockSpec(b.hash, b.parent if b.HasField("parent") else None, b.nbytes) for b in blocks]
+def block_specs(blocks, lora_name: str = "") -> list[BlockSpec]:
+    """The core's BlockSpecs of a store's ``types_pb2.BlockSpec`` list; a block that names
+    its tokens gets a :class:`BlockOrigin` (with ``lora_name``, the store's). InvalidArgument
+    for token ids or extra keys the events could not carry."""
+    specs = []
+    for i, b in enumerate(blocks):
+        parent = b.parent if b.HasField("parent") else None
+        origin = None
+        if b.token_ids:
+            if len(b.token_ids) > MAX_BLOCK_TOKENS_KEPT:
+                raise InvalidArgument(f"block {i}: at most {MAX_BLOCK_TOKENS_KEPT} token ids a block are kept")
+            origin = BlockOrigin.of(b.token_ids, lora_name, _extra_keys(i, b.extra_keys))
+        elif b.extra_keys:
+            raise InvalidArgument(f"block {i}: extra keys without token ids")
+        specs.append(BlockSpec(b.hash, parent, b.nbytes, origin))
+    return specs
+
+
+def _extra_keys(i: int, raw: bytes) -> bytes | None:
+    """``raw`` when it is one msgpack array or nil of at most MAX_EXTRA_KEYS_BYTES (events
+    embed it as it is, so a malformed one would spoil a consumer's whole batch)."""
+    if not raw:
+        return None
+    if len(raw) > MAX_EXTRA_KEYS_BYTES:
+        raise InvalidArgument(f"block {i}: extra keys of {len(raw)} bytes (at most {MAX_EXTRA_KEYS_BYTES})")
+    try:
+        value = msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"block {i}: extra keys are not msgpack: {exc}") from None
+    if value is not None and not isinstance(value, list):
+        raise InvalidArgument(f"block {i}: extra keys must be a msgpack array, not {type(value).__name__}")
+    return raw if value is not None else None
 
 
 def slot_ref(slot, tier: int) -> types_pb2.SlotRef:
@@ -61,7 +94,14 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 
     @unary_rpc
     async def RegisterNamespace(self, request, context):
+        for kind, name in (("model", request.model_name), ("pod", request.pod_id)):
+            if name:
+                check_name(kind, name)
+                if "@" in name:
+                    raise InvalidArgument(f"a {kind} name must not contain '@' (KV-event topics are kv@<pod>@<model>)")
         created = self.s.register_namespace(request.namespace, request.block_tokens, request.block_bytes)
+        if self.s.kv_events is not None and (request.model_name or request.pod_id):
+            self.s.kv_events.attach(request.namespace, request.pod_id or None, request.model_name or None)
         return engine_pb2.RegisterNamespaceResponse(created=created)
 
     async def GetArena(self, request, context):
@@ -91,7 +131,8 @@ class EngineService(engine_pb2_grpc.EngineServicer):
     @unary_rpc
     async def PrepareStore(self, request, context):
         grant = await self.prepare_store(
-            request.namespace, block_specs(request.blocks), request.lease_seconds, request.session_id or None
+            request.namespace, block_specs(request.blocks, request.lora_name), request.lease_seconds,
+            request.session_id or None,
         )
         return engine_pb2.PrepareStoreResponse(
             lease_id=grant.lease_id,
@@ -219,7 +260,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                     if header is not None:
                         raise InvalidArgument("a second header in one StoreInline stream")
                     header = part.header
-                    specs = block_specs(header.blocks)
+                    specs = block_specs(header.blocks, header.lora_name)
                     grant = await self.prepare_store(header.namespace, specs, 0, header.session_id or None)
                     received = [0] * len(specs)
                     continue

@@ -1,39 +1,26 @@
-"""The vLLM-format KV-event publisher: `kvd serve --kv-events ENDPOINT` (off by default).
+"""The KV-event publisher: `kvd serve --kv-events ENDPOINT` (off by default).
 
-kvd's events go out exactly as vLLM 0.33's ``ZmqEventPublisher`` sends its own, so a
-consumer of vLLM's KV events (llm-d's indexer, vLLM's example subscriber) consumes kvd too:
+What a router that follows vLLM's KV events (llm-d's KV indexer) needs to score this node's
+engine pods by what kvd holds:
 
-- a ZMQ PUB socket sends multipart messages ``(topic, seq, payload)``: ``seq`` is the batch's
-  sequence number, 8 bytes big-endian, from 0 at every start of the daemon, one per message;
-- ``payload`` is a msgpack ``KVEventBatch``: the array ``[ts, events, data_parallel_rank]``
-  (``ts`` unix seconds as a float64, rank always 0), each event a map tagged ``"type"``:
-  ``BlockStored`` (``block_hashes``, ``parent_block_hash``, ``token_ids``, ``block_size``,
-  ``lora_id``, ``medium``, ``lora_name``, then ``session_id`` when known), ``BlockRemoved``
-  (``block_hashes``, ``medium``) or ``AllBlocksCleared``; fields in vLLM's declaration order,
-  those equal to their default left out (msgspec ``omit_defaults``). The msgspec structs
-  below declare vLLM 0.33's fields, order and defaults, unused ones included, because the
-  encoder's bytes depend on them (BlockStored may have 16 entries, its 15 fields and the
-  tag, more than a fixmap holds, so it always gets a map16 header): the bytes are the ones
-  vLLM's own encoder writes for the same events, which tests/test_kv_events.py checks with
-  vLLM's classes;
-- ``medium`` names the tier: ``GPU`` (hbm), ``CPU`` (dram), ``STORAGE`` (nvme);
-- the topic is ``kv@<pod>@<namespace>``, the form llm-d's indexer parses (pod, model name):
-  kvd's namespace takes the place of vLLM's served model name, and ``lora_id``/``lora_name``
-  stay null (a namespace already includes its LoRA). One message carries one namespace's
-  events, so one core call's events become one message per namespace they touch;
-- an optional ROUTER socket (``--kv-events-replay``) answers a request ``(identity, "",
-  start_seq)`` with every buffered message from ``start_seq`` on, as ``(identity, "", topic,
-  seq, payload)``, then ``(identity, "", "", -1, "")``; the last ``--kv-events-buffer``
-  messages (default 10,000) are kept.
-
-kvd does not know token ids: ``token_ids`` is always empty, and ``block_size`` is the
-namespace's tokens per block. Registrations and session changes have no vLLM form and are
-not sent. Consecutive stores of one chain (same tier and session) share one BlockStored, and
-consecutive removals from one tier one BlockRemoved, as vLLM groups its own.
+- a ZMQ PUB socket sends multipart messages ``(topic, seq, payload)``: ``seq`` is the
+  message's number, 8 bytes big-endian, from 0 at every start of the daemon;
+- ``topic`` is ``kv@<pod>@<model>`` for every engine pod attached to the namespace (an
+  engine's ``RegisterNamespace`` names its pod and served model): each pod can read what the
+  node holds, so each is told. A namespace no engine attached to goes to
+  ``kv@<--kv-events-pod>@<namespace>``. An attachment is announced: the namespace's held
+  blocks, parents first, go to the new topic before anything newer does;
+- ``payload`` is a msgpack ``[ts, events, 0]``; events are vLLM's ``BlockStored`` /
+  ``BlockRemoved`` in the ``--kv-events-encoding`` (:mod:`kvd.server.kv_event_wire`), with
+  each block's tokens when the engine gave them;
+- an optional ROUTER socket (``--kv-events-replay``) answers ``(identity, "", start_seq)``
+  with every buffered message from ``start_seq`` on, as ``(identity, "", topic, seq,
+  payload)``, then ``(identity, "", "", -1, "")``; the last ``--kv-events-buffer`` messages
+  are kept.
 
 Sends never wait: PUB drops a message for a subscriber whose queue (``SNDHWM``) is full, as
 vLLM's does, and that subscriber sees a gap in ``seq`` to replay. Everything runs on the
-daemon's event loop thread; the replay socket is served by an asyncio task.
+daemon's event loop thread; announcements and the replay socket are asyncio tasks.
 """
 
 from __future__ import annotations
@@ -42,65 +29,24 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from kvd.core import events as kvd_events
+from kvd.core.catalog import BlockRecord
+from kvd.core.types import BlockOrigin
+from kvd.server.kv_event_wire import Encoding, Keyable, encode_batch, wire_events
 
 log = logging.getLogger("kvd.kv_events")
 
-
-# -- vLLM 0.33's wire schema (vllm/distributed/kv_events.py): names, order, defaults ------------
-
-
-class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
-    """A map tagged ``"type"`` with the class name; fields equal to their default left out."""
-
-
-class BlockStored(KVCacheEvent):
-    block_hashes: list[int]  # vLLM: ExternalBlockHash = bytes | int; kvd's hashes are ints
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-    lookahead_token_ids: list[list[int]] | None = None
-
-
-class BlockRemoved(KVCacheEvent):
-    block_hashes: list[int]
-    medium: str | None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-
-class AllBlocksCleared(KVCacheEvent):
-    pass
-
-
-class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """``[ts, events, data_parallel_rank]``."""
-
-    ts: float
-    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
-    data_parallel_rank: int | None = None
-
-MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "STORAGE"}  # vLLM's MEDIUM_* names per tier
 END_SEQ = (-1).to_bytes(8, "big", signed=True)  # the replay's end marker, as vLLM sends it
 PUB_HWM = 100_000  # messages queued per subscriber before PUB drops (vLLM's default hwm)
 REPLAY_YIELD_EVERY = 256  # replay messages sent between two turns of the event loop
+ANNOUNCE_BLOCKS = 1024  # blocks per message of an announcement (one turn of the loop each)
+MAX_PODS = 64  # engine pods attached to one namespace; the longest-silent one goes first
 
 
 def is_bind_endpoint(endpoint: str) -> bool:
@@ -110,82 +56,165 @@ def is_bind_endpoint(endpoint: str) -> bool:
     return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
-def vllm_events(
-    events: Iterable[kvd_events.Event], block_tokens: Callable[[str], int]
-) -> dict[str, list[KVCacheEvent]]:
-    """kvd events -> vLLM events, per namespace in order of first appearance.
-
-    Each list keeps the order of its namespace's events. ``block_tokens(namespace)`` gives
-    ``block_size``. Registrations and session changes have no vLLM form and are left out.
-    """
-    out: dict[str, list[KVCacheEvent]] = {}
-    for e in events:
-        if isinstance(e, kvd_events.BlockStored):
-            batch = out.setdefault(e.namespace, [])
-            last = batch[-1] if batch else None
-            medium = MEDIUM[e.tier]
-            if (
-                isinstance(last, BlockStored)
-                and last.medium == medium
-                and last.session_id == e.session_id
-                and e.parent == last.block_hashes[-1]
-            ):
-                last.block_hashes.append(e.hash)  # the chain goes on: one event, as vLLM's
-                continue
-            batch.append(
-                BlockStored(
-                    block_hashes=[e.hash],
-                    parent_block_hash=e.parent,
-                    token_ids=[],
-                    block_size=block_tokens(e.namespace),
-                    lora_id=None,
-                    medium=medium,
-                    lora_name=None,
-                    session_id=e.session_id,
-                )
-            )
-        elif isinstance(e, kvd_events.BlockRemoved):
-            batch = out.setdefault(e.namespace, [])
-            last = batch[-1] if batch else None
-            medium = MEDIUM[e.tier]
-            if isinstance(last, BlockRemoved) and last.medium == medium:
-                last.block_hashes.append(e.hash)
-                continue
-            batch.append(BlockRemoved(block_hashes=[e.hash], medium=medium))
-        elif isinstance(e, kvd_events.NamespaceCleared):
-            out.setdefault(e.namespace, []).append(AllBlocksCleared())
+def chain_order(blocks: dict[int, BlockRecord]) -> list[BlockRecord]:
+    """``blocks`` with every parent before its children (linear: each block is walked once)."""
+    out: list[BlockRecord] = []
+    placed: set[int] = set()
+    for record in blocks.values():
+        up: list[BlockRecord] = []
+        r: BlockRecord | None = record
+        while r is not None and r.hash not in placed:
+            placed.add(r.hash)
+            up.append(r)
+            r = blocks.get(r.parent) if r.parent is not None else None
+        out.extend(reversed(up))
     return out
 
 
-class KvEventPublisher:
-    """PUB (and optional replay ROUTER) sockets publishing kvd's events in vLLM's format.
+class Holdings:
+    """What the publisher reads of the core (on the event loop thread, between core calls):
+    a namespace's tokens per block, its blocks, and a held block's origin and parent."""
 
-    ``publish`` is called from the event loop thread after each core call; ``start`` and
-    ``close`` with the daemon. ``buffer_batches`` bounds the replay buffer (messages).
+    def __init__(self, core) -> None:
+        self._core = core
+
+    def block_tokens(self, namespace: str) -> int:
+        return self._core.namespace(namespace).block_tokens
+
+    def blocks(self, namespace: str) -> dict[int, BlockRecord]:
+        return self._core.namespace(namespace).blocks
+
+    def origin_of(self, namespace: str, h: int) -> tuple[BlockOrigin | None, int | None]:
+        """KeyError when the block is not held."""
+        record = self._core.namespace(namespace).blocks[h]
+        if record.fastest_ready() is None:
+            raise KeyError(h)
+        return record.origin, record.parent
+
+
+class KvEventPublisher:
+    """PUB (and optional replay ROUTER) sockets publishing kvd's events to the topics of the
+    engine pods attached to each namespace.
+
+    ``publish`` and ``attach`` are called from the event loop thread after core calls;
+    ``start`` and ``stop`` with the daemon. ``buffer_batches`` bounds the replay buffer
+    (messages); ``pod`` is the default pod of a namespace no engine attached to.
     """
 
     def __init__(
         self,
         endpoint: str,
         pod: str,
-        block_tokens: Callable[[str], int],
+        holdings: Holdings,
         replay_endpoint: str | None = None,
         buffer_batches: int = 10_000,
+        encoding: Encoding = Encoding.ARRAY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
         self.pod = pod
-        self.block_tokens = block_tokens
+        self.holdings = holdings
+        self.encoding = Encoding(encoding)
         self.clock = clock
         self.next_seq = 0
         self.dropped_errors = 0  # messages a send error lost (logged; a subscriber sees the gap)
         self._buffer: deque[tuple[int, bytes, bytes]] = deque(maxlen=buffer_batches)  # (seq, topic, payload)
         self._encode = msgspec.msgpack.Encoder().encode
+        # namespace -> {pod: model}, oldest attachment first (re-attaching moves it last)
+        self._pods: dict[str, dict[str, str]] = {}
+        # topic -> payloads published while its announcement runs, sent right after it
+        self._backlog: dict[bytes, list[bytes]] = {}
+        self._announcing: set[asyncio.Task] = set()
         self._ctx: zmq.Context | None = None
         self._pub: zmq.Socket | None = None
         self._replay: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task | None = None
+
+    # -- topics ---------------------------------------------------------------------------
+    def topics(self, namespace: str) -> list[bytes]:
+        """Every topic the namespace's events go to."""
+        pods = self._pods.get(namespace)
+        if not pods:
+            return [f"kv@{self.pod}@{namespace}".encode()]
+        return [f"kv@{pod}@{model}".encode() for pod, model in pods.items()]
+
+    def attach(self, namespace: str, pod: str | None, model: str | None) -> bool:
+        """An engine pod serving ``model`` reads ``namespace`` through this daemon (None:
+        the daemon's pod; the namespace as the model). A new topic is announced: the
+        namespace's held blocks go to it (an asyncio task) before anything newer. True when
+        the topic is new. Call from the event loop."""
+        pod, model = pod or self.pod, model or namespace
+        pods = self._pods.setdefault(namespace, {})
+        new = pods.get(pod) != model
+        pods.pop(pod, None)
+        pods[pod] = model  # last: the most recently attached
+        if len(pods) > MAX_PODS:
+            gone = next(iter(pods))
+            log.warning("kv-events: namespace %r has more than %d engine pods; pod %r is no longer told", namespace,
+                        MAX_PODS, gone)
+            del pods[gone]
+        if new and self._pub is not None:
+            topic = f"kv@{pod}@{model}".encode()
+            self._backlog[topic] = []
+            task = asyncio.get_running_loop().create_task(self._announce(namespace, topic), name="kvd-kv-announce")
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+        return new
+
+    # -- publishing -----------------------------------------------------------------------
+    def publish(self, events: list[kvd_events.Event]) -> None:
+        """Send ``events`` (one core call's) as one message per namespace and topic. Never
+        blocks and never raises: the caller is the daemon's event loop, after every RPC."""
+        if self._pub is None:
+            return
+        keyable = Keyable(self.holdings.origin_of)
+        per_namespace = wire_events(events, self.holdings.block_tokens, keyable)
+        ts = self.clock()
+        for namespace, groups in per_namespace.items():
+            if not groups:
+                continue
+            payload = encode_batch(self.encoding, ts, groups, self._encode)
+            for topic in self.topics(namespace):
+                backlog = self._backlog.get(topic)
+                if backlog is not None:
+                    backlog.append(payload)  # after the topic's announcement
+                else:
+                    self._send(topic, payload)
+
+    async def _announce(self, namespace: str, topic: bytes) -> None:
+        """The namespace's held blocks, parents first, ANNOUNCE_BLOCKS a message, to
+        ``topic``; then what was published to it meanwhile."""
+        try:
+            order = chain_order(self.holdings.blocks(namespace))
+            keyable = Keyable(self.holdings.origin_of)
+            for lo in range(0, len(order), ANNOUNCE_BLOCKS):
+                events = []
+                for tier in ("hbm", "dram", "nvme"):
+                    for r in order[lo : lo + ANNOUNCE_BLOCKS]:
+                        copy = r.copies.get(tier)
+                        if copy is not None and copy.ready:
+                            events.append(kvd_events.BlockStored(0, namespace, r.hash, r.parent, tier, r.nbytes, 0.0,
+                                                                 None, r.origin))
+                groups = wire_events(events, self.holdings.block_tokens, keyable).get(namespace)
+                if groups:
+                    self._send(topic, encode_batch(self.encoding, self.clock(), groups, self._encode))
+                await asyncio.sleep(0)  # a long announcement must not hold up the RPCs
+        except Exception:  # noqa: BLE001 - a namespace gone meanwhile, a bug: logged, never fatal
+            log.exception("kv-events: announcing %r to %s failed", namespace, topic.decode())
+        finally:
+            for payload in self._backlog.pop(topic, ()):
+                self._send(topic, payload)
+
+    def _send(self, topic: bytes, payload: bytes) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        self._buffer.append((seq, topic, payload))  # replayable even if this send fails
+        try:
+            self._pub.send_multipart((topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # PUB drops rather than block; anything else is logged
+            self.dropped_errors += 1
+            log.warning("kv-events: message %d not sent: %s", seq, exc)
 
     def start(self) -> None:
         """Open the sockets (raises OSError naming the endpoint when one cannot be used);
@@ -214,32 +243,12 @@ class KvEventPublisher:
             endpoint = self.endpoint if what == "--kv-events" else self.replay_endpoint
             raise OSError(f"{what} {endpoint}: {exc}") from exc
         log.info(
-            "publishing vLLM KV events on %s (topic kv@%s@<namespace>)%s",
+            "publishing KV events (%s encoding) on %s (topic kv@<pod>@<model>, by default kv@%s@<namespace>)%s",
+            self.encoding.value,
             self.endpoint,
             self.pod,
             f", replay on {self.replay_endpoint}" if self.replay_endpoint else "",
         )
-
-    def publish(self, events: list[kvd_events.Event]) -> None:
-        """Send ``events`` (one core call's) as one message per namespace. Never blocks and
-        never raises: the caller is the daemon's event loop, after every RPC."""
-        if self._pub is None:
-            return
-        per_namespace = vllm_events(events, self.block_tokens)
-        if not per_namespace:
-            return
-        ts = self.clock()
-        for namespace, batch in per_namespace.items():
-            topic = f"kv@{self.pod}@{namespace}".encode()
-            payload = self._encode(KVEventBatch(ts, batch, 0))  # rank 0: kvd is one publisher
-            seq = self.next_seq
-            self.next_seq += 1
-            self._buffer.append((seq, topic, payload))  # replayable even if this send fails
-            try:
-                self._pub.send_multipart((topic, seq.to_bytes(8, "big"), payload), flags=zmq.NOBLOCK)
-            except zmq.ZMQError as exc:  # PUB drops rather than block; anything else is logged
-                self.dropped_errors += 1
-                log.warning("kv-events: message %d not sent: %s", seq, exc)
 
     async def _serve_replay(self) -> None:
         """Answer replay requests until cancelled; a malformed request is logged and skipped."""
@@ -259,7 +268,11 @@ class KvEventPublisher:
             await sock.send_multipart((identity, b"", b"", END_SEQ, b""))
 
     async def stop(self) -> None:
-        """Stop serving replays, then close the sockets (pending messages are dropped)."""
+        """Stop announcing and serving replays, then close the sockets (pending messages are
+        dropped)."""
+        for task in list(self._announcing):
+            task.cancel()
+        await asyncio.gather(*self._announcing, return_exceptions=True)
         if self._replay_task is not None:
             self._replay_task.cancel()
             await asyncio.gather(self._replay_task, return_exceptions=True)

@@ -332,7 +332,7 @@ class Mover:
                     t.dst.slot,
                     t.nbytes,
                     checksum,
-                    block_meta(t.record.parent),
+                    block_meta(t.record.parent, t.record.origin),
                 )
                 for t, checksum in zip(transfers, checksums)
             ]

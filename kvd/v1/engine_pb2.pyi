@@ -52,14 +52,18 @@ class SessionEventResponse(_message.Message):
     def __init__(self, state: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...
 
 class RegisterNamespaceRequest(_message.Message):
-    __slots__ = ("namespace", "block_tokens", "block_bytes")
+    __slots__ = ("namespace", "block_tokens", "block_bytes", "model_name", "pod_id")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    POD_ID_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     block_tokens: int
     block_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    model_name: str
+    pod_id: str
+    def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., model_name: _Optional[str] = ..., pod_id: _Optional[str] = ...) -> None: ...
 
 class RegisterNamespaceResponse(_message.Message):
     __slots__ = ("created",)
@@ -126,16 +130,18 @@ class LookupResponse(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[TierRun, _Mapping]]] = ...) -> None: ...
 
 class PrepareStoreRequest(_message.Message):
-    __slots__ = ("namespace", "blocks", "lease_seconds", "session_id")
+    __slots__ = ("namespace", "blocks", "lease_seconds", "session_id", "lora_name")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.BlockSpec]
     lease_seconds: int
     session_id: str
-    def __init__(self, namespace: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockSpec, _Mapping]]] = ..., lease_seconds: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    lora_name: str
+    def __init__(self, namespace: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockSpec, _Mapping]]] = ..., lease_seconds: _Optional[int] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ...) -> None: ...
 
 class StoreSlot(_message.Message):
     __slots__ = ("write", "slot")
@@ -218,14 +224,16 @@ class CompleteLoadResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StoreInlineHeader(_message.Message):
-    __slots__ = ("namespace", "blocks", "session_id")
+    __slots__ = ("namespace", "blocks", "session_id", "lora_name")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.BlockSpec]
     session_id: str
-    def __init__(self, namespace: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockSpec, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    lora_name: str
+    def __init__(self, namespace: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.BlockSpec, _Mapping]]] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
     __slots__ = ("index", "offset", "data")

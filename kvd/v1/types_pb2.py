@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvd/v1/types.proto\x12\x06kvd.v1\"E\n\x07SlotRef\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x1a\n\x04tier\x18\x03 \x01(\x0e\x32\x0c.kvd.v1.Tier\"I\n\tBlockSpec\x12\x0c\n\x04hash\x18\x01 \x01(\x04\x12\x13\n\x06parent\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x42\t\n\x07_parent\"y\n\tBlockInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x13\n\x06parent\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x1b\n\x05tiers\x18\x05 \x03(\x0e\x32\x0c.kvd.v1.TierB\t\n\x07_parent*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvd/v1/types.proto\x12\x06kvd.v1\"E\n\x07SlotRef\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x1a\n\x04tier\x18\x03 \x01(\x0e\x32\x0c.kvd.v1.Tier\"p\n\tBlockSpec\x12\x0c\n\x04hash\x18\x01 \x01(\x04\x12\x13\n\x06parent\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x12\n\nextra_keys\x18\x05 \x01(\x0c\x42\t\n\x07_parent\"y\n\tBlockInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04hash\x18\x02 \x01(\x04\x12\x13\n\x06parent\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x1b\n\x05tiers\x18\x05 \x03(\x0e\x32\x0c.kvd.v1.TierB\t\n\x07_parent*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\r\n\tTIER_NVME\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvd.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=299
-  _globals['_TIER']._serialized_end=371
+  _globals['_TIER']._serialized_start=338
+  _globals['_TIER']._serialized_end=410
   _globals['_SLOTREF']._serialized_start=30
   _globals['_SLOTREF']._serialized_end=99
   _globals['_BLOCKSPEC']._serialized_start=101
-  _globals['_BLOCKSPEC']._serialized_end=174
-  _globals['_BLOCKINFO']._serialized_start=176
-  _globals['_BLOCKINFO']._serialized_end=297
+  _globals['_BLOCKSPEC']._serialized_end=213
+  _globals['_BLOCKINFO']._serialized_start=215
+  _globals['_BLOCKINFO']._serialized_end=336
 # @@protoc_insertion_point(module_scope)

@@ -29,14 +29,18 @@ class SlotRef(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class BlockSpec(_message.Message):
-    __slots__ = ("hash", "parent", "nbytes")
+    __slots__ = ("hash", "parent", "nbytes", "token_ids", "extra_keys")
     HASH_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
     hash: int
     parent: int
     nbytes: int
-    def __init__(self, hash: _Optional[int] = ..., parent: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    extra_keys: bytes
+    def __init__(self, hash: _Optional[int] = ..., parent: _Optional[int] = ..., nbytes: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., extra_keys: _Optional[bytes] = ...) -> None: ...
 
 class BlockInfo(_message.Message):
     __slots__ = ("namespace", "hash", "parent", "nbytes", "tiers")
