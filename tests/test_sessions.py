@@ -628,7 +628,7 @@ def test_core_plans_the_prefetch_of_a_paused_session():
 
 
 def test_one_event_a_turn_lookup_starts_it_and_a_tool_pause_ends_it():
-    """The lean pattern README advises: Lookup(session_id) -> store -> tool_pause -> the next
+    """The lean pattern docs/retention.md describes: Lookup(session_id) -> store -> tool_pause -> the next
     Lookup(session_id). No turn_start, turn_end or tool_resume, and the pause is learned."""
     sessions = SessionTable()
     policy = TypedPolicy(sessions)
