@@ -4,9 +4,9 @@ step, and no call may fail with anything but NoSpace (a refusal is an answer).
 Each of 400 seeds draws tier sizes (1–5 blocks), write-behind on or off, and 300 operations:
 stores of chains that branch from earlier ones, loads of any run of a chain, demotions,
 write-behind and prefetches planned and landed (some failing, some corrupt) in any order,
-a policy whose values, prefetches and demotion wishes change as it goes, and pins. This is
-how a review found two ways an orphan's drop broke a caller holding its copy (6 of
-these seeds raised a KeyError on the code before that fix).
+a policy whose values, prefetches and demotion wishes change as it goes, and pins. Such
+sequences reach the cases no hand-written test names, like an orphan dropped while a caller
+holds its copy.
 """
 
 from __future__ import annotations
