@@ -197,6 +197,8 @@ def test_nvme_writes_failing_keep_dram_serving(daemon_factory, tmp_path, allow_f
         assert c.load(NS, hashes) == blocks
         assert c.lookup(NS, hashes) == ["dram"] * n
         assert c.sync(timeout_s=0.2) == n  # nothing reached NVMe
+        r = kvctl(d, "sync", "--wait", "0.2")
+        assert (r.returncode, r.stdout, r.stderr) == (1, f"pending: {n}\n", f"kvctl: {n} blocks still pending after 0.2 s\n")
         nvme = tier_json(kvctl, d, "nvme")
         assert nvme["degraded"] is True and nvme["blocks"] == 0
         assert [(f["op"], f["errno"], f["active"]) for f in nvme["faults"]] == [(op, code, True)]

@@ -146,7 +146,7 @@ def test_drain_writes_kept_blocks_refuses_work_and_resume_serves_again(daemon_fa
         c.store("m", [1, 2, 3], blocks(1, 2, 3))
         assert nvme_blocks(c) == 0  # no write-behind: DRAM only
         r = kvctl(d, "drain", "-o", "json")
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0 and r.stderr == "kvctl: drained: stores and loads are refused until `kvctl resume`\n"
         assert json.loads(r.stdout) == {"written": 3, "pending": 0, "leases": 0, "exiting": False}
         assert nvme_blocks(c) == 3 and health(d) == "NOT_SERVING"
         with pytest.raises(ClientError) as info:
