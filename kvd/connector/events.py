@@ -1,4 +1,5 @@
-"""What the connector adds to vLLM's KV-event stream: ``BlockStored`` for blocks kvd now holds.
+"""What the connector tells of the blocks it saves: their origin, for kvd's own KV events, and
+``BlockStored`` for vLLM's KV-event stream.
 
 vLLM's scheduler publishes its own block pool's events (medium ``GPU``) and, after them, what
 its connector's ``take_events()`` returns, in the same ``KVEventBatch`` (ZMQ, when
@@ -24,13 +25,43 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
 from vllm.distributed.kv_events import MEDIUM_CPU, BlockStored
 from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, maybe_convert_block_hash, to_event_extra_keys
+
+from kvd.connector.plan import SaveOrigin
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
+_encode = msgspec.msgpack.Encoder().encode
+
 KVD_MEDIUM = MEDIUM_CPU  # a store lands in kvd's DRAM tier (a host shared-memory arena)
+
+
+def save_origin(request: Request, first: int, count: int, block_size: int) -> SaveOrigin:
+    """What the request's blocks ``[first, first + count)`` were computed from, for kvd to keep
+    and publish: each block's tokens, the LoRA adapter, and each block's extra keys as vLLM's
+    block pool publishes them (one msgpack array a block; None where a block has none)."""
+    tokens = request.all_token_ids
+    start = first * block_size
+    token_ids = [list(tokens[lo : lo + block_size]) for lo in range(start, start + count * block_size, block_size)]
+    extra = _extra_keys(request, first, count, block_size)
+    lora = request.lora_request
+    return SaveOrigin(
+        token_ids=token_ids,
+        lora_name=lora.name if lora else None,
+        extra_keys=None if extra is None else [None if k is None else _encode(list(k)) for k in extra],
+    )
+
+
+def _extra_keys(request: Request, first: int, count: int, block_size: int) -> list | None:
+    start, end = first * block_size, (first + count) * block_size
+    extra = []
+    for lo in range(start, end, block_size):
+        keys, _ = generate_block_hash_extra_keys(request, lo, lo + block_size, 0)
+        extra.append(keys)
+    return to_event_extra_keys(extra)
 
 
 def stored_event(request: Request, first: int, count: int, block_size: int, session_id: str | None) -> BlockStored:
@@ -45,10 +76,6 @@ def stored_event(request: Request, first: int, count: int, block_size: int, sess
     hashes = [maybe_convert_block_hash(h) for h in request.block_hashes[first : first + count]]
     parent = maybe_convert_block_hash(request.block_hashes[first - 1]) if first else None
     start, end = first * block_size, (first + count) * block_size
-    extra = []
-    for lo in range(start, end, block_size):
-        keys, _ = generate_block_hash_extra_keys(request, lo, lo + block_size, 0)
-        extra.append(keys)
     lora = request.lora_request
     return BlockStored(
         block_hashes=hashes,
@@ -58,7 +85,7 @@ def stored_event(request: Request, first: int, count: int, block_size: int, sess
         lora_id=lora.adapter_id if lora else None,
         medium=KVD_MEDIUM,
         lora_name=lora.name if lora else None,
-        extra_keys=to_event_extra_keys(extra),
+        extra_keys=_extra_keys(request, first, count, block_size),
         group_idx=0,  # the connector serves single-group models only
         session_id=session_id,
     )

@@ -106,10 +106,22 @@ class LoadSpec:
 
 
 @dataclass(frozen=True)
+class SaveOrigin:
+    """What saved blocks were computed from, kept by kvd and published with its KV events:
+    each block's tokens, the LoRA adapter, and each block's engine extra keys (one msgpack
+    array each, or None)."""
+
+    token_ids: list[list[int]]
+    lora_name: str | None = None
+    extra_keys: list[bytes | None] | None = None
+
+
+@dataclass(frozen=True)
 class SaveSpec:
     """Copy the engine's block ``block_ids[i]`` into kvd as ``hashes[i]`` (parent ``parents[i]``);
     they are the request's blocks ``first, first + 1, ...``. ``save_id`` names this save in
-    the worker's report of it (unique per planner)."""
+    the worker's report of it (unique per planner); ``origin``, when the engine knows it,
+    goes with the blocks."""
 
     req_id: str
     session_id: str | None
@@ -118,6 +130,7 @@ class SaveSpec:
     block_ids: list[int]
     first: int = 0
     save_id: int = 0
+    origin: SaveOrigin | None = None
 
 
 @dataclass

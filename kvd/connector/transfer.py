@@ -30,6 +30,7 @@ import numpy as np
 
 from kvd.client import Client, ClientError
 from kvd.connector.paged import PagedCaches
+from kvd.connector.plan import SaveOrigin
 
 log = logging.getLogger("vllm.kvd_connector")
 
@@ -88,10 +89,12 @@ class Transfers:
         parents: Sequence[int | None],
         block_ids: Sequence[int],
         session_id: str | None,
+        origin: SaveOrigin | None = None,
     ) -> bool:
-        """Copy engine blocks ``block_ids[i]`` into kvd as ``hashes[i]``; True when kvd holds
-        them all afterwards (written now or already held). A failed save is logged: kvd is a
-        cache, so a lost save is a later miss, never a wrong answer."""
+        """Copy engine blocks ``block_ids[i]`` into kvd as ``hashes[i]`` (with ``origin``, what
+        they were computed from); True when kvd holds them all afterwards (written now or
+        already held). A failed save is logged: kvd is a cache, so a lost save is a later
+        miss, never a wrong answer."""
         if len(hashes) != len(block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(block_ids)} block ids")
         if not hashes:
@@ -104,11 +107,13 @@ class Transfers:
                     self._ensure_pinned(pages)
                     caches.gather([block_ids[i] for i in indexes], pages, offsets)
 
-                self.client.store_slots(self.namespace, hashes, caches.block_bytes, copy, parents, session_id)
+                self.client.store_slots(
+                    self.namespace, hashes, caches.block_bytes, copy, parents, session_id, **_origin_args(origin)
+                )
             else:
                 rows = caches.staging(len(hashes))
                 caches.gather(block_ids, rows)
-                self.client.store(self.namespace, hashes, list(rows), parents, session_id)
+                self.client.store(self.namespace, hashes, list(rows), parents, session_id, **_origin_args(origin))
         except ClientError as exc:
             log.warning("kvd save of %d blocks failed: %s", len(hashes), exc)
             return False
@@ -216,9 +221,9 @@ class BackgroundSaves:
         self._released: set[str] = set()  # finished requests whose blocks wait for their saves
 
     def submit(self, req_id: str, save_id: int, hashes: Sequence[int], parents: Sequence[int | None],
-               block_ids: Sequence[int], session_id: str | None) -> None:
+               block_ids: Sequence[int], session_id: str | None, origin: SaveOrigin | None = None) -> None:
         """Start saving one planned save (``save_id`` names its outcome in :meth:`take_outcomes`)."""
-        args = (list(hashes), list(parents), list(block_ids), session_id)
+        args = (list(hashes), list(parents), list(block_ids), session_id, origin)
         future = self._pool.submit(self._save, save_id, *args)
         with self._lock:
             self._running.setdefault(req_id, []).append(future)
@@ -259,9 +264,9 @@ class BackgroundSaves:
         """Wait for running saves (their blocks must not be freed under them), then stop."""
         self._pool.shutdown(wait=True)
 
-    def _save(self, save_id: int, hashes, parents, block_ids, session_id) -> None:
+    def _save(self, save_id: int, hashes, parents, block_ids, session_id, origin) -> None:
         try:
-            ok = self._transfers.save(hashes, parents, block_ids, session_id)
+            ok = self._transfers.save(hashes, parents, block_ids, session_id, origin)
         except Exception:  # a bug in a copy must not leave the engine waiting for this save
             log.exception("kvd background save of %d blocks failed", len(hashes))
             ok = False
@@ -275,3 +280,10 @@ class BackgroundSaves:
                 self._running[req_id] = left
             else:
                 del self._running[req_id]
+
+
+def _origin_args(origin: SaveOrigin | None) -> dict:
+    """The store's keyword arguments that carry ``origin`` (none without one)."""
+    if origin is None:
+        return {}
+    return {"token_ids": origin.token_ids, "lora_name": origin.lora_name, "extra_keys": origin.extra_keys}

@@ -22,7 +22,10 @@ with ``kvd_async_load``, on a background thread while the request waits in vLLM'
 ./var/kvd.sock), ``kvd_namespace`` (default: the served model name), ``kvd_shared_memory``
 (default: required for a unix socket, else inline bytes over gRPC), ``kvd_timeout_s``,
 ``kvd_async_load`` (default false), ``kvd_token`` (default ``$KVD_TOKEN``: the bearer token
-of a daemon that serves tenants; a tenant's bytes go inline, never through the arena).
+of a daemon that serves tenants; a tenant's bytes go inline, never through the arena),
+``kvd_pod_id`` (this engine's pod as the router's scheduler knows it: the daemon's KV events
+for the engine's namespace go to topic ``kv@<kvd_pod_id>@<served model name>``; default the
+daemon's ``--kv-events-pod``). Saved blocks go with their tokens, LoRA and extra keys.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -45,7 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kvd.client import Client, ClientError
-from kvd.connector.events import stored_event
+from kvd.connector.events import save_origin, stored_event
 from kvd.connector.paged import PagedCaches
 from kvd.connector.plan import (
     LoadSpec,
@@ -105,6 +108,17 @@ class KvdWorkerMetadata(KVConnectorWorkerMetadata):
         return KvdWorkerMetadata(stored=(self.stored & other.stored) - failed, failed=failed | (self.stored ^ other.stored))
 
 
+def served_model_name(vllm_config: VllmConfig) -> str | None:
+    """The model name clients ask for (the first of ``--served-model-name``, else the model),
+    as a router names it in KV-event topics; None when it cannot be one (``@``, too long)."""
+    model_config = vllm_config.model_config
+    name = model_config.served_model_name or model_config.model
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    name = str(name)
+    return name if usable_name(name) and "@" not in name else None
+
+
 def namespace_for(vllm_config: VllmConfig, tp_rank: int, pp_rank: int) -> str:
     """The kvd namespace of one worker's shard: model, KV dtype, block size and rank. Blocks
     of different models, dtypes, geometries or shards never match."""
@@ -147,6 +161,13 @@ class KvdConnector(KVConnectorBase_V1):
             shm = True  # a local daemon: block bytes go through the arena, never inline
         # With a token (a daemon serving tenants) the arena may be refused: bytes then go inline.
         self._client = Client(address, shared_memory=shm, timeout=float(extra.get("kvd_timeout_s", 60.0)), token=token)
+        self._pod_id = extra.get("kvd_pod_id") or None
+        if self._pod_id is not None and not (usable_name(self._pod_id) and "@" not in self._pod_id):
+            raise ValueError(
+                f"kv_connector_extra_config kvd_pod_id must be 1..256 printable characters without '@', "
+                f"got {self._pod_id!r}"
+            )
+        self._model_name = served_model_name(vllm_config)
         self._async_load = extra.get("kvd_async_load", False)
         if not isinstance(self._async_load, bool):
             raise ValueError(f"kv_connector_extra_config kvd_async_load must be true or false, got {self._async_load!r}")
@@ -226,16 +247,19 @@ class KvdConnector(KVConnectorBase_V1):
         plan = self._planner.step(
             scheduled, scheduler_output.num_scheduled_tokens, scheduler_output.scheduled_spec_decode_tokens
         )
+        saves = []
         for save in plan.saves:
             self._unconfirmed[save.save_id] = save.req_id
+            request = self._planner.request(save.req_id)
+            # The blocks' tokens go with them: kvd's KV events carry them to token-keyed routers.
+            saves.append(replace(save, origin=save_origin(request, save.first, len(save.hashes), self._block_size)))
             if self._emit_events:
-                request = self._planner.request(save.req_id)
                 self._pending_events[save.save_id] = stored_event(
                     request, save.first, len(save.hashes), self._block_size, save.session_id or request.session_id
                 )
         released, self._released = self._released, []
         return KvdConnectorMetadata(
-            loads=plan.loads, saves=plan.saves, load_async=self._async_load, released=released,
+            loads=plan.loads, saves=saves, load_async=self._async_load, released=released,
             preempted=sorted(scheduler_output.preempted_req_ids or ()),
         )
 
@@ -321,7 +345,9 @@ class KvdConnector(KVConnectorBase_V1):
         """Read the layout vLLM hands over and register this shard's namespace with it; on a
         GPU host, register the daemon's arena with CUDA so copies reach it directly."""
         caches = PagedCaches(kv_caches, self._num_blocks)
-        self._client.register_namespace(self._namespace, self._block_size, caches.block_bytes)
+        self._client.register_namespace(
+            self._namespace, self._block_size, caches.block_bytes, model_name=self._model_name, pod_id=self._pod_id
+        )
         self._transfers = Transfers(self._client, self._namespace, caches)
         self._saves = BackgroundSaves(self._transfers)
         if self._async_load:
@@ -380,7 +406,8 @@ class KvdConnector(KVConnectorBase_V1):
             return
         saves = self._require_saves()
         for spec in meta.saves:
-            saves.submit(spec.req_id, spec.save_id, spec.hashes, spec.parents, spec.block_ids, spec.session_id)
+            saves.submit(spec.req_id, spec.save_id, spec.hashes, spec.parents, spec.block_ids, spec.session_id,
+                         spec.origin)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(sending, receiving): released requests whose saves all ended (vLLM frees their
