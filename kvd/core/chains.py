@@ -9,7 +9,7 @@ changes (:mod:`kvd.core.placement`) walk the catalog as its plan would leave it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from kvd.core.catalog import BlockKey, BlockRecord, Namespace
 
@@ -29,8 +29,14 @@ def reaches_a_root(ns: Namespace, h: int | None) -> bool:
     lookup of a chain through ``h`` can reach ``h``. True for None (a chain's start)."""
     if h is None:
         return True
-    last = deque(chain_up(ns, h), maxlen=1)
-    return bool(last) and last[0].parent is None
+    blocks = ns.blocks
+    seen: set[int] = set()
+    while (record := blocks.get(h)) is not None and h not in seen:  # chain_up, inlined: it walks 2,000 a store
+        seen.add(h)
+        h = record.parent
+        if h is None:
+            return True
+    return False
 
 
 def held_ancestors(ns: Namespace, record: BlockRecord) -> list[BlockKey]:
@@ -39,13 +45,11 @@ def held_ancestors(ns: Namespace, record: BlockRecord) -> list[BlockKey]:
     out = []
     seen = {record.hash}
     parent = record.parent
-    while parent is not None and parent not in seen:
-        rec = ns.blocks.get(parent)
-        if rec is None or rec.fastest_ready() is None:
-            break
-        out.append(rec.key)
+    blocks, visible, name = ns.blocks, ns.visible, ns.name  # visible: the hashes with a ready copy
+    while parent is not None and parent not in seen and parent in visible:
+        out.append((name, parent))
         seen.add(parent)
-        parent = rec.parent
+        parent = blocks[parent].parent
     out.reverse()
     return out
 
@@ -64,3 +68,25 @@ def descendants(
             continue
         stack.extend(ns.children.get(record.hash, ()))
         yield record
+
+
+class LoadChain:
+    """The keys of the chain a load reads: its held hashes and the ancestors of its first,
+    as a set for ``in`` tests only. Walked on the first test, so a load that makes no room
+    (nothing asks) does not walk a long chain's prefix once a batch."""
+
+    __slots__ = ("_ns", "_hashes", "_keys")
+
+    def __init__(self, ns: Namespace, hashes: Sequence[int]) -> None:
+        self._ns = ns
+        self._hashes = hashes
+        self._keys: set[BlockKey] | None = None
+
+    def __contains__(self, key: object) -> bool:
+        if self._keys is None:
+            ns, hashes = self._ns, self._hashes
+            keys = {(ns.name, h) for h in hashes if h in ns.blocks}
+            first = ns.blocks.get(hashes[0]) if hashes else None
+            keys.update(record.key for record in chain_up(ns, first.parent if first is not None else None))
+            self._keys = keys
+        return key in self._keys

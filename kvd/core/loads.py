@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvd.core.catalog import BlockRecord, Copy, Namespace
-from kvd.core.chains import chain_up, held_ancestors
+from kvd.core.chains import LoadChain
 from kvd.core.errors import NoSpace
 from kvd.core.holdings import Holdings
 from kvd.core.leases import LeaseTable, LoadLease
@@ -52,10 +52,7 @@ class Loads:
         held only below. Raises NoSpace when the top tier cannot take them."""
         held = self.holdings
         now = held.clock()
-        first = ns.blocks.get(hashes[0]) if hashes else None
-        chain = {(ns.name, h) for h in hashes if h in ns.blocks}
-        chain.update(record.key for record in chain_up(ns, first.parent if first is not None else None))
-        protect = Protect(chain=frozenset(chain))
+        protect = Protect(chain=LoadChain(ns, hashes))
         free = self._room_for_promotions(ns, hashes, protect)
         if isinstance(free, Wait):
             return free
@@ -195,11 +192,9 @@ class Loads:
                 awaiting.append(read.awaits)
             copy.readers += 1
             items.append((read.record, copy))
-        # A load may come in batches: touch the held ancestors of this batch as well, so
-        # that the root of the chain stays the most recent.
-        keys = [item[0].key for item in items if item is not None]
-        first = next((item[0] for item in items if item is not None), None)
-        held.policy.on_accessed((held_ancestors(ns, first) if first is not None else []) + keys, now)
+        # A load may come in batches: the held ancestors of this batch are touched as well,
+        # so that the root of the chain stays the most recent (batches of one chain joined).
+        held.touch_chain(ns, [item[0] for item in items if item is not None], now)
         leases = self.leases
         lease = LoadLease(leases.new_id("l"), ns.name, now + leases.duration(lease_seconds), items)
         leases.loads[lease.id] = lease

@@ -101,7 +101,7 @@ class KvCore:
         it decides and changes nothing; :func:`kvd.core.placement.apply` carries out its plan."""
         held = self.holdings
         return Planner(
-            self.tiers, self.spaces, self.catalog, held.policy, held.pins, self.transfers.moving, self.clock(),
+            self.tiers, self.spaces, self.catalog, held.deferred_policy, held.pins, self.transfers.moving, self.clock(),
             protect or Protect(), self.transfers.writes_behind, cause,
         )
 

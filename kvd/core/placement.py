@@ -24,7 +24,7 @@ and in bytes where a rule asks whether a tier has room for one more block.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -46,7 +46,7 @@ class Protect:
     in the top tier they go last of all, below it they are never dropped."""
 
     copies: frozenset[Copy] = frozenset()
-    chain: frozenset[BlockKey] = frozenset()
+    chain: Container[BlockKey] = frozenset()  # a frozenset, or a LoadChain (walked when asked)
 
 
 @dataclass(frozen=True, slots=True)
