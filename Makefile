@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROTOS := $(wildcard proto/kvd/v1/*.proto)
 
-.PHONY: install serve test lint proto docs clean bench vllm-env torch-cpu vllm-cpu-env replay-figures e2e-env e2e
+.PHONY: install serve test lint proto docs clean bench vllm-env torch-cpu vllm-cpu-env replay-figures e2e-env e2e \
+	gpu-check gpu-wheels
 
 # vLLM 0.33's own KV-event classes, which tests/test_kv_events.py decodes kvd's ZMQ messages
 # with: vllm without its dependencies (an engine's worth: torch, transformers, ...), plus the
@@ -123,6 +124,24 @@ docs: install
 
 bench: install
 	$(BIN)/kvd bench datapath --json
+
+# Everything CUDA in one run, one report (docs/benchmarks.md, "GPU check"): probe, install from
+# var/wheels (never a network), the gpu-marked tests, kvd bench connector and datapath on the
+# GPU, each step with its own timeout, within 450 s; var/gpu-check/report.json. No target
+# prerequisites: the GPU machine has no PyPI, and runs the image's python3 (it has CUDA torch
+# and CuPy). Exit 0 when no step failed, also without a CUDA device (one line says so, every
+# step "skipped: no CUDA device"); 1 when a step failed. GPU_CHECK_ARGS=--require-gpu: exit 2
+# without a device.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	@$(GPU_PYTHON) -m kvd.bench.gpu_check $(GPU_CHECK_ARGS)
+
+# Here, where PyPI is reachable: the wheels gpu-check installs from, for the device image's
+# Python 3.12 (about 13 MiB: grpcio, rocksdict, protobuf, ...; numpy and pytest come from the
+# image). CUPY=cupy-cuda12x also fetches CuPy into var/wheels-cupy (about 130 MiB: over what
+# the device tool carries, 64 MiB).
+gpu-wheels: install
+	$(BIN)/python -m kvd.bench.gpu_check wheels --dest var/wheels $(if $(CUPY),--cupy $(CUPY))
 
 clean:
 	rm -rf var build *.egg-info
