@@ -34,12 +34,14 @@ class LognormalFit:
     mean: float = 0.0
     m2: float = 0.0
 
-    def add(self, x: float) -> None:
+    def add(self, x: float, count: int = 1) -> None:
+        """``count`` observations of ``x`` (merged at once: the same fit as one by one)."""
         y = math.log(max(x, self.floor_s))
-        self.n += 1
+        n = self.n + count
         delta = y - self.mean
-        self.mean += delta / self.n
-        self.m2 += delta * (y - self.mean)
+        self.mean += delta * count / n
+        self.m2 += delta * delta * self.n * count / n
+        self.n = n
 
     @property
     def mu(self) -> float:
@@ -196,20 +198,21 @@ class PausePredictor:
         norm = sum(mass) or 1.0
         self._prior_mass = [m / norm * self.prior.weight for m in mass]
 
-    def observe(self, tool: str | None, seconds: float, expected_s: float | None = None) -> None:
-        """A pause of ``tool`` lasted ``seconds``; ``expected_s``: what its hint said, if any."""
+    def observe(self, tool: str | None, seconds: float, expected_s: float | None = None, count: int = 1) -> None:
+        """A pause of ``tool`` lasted ``seconds`` (``count`` pauses of that length);
+        ``expected_s``: what its hint said, if any."""
         if seconds < 0 or math.isnan(seconds):
             return
         if expected_s is not None and expected_s > 0 and math.isfinite(expected_s):
             ratio = min(seconds / expected_s, HINT_RATIO_LIMIT)
-            self._hints.setdefault(tool, LognormalFit(floor_s=1 / HINT_RATIO_LIMIT)).add(ratio)
-            self._pooled_hints.add(ratio)
+            self._hints.setdefault(tool, LognormalFit(floor_s=1 / HINT_RATIO_LIMIT)).add(ratio, count)
+            self._pooled_hints.add(ratio, count)
         x = min(max(seconds, BIN_EDGES[0] * 1.0001), BIN_EDGES[-1] * 0.9999)
         i = bisect.bisect_right(BIN_EDGES, x) - 1
-        self._fits.setdefault(tool, LognormalFit()).add(seconds)
-        self._counts.setdefault(tool, [0.0] * (len(BIN_EDGES) - 1))[i] += 1
-        self._pooled.add(seconds)
-        self._pooled_counts[i] += 1
+        self._fits.setdefault(tool, LognormalFit()).add(seconds, count)
+        self._counts.setdefault(tool, [0.0] * (len(BIN_EDGES) - 1))[i] += count
+        self._pooled.add(seconds, count)
+        self._pooled_counts[i] += count
         self._cache.clear()  # every tool seen less than twice follows the pooled fit
 
     def samples(self, tool: str | None) -> int:

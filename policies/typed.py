@@ -58,7 +58,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
@@ -191,17 +191,26 @@ class TypedPolicy(Policy):
         last_seen: dict[BlockKey, float] = {}
         for tier, where in self._where.items():
             groups = self._groups[tier]
+            # A load or store touches its whole chain (2,000 keys): the group of the previous
+            # key is looked up again only when it changes.
+            group = members = shared = None
             for key in reversed(keys):
-                group = where.get(key)
-                if group is None:
+                g = where.get(key)
+                if g is None:
                     continue
-                members = groups[group]
-                if group is SHARED or isinstance(group, Holders):
-                    last_seen[key] = max(last_seen.get(key, -math.inf), members[key])
+                if g is not group:
+                    group, members = g, groups[g]
+                    shared = g is SHARED or isinstance(g, Holders)
+                if shared:
+                    seen = members[key]
+                    if last_seen.get(key, -math.inf) < seen:
+                        last_seen[key] = seen
                 members[key] = now
                 members.move_to_end(key)
-        for last in last_seen.values():  # one re-use gap per shared block, whatever its tiers
-            self.shared_gaps.observe(None, now - last)
+        # One re-use gap per shared block, whatever its tiers; a prefix's blocks were last
+        # used together, so their gaps come in a few values, each observed once with its count.
+        for last, count in Counter(last_seen.values()).items():
+            self.shared_gaps.observe(None, now - last, count=count)
         self._recency.on_accessed(keys, now)
 
     def _judge(self, session: Session) -> None:

@@ -430,3 +430,15 @@ def test_end_reports_keep_the_latest_window():
     assert ends.reported_by(2.0) == 1.0  # 100 s fell out of the window
     with pytest.raises(ValueError):
         EndReports(window=0)
+
+
+def test_a_fit_of_repeated_values_merged_at_once_equals_one_by_one():
+    from kvd.policies.predictor import LognormalFit
+
+    one, merged = LognormalFit(), LognormalFit()
+    for x, count in ((3.0, 1), (0.5, 4), (12.0, 7), (0.001, 2)):
+        for _ in range(count):
+            one.add(x)
+        merged.add(x, count)
+    assert merged.n == one.n == 14
+    assert merged.mu == pytest.approx(one.mu, rel=1e-12) and merged.sigma == pytest.approx(one.sigma, rel=1e-12)
