@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         bench_sub.add_parser("soak", help="many concurrent clients on loopback TCP: errors, latency, daemon RSS"), _size
     )
 
+    from kvd.bench.engine import add_arguments as add_engine_arguments
+
+    add_engine_arguments(
+        bench_sub.add_parser("engine", help="engines' requests at a rate: each kvd call's latency, the control overhead"),
+        _size,
+    )
+
     from kvd.bench.e2e.bench import add_arguments as add_e2e_arguments
 
     add_e2e_arguments(
@@ -167,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.connector import run_cli as run_connector
 
         return run_connector(args)
+    if args.command == "bench" and args.bench == "engine":
+        from kvd.bench.engine import run_cli as run_engine
+
+        return run_engine(args)
     if args.command == "bench" and args.bench == "soak":
         from kvd.bench.soak import run_cli as run_soak
 
