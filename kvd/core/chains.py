@@ -30,9 +30,12 @@ def reaches_a_root(ns: Namespace, h: int | None) -> bool:
     if h is None:
         return True
     blocks = ns.blocks
-    seen: set[int] = set()
-    while (record := blocks.get(h)) is not None and h not in seen:  # chain_up, inlined: it walks 2,000 a store
-        seen.add(h)
+    # chain_up, inlined (it walks 2,000 a store); a count bounds the walk in place of a
+    # cycle check: no chain is longer than the namespace.
+    for _ in range(len(blocks)):
+        record = blocks.get(h)
+        if record is None:
+            return False
         h = record.parent
         if h is None:
             return True
@@ -43,12 +46,13 @@ def held_ancestors(ns: Namespace, record: BlockRecord) -> list[BlockKey]:
     """Keys of ``record``'s ancestors with a ready copy, root first; the walk stops at the
     first ancestor without one."""
     out = []
-    seen = {record.hash}
     parent = record.parent
     blocks, visible, name = ns.blocks, ns.visible, ns.name  # visible: the hashes with a ready copy
-    while parent is not None and parent not in seen and parent in visible:
+    # A count bounds the walk in place of a cycle check: no chain is longer than the namespace.
+    for _ in range(len(blocks)):
+        if parent is None or parent not in visible:
+            break
         out.append((name, parent))
-        seen.add(parent)
         parent = blocks[parent].parent
     out.reverse()
     return out
