@@ -4,7 +4,7 @@ continue the chain tells the pending touch first."""
 
 from __future__ import annotations
 
-from core_helpers import NS, make_core, store
+from core_helpers import NS, make_core, specs, store
 
 from kvd.policies import LruPolicy
 
@@ -19,6 +19,11 @@ class Recording(LruPolicy):
     def on_accessed(self, keys, now):
         self.touches.append([h for _, h in keys])
         super().on_accessed(keys, now)
+
+
+def commit(core, *hashes: int, parent: int | None = None) -> None:
+    """A store without the helper's check (which tells the policy any pending touch)."""
+    core.commit_store(core.prepare_store(NS, specs(*hashes, parent=parent)).lease_id)
 
 
 def load(core, *hashes: int) -> None:
@@ -64,3 +69,15 @@ def test_a_batch_that_is_no_chain_is_not_joined():
     core.check()
     assert policy.touches == [[1, 3], [1, 2, 3, 4]]
     assert list(policy.victims("dram", 0)) == [(NS, h) for h in (4, 3, 2, 1)]
+
+
+def test_a_commit_of_a_store_tells_the_pending_touch_first():
+    """A store changes its session (the policy hears on_sessions): the touch goes first."""
+    policy = Recording()
+    core, _ = make_core(16, policy=policy)
+    commit(core, 1, 2)
+    load(core, 1, 2)
+    commit(core, 3, parent=2)
+    assert policy.touches[0] == [1, 2]
+    assert core.check() == []
+    assert list(policy.victims("dram", 0)) == [(NS, h) for h in (3, 2, 1)]

@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from kvd.core.catalog import BlockKey, BlockRecord, Catalog, Copy, Namespace
-from kvd.core.chains import descendants, held_ancestors
+from kvd.core.chains import descendants
 from kvd.core.events import ORPHANING_REASONS, EventLog, RemovalReason
 from kvd.core.leases import LeaseTable
+from kvd.core.touch import ChainTouch
 from kvd.core.types import Cause, Space
 from kvd.media import NVME, TierName
 from kvd.policies import Policy
@@ -46,9 +47,7 @@ class Holdings:
         self.spaces = spaces
         self.catalog = catalog
         self._policy = policy
-        # The chain touch touch_chain keeps until the policy is next used: (namespace, keys
-        # root first, hash of the last key while the keys form one chain, else None, now).
-        self._touch: tuple[str, list[BlockKey], int | None, float] | None = None
+        self._touch = ChainTouch(lambda: self._policy)  # a chain's use, told once (kvd.core.touch)
         self.deferred_policy: Policy = _AfterTouch(self)  # type: ignore[assignment]
         self.events = events
         self.leases = leases
@@ -60,51 +59,22 @@ class Holdings:
 
     @property
     def policy(self) -> Policy:
-        """The retention policy, told first of the touch :meth:`touch_chain` left pending."""
-        if self._touch is not None:
-            self.flush_touch()
+        """The retention policy, told first of a pending chain touch (:meth:`touch_chain`)."""
+        if self._touch.pending:
+            self._touch.flush()
         return self._policy
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
-        self.flush_touch()
+        self._touch.flush()
         self._policy = policy
 
-    def flush_touch(self) -> None:
-        """Tell the policy the touch :meth:`touch_chain` left pending, if any."""
-        touch, self._touch = self._touch, None
-        if touch is not None:
-            self._policy.on_accessed(touch[1], touch[3])
-
     def touch_chain(self, ns: Namespace, records: list[BlockRecord], now: float) -> None:
-        """Tell the policy (``on_accessed``) that ``records`` (one load's found blocks, in
-        the order asked) were used at ``now``, with the held ancestors of the first, root
-        first: a chain's root stays its most recent block however the chain is loaded.
-
-        The touch is told when the policy is next used (:attr:`policy`, or a method of
-        :attr:`deferred_policy`); until then a touch whose first block continues this one
-        (its parent is the last block, and the blocks so far form one chain) joins it. A
-        chain loaded in n batches is then told once, not its whole prefix again with each
-        batch (O(n), not O(n^2)), and the policy ends as it would have after each touch in
-        turn: a later touch touches every key of the earlier one again, in the same order.
-        Nothing changes which blocks are held and ready without a policy call
-        (``on_stored``, ``on_removed``), so the joined prefix is what a walk would find."""
-        if not records:
-            return
-        first = records[0]
-        touch = self._touch
-        if touch is not None and touch[0] == ns.name and touch[2] is not None and touch[2] == first.parent:
-            keys = touch[1]
-        else:
-            self.flush_touch()
-            keys = held_ancestors(ns, first)
-        expect, chain = first.parent, True
-        for record in records:
-            chain = chain and record.parent == expect
-            expect = record.hash
-            keys.append(record.key)
-        tail = expect if chain else None
-        self._touch = (ns.name, keys, tail, now)
+        """Tell the policy that ``records`` (a load's found blocks, in the order asked) and
+        the held ancestors of the first were used at ``now`` (root first): told at the
+        policy's next use, joined with the batches that continue the chain
+        (:class:`kvd.core.touch.ChainTouch`)."""
+        self._touch.touch(ns, records, now)
 
     def lower(self, tier: TierName) -> TierName | None:
         """The tier below ``tier``, or None for the last."""
