@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
+from kvd.client import arena_io
 from kvd.client.channel import TlsFiles, open_channel
 from kvd.tiers.dram import HEADER_BYTES, ArenaMapping, open_arena
-from kvd.tiers.hbm import host_tensor
 from kvd.tiers.hbm_share import OpenedPool, PoolHandle
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
@@ -403,9 +403,7 @@ class Client:
         if shm:
 
             def fill(arena: ArenaMapping, lo: int, slots) -> None:
-                for slot, block in zip(slots, blocks[lo : lo + len(slots)]):
-                    if slot.write:
-                        self._copy_in(arena, slot.slot, block)
+                arena_io.fill(arena, self._pool, slots, blocks[lo : lo + len(slots)])
 
             return self._store_shm(namespace, specs, fill, ranges, session_id, lora_name)
         return sum(
@@ -420,7 +418,7 @@ class Client:
         if shm:
 
             def drain(arena: ArenaMapping, lo: int, slots) -> list:
-                return [self._read(arena, s.slot, s.nbytes) if s.found else None for s in slots]
+                return [arena_io.read(arena, self._pool, s.slot, s.nbytes) if s.found else None for s in slots]
 
             return self._load_shm(namespace, hashes, ranges, drain, missing=None)
         out: list[bytes | None] = []
@@ -438,10 +436,7 @@ class Client:
         if shm:
 
             def drain(arena: ArenaMapping, lo: int, slots) -> list[bool]:
-                for s, out in zip(slots, outs[lo:]):
-                    if s.found:
-                        self._copy_out(arena, s.slot, memoryview(out).cast("B")[: s.nbytes])
-                return [s.found for s in slots]
+                return arena_io.drain_into(arena, self._pool, slots, outs[lo : lo + len(slots)])
 
             return self._load_shm(namespace, hashes, ranges, drain)
         found: list[bool] = []
@@ -484,7 +479,7 @@ class Client:
         self._require_arena()
 
         def fill(arena: ArenaMapping, lo: int, slots) -> None:
-            self._copy_slots(arena, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.write])
+            arena_io.copy_slots(arena, self._pool, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.write])
 
         ranges = list(self._batches([block_bytes] * len(hashes)))
         return self._store_shm(namespace, specs, fill, ranges, session_id, lora_name)
@@ -501,7 +496,7 @@ class Client:
         self._require_arena()
 
         def drain(arena: ArenaMapping, lo: int, slots) -> list[bool]:
-            self._copy_slots(arena, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.found])
+            arena_io.copy_slots(arena, self._pool, copy, [(lo + i, s.slot) for i, s in enumerate(slots) if s.found])
             return [s.found for s in slots]
 
         return self._load_shm(namespace, hashes, list(self._batches([block_bytes] * len(hashes))), drain)
@@ -780,34 +775,6 @@ class Client:
         if self._hbm is None:
             raise ClientError(grpc.StatusCode.INTERNAL, "the daemon granted an HBM slot but announced no HBM pool")
         return self._hbm.tensor
-
-    def _copy_in(self, arena: ArenaMapping, ref, data) -> None:
-        if ref.tier != types_pb2.TIER_HBM:
-            arena.copy_in(ref.offset, data)
-            return
-        host = host_tensor(data)
-        self._pool()[ref.offset : ref.offset + host.numel()].copy_(host)
-
-    def _read(self, arena: ArenaMapping, ref, nbytes: int) -> bytes:
-        if ref.tier != types_pb2.TIER_HBM:
-            return bytes(arena.view(ref.offset, nbytes))
-        return self._pool()[ref.offset : ref.offset + nbytes].cpu().numpy().tobytes()
-
-    def _copy_out(self, arena: ArenaMapping, ref, out: memoryview) -> None:
-        if ref.tier != types_pb2.TIER_HBM:
-            arena.copy_out(ref.offset, out)
-            return
-        out[:] = self._read(arena, ref, out.nbytes)
-
-    def _copy_slots(self, arena: ArenaMapping, copy: SlotCopy, picked: list) -> None:
-        """Call ``copy`` once per slot space among ``picked`` ((index, SlotRef) pairs): the
-        arena's data pages with offsets from their first byte, or the HBM pool's tensor."""
-        dram = [(i, ref.offset - HEADER_BYTES) for i, ref in picked if ref.tier != types_pb2.TIER_HBM]
-        hbm = [(i, ref.offset) for i, ref in picked if ref.tier == types_pb2.TIER_HBM]
-        if dram:
-            copy(arena.view(HEADER_BYTES, arena.capacity_bytes), [i for i, _ in dram], [o for _, o in dram])
-        if hbm:
-            copy(self._pool(), [i for i, _ in hbm], [o for _, o in hbm])
 
     def _result(self, future):
         try:
