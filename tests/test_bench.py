@@ -14,17 +14,41 @@ def kvd(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_bench_datapath_reports_every_figure(tmp_path):
-    r = kvd("bench", "datapath", "--json", "--total-bytes", "16MiB", "--dir", str(tmp_path), "--lookups", "5")
-    for key in ("memcpy_gbps", "disk_write_gbps", "disk_read_gbps", "redis_gbps", "lookup_10k_ms_p50"):
+def test_bench_datapath_reports_every_figure_against_its_limit_and_a_baseline(tmp_path):
+    old = tmp_path / "old.json"  # as an earlier version of the bench wrote it
+    old.write_text(json.dumps({"memcpy_gbps": 5.0, "kvd": {"dram_load_gbps": 1e-6, "gone_gbps": 1.0},
+                               "lookup_10k_ms_p50": 1e6}))
+    r = kvd("bench", "datapath", "--json", "--total-bytes", "16MiB", "--dir", str(tmp_path), "--lookups", "5",
+            "--bulk-repeat", "2", "--compare", str(old))
+    for key in ("bulk_memcpy_gbps", "block_memcpy_gbps", "disk_write_gbps", "disk_read_gbps", "redis_gbps",
+                "lookup_10k_ms_p50"):
         assert key in r
     for key in ("dram_store_gbps", "dram_load_gbps", "nvme_store_gbps", "nvme_load_gbps"):
         assert r["kvd"][key] > 0
     assert r["kvd"]["check_problems"] == []
+    assert r["ratios"]["dram_load_vs_bulk_memcpy"] == r["kvd"]["dram_load_gbps"] / r["bulk_memcpy_gbps"]
+    assert r["measured"]["copy_backend"] in ("c", "numpy") and r["measured"]["date"]
     assert set(r["targets_met"]) == {
-        "dram_store_ge_0.7x_memcpy", "dram_load_ge_0.7x_memcpy", "nvme_store_ge_0.7x_disk",
-        "nvme_load_ge_0.7x_disk", "dram_ge_10x_redis", "lookup_le_2ms",
+        "dram_store_ge_0.8x_bulk_memcpy", "dram_load_ge_0.8x_bulk_memcpy", "nvme_store_ge_0.8x_disk",
+        "nvme_load_ge_0.8x_disk", "dram_ge_10x_redis", "lookup_le_2ms",
     }
+    cmp = r["compare"]
+    assert set(cmp["figures"]) == {"block_memcpy_gbps", "kvd.dram_load_gbps", "lookup_10k_ms_p50"}  # memcpy renamed
+    assert cmp["figures"]["kvd.dram_load_gbps"]["verdict"] == "better"
+    assert cmp["figures"]["lookup_10k_ms_p50"]["verdict"] == "better"  # lower is better
+    assert cmp["only_baseline"] == ["kvd.gone_gbps"] and "bulk_memcpy_gbps" in cmp["only_now"]
+
+
+def test_bench_datapath_compare_needs_a_readable_baseline_before_it_runs(tmp_path):
+    for bad, content in (("missing.json", None), ("list.json", "[1, 2]"), ("broken.json", "{")):
+        path = tmp_path / bad
+        if content is not None:
+            path.write_text(content)
+        out = subprocess.run(
+            [sys.executable, "-m", "kvd.cli.kvd_main", "bench", "datapath", "--dir", str(tmp_path), "--compare", str(path)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1 and bad in out.stderr
 
 
 def test_bench_router_reports_every_figure():

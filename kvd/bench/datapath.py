@@ -1,7 +1,14 @@
 """`kvd bench datapath`: kvd's store/load against the limits, measured in one run.
 
 Every figure comes from this run on this machine:
-- ``memcpy_gbps``: copying the same blocks between two pre-faulted buffers (the DRAM limit);
+- ``bulk_memcpy_gbps``: one numpy ``copyto`` of the whole buffer into a pre-faulted one,
+  best of ``--bulk-repeat``: the machine's bulk memcpy, and the limit of the DRAM figures.
+  A copy this large streams past the cache (glibc's non-temporal stores), so it is the rate
+  the memory moves bytes at;
+- ``block_memcpy_gbps``: the same bytes copied block by block (numpy slice copies): a second,
+  labelled reference, not the limit. Each block's copy goes through the cache (it is below
+  glibc's non-temporal threshold) and reads every destination line before writing it, at
+  ~60% of the bulk rate; a data path copying the way it does is held to that much;
 - ``disk_write_gbps``/``disk_read_gbps``: raw O_DIRECT writes (then fdatasync) and reads of
   the same blocks in the NVMe directory (the NVMe limit; the best of 1 and 4 threads);
 - ``redis_gbps``: pipelined SET then GET of the same blocks on a loopback redis-server, when
@@ -13,6 +20,11 @@ Every figure comes from this run on this machine:
   block is durable on NVMe, ``nvme_load`` of the same blocks after a restart, when they are
   on NVMe only;
 - ``lookup_10k_ms_p50``: median latency of a Lookup of a 10,000-hash held prefix.
+
+``ratios`` gives every kvd figure against its limit (and the DRAM ones against the block
+copy too); ``measured`` the commit, date and copy backend (kvd.native.copy) of the run. With
+``--compare BASELINE.json`` (an earlier run's ``--json``) each figure's ratio to that run is
+printed too (:mod:`kvd.bench.compare`).
 
 GB/s are 10^9 bytes per second. Targets are reported with the ratio measured, never assumed.
 """
@@ -34,8 +46,10 @@ from pathlib import Path
 import numpy as np
 
 from kvd.bench import run_and_report
+from kvd.bench.compare import compare, format_table, load_baseline
 from kvd.bench.redis_server import loopback_redis
 from kvd.client import Client
+from kvd.native import copy as native_copy
 
 GB = 1e9
 
@@ -58,9 +72,23 @@ def _timed(fn, repeat: int = 3) -> float:
     return best
 
 
-def bench_memcpy(src: mmap.mmap, block: int) -> float:
+def bulk_memcpy(src: mmap.mmap, repeat: int) -> float:
+    """GB/s of one numpy ``copyto`` of all of ``src`` into a pre-faulted buffer, best of
+    ``repeat``: the machine's bulk memcpy (the DRAM limit)."""
     dst = mmap.mmap(-1, len(src))
-    dst.write(b"\0" * len(src))  # fault the pages in first: the limit copies, it does not fault
+    a, d = np.frombuffer(src, dtype=np.uint8), np.frombuffer(dst, dtype=np.uint8)
+    d[:] = 0  # fault the pages in first: the limit copies, it does not fault
+    seconds = _timed(lambda: np.copyto(d, a), repeat)
+    a = d = None  # the views go before the unmap
+    dst.close()
+    return len(src) / seconds / GB
+
+
+def block_memcpy(src: mmap.mmap, block: int) -> float:
+    """GB/s of copying ``src`` block by block (slice copies, best of 3): a reference for a
+    data path that copies a block at a time, not the limit (see the module's docstring)."""
+    dst = mmap.mmap(-1, len(src))
+    dst.write(b"\0" * len(src))  # fault the pages in first
     s, d = memoryview(src), memoryview(dst)
 
     def copy():
@@ -318,16 +346,49 @@ def bench_kvd(directory: Path, src: mmap.mmap, block: int, lookups: int, rounds:
         shutil.rmtree(nvme_dir, ignore_errors=True)
 
 
-def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int) -> dict:
+def add_arguments(p: argparse.ArgumentParser, size) -> None:
+    """The options of `kvd bench datapath`; ``size`` parses a size (``256KiB``)."""
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--total-bytes", type=size, default=1 << 30, metavar="SIZE", help="bytes moved per measurement (default 1GiB)")
+    p.add_argument("--block-bytes", type=size, default=256 << 10, metavar="SIZE", help="block size (default 256KiB)")
+    p.add_argument("--dir", type=Path, default=Path("var/bench"), help="scratch directory on the NVMe filesystem")
+    p.add_argument("--lookups", type=int, default=200, help="lookups of a 10,000-hash prefix to time")
+    p.add_argument("--bulk-repeat", type=int, default=5, metavar="N", help="bulk memcpy: best of N copies (default 5)")
+    p.add_argument("--compare", type=Path, metavar="BASELINE.json",
+                   help="an earlier run's --json: print each figure's ratio to it")
+
+
+def _measured() -> dict:
+    """When and with what this run measured: commit (None outside a git checkout), UTC
+    date, and the copy backend of kvd.native.copy ("c" or "numpy")."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "copy_backend": native_copy.BACKEND,
+    }
+
+
+def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int, bulk_repeat: int = 5) -> dict:
     if block_bytes % 4096 or total_bytes < block_bytes:
         raise ValueError("--block-bytes must be a multiple of 4096 and at most --total-bytes")
+    if bulk_repeat < 1:
+        raise ValueError("--bulk-repeat must be at least 1")
     total = total_bytes - total_bytes % block_bytes
     directory.mkdir(parents=True, exist_ok=True)
     src = _filled(total)
     result: dict = {
         "block_bytes": block_bytes,
         "total_bytes": total,
-        "memcpy_gbps": bench_memcpy(src, block_bytes),
+        "measured": _measured(),
+        "bulk_memcpy_gbps": bulk_memcpy(src, bulk_repeat),
+        "block_memcpy_gbps": block_memcpy(src, block_bytes),
     }
     result.update(bench_disk(directory, src, block_bytes))
     redis_result = bench_redis(src, block_bytes)
@@ -335,9 +396,13 @@ def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int) -> di
     result["redis"] = redis_result
     result.update(bench_kvd(directory, src, block_bytes, lookups))
     k = result["kvd"]
+    bulk, block = result["bulk_memcpy_gbps"], result["block_memcpy_gbps"]
     result["ratios"] = {
-        "dram_store_vs_memcpy": k["dram_store_gbps"] / result["memcpy_gbps"],
-        "dram_load_vs_memcpy": k["dram_load_gbps"] / result["memcpy_gbps"],
+        "dram_store_vs_bulk_memcpy": k["dram_store_gbps"] / bulk,
+        "dram_load_vs_bulk_memcpy": k["dram_load_gbps"] / bulk,
+        "dram_load_bytes_vs_bulk_memcpy": k["dram_load_bytes_gbps"] / bulk,
+        "dram_store_vs_block_memcpy": k["dram_store_gbps"] / block,
+        "dram_load_vs_block_memcpy": k["dram_load_gbps"] / block,
         "nvme_store_vs_disk_write": k["nvme_store_gbps"] / result["disk_write_gbps"],
         "nvme_load_vs_disk_read": k["nvme_load_gbps"] / result["disk_read_gbps"],
         "dram_vs_redis": (
@@ -346,15 +411,45 @@ def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int) -> di
     }
     r = result["ratios"]
     result["targets_met"] = {
-        "dram_store_ge_0.7x_memcpy": r["dram_store_vs_memcpy"] >= 0.7,
-        "dram_load_ge_0.7x_memcpy": r["dram_load_vs_memcpy"] >= 0.7,
-        "nvme_store_ge_0.7x_disk": r["nvme_store_vs_disk_write"] >= 0.7,
-        "nvme_load_ge_0.7x_disk": r["nvme_load_vs_disk_read"] >= 0.7,
+        "dram_store_ge_0.8x_bulk_memcpy": r["dram_store_vs_bulk_memcpy"] >= 0.8,
+        "dram_load_ge_0.8x_bulk_memcpy": r["dram_load_vs_bulk_memcpy"] >= 0.8,
+        "nvme_store_ge_0.8x_disk": r["nvme_store_vs_disk_write"] >= 0.8,
+        "nvme_load_ge_0.8x_disk": r["nvme_load_vs_disk_read"] >= 0.8,
         "dram_ge_10x_redis": None if r["dram_vs_redis"] is None else r["dram_vs_redis"] >= 10,
         "lookup_le_2ms": result["lookup_10k_ms_p50"] <= 2.0,
     }
     return result
 
 
+# Figures an earlier version of this bench named otherwise (for --compare).
+RENAMED = {"memcpy_gbps": "block_memcpy_gbps"}
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    return run_and_report("datapath", lambda: run(args.dir, args.total_bytes, args.block_bytes, args.lookups), args.json)
+    baseline = None
+    if args.compare is not None:
+        try:
+            baseline = load_baseline(args.compare)
+        except ValueError as exc:  # checked before the run, not after minutes of it
+            print(f"kvd bench datapath: {exc}", file=sys.stderr)
+            return 1
+
+    def measure() -> dict:
+        result = run(args.dir, args.total_bytes, args.block_bytes, args.lookups, args.bulk_repeat)
+        if baseline is not None:
+            result["compare"] = compare(result, baseline, RENAMED)
+        return result
+
+    if args.json or baseline is None:
+        return run_and_report("datapath", measure, args.json)
+    try:
+        result = measure()
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"kvd bench datapath: {exc}", file=sys.stderr)
+        return 1
+    cmp = result.pop("compare")
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    print(f"compared with {args.compare} (measured {cmp['baseline_measured'] or 'at an unknown commit'}):")
+    print(format_table(cmp))
+    return 0

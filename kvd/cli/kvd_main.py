@@ -108,12 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    dp = bench_sub.add_parser("datapath", help="kvd store/load vs memcpy, raw direct I/O and Redis")
-    dp.add_argument("--json", action="store_true", help="print one JSON object")
-    dp.add_argument("--total-bytes", type=_size, default=1 << 30, metavar="SIZE", help="bytes moved per measurement (default 1GiB)")
-    dp.add_argument("--block-bytes", type=_size, default=256 << 10, metavar="SIZE", help="block size (default 256KiB)")
-    dp.add_argument("--dir", type=Path, default=Path("var/bench"), help="scratch directory on the NVMe filesystem")
-    dp.add_argument("--lookups", type=int, default=200, help="lookups of a 10,000-hash prefix to time")
+    from kvd.bench.datapath import add_arguments as add_datapath_arguments
+
+    add_datapath_arguments(
+        bench_sub.add_parser("datapath", help="kvd store/load vs bulk memcpy, raw direct I/O and Redis"), _size
+    )
     rt = bench_sub.add_parser("router", help="the router index: score per key, event ingest (memory and Redis)")
     rt.add_argument("--json", action="store_true", help="print one JSON object")
     rt.add_argument("--nodes", type=int, default=8, help="simulated nodes (default 8)")
