@@ -103,8 +103,41 @@ static void copy_all(run_t *runs, Py_ssize_t count) {
     Py_END_ALLOW_THREADS
 }
 
-/* The ints of a sequence (offsets or lengths); NULL with an exception set. */
+/* The ints of a contiguous buffer of signed 64-bit ints (a numpy int64 array), or NULL
+ * with no exception when ``obj`` is not one (the caller reads it as a sequence then). */
+static Py_ssize_t *int64_buffer(PyObject *obj, Py_ssize_t want, const char *what, int *failed) {
+    *failed = 0;
+    if (sizeof(Py_ssize_t) != 8 || PyList_Check(obj) || PyTuple_Check(obj) || !PyObject_CheckBuffer(obj)) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(obj, &b, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    const char *f = b.format ? b.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    Py_ssize_t *out = NULL;
+    if (b.itemsize == 8 && (*f == 'q' || *f == 'l') && f[1] == '\0') {
+        Py_ssize_t n = b.len / 8;
+        if (want >= 0 && n != want) {
+            PyErr_Format(PyExc_ValueError, "%zd %s for %zd runs", n, what, want);
+            *failed = 1;
+        } else if ((out = PyMem_Malloc(sizeof(Py_ssize_t) * (n ? n : 1))) == NULL) {
+            PyErr_NoMemory();
+            *failed = 1;
+        } else {
+            memcpy(out, b.buf, (size_t)b.len);
+        }
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+/* The ints of a sequence (offsets or lengths), or of an int64 array; NULL with an
+ * exception set. */
 static Py_ssize_t *int_array(PyObject *seq, Py_ssize_t want, const char *what) {
+    int failed;
+    Py_ssize_t *direct = int64_buffer(seq, want, what, &failed);
+    if (direct != NULL || failed) return direct;
     PyObject *fast = PySequence_Fast(seq, what);
     if (fast == NULL) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvd.native import copy as native_copy
+
 
 def _block_view(cache: np.ndarray, buf) -> np.ndarray:
     raw = np.frombuffer(buf, dtype=np.uint8)
@@ -51,13 +53,44 @@ def _block_runs(flat: np.ndarray, lay) -> np.ndarray:
 
 
 def copy_host(paged, ids: list[int], targets: list, to_slots: bool) -> None:
-    """The host backend of :class:`kvd.native.paged.PagedKv`: one numpy copy per (slot,
-    layer) between a block's runs and the slot's bytes. Arguments are already checked.
+    """The host backend of :class:`kvd.native.paged.PagedKv`: every (slot, layer) run of
+    bytes between the blocks and their slots. Arguments are already checked.
 
-    numpy is the CPU path rather than torch because its per-copy overhead is lower
-    (docs/decisions.md, "Data path").
+    With the compiled helper (:mod:`kvd.native.copy`, :data:`RUNS` not None) a layer's runs
+    of every slot in one buffer go in one call, the GIL released and the bytes streamed past
+    the cache; without it, one numpy copy per (slot, layer) (numpy rather than torch: its
+    per-copy overhead is lower, docs/decisions.md, "Data path").
     """
-    views = [_block_runs(f, lay) for f, lay in zip(paged.flat(), paged.layouts)]
+    if RUNS is None:
+        _copy_numpy(paged, ids, targets, to_slots)
+        return
+    flats = [_as_numpy(f) for f in paged.flat()]
+    by_buffer: dict[int, tuple[object, list[int], list[int]]] = {}
+    for b, t in zip(ids, targets):
+        entry = by_buffer.setdefault(id(t.buf), (t.buf, [], []))
+        entry[1].append(b)
+        entry[2].append(t.offset)
+    for buf, blocks, offsets in by_buffer.values():
+        blocks_at = np.asarray(blocks, dtype=np.int64)[:, None]
+        slots_at = np.asarray(offsets, dtype=np.int64)[:, None]
+        for flat, lay, loff in zip(flats, paged.layouts, paged.layer_offsets):
+            chunk = np.arange(lay.chunks, dtype=np.int64)[None, :]
+            in_cache = (blocks_at * lay.block_stride + chunk * lay.chunk_stride).ravel()
+            in_slot = (slots_at + loff + chunk * lay.chunk_bytes).ravel()
+            lengths = np.full(in_cache.size, lay.chunk_bytes, dtype=np.int64)
+            if to_slots:
+                RUNS(buf, in_slot, flat, in_cache, lengths)
+            else:
+                RUNS(flat, in_cache, buf, in_slot, lengths)
+
+
+def _as_numpy(flat) -> np.ndarray:
+    return flat if isinstance(flat, np.ndarray) else flat.numpy()
+
+
+def _copy_numpy(paged, ids: list[int], targets: list, to_slots: bool) -> None:
+    """One numpy copy per (slot, layer) between a block's runs and the slot's bytes."""
+    views = [_block_runs(_as_numpy(f), lay) for f, lay in zip(paged.flat(), paged.layouts)]
     shapes = [(lay.chunks, lay.chunk_bytes) for lay in paged.layouts]
     sizes = [lay.block_bytes for lay in paged.layouts]
     for b, t in zip(ids, targets):
@@ -68,3 +101,8 @@ def copy_host(paged, ids: list[int], targets: list, to_slots: bool) -> None:
                 slot[...] = view[b]
             else:
                 view[b] = slot
+
+
+# The compiled helper's copy_runs, or None (the numpy copies): chosen at import, as
+# kvd.native.copy chooses (KVD_NATIVE_COPY=numpy forces numpy).
+RUNS = getattr(native_copy.IMPLEMENTATIONS.get("c"), "copy_runs", None)

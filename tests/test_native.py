@@ -262,3 +262,31 @@ def test_cuda_kernel_into_pinned_host_arena_and_back():
         assert torch.equal(block_of2(1, 3), block_of(1, 8))
     finally:
         unpin(ptr)
+
+
+@pytest.mark.parametrize("runs", ["c", "numpy"])
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_host_backend_with_and_without_the_compiled_copy(kind, runs, monkeypatch):
+    """The host backend's two paths (kvd.native.copy's compiled copy_runs, numpy per slot)
+    gather the reference's bytes into scattered arena slots and scatter them back."""
+    from kvd.native import copy as native_copy
+    from kvd.native import host
+
+    if runs == "c" and "c" not in native_copy.IMPLEMENTATIONS:
+        pytest.skip("the compiled helper kvd.native._copy is not built here")
+    monkeypatch.setattr(host, "RUNS", native_copy.IMPLEMENTATIONS["c"].copy_runs if runs == "c" else None)
+    _, caches, block_of = _base_and_view(kind, torch.float16)
+    nb = NB if kind in ("heads_outside_blocks", "tokens_outside_heads") else None
+    paged = PagedKv(caches, num_blocks=nb)
+    ids = [3, 8, 0, 5]
+    offsets = [i * 2 * paged.slot_bytes + 64 * i for i in (3, 0, 2, 1)]
+    arena = np.zeros(8 * paged.slot_bytes, dtype=np.uint8)
+    assert paged.gather(ids, arena, offsets, backend="host") == "host"
+    for off, b in zip(offsets, ids):
+        assert arena[off : off + paged.slot_bytes].tobytes() == _expected(block_of, [b])
+    bases2, caches2, block_of2 = _base_and_view(kind, torch.float16)
+    for x in bases2:
+        x.zero_()
+    PagedKv(caches2, num_blocks=NB).scatter(ids, arena, offsets, backend="host")
+    for b in ids:
+        assert all(torch.equal(block_of2(l, b), block_of(l, b)) for l in range(L))

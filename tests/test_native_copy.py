@@ -121,3 +121,12 @@ def test_arena_batches_copy_in_and_out_and_keep_off_the_header(impl, tmp_path, m
             arena.copy_out_many([HEADER_BYTES + 8 * block - 10], [bytearray(20)])  # past the end
         assert arena.header == daemon_side.header
         arena.close()
+
+
+def test_offsets_may_come_as_int64_arrays_or_sequences(impl):
+    src = _random(4096, 7)
+    dst = np.zeros(4096, dtype=np.uint8)
+    impl.copy_runs(dst, np.array([2048, 0], dtype=np.int64), src, np.array([0, 2048]), np.array([2048, 2048]))
+    assert bytes(dst) == bytes(src[2048:]) + bytes(src[:2048])
+    with pytest.raises(ValueError, match="for 2 runs"):
+        impl.copy_runs(dst, np.array([0], dtype=np.int64), src, [0, 1], np.array([1, 1]))
