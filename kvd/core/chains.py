@@ -8,7 +8,6 @@ changes (:mod:`kvd.core.placement`) walk the catalog as its plan would leave it.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 from kvd.core.catalog import BlockKey, BlockRecord, Namespace
