@@ -35,13 +35,16 @@ class LognormalFit:
     m2: float = 0.0
 
     def add(self, x: float, count: int = 1) -> None:
-        """``count`` observations of ``x`` (merged at once: the same fit as one by one)."""
+        """``count`` observations of ``x``, one by one (the float operations of ``count``
+        calls, so that a fit never depends on how its observations were batched)."""
         y = math.log(max(x, self.floor_s))
-        n = self.n + count
-        delta = y - self.mean
-        self.mean += delta * count / n
-        self.m2 += delta * delta * self.n * count / n
-        self.n = n
+        n, mean, m2 = self.n, self.mean, self.m2
+        for _ in range(count):
+            n += 1
+            delta = y - mean
+            mean += delta / n
+            m2 += delta * (y - mean)
+        self.n, self.mean, self.m2 = n, mean, m2
 
     @property
     def mu(self) -> float:

@@ -58,7 +58,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
@@ -208,9 +208,9 @@ class TypedPolicy(Policy):
                 members[key] = now
                 members.move_to_end(key)
         # One re-use gap per shared block, whatever its tiers; a prefix's blocks were last
-        # used together, so their gaps come in a few values, each observed once with its count.
-        for last, count in Counter(last_seen.values()).items():
-            self.shared_gaps.observe(None, now - last, count=count)
+        # used together, so their gaps come in runs of one value, each observed with its count.
+        for last, run in itertools.groupby(last_seen.values()):
+            self.shared_gaps.observe(None, now - last, count=sum(1 for _ in run))
         self._recency.on_accessed(keys, now)
 
     def _judge(self, session: Session) -> None:
