@@ -54,7 +54,7 @@ from kvd.native import copy as native_copy
 GB = 1e9
 
 
-def _filled(nbytes: int, seed: int = 0) -> mmap.mmap:
+def filled_buffer(nbytes: int, seed: int = 0) -> mmap.mmap:
     """A page-aligned, pre-faulted buffer of random bytes."""
     buf = mmap.mmap(-1, nbytes)
     arr = np.frombuffer(buf, dtype=np.uint8)
@@ -382,7 +382,7 @@ def run(directory: Path, total_bytes: int, block_bytes: int, lookups: int, bulk_
         raise ValueError("--bulk-repeat must be at least 1")
     total = total_bytes - total_bytes % block_bytes
     directory.mkdir(parents=True, exist_ok=True)
-    src = _filled(total)
+    src = filled_buffer(total)
     result: dict = {
         "block_bytes": block_bytes,
         "total_bytes": total,

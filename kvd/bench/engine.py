@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from kvd.bench import run_and_report
+from kvd.bench.datapath import bulk_memcpy, filled_buffer
 from kvd.bench.soak import SoakDaemon, block_hash
 
 NAMESPACE = "engine-bench"
@@ -95,19 +96,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def bulk_memcpy_bps(nbytes: int = 256 << 20, repeat: int = 4) -> float:
-    """The machine's bulk memcpy, bytes per second: one numpy copy of ``nbytes``, best of ``repeat``."""
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # both buffers touched before timing
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
 
 
 # -- one engine process -------------------------------------------------------------------------
@@ -261,7 +249,9 @@ def run(cfg: EngineBenchConfig) -> dict:
     cfg.validate()
     directory = cfg.dir.resolve()  # the daemon's unix socket path must not depend on its cwd
     directory.mkdir(parents=True, exist_ok=True)
-    bulk = bulk_memcpy_bps()
+    src = filled_buffer(256 << 20)
+    bulk = bulk_memcpy(src, 4) * 1e9  # bytes per second, the run's limit
+    src.close()
     with tempfile.TemporaryDirectory(dir=directory, prefix="engine-") as tmp:
         daemon = SoakDaemon(Path(tmp), cfg)
         try:

@@ -39,14 +39,14 @@ _encode = msgspec.msgpack.Encoder().encode
 KVD_MEDIUM = MEDIUM_CPU  # a store lands in kvd's DRAM tier (a host shared-memory arena)
 
 
-def save_origin(request: Request, first: int, count: int, block_size: int) -> SaveOrigin:
+def save_origin(request: Request, first: int, count: int, block_size: int, extra: list | None) -> SaveOrigin:
     """What the request's blocks ``[first, first + count)`` were computed from, for kvd to keep
-    and publish: each block's tokens, the LoRA adapter, and each block's extra keys as vLLM's
-    block pool publishes them (one msgpack array a block; None where a block has none)."""
+    and publish: each block's tokens, the LoRA adapter, and each block's extra keys
+    (``extra``, from :func:`event_extra_keys`; each sent as one msgpack array, None where a
+    block has none)."""
     tokens = request.all_token_ids
     start = first * block_size
     token_ids = [list(tokens[lo : lo + block_size]) for lo in range(start, start + count * block_size, block_size)]
-    extra = _extra_keys(request, first, count, block_size)
     lora = request.lora_request
     return SaveOrigin(
         token_ids=token_ids,
@@ -55,7 +55,9 @@ def save_origin(request: Request, first: int, count: int, block_size: int) -> Sa
     )
 
 
-def _extra_keys(request: Request, first: int, count: int, block_size: int) -> list | None:
+def event_extra_keys(request: Request, first: int, count: int, block_size: int) -> list | None:
+    """The extra keys of the request's blocks ``[first, first + count)`` as vLLM's block pool
+    publishes them (one entry a block), or None."""
     start, end = first * block_size, (first + count) * block_size
     extra = []
     for lo in range(start, end, block_size):
@@ -64,10 +66,13 @@ def _extra_keys(request: Request, first: int, count: int, block_size: int) -> li
     return to_event_extra_keys(extra)
 
 
-def stored_event(request: Request, first: int, count: int, block_size: int, session_id: str | None) -> BlockStored:
+def stored_event(
+    request: Request, first: int, count: int, block_size: int, session_id: str | None, extra: list | None = ...
+) -> BlockStored:
     """``BlockStored`` for the request's blocks ``[first, first + count)``, as vLLM's block pool
     words it for a block it caches (hash format per ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``),
-    with medium ``CPU``. The blocks' tokens must be known (they are once saved)."""
+    with medium ``CPU``. The blocks' tokens must be known (they are once saved). ``extra``:
+    their :func:`event_extra_keys`, when the caller has them already."""
     if count <= 0 or first < 0 or first + count > len(request.block_hashes):
         raise ValueError(
             f"request {request.request_id}: blocks [{first}, {first + count}) of its "
@@ -85,7 +90,7 @@ def stored_event(request: Request, first: int, count: int, block_size: int, sess
         lora_id=lora.adapter_id if lora else None,
         medium=KVD_MEDIUM,
         lora_name=lora.name if lora else None,
-        extra_keys=_extra_keys(request, first, count, block_size),
+        extra_keys=event_extra_keys(request, first, count, block_size) if extra is ... else extra,
         group_idx=0,  # the connector serves single-group models only
         session_id=session_id,
     )

@@ -48,7 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kvd.client import Client, ClientError
-from kvd.connector.events import save_origin, stored_event
+from kvd.connector.events import event_extra_keys, save_origin, stored_event
 from kvd.connector.paged import PagedCaches
 from kvd.connector.plan import (
     LoadSpec,
@@ -252,10 +252,12 @@ class KvdConnector(KVConnectorBase_V1):
             self._unconfirmed[save.save_id] = save.req_id
             request = self._planner.request(save.req_id)
             # The blocks' tokens go with them: kvd's KV events carry them to token-keyed routers.
-            saves.append(replace(save, origin=save_origin(request, save.first, len(save.hashes), self._block_size)))
+            extra = event_extra_keys(request, save.first, len(save.hashes), self._block_size)
+            saves.append(replace(save, origin=save_origin(request, save.first, len(save.hashes), self._block_size, extra)))
             if self._emit_events:
                 self._pending_events[save.save_id] = stored_event(
-                    request, save.first, len(save.hashes), self._block_size, save.session_id or request.session_id
+                    request, save.first, len(save.hashes), self._block_size, save.session_id or request.session_id,
+                    extra,
                 )
         released, self._released = self._released, []
         return KvdConnectorMetadata(
