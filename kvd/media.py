@@ -16,12 +16,15 @@ class TierName(StrEnum):
     HBM = "hbm"
     DRAM = "dram"
     NVME = "nvme"
+    CLUSTER = "cluster"  # the cluster tier every node reads (kvd.cluster); not the core's hierarchy
 
 
-HBM, DRAM, NVME = TierName.HBM, TierName.DRAM, TierName.NVME
-TIER_NAMES: tuple[TierName, ...] = (HBM, DRAM, NVME)  # fastest first; demotion goes one step right
+HBM, DRAM, NVME, CLUSTER = TierName.HBM, TierName.DRAM, TierName.NVME, TierName.CLUSTER
+TIER_NAMES: tuple[TierName, ...] = (HBM, DRAM, NVME)  # the node's own, fastest first; demotion goes one step right
+ALL_TIERS: tuple[TierName, ...] = (*TIER_NAMES, CLUSTER)  # fastest first: the node's own, then the cluster
 # Wire codes of the tiers (the kvd.v1.Tier enum's values; 0 is "unspecified").
-TIER_CODES: dict[TierName, int] = {HBM: 1, DRAM: 2, NVME: 3}
+TIER_CODES: dict[TierName, int] = {HBM: 1, DRAM: 2, NVME: 3, CLUSTER: 4}
+TIER_BY_CODE: dict[int, TierName] = {code: tier for tier, code in TIER_CODES.items()}
 
 Buffer = bytes | bytearray | memoryview  # anything exposing the buffer protocol
 

@@ -24,7 +24,7 @@ from kvd.cli import render
 from kvd.cli.parsing import ArgumentParser
 from kvd.client import BlockInfo, Client, ClientError, NamespaceInfo, Status, TlsFiles, default_address
 from kvd.client.channel import listening, open_channel
-from kvd.media import TIER_NAMES
+from kvd.media import TIER_BY_CODE
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 OUTPUTS = ("table", "json", "yaml")
@@ -209,12 +209,12 @@ def _event_fields(e: view_pb2.Event) -> dict:
         fields.update(
             hash=body.hash,
             parent=body.parent if body.HasField("parent") else None,
-            tier=str(TIER_NAMES[body.tier - 1]),
+            tier=str(TIER_BY_CODE[body.tier]),
             nbytes=body.nbytes,
             session_id=body.session_id or None,
         )
     elif kind == "removed":
-        fields.update(hash=body.hash, tier=str(TIER_NAMES[body.tier - 1]), reason=body.reason)
+        fields.update(hash=body.hash, tier=str(TIER_BY_CODE[body.tier]), reason=body.reason)
     elif kind == "registered":
         fields.update(block_tokens=body.block_tokens, block_bytes=body.block_bytes)
     elif kind == "session":

@@ -20,7 +20,7 @@ import grpc
 
 from kvd.client import Client, ClientError
 from kvd.client.channel import TlsFiles, open_channel
-from kvd.media import TIER_NAMES
+from kvd.media import TIER_BY_CODE
 from kvd.router.index import BlockIndex, MemoryIndex
 from kvd.v1 import view_pb2, view_pb2_grpc
 
@@ -128,9 +128,9 @@ class _Feed:
                 if removed:
                     self.index.apply(self.address, stored, removed)
                     stored, removed = [], []
-                stored.append((e.stored.namespace, e.stored.hash, TIER_NAMES[e.stored.tier - 1]))
+                stored.append((e.stored.namespace, e.stored.hash, TIER_BY_CODE[e.stored.tier]))
             elif kind == "removed":
-                removed.append((e.removed.namespace, e.removed.hash, TIER_NAMES[e.removed.tier - 1]))
+                removed.append((e.removed.namespace, e.removed.hash, TIER_BY_CODE[e.removed.tier]))
             elif kind == "registered":
                 self.block_tokens[e.registered.namespace] = e.registered.block_tokens
             elif kind == "cleared":

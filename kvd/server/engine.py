@@ -14,7 +14,9 @@ from kvd.media import TIER_CODES
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
-if TIER_CODES != {"hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME}:
+if TIER_CODES != {
+    "hbm": types_pb2.TIER_HBM, "dram": types_pb2.TIER_DRAM, "nvme": types_pb2.TIER_NVME, "cluster": types_pb2.TIER_CLUSTER
+}:
     raise ImportError("kvd.tiers.TIER_CODES disagrees with the kvd.v1.Tier enum")
 SESSION_KINDS = {
     engine_pb2.TURN_START: "turn_start",

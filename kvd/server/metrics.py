@@ -37,7 +37,7 @@ from kvd import __version__
 from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
 from kvd.core.sessions import STATES
 from kvd.core.types import Moved, TransferKind
-from kvd.tiers import TIER_NAMES
+from kvd.media import TIER_BY_CODE
 from kvd.tiers.health import TierHealth
 
 NO_CLASS = "none"  # the class label under a policy that keeps no classes (lru)
@@ -200,7 +200,7 @@ class DaemonMetrics:
     def looked_up(self, runs: Sequence[tuple[int, int]], misses: int) -> None:
         """A Lookup's answer: ``runs`` of (tier code, blocks) of the held prefix."""
         for code, n in runs:
-            self.lookup_hits.labels(TIER_NAMES[code - 1]).inc(n)
+            self.lookup_hits.labels(TIER_BY_CODE[code]).inc(n)
         if misses:
             self.lookup_misses.inc(misses)
 

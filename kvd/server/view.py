@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
-from kvd.media import TIER_CODES, TIER_NAMES
+from kvd.media import TIER_BY_CODE, TIER_CODES
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.server.tenants import caller
@@ -135,7 +135,7 @@ class ViewService(view_pb2_grpc.ViewServicer):
         ns = self.s.core.namespace(request.namespace)
         codes = self.s.core.lookup_codes(request.namespace, request.hashes)
         counts = {code: codes.count(code) for code in set(codes)}
-        load_s = sum(n * ns.block_bytes * self._load_s_per_byte[TIER_NAMES[c - 1]] for c, n in counts.items())
+        load_s = sum(n * ns.block_bytes * self._load_s_per_byte[TIER_BY_CODE[c]] for c, n in counts.items())
         return view_pb2.ScoreResponse(
             matched_blocks=len(codes),
             matched_tokens=len(codes) * ns.block_tokens,

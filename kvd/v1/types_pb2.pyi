@@ -13,10 +13,12 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_HBM: _ClassVar[Tier]
     TIER_DRAM: _ClassVar[Tier]
     TIER_NVME: _ClassVar[Tier]
+    TIER_CLUSTER: _ClassVar[Tier]
 TIER_UNSPECIFIED: Tier
 TIER_HBM: Tier
 TIER_DRAM: Tier
 TIER_NVME: Tier
+TIER_CLUSTER: Tier
 
 class SlotRef(_message.Message):
     __slots__ = ("offset", "length", "tier")
