@@ -95,6 +95,12 @@ class Policy(ABC):
         """Whether ``key``, evicted from ``tier``, should be copied one tier down (True) or
         dropped (False)."""
 
+    def worth_sharing(self, key: BlockKey, tier: str) -> bool:
+        """Whether ``key``, held in ``tier``, is worth a copy in the cluster tier, which every
+        node reads (a session's chain that may resume elsewhere, a shared prefix): every
+        block but an ephemeral one. A policy that keeps no classes shares every block."""
+        return self.retention_class(key, tier) != "ephemeral"
+
     @abstractmethod
     def retention_class(self, key: BlockKey, tier: str) -> str | None:
         """The retention class of ``key``'s copy in ``tier`` (one of ``RETENTION_CLASSES``),
