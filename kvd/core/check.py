@@ -3,7 +3,8 @@
 - every copy's slot is allocated in its tier's space, no two copies share a slot, and the
   bytes of a tier's copies (plus, in the top tier, its quarantined slots) equal the space's
   ``used_bytes``;
-- a copy's ``readers`` equals the load leases pinning it plus the transfers reading it;
+- a copy's ``readers`` equals the load leases pinning it plus the transfers and cluster
+  exports reading it;
 - a namespace's ``visible`` map holds exactly its blocks with a ready copy, at the fastest;
   its ``children`` and ``shadowed`` indexes agree with the blocks;
 - every transfer in flight has its destination copy; ``promoting`` files only transfers in
@@ -17,6 +18,7 @@ Reads only; O(blocks + leases + transfers).
 from __future__ import annotations
 
 from kvd.core.catalog import BlockKey, Copy
+from kvd.core.exports import Exports
 from kvd.core.holdings import Holdings
 from kvd.core.leases import LeaseTable
 from kvd.core.sessions import SessionTable
@@ -24,7 +26,9 @@ from kvd.core.transfers import Transfers
 from kvd.media import TIER_CODES, TierName
 
 
-def check(holdings: Holdings, leases: LeaseTable, transfers: Transfers, sessions: SessionTable) -> list[str]:
+def check(
+    holdings: Holdings, leases: LeaseTable, transfers: Transfers, sessions: SessionTable, exports: Exports | None = None
+) -> list[str]:
     problems: list[str] = []
     tiers = holdings.tiers
     used = dict.fromkeys(tiers, 0)
@@ -78,19 +82,21 @@ def check(holdings: Holdings, leases: LeaseTable, transfers: Transfers, sessions
     for tier in tiers:
         if used[tier] != holdings.spaces[tier].used_bytes:
             problems.append(f"{tier}: copies hold {used[tier]} bytes, the space says {holdings.spaces[tier].used_bytes}")
-    problems += _pins_and_reads(holdings, leases, transfers, readers)
+    problems += _pins_and_reads(holdings, leases, transfers, readers, exports.pins() if exports else {})
+    if exports is not None:
+        problems += exports.check()
     problems += holdings.policy.check(held)
     problems += sessions.check()
     return problems
 
 
 def _pins_and_reads(
-    holdings: Holdings, leases: LeaseTable, transfers: Transfers, readers: dict[Copy, int]
+    holdings: Holdings, leases: LeaseTable, transfers: Transfers, readers: dict[Copy, int], exported: dict[Copy, int]
 ) -> list[str]:
-    """Readers against the leases and transfers that account for them; transfers and
-    pins against the catalog."""
+    """Readers against the leases, transfers and exports that account for them; transfers
+    and pins against the catalog."""
     problems = []
-    expected: dict[Copy, int] = {}
+    expected: dict[Copy, int] = dict(exported)
     for lease in leases.loads.values():
         for item in lease.items:
             if item is None:

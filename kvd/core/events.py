@@ -24,6 +24,7 @@ class RemovalReason(StrEnum):
     CLEARED = "cleared"  # its namespace was cleared
     EVICTED_BY_OPERATOR = "evicted_by_operator"  # kvctl evict
     DISCARDED = "discarded"  # it never became readable (a store discarded, a transfer failed)
+    GONE = "gone"  # the cluster tier no longer holds it (evicted there, or its master restarted empty)
 
 
 # The reasons whose drop of a block's last copy takes its held descendants with it: a

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from kvd.core.catalog import BlockKey, BlockRecord, Catalog, Copy, Namespace
 from kvd.core.check import check
 from kvd.core.errors import InvalidArgument, check_name
-from kvd.core.events import Event, EventLog
+from kvd.core.events import Event, EventLog, RemovalReason
+from kvd.core.exports import ExportBatch, Exports
 from kvd.core.holdings import Holdings
 from kvd.core.leases import LeaseTable
 from kvd.core.loads import Loads
@@ -88,7 +89,8 @@ class KvCore:
         self.leases = LeaseTable(self.config, lease_prefix)
         self.holdings = Holdings(self.tiers, self.spaces, self.catalog, policy, self.events, self.leases, clock)
         self.transfers = Transfers(self.holdings, self.config, self.planner)
-        self._stores = Stores(self.holdings, self.leases, self.transfers, self.planner)
+        self.exports = Exports(self.holdings, self.events)
+        self._stores = Stores(self.holdings, self.leases, self.transfers, self.planner, self.exports)
         self._loads = Loads(self.holdings, self.leases, self.transfers, self.planner)
         self._operator = Operator(self.holdings, self.sessions, self.transfers, self.config)
 
@@ -187,9 +189,9 @@ class KvCore:
         self._sync_sessions()
         return self._stores.grant(ns, blocks, now, session, lease_seconds)
 
-    def commit_store(self, lease_id: str, failed: Iterable[int] = (), abort: bool = False) -> int:
+    def commit_store(self, lease_id: str, failed: Iterable[int] = (), abort: bool = False, share: bool = True) -> int:
         """Phase 2: make the written blocks visible; see :meth:`Stores.commit`."""
-        return self._stores.commit(lease_id, failed, abort)
+        return self._stores.commit(lease_id, failed, abort, share)
 
     def prepare_load(self, namespace: str, hashes: Sequence[int], lease_seconds: float = 0) -> LoadGrant | Wait:
         """Phase 1: pin a top-tier copy of each held block, planning promotions from below.
@@ -275,15 +277,33 @@ class KvCore:
 
     # -- operator actions -----------------------------------------------------------------
     def clear_namespace(self, name: str) -> int:
-        """Drop every readable, unread copy of ``name``'s blocks; returns the blocks left."""
+        """Drop every readable, unread copy of ``name``'s blocks, and forget those this node
+        published to the cluster tier (the daemon removes them there); returns the blocks
+        left."""
+        self.exports.forget_namespace(name, RemovalReason.CLEARED)
         return self._operator.clear_namespace(name)
+
+    # -- the cluster tier -----------------------------------------------------------------
+    def prepare_export(self, max_blocks: int) -> ExportBatch | None:
+        """Phase 1 of a put to the cluster tier: see :meth:`Exports.prepare`."""
+        return self.exports.prepare(max_blocks)
+
+    def complete_export(self, batch_id: int, landed: Sequence[bool]) -> int:
+        """Phase 2: see :meth:`Exports.complete`."""
+        return self.exports.complete(batch_id, landed)
+
+    def forget_published(self, keys: Iterable[BlockKey]) -> int:
+        """The cluster tier no longer holds ``keys``: see :meth:`Exports.forget`."""
+        return self.exports.forget(keys, RemovalReason.GONE)
 
     def evict_session(self, namespace: str, session_id: str) -> tuple[int, int]:
         """Drop the blocks only ``session_id`` holds; (removed, left)."""
         return self._operator.evict_session(namespace, session_id)
 
     def evict_all(self) -> tuple[int, int]:
-        """Clear every namespace; (removed, left)."""
+        """Clear every namespace (and forget what this node published); (removed, left)."""
+        for ns in self.catalog.by_name():
+            self.exports.forget_namespace(ns.name, RemovalReason.CLEARED)
         return self._operator.evict_all()
 
     def pin(self, namespace: str, hashes: Sequence[int]) -> tuple[int, int]:
@@ -425,7 +445,7 @@ class KvCore:
 
     def check(self) -> list[str]:
         """Every invariant violation of the core's state; empty when healthy."""
-        return check(self.holdings, self.leases, self.transfers, self.sessions)
+        return check(self.holdings, self.leases, self.transfers, self.sessions, self.exports)
 
     # -- validation -----------------------------------------------------------------------
     def _validate_blocks(self, ns: Namespace, blocks: Sequence[BlockSpec]) -> None:

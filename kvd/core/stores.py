@@ -16,6 +16,7 @@ from kvd.core.catalog import BlockRecord, Copy, Namespace
 from kvd.core.chains import held_ancestors, reaches_a_root
 from kvd.core.errors import InvalidArgument, NoSpace
 from kvd.core.events import RemovalReason
+from kvd.core.exports import Exports
 from kvd.core.holdings import Holdings
 from kvd.core.leases import LeaseTable, StoreLease
 from kvd.core.placement import Planner, Protect, apply, may_fit
@@ -30,12 +31,18 @@ class Stores:
     state at this instant."""
 
     def __init__(
-        self, holdings: Holdings, leases: LeaseTable, transfers: Transfers, planner: Callable[[Protect], Planner]
+        self,
+        holdings: Holdings,
+        leases: LeaseTable,
+        transfers: Transfers,
+        planner: Callable[[Protect], Planner],
+        exports: Exports,
     ) -> None:
         self.holdings = holdings
         self.leases = leases
         self.transfers = transfers
         self.planner = planner
+        self.exports = exports
 
     def grant(
         self, ns: Namespace, blocks: Sequence[BlockSpec], now: float, session: Session, lease_seconds: float
@@ -180,11 +187,12 @@ class Stores:
         quarantined = sum(slot.length for slot in self.leases.quarantined())
         return may_fit(held.spaces[top], nbytes, stuck, lands, quarantined)
 
-    def commit(self, lease_id: str, failed: Iterable[int] = (), abort: bool = False) -> int:
+    def commit(self, lease_id: str, failed: Iterable[int] = (), abort: bool = False, share: bool = True) -> int:
         """Make the lease's written blocks visible; discard ``failed`` ones (indexes into the
         lease's blocks), and the blocks of this lease that follow a discarded one in the
         chain, or a block that was held when the store was granted and is gone now. Returns
-        how many were committed. Raises UnknownLease, InvalidArgument."""
+        how many were committed. ``share``: offer them to the cluster tier (not for blocks
+        read from it). Raises UnknownLease, InvalidArgument."""
         lease = self.leases.store(lease_id)
         failed = set(failed)
         bad = [i for i in failed if not 0 <= i < len(lease.items)]
@@ -210,6 +218,8 @@ class Stores:
             if self.transfers.writes_behind:
                 self.transfers.write_behind.append(record)
         held.policy.on_stored(held.top, [r.key for r in committed], now)
+        if share:
+            self.exports.offer(committed)
         if committed:
             # The prefix this store extends was used too, and must stay more recent than
             # its new tail (a held prefix stays a prefix).
