@@ -6,16 +6,25 @@ Streams start from a sequence number taken before the change they wait for (a sn
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import grpc
 import pytest
+from prometheus_client import generate_latest
+from test_metrics import FakeState, Scrape, tiny_core
 
+from kvd.cli import render
+from kvd.cli.kvctl import _event_fields
 from kvd.client import Client
+from kvd.media import ALL_TIERS
+from kvd.server.metrics import DaemonMetrics
+from kvd.server.view import ViewService, load_s_per_byte
 from kvd.v1 import view_pb2, view_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
@@ -211,3 +220,57 @@ def test_session_changes_reach_only_a_watcher_that_asks_and_kvctl_prints_them(da
         ["kind=stored", f"namespace={NS}", "hash=1", "parent=-", "tier=dram", "nbytes=4096", "session_id=s1"]
     ]
     assert lines[-1] == ["kind=session", f"namespace={NS}", "session_id=s1", "state=tool_pause", "tool=pytest"]
+
+
+# -- the cluster tier in the view's answers (no daemon: the pieces on tiny inputs) ------------
+
+
+def test_load_cost_per_byte_of_each_tier_up_to_hbm():
+    costs = load_s_per_byte(25.0, 6.0)
+    assert costs == {
+        "hbm": 0.0,
+        "dram": pytest.approx(1 / 25e9),
+        "nvme": pytest.approx(1 / 6e9 + 1 / 25e9),
+        "cluster": pytest.approx(1 / 3.3e9 + 1 / 25e9),  # a get into DRAM, then up
+    }
+    assert load_s_per_byte(25.0, 6.0, cluster_get_gbps=10.0)["cluster"] == pytest.approx(1 / 10e9 + 1 / 25e9)
+
+
+def test_score_weighs_a_run_of_cluster_blocks_at_the_clusters_cost():
+    class Core:
+        def namespace(self, name):
+            return SimpleNamespace(block_bytes=1000, block_tokens=16)
+
+        def lookup_codes(self, namespace, hashes):
+            return [2, 2, 3, 4, 4, 4][: len(hashes)]  # two in DRAM, one on NVMe, three in the cluster
+
+    state = SimpleNamespace(core=Core(), after_core=lambda: None)
+    service = ViewService(state, 25.0, 6.0, cluster_get_gbps=2.0)
+    context = SimpleNamespace(invocation_metadata=lambda: ())
+    got = asyncio.run(service.Score(view_pb2.ScoreRequest(namespace=NS, hashes=range(1, 8)), context))
+    assert (got.matched_blocks, got.matched_tokens) == (6, 96)
+    assert [(t.tier, t.blocks) for t in got.by_tier] == [(2, 2), (3, 1), (4, 3)]
+    expected = 2 * 1000 / 25e9 + 1000 * (1 / 6e9 + 1 / 25e9) + 3 * 1000 * (1 / 2e9 + 1 / 25e9)
+    assert got.estimated_load_s == pytest.approx(expected)
+
+
+def test_kvctl_watch_names_the_cluster_tier():
+    stored = view_pb2.Event(seq=5, stored=view_pb2.BlockStoredEvent(namespace=NS, hash=7, tier=4, nbytes=4096))
+    removed = view_pb2.Event(seq=6, removed=view_pb2.BlockRemovedEvent(namespace=NS, hash=7, tier=4, reason="audit"))
+    assert _event_fields(stored)["tier"] == "cluster"
+    assert {k: v for k, v in _event_fields(removed).items() if k != "unix_time"} == {
+        "seq": 6, "kind": "removed", "namespace": NS, "hash": 7, "tier": "cluster", "reason": "audit",
+    }
+    assert render.pairs(_event_fields(stored)).split()[2:] == [
+        "kind=stored", f"namespace={NS}", "hash=7", "parent=-", "tier=cluster", "nbytes=4096", "session_id=-",
+    ]
+
+
+def test_lookup_hits_have_a_cluster_series_from_the_start():
+    metrics = DaemonMetrics(FakeState(tiny_core()))
+    m = Scrape(generate_latest(metrics.registry).decode())
+    assert {t: m("kvd_lookup_hits_total", tier=t) for t in ALL_TIERS} == {t: 0 for t in ALL_TIERS}
+    metrics.looked_up([(2, 3), (4, 2)], misses=1)
+    m = Scrape(generate_latest(metrics.registry).decode())
+    assert (m("kvd_lookup_hits_total", tier="dram"), m("kvd_lookup_hits_total", tier="cluster")) == (3, 2)
+    assert m("kvd_lookup_misses_total") == 1

@@ -37,7 +37,7 @@ from kvd import __version__
 from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
 from kvd.core.sessions import STATES
 from kvd.core.types import Moved, TransferKind
-from kvd.media import TIER_BY_CODE
+from kvd.media import ALL_TIERS, TIER_BY_CODE
 from kvd.tiers.health import TierHealth
 
 NO_CLASS = "none"  # the class label under a policy that keeps no classes (lru)
@@ -125,6 +125,8 @@ class DaemonMetrics:
             "kvd_lookup_hits_total", "Blocks of the held prefix that Lookup found, by fastest tier.", ["tier"],
             registry=r,
         )
+        for tier in ALL_TIERS:  # every tier a Lookup can answer, the cluster's included: 0 until its first hit
+            self.lookup_hits.labels(tier)
         self.lookup_misses = Counter(
             "kvd_lookup_misses_total", "Blocks Lookup was asked for past the held prefix.", registry=r
         )

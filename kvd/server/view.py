@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from kvd.core.events import BlockRemoved, BlockStored, Event, NamespaceCleared, NamespaceRegistered, SessionChanged
-from kvd.media import TIER_BY_CODE, TIER_CODES
+from kvd.media import CLUSTER, DRAM, HBM, NVME, TIER_BY_CODE, TIER_CODES, TierName
 from kvd.server.listing import block_info, held_page
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.server.tenants import caller
@@ -16,6 +16,22 @@ from kvd.v1 import view_pb2, view_pb2_grpc
 WIRE_EVENTS = (BlockStored, BlockRemoved, NamespaceRegistered)
 MAX_BATCH_EVENTS = 1000  # events per WatchResponse
 GB = 1e9
+CLUSTER_GET_GBPS = 3.3  # GB/s of one get from the cluster's Mooncake Store over TCP, as measured
+
+
+def load_s_per_byte(
+    dram_to_hbm_gbps: float, nvme_to_dram_gbps: float, cluster_get_gbps: float = CLUSTER_GET_GBPS
+) -> dict[TierName, float]:
+    """Seconds per byte to bring a block from each tier to the engine (HBM): nothing from
+    HBM; one copy up from DRAM; from NVMe, a read into DRAM and that copy; from the cluster,
+    a get into the node's DRAM and that copy. Rates in GB/s (1e9 bytes a second)."""
+    to_hbm = 1 / (dram_to_hbm_gbps * GB)
+    return {
+        HBM: 0.0,
+        DRAM: to_hbm,
+        NVME: 1 / (nvme_to_dram_gbps * GB) + to_hbm,
+        CLUSTER: 1 / (cluster_get_gbps * GB) + to_hbm,
+    }
 
 
 def event_message(event: Event, unix_offset: float) -> view_pb2.Event:
@@ -61,14 +77,16 @@ def wire_kinds(request: view_pb2.WatchRequest) -> tuple[type, ...]:
 
 
 class ViewService(view_pb2_grpc.ViewServicer):
-    def __init__(self, state: DaemonState, dram_to_hbm_gbps: float, nvme_to_dram_gbps: float) -> None:
+    def __init__(
+        self,
+        state: DaemonState,
+        dram_to_hbm_gbps: float,
+        nvme_to_dram_gbps: float,
+        cluster_get_gbps: float = CLUSTER_GET_GBPS,
+    ) -> None:
+        """The rates (GB/s) are Score's cost model (:func:`load_s_per_byte`)."""
         self.s = state
-        # Seconds per byte to bring a block from each tier to the engine (HBM).
-        self._load_s_per_byte = {
-            "hbm": 0.0,
-            "dram": 1 / (dram_to_hbm_gbps * GB),
-            "nvme": 1 / (nvme_to_dram_gbps * GB) + 1 / (dram_to_hbm_gbps * GB),
-        }
+        self._load_s_per_byte = load_s_per_byte(dram_to_hbm_gbps, nvme_to_dram_gbps, cluster_get_gbps)
 
     @streaming_rpc
     async def Watch(self, request, context):
