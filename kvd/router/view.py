@@ -5,8 +5,10 @@ snapshot's sequence number, applying every event to a shared :class:`BlockIndex`
 order the daemon made them (a namespace cleared drops the node's blocks of it). When the
 stream says ``resync`` (the daemon restarted, or this feed fell out of its event buffer),
 the feed forgets the node's entries and starts over from a new snapshot. A daemon that
-cannot be reached is left out of scores until its feed is back; a node removed from the
-view takes its entries with it.
+cannot be reached is left out of scores until its feed is back (the cluster blocks it
+announced still count for the others: the cluster tier is not its to serve); a node removed
+from the view takes its entries, cluster announcements included, with it
+(:mod:`kvd.router.index` says why).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from kvd.v1 import view_pb2, view_pb2_grpc
 
 log = logging.getLogger("kvd.router")
 
-DEFAULT_TIER_WEIGHTS = {"hbm": 1.0, "dram": 0.8, "nvme": 0.5}
+# A block's score by the tier it is read from. The cluster's follows from its load cost per
+# byte next to NVMe's (kvd.server.view.load_s_per_byte's defaults: a 3.3 GB/s TCP get then
+# DRAM->HBM, 0.34 ns/B, against NVMe->DRAM at 6 GB/s then DRAM->HBM, 0.21 ns/B):
+# NVMe's weight times 0.21/0.34 is 0.3. Still above 0: reading it beats a prefill.
+DEFAULT_TIER_WEIGHTS = {"hbm": 1.0, "dram": 0.8, "nvme": 0.5, "cluster": 0.3}
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,13 @@ class NodeScore:
 
 @dataclass(frozen=True)
 class RouteScore:
-    best: str | None  # the node with the highest score (None when no node holds the first block)
+    """``best``: the highest-scoring node among those that hold a block of their matched
+    prefix in their own tiers; None when none does (no node can read the first block, or
+    every node reads its prefix from the cluster alone: then the cluster's blocks are every
+    node's alike and favour none, and the caller's own choice, ``route``'s ``fallback``,
+    decides). ``nodes``: every node that can read a prefix, cluster-only ones included."""
+
+    best: str | None
     nodes: dict[str, NodeScore]
 
 
@@ -100,7 +112,7 @@ class _Feed:
         # and to turn events into index entries without an object per event.
         while not self._stop.is_set():
             if not self.epoch:
-                self._resync(client)
+                self._resync(client, view)
             request = view_pb2.WatchRequest(from_seq=self.next_seq, epoch=self.epoch, with_cleared=True)
             try:
                 for batch in view.Watch(request):
@@ -139,13 +151,24 @@ class _Feed:
                 self.index.drop_namespace(self.address, e.cleared.namespace)
         self.index.apply(self.address, stored, removed)
 
-    def _resync(self, client: Client) -> None:
-        snapshot = client.snapshot()
-        self.block_tokens = dict(snapshot.block_tokens)
+    def _resync(self, client: Client, view: view_pb2_grpc.ViewStub) -> None:
+        """Replace the node's entries with its Snapshot (every page; the stub, not
+        Client.snapshot, so that every tier the wire names, the cluster's included, is read
+        by ``TIER_BY_CODE``)."""
+        entries: list[tuple[str, int, str]] = []
+        token, first = "", None
+        while True:
+            r = view.Snapshot(view_pb2.SnapshotRequest(page_token=token), timeout=client.timeout)
+            first = first or r
+            entries += [(b.namespace, b.hash, TIER_BY_CODE[t]) for b in r.blocks for t in b.tiers]
+            token = r.next_page_token
+            if not token:
+                break
+        self.block_tokens = {n.namespace: n.block_tokens for n in first.namespaces}
         self.index.drop_node(self.address)
-        self.index.apply(self.address, ((b.namespace, b.hash, t) for b in snapshot.blocks for t in b.tiers), ())
-        self.epoch = snapshot.epoch
-        self._set(connected=True, next_seq=snapshot.as_of_seq)
+        self.index.apply(self.address, entries, ())
+        self.epoch = first.epoch
+        self._set(connected=True, next_seq=first.as_of_seq)
 
     def _set(self, connected: bool, next_seq: int | None = None) -> None:
         with self.changed:
@@ -158,7 +181,9 @@ class _Feed:
 class GlobalView:
     """The blocks of many kvd daemons, kept current from their event streams.
 
-    ``tier_weights``: the score of a block by the fastest tier holding it on a node.
+    ``tier_weights``: the score of a block by the fastest tier a node reads it from: its
+    own tiers, else ``cluster`` (every node reads a cluster block, whichever node announced
+    it); a tier left out weighs 0. ``DEFAULT_TIER_WEIGHTS`` by default.
     ``index``: where the view keeps its entries (in memory by default).
     """
 
@@ -221,10 +246,12 @@ class GlobalView:
             )
 
     def score(self, namespace: str, hashes: Sequence[int]) -> RouteScore:
-        """Per connected node, the matched prefix (tokens by tier) and its weighted score."""
+        """Per connected node, the prefix it can read (tokens by tier: its own tiers, then
+        ``cluster`` for blocks it reads from the cluster) and its weighted score."""
         live = [a for a, f in self._feeds.items() if f.connected]
         nodes: dict[str, NodeScore] = {}
-        for address, match in self.index.match(namespace, hashes, live).items():
+        matches = self.index.match(namespace, hashes, live)
+        for address, match in matches.items():
             tokens = self._feeds[address].block_tokens.get(namespace, 0)
             nodes[address] = NodeScore(
                 address,
@@ -232,7 +259,8 @@ class GlobalView:
                 {str(tier): n * tokens for tier, n in match.by_tier.items()},  # plain names, as printed
                 sum(n * self.tier_weights.get(tier, 0.0) for tier, n in match.by_tier.items()),
             )
-        best = max(nodes.values(), key=lambda s: (s.score, s.matched_blocks), default=None)
+        holders = [nodes[a] for a, m in matches.items() if m.own_blocks]
+        best = max(holders, key=lambda s: (s.score, s.matched_blocks), default=None)
         return RouteScore(best.node if best else None, nodes)
 
     def route(
