@@ -20,6 +20,7 @@ All sizes are bytes.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -177,6 +178,17 @@ class DramArena(Tier):
     @property
     def header(self) -> ArenaHeader:
         return self._header
+
+    @property
+    def address(self) -> int:
+        """The address of the file's first byte in this process (a slot's bytes start at
+        ``address + slot.offset``): for a transfer engine that reads and writes slots in
+        place. Valid until :meth:`close`."""
+        anchor = ctypes.c_char.from_buffer(self._mm)
+        try:
+            return ctypes.addressof(anchor)
+        finally:
+            del anchor  # releases the buffer export at once, so close() still can unmap
 
     # -- data -----------------------------------------------------------------------------
     def view(self, slot: Slot) -> memoryview:

@@ -167,17 +167,21 @@ def status_data(st: Status, serving: bool) -> dict:
         for t in st.tiers
     }
     data["namespaces"] = [asdict(n) for n in st.namespaces]
+    data["cluster"] = asdict(st.cluster) if st.cluster is not None else None
     return data
 
 
 def cmd_status(client: Client, output: str) -> int:
     data = status_data(client.status(), client.serving())
-    scalars = {k: v for k, v in data.items() if k not in ("tiers", "namespaces")}
-    table = "\n\n".join([
+    scalars = {k: v for k, v in data.items() if k not in ("tiers", "namespaces", "cluster")}
+    parts = [
         render.record(scalars),
         "tiers:\n" + render.columns(list(data["tiers"].values()), TIER_KEYS, {"faults": _faults}),
         "namespaces:\n" + render.columns(data["namespaces"], NAMESPACE_KEYS),
-    ])
+    ]
+    if data["cluster"] is not None:
+        parts.append("cluster:\n" + render.record(data["cluster"]))
+    table = "\n\n".join(parts)
     render.emit(output, data, table)
     if not data["serving"]:
         print("kvctl: drained: stores and loads are refused until `kvctl resume`", file=sys.stderr)

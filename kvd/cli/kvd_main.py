@@ -94,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--room-wait-seconds", type=float,
         help="how long a store or load waits for DRAM room before RESOURCE_EXHAUSTED (default 10)",
     )
+    cluster = serve.add_argument_group("cluster tier (Mooncake Store; needs kvd[cluster], docs/cluster.md)")
+    cluster.add_argument("--cluster-master", metavar="HOST:PORT", help="join the cluster of this mooncake_master (off by default)")
+    cluster.add_argument(
+        "--cluster-metadata", metavar="URL", help="its transfer engine's metadata server, e.g. http://HOST:PORT/metadata"
+    )
+    cluster.add_argument(
+        "--cluster-bytes", type=_size, metavar="SIZE", help="memory this node contributes to the cluster (default 4GiB)"
+    )
+    cluster.add_argument(
+        "--cluster-host", metavar="ADDR", help="the address other nodes reach this node's segment at (default 127.0.0.1)"
+    )
+    cluster.add_argument("--cluster-protocol", choices=("tcp", "rdma"), help="the transfer engine's (default tcp)")
+    cluster.add_argument(
+        "--cluster-replicas", type=int, help="copies of each value, on distinct nodes (default 2: one node may leave)"
+    )
+    cluster.add_argument(
+        "--cluster-timeout-seconds", type=float,
+        help="how long a lookup or load waits for the cluster before answering without it (default 2)",
+    )
     # A test and chaos facility (docs/reliability.md), hidden from --help; refused without KVD_ALLOW_FAULTS=1.
     serve.add_argument("--fault-plan", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     serve.add_argument("--no-write-behind", action="store_true", help="write blocks to NVMe only when DRAM evicts them")
@@ -204,6 +223,8 @@ SERVE_FLAGS = (
     "drain_seconds", "log_level", "log_format", "room_wait_seconds", "fault_plan",
     "tls_cert", "tls_key", "tls_client_ca", "tcp_insecure", "admin_token_file", "socket_group",
     "tenants", "unix_tenants",
+    "cluster_master", "cluster_metadata", "cluster_bytes", "cluster_host", "cluster_protocol", "cluster_replicas",
+    "cluster_timeout_seconds",
 )
 
 

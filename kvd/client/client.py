@@ -19,13 +19,14 @@ import grpc
 
 from kvd.client import arena_io
 from kvd.client.channel import TlsFiles, open_channel
+from kvd.media import TIER_CODES
 from kvd.tiers.dram import HEADER_BYTES, ArenaMapping, open_arena
 from kvd.tiers.hbm_share import OpenedPool, PoolHandle
 from kvd.v1 import admin_pb2, admin_pb2_grpc, engine_pb2, engine_pb2_grpc, types_pb2, view_pb2, view_pb2_grpc
 
 DEFAULT_SOCKET = "var/kvd.sock"
 MAX_MESSAGE_BYTES = 256 << 20
-TIER_NAME = {types_pb2.TIER_HBM: "hbm", types_pb2.TIER_DRAM: "dram", types_pb2.TIER_NVME: "nvme"}
+TIER_NAME = {code: str(tier) for tier, code in TIER_CODES.items()}  # wire code -> "hbm", ..., "cluster"
 log = logging.getLogger("kvd.client")
 _CHAIN = object()  # parents omitted: each block's parent is the previous hash in the list
 
@@ -105,6 +106,24 @@ class Status:
     write_behind_queue: int
     recovered_blocks: int
     dropped_on_recovery: int
+    cluster: ClusterInfo | None = None  # without --cluster-master: None
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """The cluster tier as the daemon sees it (kvd.v1 ClusterStatus); seconds, bytes, blocks."""
+
+    state: str  # joining, up, down
+    state_for_s: float
+    reason: str
+    master: str
+    segment_bytes: int
+    published_blocks: int
+    pending_blocks: int
+    put_blocks: int
+    read_blocks: int
+    corrupt_blocks: int
+    timeouts: int
 
 
 @dataclass(frozen=True)
@@ -216,6 +235,13 @@ def _view_event(e) -> ViewEvent:
         )
     return ViewEvent(
         e.seq, e.unix_time, kind, body.namespace, block_tokens=body.block_tokens, block_bytes=body.block_bytes
+    )
+
+
+def _cluster_info(c) -> ClusterInfo:
+    return ClusterInfo(
+        c.state, c.state_for_s, c.reason, c.master, c.segment_bytes, c.published_blocks, c.pending_blocks,
+        c.put_blocks, c.read_blocks, c.corrupt_blocks, c.timeouts,
     )
 
 
@@ -557,6 +583,7 @@ class Client:
             write_behind_queue=r.write_behind_queue,
             recovered_blocks=r.recovered_blocks,
             dropped_on_recovery=r.dropped_on_recovery,
+            cluster=_cluster_info(r.cluster) if r.HasField("cluster") else None,
         )
 
     def list_blocks(self, namespace: str | None = None, page_size: int = 1000) -> Iterator[BlockInfo]:

@@ -64,6 +64,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 )
             )
         return admin_pb2.StatusResponse(
+            cluster=cluster_status(self.s.cluster) if self.s.cluster is not None and who.is_operator else None,
             version=__version__,
             uptime_s=self.s.clock() - self.s.started_at,
             policy=self.s.policy_name,
@@ -249,3 +250,13 @@ def check_timeout(timeout_s: float) -> None:
     """A Sync's or Drain's wait: finite seconds in [0, 3600] (0: the default of 60 s)."""
     if not math.isfinite(timeout_s) or not 0 <= timeout_s <= MAX_TIMEOUT_S:
         raise InvalidArgument(f"timeout_s must be seconds in [0, {MAX_TIMEOUT_S:.0f}] (0: 60), got {timeout_s}")
+
+
+def cluster_status(tier) -> admin_pb2.ClusterStatus:
+    s = tier.status()
+    c = s.counters
+    return admin_pb2.ClusterStatus(
+        state=s.state.value, state_for_s=s.since_s, reason=s.reason, master=s.master, segment_bytes=s.segment_bytes,
+        published_blocks=s.published_blocks, pending_blocks=s.pending_blocks, put_blocks=c.put_blocks,
+        read_blocks=c.got_blocks, corrupt_blocks=c.corrupt, timeouts=c.timeouts,
+    )

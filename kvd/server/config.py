@@ -13,6 +13,7 @@ MAX_UNIX_PATH = 107  # bytes of a unix socket's path (sun_path holds 108 with it
 # no production config file or stray KVD_FAULT_PLAN turns fault injection on by accident.
 ALLOW_FAULTS_ENV = "KVD_ALLOW_FAULTS"
 KV_EVENT_ENCODINGS = ("array", "map")  # kvd serve --kv-events-encoding
+CLUSTER_PROTOCOLS = ("tcp", "rdma")  # kvd serve --cluster-protocol
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,13 @@ class ServeConfig:
     log_format: str = "text"  # text, or json: one object per line with the request id
     drain_seconds: float = 25.0  # SIGTERM: time for leases to finish and kept blocks to reach NVMe
     room_wait_seconds: float = 10.0  # a store or load waits at most this long for DRAM room, then RESOURCE_EXHAUSTED
+    cluster_master: str | None = None  # HOST:PORT of a mooncake_master: join its cluster tier; None: no cluster tier
+    cluster_metadata: str | None = None  # the transfer engine's metadata server (http://HOST:PORT/metadata)
+    cluster_bytes: int = 4 * GiB  # this node's memory contributed to the cluster (its Mooncake segment)
+    cluster_host: str = "127.0.0.1"  # the address other nodes reach this node's segment at
+    cluster_protocol: str = "tcp"  # tcp, or rdma where the NIC has it
+    cluster_replicas: int = 2  # copies of each value on distinct nodes: one node leaving loses none
+    cluster_timeout_seconds: float = 2.0  # a lookup's or a load's wait for the cluster before it answers without it
     fault_plan: Path | None = None  # tests/chaos only (needs KVD_ALLOW_FAULTS=1): JSON rules, see kvd/tiers/faults.py
 
     def validate(self) -> None:
@@ -116,14 +124,35 @@ class ServeConfig:
                 f"--kv-events-encoding must be one of {', '.join(KV_EVENT_ENCODINGS)}, got {self.kv_events_encoding!r}"
             )
         self._validate_security()
-        if self.tcp is not None:
-            host, sep, port = self.tcp.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"--tcp must be HOST:PORT, got {self.tcp!r}")
+        self._validate_cluster()
+        if self.tcp is not None and not _host_port(self.tcp):
+            raise ValueError(f"--tcp must be HOST:PORT, got {self.tcp!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port must be a TCP port, 1..65535 (0: off), got {self.metrics_port}")
         if not self.metrics_host or any(c.isspace() for c in self.metrics_host):
             raise ValueError(f"--metrics-host must be an address or host name, got {self.metrics_host!r}")
+
+    def _validate_cluster(self) -> None:
+        if self.cluster_master is None:
+            if self.cluster_metadata is not None:
+                raise ValueError("--cluster-metadata needs --cluster-master")
+            return
+        if not _host_port(self.cluster_master):
+            raise ValueError(f"--cluster-master must be HOST:PORT, got {self.cluster_master!r}")
+        if self.cluster_metadata is None:
+            raise ValueError("--cluster-master needs --cluster-metadata (e.g. http://HOST:PORT/metadata)")
+        if not self.cluster_metadata.startswith(("http://", "https://", "etcd://", "redis://")):
+            raise ValueError(f"--cluster-metadata must be an http://, etcd:// or redis:// URL, got {self.cluster_metadata!r}")
+        if self.cluster_bytes <= 0:
+            raise ValueError("--cluster-bytes must be positive")
+        if not self.cluster_host or any(c.isspace() or c == "/" for c in self.cluster_host):
+            raise ValueError(f"--cluster-host must be an address or host name, got {self.cluster_host!r}")
+        if self.cluster_protocol not in CLUSTER_PROTOCOLS:
+            raise ValueError(f"--cluster-protocol must be one of {', '.join(CLUSTER_PROTOCOLS)}, got {self.cluster_protocol!r}")
+        if not 1 <= self.cluster_replicas <= 8:
+            raise ValueError(f"--cluster-replicas must be 1..8, got {self.cluster_replicas}")
+        if not self.cluster_timeout_seconds > 0:
+            raise ValueError("--cluster-timeout-seconds must be positive")
 
     def _validate_security(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -194,3 +223,8 @@ class ServeConfig:
         """The file of a host-memory HBM pool (``--hbm-device cpu``), beside the arena and
         named like it, so a restarted daemon replaces its own."""
         return self.arena_path.with_name(self.arena_path.name.replace("kvd-arena-", "kvd-hbm-", 1))
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

@@ -20,6 +20,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvd.cluster.backend import MooncakeBackend, MooncakeConfig
+from kvd.cluster.metrics import ClusterCollector
+from kvd.cluster.tier import ClusterSettings, ClusterTier
 from kvd.core.errors import KvdError
 from kvd.core.eventbuffer import EventBuffer
 from kvd.core.manager import CoreConfig, KvCore
@@ -173,6 +176,23 @@ def open_hbm(config: ServeConfig) -> HbmPool | None:
     return pool
 
 
+def open_cluster(config: ServeConfig, state: DaemonState) -> ClusterTier:
+    """The cluster tier over Mooncake Store (it joins once started)."""
+    mooncake = MooncakeConfig(
+        master=config.cluster_master,
+        metadata=config.cluster_metadata,
+        segment_bytes=config.cluster_bytes,
+        host=config.cluster_host,
+        protocol=config.cluster_protocol,
+        replicas=config.cluster_replicas,
+    )
+    settings = ClusterSettings(timeout_s=config.cluster_timeout_seconds)
+    tier = ClusterTier(lambda: MooncakeBackend(mooncake), state, settings, config.cluster_master, config.cluster_bytes)
+    if state.metrics is not None:
+        state.metrics.registry.register(ClusterCollector(tier))
+    return tier
+
+
 def tls_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     """TLS for the TCP port (None: --tcp-insecure); mutual when a client CA is configured."""
     if config.tls_cert is None:
@@ -231,6 +251,9 @@ class Daemon:
             state.core, state.arena, state.nvme, self.executor, state.after_core, metrics=state.metrics, hbm=state.hbm
         )
         state.mover.start()
+        if self.config.cluster_master is not None:
+            state.cluster = open_cluster(self.config, state)
+            state.cluster.start()  # joins in the background: a master that is down delays nothing
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -341,6 +364,9 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        cluster, self.state.cluster = self.state.cluster, None
+        if cluster is not None:
+            await cluster.stop()
         if self.state.mover is not None:
             await self.state.mover.stop()
         publisher, self.state.kv_events = self.state.kv_events, None  # nothing publishes after this

@@ -10,7 +10,7 @@ import msgspec
 from kvd.core.errors import InvalidArgument, KvdError, NoSpace, UnknownLease, check_name
 from kvd.core.manager import BlockSpec, StoreGrant, Wait
 from kvd.core.types import MAX_BLOCK_TOKENS_KEPT, MAX_EXTRA_KEYS_BYTES, BlockOrigin
-from kvd.media import TIER_CODES
+from kvd.media import CLUSTER, TIER_CODES
 from kvd.server.state import DaemonState, streaming_rpc, unary_rpc
 from kvd.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 
@@ -126,8 +126,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         if request.session_id:
             self.s.after_core()  # the session's state may have changed
         runs = tier_runs(codes)
+        held = len(codes)
+        if self.s.cluster is not None and held < len(request.hashes):
+            # Past the node's own prefix, the cluster may hold the chain on.
+            more = await self.s.cluster.extend(request.namespace, request.hashes, held)
+            if more:
+                runs.append((TIER_CODES[CLUSTER], more))
+                held += more
         if self.s.metrics is not None:
-            self.s.metrics.looked_up(runs, len(request.hashes) - len(codes))
+            self.s.metrics.looked_up(runs, len(request.hashes) - held)
         return engine_pb2.LookupResponse(runs=[engine_pb2.TierRun(tier=t, blocks=n) for t, n in runs])
 
     @unary_rpc
@@ -228,12 +235,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
         )
 
     async def prepare_load(self, namespace: str, hashes, lease_seconds: float) -> tuple[str, float]:
-        """PrepareLoad: pin DRAM copies, promoting NVMe-only blocks first (bounded wait).
+        """PrepareLoad: pin DRAM copies, promoting NVMe-only blocks first (bounded wait), and
+        bringing the blocks past the held prefix that the cluster tier holds into DRAM.
 
         The promotions run in a task of their own that a cancelled request does not cancel:
         every transfer the core planned is reported back, whatever happens to the caller.
         """
         self.s.require_serving()
+        if self.s.cluster is not None:
+            await self.s.cluster.fetch(namespace, hashes, self.prepare_store)
         grant = await self._with_room(
             lambda: self.s.core.prepare_load(namespace, hashes, lease_seconds), namespace, len(hashes)
         )

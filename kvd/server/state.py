@@ -21,9 +21,9 @@ import grpc
 
 from kvd.core.errors import KvdError, Unavailable
 from kvd.core.eventbuffer import EventBuffer
-from kvd.core.events import BlockRemoved
+from kvd.core.events import BlockRemoved, RemovalReason
 from kvd.core.manager import KvCore
-from kvd.media import Slot
+from kvd.media import CLUSTER, Slot
 from kvd.server.codec import block_key, namespace_key, namespace_value
 from kvd.server.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from kvd.server.metrics import DaemonMetrics
@@ -34,6 +34,7 @@ from kvd.tiers.hbm import HbmPool
 from kvd.tiers.nvme import NvmeStore
 
 if TYPE_CHECKING:
+    from kvd.cluster.tier import ClusterTier
     from kvd.server.kv_events import KvEventPublisher  # pyzmq + msgspec: an optional extra
 
 log = logging.getLogger("kvd.server")
@@ -68,7 +69,9 @@ class DaemonState:
     unix_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
     draining: bool = False  # stores and loads are refused (UNAVAILABLE) until resumed
     hbm: HbmPool | None = None  # the HBM pool, the core's top tier when present
+    cluster: ClusterTier | None = None  # with --cluster-master
     _events_changed: asyncio.Event | None = field(default=None, init=False)
+    _background: set = field(default_factory=set, init=False)  # tasks no request waits for
     _core_changed: asyncio.Event | None = field(default=None, init=False)
 
     def after_core(self) -> None:
@@ -93,8 +96,24 @@ class DaemonState:
             ]
             if gone:
                 self.nvme.forget(gone)
+        if self.cluster is not None:
+            self._cluster_effects(events)
         if self.mover is not None and self.core.has_planned_work:
             self.mover.wake()
+
+    def _cluster_effects(self, events) -> None:
+        """Wake the put loop for new candidates; remove a cleared namespace's published
+        blocks from the cluster."""
+        if self.core.exports.pending:
+            self.cluster.wake()
+        cleared = [
+            (e.namespace, e.hash) for e in events
+            if isinstance(e, BlockRemoved) and e.tier == CLUSTER and e.reason == RemovalReason.CLEARED
+        ]
+        if cleared:
+            task = asyncio.get_running_loop().create_task(self.cluster.remove(cleared))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def events_changed(self) -> asyncio.Event:
         """An event set once more events are published (a fresh one after each publish)."""

@@ -58,7 +58,7 @@ class NamespaceStatus(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., blocks: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "policy", "tiers", "namespaces", "leases", "write_behind_queue", "recovered_blocks", "dropped_on_recovery")
+    __slots__ = ("version", "uptime_s", "policy", "tiers", "namespaces", "leases", "write_behind_queue", "recovered_blocks", "dropped_on_recovery", "cluster")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class StatusResponse(_message.Message):
     WRITE_BEHIND_QUEUE_FIELD_NUMBER: _ClassVar[int]
     RECOVERED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_ON_RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     policy: str
@@ -77,7 +78,34 @@ class StatusResponse(_message.Message):
     write_behind_queue: int
     recovered_blocks: int
     dropped_on_recovery: int
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., policy: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStatus, _Mapping]]] = ..., leases: _Optional[int] = ..., write_behind_queue: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., dropped_on_recovery: _Optional[int] = ...) -> None: ...
+    cluster: ClusterStatus
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., policy: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStatus, _Mapping]]] = ..., leases: _Optional[int] = ..., write_behind_queue: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., dropped_on_recovery: _Optional[int] = ..., cluster: _Optional[_Union[ClusterStatus, _Mapping]] = ...) -> None: ...
+
+class ClusterStatus(_message.Message):
+    __slots__ = ("state", "state_for_s", "reason", "master", "segment_bytes", "published_blocks", "pending_blocks", "put_blocks", "read_blocks", "corrupt_blocks", "timeouts")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FOR_S_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MASTER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PUT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    READ_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    state_for_s: float
+    reason: str
+    master: str
+    segment_bytes: int
+    published_blocks: int
+    pending_blocks: int
+    put_blocks: int
+    read_blocks: int
+    corrupt_blocks: int
+    timeouts: int
+    def __init__(self, state: _Optional[str] = ..., state_for_s: _Optional[float] = ..., reason: _Optional[str] = ..., master: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., published_blocks: _Optional[int] = ..., pending_blocks: _Optional[int] = ..., put_blocks: _Optional[int] = ..., read_blocks: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., timeouts: _Optional[int] = ...) -> None: ...
 
 class ListBlocksRequest(_message.Message):
     __slots__ = ("namespace", "page_size", "page_token")
