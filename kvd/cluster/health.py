@@ -43,19 +43,25 @@ TRANSITIONS: dict[tuple[ClusterState, Signal], ClusterState] = {
 }
 
 
+JOINING_REASON = "not joined yet"
+
+
 @dataclass
 class ClusterHealth:
     """The current state, since when (seconds on the caller's clock), and why."""
 
     state: ClusterState = ClusterState.JOINING
     since: float = 0.0
-    reason: str = "not joined yet"
+    reason: str = JOINING_REASON
     changes: int = 0
 
     def observe(self, signal: Signal, now: float, reason: str = "") -> ClusterState | None:
-        """Apply ``signal``; the new state when it changed, else None."""
+        """Apply ``signal``; the new state when it changed, else None (a failure that keeps
+        the state still becomes its reason: the latest is what an operator needs)."""
         new = TRANSITIONS[(self.state, signal)]
         if new is self.state:
+            if signal is Signal.FAILED and reason:
+                self.reason = reason
             return None
         self.state, self.since, self.reason = new, now, reason or signal.value
         self.changes += 1

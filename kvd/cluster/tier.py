@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvd.cluster.backend import ClusterBackend
-from kvd.cluster.health import ClusterHealth, ClusterState, Signal
+from kvd.cluster.health import JOINING_REASON, ClusterHealth, ClusterState, Signal
 from kvd.cluster.values import HEADER_BYTES, Header, cluster_key, verify
 from kvd.core.exports import ExportBatch
 from kvd.core.manager import BlockSpec, StoreGrant
@@ -221,6 +221,8 @@ class ClusterTier:
         try:
             backend = await loop.run_in_executor(self._bg, self.connect)
         except OSError as exc:
+            if self.health.changes == 0 and self.health.reason == JOINING_REASON:
+                log.warning("cannot join the cluster yet (%s); serving from this node's tiers and retrying", exc)
             self._signal(Signal.FAILED, str(exc))
             return
         try:
