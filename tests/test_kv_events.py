@@ -25,7 +25,9 @@ from test_clear import watch_until_cleared
 from kvd.core.catalog import BlockRecord, Copy
 from kvd.core.events import BlockRemoved, BlockStored, NamespaceCleared, NamespaceRegistered, SessionChanged
 from kvd.core.types import BlockOrigin
+from kvd.media import ALL_TIERS, TIER_BY_CODE
 from kvd.server import kv_events
+from kvd.server.kv_event_wire import MEDIUM as WIRE_MEDIUM
 from kvd.server.kv_event_wire import Encoding, Keyable, encode_batch, wire_events
 from kvd.server.kv_events import END_SEQ, KvEventPublisher, chain_order, is_bind_endpoint
 from kvd.v1 import admin_pb2, admin_pb2_grpc
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("KVD_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 BLOCK = 64 << 10
-MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "NVME"}
+MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "NVME", "cluster": "CLUSTER"}
 
 # Run by .venv-vllm's python: decode each payload (hex, one a line on stdin) with vLLM's own
 # KVEventBatch, re-encode it with vLLM's encoder, print what it found as JSON.
@@ -167,6 +169,29 @@ def test_stores_of_one_chain_share_a_positional_block_stored_with_their_tokens()
     assert wire(events[:2], held) == {}  # registrations and sessions have no wire form
 
 
+def test_the_cluster_tier_is_medium_cluster_in_location_updates_of_its_own():
+    a = origin(1, 2)
+    held = Held({1: (a, None), 2: (a, 1), 3: (a, 2)})
+    events = [
+        BlockStored(1, "m", 1, None, "dram", 4096, 0.0, None, a),
+        BlockStored(2, "m", 2, 1, "dram", 4096, 0.0, None, a),
+        # The node put 1 and 2 into the cluster: the ledger's events carry no tokens.
+        BlockStored(3, "m", 1, None, "cluster", 4096, 0.0),
+        BlockStored(4, "m", 2, 1, "cluster", 4096, 0.0),
+        BlockStored(5, "m", 3, 2, "dram", 4096, 0.0, None, a),  # back in DRAM: its parent 2 is keyable
+        BlockRemoved(6, "m", 1, "cluster", "gone", 0.0),
+        BlockRemoved(7, "m", 2, "cluster", "gone", 0.0),
+        BlockRemoved(8, "m", 3, "dram", "evicted", 0.0),
+    ]
+    assert wire(events, held) == {"m": [
+        ["BlockStored", [1, 2], None, [1, 2, 1, 2], 2, None, "CPU"],
+        ["BlockStored", [1, 2], None, [], 2, None, "CLUSTER"],
+        ["BlockStored", [3], 2, [1, 2], 2, None, "CPU"],
+        ["BlockRemoved", [1, 2], "CLUSTER"],
+        ["BlockRemoved", [3], "CPU"],
+    ]}
+
+
 def test_a_chain_breaks_where_its_lora_or_token_knowledge_changes_and_extra_keys_ride_along():
     a, fr = origin(1, 2, extra=["img-1"]), origin(3, 4, lora="fr")
     held = Held({1: (a, None), 2: (fr, 1), 3: (None, 2), 4: (a, 3)})
@@ -222,6 +247,11 @@ def test_keyable_walks_to_the_root_once_and_a_block_not_held_is_not_keyable():
     assert not keyable("m", 5) and not keyable("m", 9)  # 9 is not held
 
 
+def test_every_tier_has_a_medium_of_its_own():
+    assert WIRE_MEDIUM == MEDIUM and set(WIRE_MEDIUM) == set(ALL_TIERS)
+    assert len({m.lower() for m in WIRE_MEDIUM.values()}) == len(ALL_TIERS)  # apart once llm-d lower-cases them
+
+
 def test_chain_order_puts_every_parent_first():
     records = {h: BlockRecord("m", h, p, 1) for h, p in ((3, 2), (1, None), (4, 2), (2, 1), (9, None))}
     order = [r.hash for r in chain_order(records)]
@@ -251,6 +281,9 @@ def test_publisher_sends_to_every_attached_pod_and_announces_a_new_one_first(tmp
             r2.copies["nvme"] = Copy(None, ready=True)
             return {2: r2, 1: r1}
 
+        def published(self, namespace):
+            return [7, 2]  # put into the cluster: 7 is no longer held here, 2 is
+
     holdings = Blocks(held.held)
 
     async def scenario():
@@ -274,17 +307,19 @@ def test_publisher_sends_to_every_attached_pod_and_announces_a_new_one_first(tmp
             assert pub.attach("m", "pod-a", "llama") is False  # already told
             # Published while the announcement is pending: it goes out after the announcement.
             pub.publish([BlockRemoved(0, "m", 2, "nvme", "evicted", 0.0)])
-            got = await collect(sub, 2)
+            got = await collect(sub, 3)
             assert [(t, [trim(e) for e in p[1]]) for t, _, p in got] == [
                 (b"kv@pod-a@llama", [
                     ["BlockStored", [1, 2], None, [1, 2, 1, 2], 2, None, "CPU"],
                     ["BlockStored", [2], 1, [1, 2], 2, None, "NVME"],
                 ]),
+                # What the node put into the cluster: one location update, after the tokens.
+                (b"kv@pod-a@llama", [["BlockStored", [7, 2], None, [], 2, None, "CLUSTER"]]),
                 (b"kv@pod-a@llama", [["BlockRemoved", [2], "NVME"]]),
             ]
-            assert got[1][1] == got[0][1] + 1
+            assert [seq for _, seq, _ in got] == [got[0][1], got[0][1] + 1, got[0][1] + 2]
             pub.attach("m", "pod-b", None)  # no model name: the namespace stands in
-            await collect(sub, 1)
+            await collect(sub, 2)
             assert pub.topics("m") == [b"kv@pod-a@llama", b"kv@pod-b@m"]
             pub.publish([BlockRemoved(0, "m", 1, "dram", "evicted", 0.0), NamespaceCleared(0, "m", 0.0)])
             got = await collect(sub, 2)
@@ -437,12 +472,11 @@ def test_vllm_decodes_the_daemons_messages_to_what_it_holds(daemon_factory, tmp_
         kind = e.WhichOneof("kind")
         if kind == "stored":
             s = e.stored
-            row = ("stored", s.hash, MEDIUM[("hbm", "dram", "nvme")[s.tier - 1]], tokens[s.namespace],
-                   s.session_id or None)
+            row = ("stored", s.hash, MEDIUM[TIER_BY_CODE[s.tier]], tokens[s.namespace], s.session_id or None)
             expected.setdefault(s.namespace, []).append(row)
         elif kind == "removed":
             r = e.removed
-            expected.setdefault(r.namespace, []).append(("removed", r.hash, MEDIUM[("hbm", "dram", "nvme")[r.tier - 1]]))
+            expected.setdefault(r.namespace, []).append(("removed", r.hash, MEDIUM[TIER_BY_CODE[r.tier]]))
     assert per_block(by_namespace) == expected
     m_rows = expected["m"]
     assert m_rows[:3] == [("stored", h, "CPU", 16, "s1") for h in (1, 2, 3)]

@@ -14,17 +14,20 @@ import os
 import grpc
 import msgspec
 import pytest
-from llmd import Index, TokenKeys, decode_payload
-from test_kv_events import replay
+from llmd import DEFAULT_WEIGHTS, Index, TokenKeys, decode_payload
+from test_kv_events import Held, replay
 
 from kvd.client import ClientError
+from kvd.core.events import BlockRemoved, BlockStored
+from kvd.core.types import BlockOrigin
+from kvd.server.kv_event_wire import Encoding, Keyable, encode_batch, wire_events
 
 pytestmark = pytest.mark.timeout(180)
 
 BT = 16  # tokens a block, as llm-d's default block size
 BLOCK = 16 << 10
-MEDIUM = {"hbm": "gpu", "dram": "cpu", "nvme": "nvme"}  # llm-d's lower-cased medium per kvd tier
-WEIGHTS = {"gpu": 1.0, "cpu": 0.8, "nvme": 0.5}  # docs/kv-events.md: HBM > DRAM > NVMe
+MEDIUM = {"hbm": "gpu", "dram": "cpu", "nvme": "nvme", "cluster": "cluster"}  # llm-d's lower-cased medium per kvd tier
+WEIGHTS = {"gpu": 1.0, "cpu": 0.8, "nvme": 0.5, "cluster": 0.3}  # docs/kv-events.md: HBM > DRAM > NVMe > cluster
 NS = "llama|bfloat16|b16|tp0of1|pp0of1"
 
 
@@ -142,6 +145,37 @@ def test_tokens_survive_a_restart_and_are_announced_to_the_engine_that_attaches_
         c.register_namespace(NS, BT, BLOCK, model_name="llama", pod_id="pod-a")
         wait_until(lambda: fresh.catch_up() >= 0 and fresh.index.score(tokens, "llama", WEIGHTS), what="the announcement")
         assert fresh.index.tiers(tokens, "llama", "pod-a") == [{"nvme"}] * 3
+
+
+def test_cluster_blocks_are_listed_for_the_putting_nodes_pods_only_at_the_configured_weight():
+    tokens = prompt(6, 3)
+    hashes = chain(tokens)
+    origins = [BlockOrigin.of(tokens[i * BT : (i + 1) * BT], None, None) for i in range(3)]
+    held = Held({h: (o, p) for h, o, p in zip(hashes, origins, [None, *hashes[:-1]])}, tokens=BT)
+
+    def message(events) -> bytes:
+        (groups,) = wire_events(events, held.block_tokens, Keyable(held.origin_of)).values()
+        return encode_batch(Encoding.ARRAY, 1.0, groups, msgspec.msgpack.encode)
+
+    parents = [None, *hashes[:-1]]
+    index = Index(TokenKeys(block_size=BT))
+    # Node 1 stores the prompt in DRAM, puts it into the cluster, then drops its DRAM copies.
+    index.apply(b"kv@pod-a@llama", message(
+        [BlockStored(i, NS, h, p, "dram", BLOCK, 0.0, None, o) for i, (h, p, o) in enumerate(zip(hashes, parents, origins))]
+        + [BlockStored(3 + i, NS, h, p, "cluster", BLOCK, 0.0) for i, (h, p) in enumerate(zip(hashes, parents))]
+    ))
+    index.apply(b"kv@pod-a@llama", message([BlockRemoved(6 + i, NS, h, "dram", "evicted", 0.0) for i, h in enumerate(hashes)]))
+    # Node 2's engine holds the first block in DRAM, through its own daemon.
+    index.apply(b"kv@pod-b@llama", message([BlockStored(9, NS, hashes[0], None, "dram", BLOCK, 0.0, None, origins[0])]))
+    assert index.dropped == []
+    assert index.tiers(tokens, "llama", "pod-a") == [{"cluster"}] * 3
+    assert index.tiers(tokens, "llama", "pod-b") == [{"cpu"}, set(), set()]  # it could read 2 and 3 too
+    assert index.score(tokens, "llama", WEIGHTS) == {"pod-a": pytest.approx(3 * 0.3), "pod-b": pytest.approx(0.8)}
+    # Unconfigured, llm-d weighs the cluster as much as the GPU.
+    assert "cluster" not in DEFAULT_WEIGHTS
+    assert index.score(tokens, "llama") == {"pod-a": pytest.approx(3.0), "pod-b": pytest.approx(0.8)}
+    index.apply(b"kv@pod-a@llama", message([BlockRemoved(10, NS, h, "cluster", "gone", 0.0) for h in hashes]))
+    assert index.score(tokens, "llama", WEIGHTS) == {"pod-b": pytest.approx(0.8)}
 
 
 def test_blocks_without_tokens_are_location_updates_and_map_encoding_is_what_llmd_rejects(daemon_factory, tmp_path):

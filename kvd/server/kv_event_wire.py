@@ -36,8 +36,12 @@ class Encoding(StrEnum):
     MAP = "map"
 
 
-# Each tier's medium: llm-d lower-cases it and weights pods by it (kvCacheBackendConfigs).
-MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "NVME"}
+# Each tier's medium: llm-d lower-cases it and weights pods by it (kvCacheBackendConfigs,
+# where a medium it has no weight for weighs 1.0, as much as GPU). The cluster tier's is a
+# name of its own, CLUSTER, so that it can be given its own (lower) weight; llm-d keeps any
+# string as the entry's tier. Only the node that put a block into the cluster announces it,
+# so llm-d lists it for that node's pods alone (docs/kv-events.md).
+MEDIUM = {"hbm": "GPU", "dram": "CPU", "nvme": "NVME", "cluster": "CLUSTER"}
 
 _STORED_FIELDS = [
     ("block_hashes", list[int]),  # vLLM: ExternalBlockHash = bytes | int; kvd's hashes are ints

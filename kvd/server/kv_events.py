@@ -38,7 +38,8 @@ import zmq.asyncio
 from kvd.core import events as kvd_events
 from kvd.core.catalog import BlockRecord
 from kvd.core.types import BlockOrigin
-from kvd.server.kv_event_wire import Encoding, Keyable, encode_batch, wire_events
+from kvd.media import CLUSTER, TIER_NAMES
+from kvd.server.kv_event_wire import MEDIUM, Encoding, Group, Keyable, encode_batch, wire_events
 
 log = logging.getLogger("kvd.kv_events")
 
@@ -83,6 +84,11 @@ class Holdings:
 
     def blocks(self, namespace: str) -> dict[int, BlockRecord]:
         return self._core.namespace(namespace).blocks
+
+    def published(self, namespace: str) -> list[int]:
+        """The namespace's blocks this node put into the cluster tier (and the cluster still
+        has, as far as the node knows), in the order they landed."""
+        return [h for ns, h in self._core.exports.published if ns == namespace]
 
     def origin_of(self, namespace: str, h: int) -> tuple[BlockOrigin | None, int | None]:
         """KeyError when the block is not held."""
@@ -184,13 +190,15 @@ class KvEventPublisher:
 
     async def _announce(self, namespace: str, topic: bytes) -> None:
         """The namespace's held blocks, parents first, ANNOUNCE_BLOCKS a message, to
-        ``topic``; then what was published to it meanwhile."""
+        ``topic``; then the blocks this node put into the cluster tier, as location updates
+        (no tokens, as the cluster's own ``BlockStored`` events go out: the tokens went with
+        the node's own copies); then what was published to it meanwhile."""
         try:
             order = chain_order(self.holdings.blocks(namespace))
             keyable = Keyable(self.holdings.origin_of)
             for lo in range(0, len(order), ANNOUNCE_BLOCKS):
                 events = []
-                for tier in ("hbm", "dram", "nvme"):
+                for tier in TIER_NAMES:
                     for r in order[lo : lo + ANNOUNCE_BLOCKS]:
                         copy = r.copies.get(tier)
                         if copy is not None and copy.ready:
@@ -200,6 +208,14 @@ class KvEventPublisher:
                 if groups:
                     self._send(topic, encode_batch(self.encoding, self.clock(), groups, self._encode))
                 await asyncio.sleep(0)  # a long announcement must not hold up the RPCs
+            published = self.holdings.published(namespace)
+            for lo in range(0, len(published), ANNOUNCE_BLOCKS):
+                # One location update a message: the blocks need not form a chain (a
+                # consumer maps each hash on its own), so they are not grouped by chain.
+                group = Group(True, MEDIUM[CLUSTER], self.holdings.block_tokens(namespace))
+                group.hashes = published[lo : lo + ANNOUNCE_BLOCKS]
+                self._send(topic, encode_batch(self.encoding, self.clock(), [group], self._encode))
+                await asyncio.sleep(0)
         except Exception:  # noqa: BLE001 - a namespace gone meanwhile, a bug: logged, never fatal
             log.exception("kv-events: announcing %r to %s failed", namespace, topic.decode())
         finally:
