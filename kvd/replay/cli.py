@@ -7,12 +7,15 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, fields
+from collections.abc import Callable
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from kvd.core.sessions import MAX_EXPECTED_PAUSE_S
 from kvd.policies import POLICIES
-from kvd.replay.cost import CostModel
+from kvd.replay.cost import CLUSTER_LINKS, CostModel
+from kvd.replay.nodes import NodesConfig, replay_nodes
+from kvd.replay.nodes_report import Setting, make_nodes_report, print_nodes_table
 from kvd.replay.result import PolicyResult, floor_summary
 from kvd.replay.sim import PAUSE_HINTS, ReplayConfig, floor, replay
 from kvd.replay.trace import FORMATS, TraceError, read_trace
@@ -43,6 +46,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nvme-to-dram-gbps", type=float, default=c.nvme_to_dram_gbps, help=f"(default {c.nvme_to_dram_gbps:g})")
     p.add_argument("--dram-to-nvme-gbps", type=float, default=c.dram_to_nvme_gbps, help=f"(default {c.dram_to_nvme_gbps:g})")
     p.add_argument(
+        "--cluster-to-dram-gbps", type=float, default=c.cluster_to_dram_gbps,
+        help=f"a get from the cluster tier (default {c.cluster_to_dram_gbps:g}: Mooncake over TCP, measured)",
+    )
+    p.add_argument(
+        "--dram-to-cluster-gbps", type=float, default=c.dram_to_cluster_gbps,
+        help=f"a put to the cluster tier, one block at a time (default {c.dram_to_cluster_gbps:g}: measured)",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=1, metavar="N",
+        help="N nodes, each with the tiers and engines above, behind a prefix- and load-aware router (default 1)",
+    )
+    p.add_argument(
+        "--cluster", default="0", metavar="SIZE",
+        help="with --nodes: a cluster tier (a Mooncake Store every node reads) of SIZE over all nodes, "
+        "run beside the same nodes without it; bytes or blocks as --dram (default 0: none)",
+    )
+    p.add_argument(
+        "--migrate-p", type=float, default=0.0, metavar="P",
+        help="with --nodes: each resumed turn goes to another node than its previous turn's with probability P "
+        "(seed: --seed; default 0)",
+    )
+    p.add_argument(
         "--pause-hints", default="none", choices=PAUSE_HINTS,
         help="what a tool pause event tells kvd: none (the tool's name; default) or exact (also the pause's true length)",
     )
@@ -62,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--session-gap-s", type=float, metavar="MEAN",
         help="aiperf traces: start the sessions one after another, exponential gaps of this mean (seed: --seed)",
     )
-    p.add_argument("--seed", type=int, default=0, help="the seed of --session-gap-s (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of --session-gap-s and --migrate-p (default 0)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the policies side by side (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
@@ -109,6 +134,17 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be in [0, {MAX_EXPECTED_PAUSE_S:.0f}] seconds")
     if args.session_gap_s is not None and not (math.isfinite(args.session_gap_s) and args.session_gap_s > 0):
         raise ValueError("--session-gap-s must be a positive number of seconds")
+    if args.nodes < 1:
+        raise ValueError("--nodes must be at least 1")
+    if not 0.0 <= args.migrate_p <= 1.0:
+        raise ValueError("--migrate-p must be in [0, 1]")
+    if args.nodes < 2:
+        if args.migrate_p:
+            raise ValueError("--migrate-p needs --nodes 2 or more")
+        if parse_capacity(args.cluster, 1):
+            raise ValueError("--cluster needs --nodes 2 or more")
+    elif args.plot is not None:
+        raise ValueError("--plot draws one node's replay: not with --nodes 2 or more")
     for flag, out in (("--json", args.json), ("--plot", args.plot)):
         if out is not None:
             _check_output(flag, out)  # before the replay, not after it ran for minutes
@@ -132,7 +168,29 @@ def _run(args: argparse.Namespace) -> int:
         resume_lead_s=args.resume_lead_s,
         session_end_after_s=args.session_end_after,
     )
-    results = _replay_all(trace, policies, config, show=not args.no_progress and sys.stderr.isatty())
+    show = not args.no_progress and sys.stderr.isatty()
+    if args.nodes >= 2:
+        nodes = NodesConfig(
+            config, nodes=args.nodes, cluster_bytes=parse_capacity(args.cluster, block_bytes),
+            migrate_p=args.migrate_p, seed=args.seed,
+        )
+        configs = {Setting.WITHOUT_CLUSTER: replace(nodes, cluster_bytes=0)}
+        if nodes.cluster_bytes:
+            configs[Setting.WITH_CLUSTER] = nodes
+        keys = [(setting, name) for name in policies for setting in configs]
+        runs = [
+            (f"{name} {setting}", lambda progress, c=configs[setting], name=name: replay_nodes(trace, name, c, progress))
+            for setting, name in keys
+        ]
+        results: dict[Setting, dict] = {setting: {} for setting in configs}
+        for (setting, name), result in zip(keys, _each(len(trace.requests), runs, show)):
+            results[setting][name] = result
+        report = make_nodes_report(args.trace, trace, nodes, results)
+        print_nodes_table(report)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
+    results = _replay_all(trace, policies, config, show)
     report = make_report(args.trace, trace, config, results, floor(trace, config))
     print_table(report)
     if args.json:
@@ -143,24 +201,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _replay_all(trace, policies: list[str], config: ReplayConfig, show: bool) -> list[PolicyResult]:
+    return _each(len(trace.requests), [(name, lambda progress, name=name: replay(trace, name, config, progress)) for name in policies], show)
+
+
+def _each(requests: int, runs: list[tuple[str, Callable]], show: bool) -> list:
+    """Each ``(label, run)`` in turn, ``run(progress)`` given a callback of the requests it
+    served so far (None without a progress bar); their results in order."""
     bar = None
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(trace.requests) * len(policies), unit="req", file=sys.stderr, leave=False)
+        bar = tqdm(total=requests * len(runs), unit="req", file=sys.stderr, leave=False)
     results = []
     try:
-        for name in policies:
+        for label, run in runs:
             if bar is not None:
-                bar.set_description(name)
+                bar.set_description(label)
             done = [0]
 
             def progress(n: int, done=done) -> None:
-                if n - done[0] >= 200 or n == len(trace.requests):
+                if n - done[0] >= 200 or n == requests:
                     bar.update(n - done[0])
                     done[0] = n
 
-            results.append(replay(trace, name, config, progress if bar is not None else None))
+            results.append(run(progress if bar is not None else None))
     finally:
         if bar is not None:
             bar.close()
@@ -178,7 +242,7 @@ def make_report(
         "block_size": trace.block_size,
         "closed_loop": trace.closed_loop,
         "tiers": {t: {"bytes": b, "blocks": b // block_bytes} for t, b in config.capacities().items()},
-        "cost_model": asdict(config.cost),
+        "cost_model": {k: v for k, v in asdict(config.cost).items() if k not in CLUSTER_LINKS},
         "pause_hints": config.pause_hints,
         "engines": config.engines,
         "resume_lead_s": config.resume_lead_s,

@@ -30,7 +30,9 @@ end sends nothing (the session has moved on); a turn that arrives after its sess
 starts the session anew under the same id. Session events the core refuses anyway (a
 session forgotten, ended by idle expiry) are counted in ``refused_session_events``.
 
-The cost model is :class:`~kvd.replay.cost.CostModel`.
+The cost model is :class:`~kvd.replay.cost.CostModel`. A :class:`Replay` is one node; several
+share one :class:`Timeline` and one :class:`Programs` when a router places the requests
+(:mod:`kvd.replay.nodes`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ from typing import Literal
 from kvd.core.errors import KvdError, NoSpace
 from kvd.core.manager import BlockSpec, CoreConfig, KvCore, Transfer, Wait
 from kvd.core.sessions import MAX_EXPECTED_PAUSE_S, SessionConfig, SessionEvent, SessionTable
-from kvd.media import TIER_NAMES
-from kvd.policies import make_policy
+from kvd.media import TIER_NAMES, TierName
+from kvd.policies import Future, make_policy
 from kvd.replay.cost import GB, CostModel
 from kvd.replay.result import PolicyResult
 from kvd.replay.schedule import conversation_ends, expected_order, future_of
@@ -95,19 +97,90 @@ class ReplayConfig:
         return {t: b for t, b in (("hbm", self.hbm_bytes), ("dram", self.dram_bytes), ("nvme", self.nvme_bytes)) if b}
 
 
-class SimClock:
+ARRIVE, FINISH, XFER, TICK, FREE, ANNOUNCE, END = range(7)
+
+
+class Timeline:
+    """The simulated clock (calling it reads the seconds, as the core does) and the events the
+    nodes of a replay wait on. An event is (time, kind, data, owner: the node that pushed it);
+    they pop in time order, ties in the order they were pushed."""
+
     def __init__(self) -> None:
         self.now = 0.0
+        self._events: list[tuple[float, int, int, object, object]] = []
+        self._order = itertools.count()
 
     def __call__(self) -> float:
         return self.now
 
+    def __bool__(self) -> bool:
+        return bool(self._events)
 
-ARRIVE, FINISH, XFER, TICK, FREE, ANNOUNCE, END = range(7)
+    def push(self, t: float, kind: int, data: object, owner: object) -> None:
+        heapq.heappush(self._events, (t, next(self._order), kind, data, owner))
+
+    def pop(self) -> tuple[int, object, object]:
+        """The next event's (kind, data, owner); the clock moves to its time (never back)."""
+        t, _, kind, data, owner = heapq.heappop(self._events)
+        self.now = max(self.now, t)
+        return kind, data, owner
+
+
+class Programs:
+    """What a trace's programs do, whichever node serves their turns: each closed-loop turn's
+    successor, each session's latest turn (request index), first arrival and completion
+    (seconds), the blocks any request brought so far (what an infinite cache would miss), the
+    requests that end their conversation (with ``session_end_after_s``) and, for ``belady``,
+    each request's place in the expected order and the futures of every node's policy."""
+
+    def __init__(self, trace: Trace, config: ReplayConfig, ranked: bool) -> None:
+        self.trace = trace
+        self.next_turn: dict[int, TraceRequest] = {}
+        self.closed: set[int] = set()  # requests that arrive after their previous turn, not at their timestamp
+        by_session: dict[str, list[TraceRequest]] = {}
+        for req in trace.requests:
+            if req.session_id is not None:
+                by_session.setdefault(req.session_id, []).append(req)
+        for turns in by_session.values():
+            for prev, nxt in zip(turns, turns[1:]):
+                self.next_turn[prev.index] = nxt
+                if nxt.pause_s is not None:
+                    self.closed.add(nxt.index)
+        self.latest: dict[str, int] = {}
+        self.session_start: dict[str, float] = {}
+        self.session_done: list[float] = []
+        self.seen: set[int] = set()
+        self.arrived = 0  # requests that have reached a node
+        has_last = any(r.last for r in trace.requests)
+        self.ends = conversation_ends(trace) if config.session_end_after_s is not None and not has_last else set()
+        # Request index -> its place in expected order (the future's rank).
+        self.rank = {r.index: i for i, r in enumerate(expected_order(trace))} if ranked else {}
+        self.futures: list[Future] = []
+
+    def schedule_arrivals(self, timeline: Timeline, lead_s: float, owner: object) -> None:
+        """Push the arrival (and, with ``lead_s``, the announcement) of every request that
+        arrives at its timestamp; the others follow their previous turn's end."""
+        for req in self.trace.requests:
+            if req.index not in self.closed:
+                timeline.push(req.arrival_s, ARRIVE, req, owner)
+                if lead_s:
+                    timeline.push(max(0.0, req.arrival_s - lead_s), ANNOUNCE, (req, req.arrival_s), owner)
+
+    def serve(self, req: TraceRequest) -> None:
+        """``req`` is served: its uses are past in every future."""
+        for future in self.futures:
+            future.serve(self.rank[req.index])
+
+    def expect(self, req: TraceRequest, at: float) -> None:
+        """Closed-loop ``req`` arrives at ``at`` seconds: every future settles it."""
+        for future in self.futures:
+            future.schedule(self.rank[req.index], at)
 
 
 class Replay:
-    """One policy's run over one trace. Call :meth:`run` once."""
+    """One policy's run over one trace: one node. Call :meth:`run` once; or, for several
+    nodes, give each the same ``timeline`` and ``programs`` and drive them (:meth:`start`,
+    :meth:`arrive`, :meth:`handle`, :meth:`result`)."""
 
     def __init__(
         self,
@@ -116,6 +189,8 @@ class Replay:
         config: ReplayConfig,
         progress: Callable[[int], None] | None = None,
         check_every: int = 0,
+        timeline: Timeline | None = None,
+        programs: Programs | None = None,
     ) -> None:
         if not config.capacities():
             raise ValueError("every tier has 0 bytes: give --hbm, --dram or --nvme")
@@ -123,7 +198,8 @@ class Replay:
         self.config = config
         self.cost = config.cost
         self.block_bytes = trace.block_size * config.cost.bytes_per_token
-        self.clock = SimClock()
+        self.clock = timeline if timeline is not None else Timeline()
+        self.programs = programs if programs is not None else Programs(trace, config, policy == "belady")
         self.progress = progress
         self.check_every = check_every
         spaces = {}
@@ -136,6 +212,8 @@ class Replay:
             spaces[tier] = ExtentAllocator([(0, capacity)], PAGE)
         self.sessions = SessionTable(SessionConfig())
         self.future = future_of(trace, NAMESPACE) if policy == "belady" else None
+        if self.future is not None:
+            self.programs.futures.append(self.future)
         self.policy_name = policy
         self.core = KvCore(
             spaces,
@@ -147,98 +225,89 @@ class Replay:
         self.core.register_namespace(NAMESPACE, trace.block_size, self.block_bytes)
         top = spaces[self.core.top]
         self._top_blocks = top.capacity_bytes // top.slot_bytes(self.block_bytes)
-        self._events: list[tuple[float, int, int, object]] = []
-        self._order = itertools.count()
         self._link_free: dict[tuple[str, str], float] = {}
         self._background: dict[int, Transfer] = {}
         self.bytes_moved: dict[str, int] = {}
         self.ttft: list[float] = []
         self.kv_transfer: list[float] = []
         self.queued: list[float] = []
-        self.hit_by_tier = {t: 0 for t in self.core.tiers}
+        self.hit_by_tier: dict[str, int] = {t: 0 for t in self.core.tiers}
         self.prompt_tokens = self.hit_tokens = self.compulsory = 0
         self.unstored = 0
         self.refused = 0
-        self._seen: set[int] = set()
-        self._session_start: dict[str, float] = {}
-        self.session_done: list[float] = []
-        self._next_turn: dict[int, TraceRequest] = {}
-        self._latest: dict[str, int] = {}  # session -> index of its latest turn served
+        self.served = 0
         self._arrived: dict[int, float] = {}  # request index -> when it arrived
         self._queue: deque[TraceRequest] = deque()
         self._busy = 0  # engines running a prefill
-        has_last = any(r.last for r in trace.requests)
-        self._ends = conversation_ends(trace) if config.session_end_after_s is not None and not has_last else set()
-        # Request index -> its place in expected order (the future's rank).
-        self._rank = {r.index: i for i, r in enumerate(expected_order(trace))} if self.future is not None else {}
         self._next_prefetch = 0.0
 
     # -- the event loop -------------------------------------------------------------------
     def run(self) -> PolicyResult:
         started = time.perf_counter()
-        trace = self.trace
-        closed = {}
-        by_session: dict[str, list[TraceRequest]] = {}
-        for req in trace.requests:
-            if req.session_id is not None:
-                by_session.setdefault(req.session_id, []).append(req)
-        for turns in by_session.values():
-            for prev, nxt in zip(turns, turns[1:]):
-                self._next_turn[prev.index] = nxt
-                if nxt.pause_s is not None:
-                    closed[nxt.index] = True
-        lead = self.config.resume_lead_s
-        for req in trace.requests:
-            if req.index not in closed:
-                self._push(req.arrival_s, ARRIVE, req)
-                if lead:
-                    self._push(max(0.0, req.arrival_s - lead), ANNOUNCE, (req, req.arrival_s))
-        if trace.requests:
-            self._push(0.0, TICK, None)
-        served = 0
-        while self._events:
-            t, _, kind, data = heapq.heappop(self._events)
-            self.clock.now = max(self.clock.now, t)
+        self.programs.schedule_arrivals(self.clock, self.config.resume_lead_s, self)
+        self.start()
+        while self.clock:
+            kind, data, _ = self.clock.pop()
             if kind == ARRIVE:
-                self._arrive(data)
-                served += 1
-                if self.progress is not None:
-                    self.progress(served)
-                if self.check_every and served % self.check_every == 0:
-                    problems = self.core.check()
-                    if problems:
-                        raise AssertionError(f"after request {served}: {problems[:5]}")
-            elif kind == FINISH:
-                self._finish(data)
-            elif kind == XFER:
-                self._landed(data)
-            elif kind == TICK:
-                self.core.expire_leases()
-                if served < len(trace.requests) or self._queue:
-                    self._push(self.clock.now + self.config.tick_s, TICK, None)
-            elif kind == FREE:
-                self._busy -= 1
-                self._dispatch()
-            elif kind == ANNOUNCE:
-                req, at = data
-                self._announce(req, at - self.clock.now)
-            elif kind == END:
-                self._session_event(data, SessionEvent.SESSION_END, list(data.hash_ids))
-            self._pump()
+                self.arrive(data)
+            else:
+                self.handle(kind, data)
+            self.pump()
         self.core.take_events()
+        return self.result(time.perf_counter() - started)
+
+    def start(self) -> None:
+        """Wake the simulated mover at time 0 (and every ``tick_s`` while requests remain)."""
+        if self.trace.requests:
+            self._push(0.0, TICK, None)
+
+    def arrive(self, req: TraceRequest) -> None:
+        """``req`` reaches this node (see :meth:`_arrive`); checks the core every
+        ``check_every`` requests it served."""
+        self._arrive(req)
+        self.programs.arrived += 1
+        self.served += 1
+        if self.progress is not None:
+            self.progress(self.programs.arrived)
+        if self.check_every and self.served % self.check_every == 0:
+            problems = self.core.check()
+            if problems:
+                raise AssertionError(f"after request {self.served}: {problems[:5]}")
+
+    def handle(self, kind: int, data: object) -> None:
+        """One of this node's events other than an arrival."""
+        if kind == FINISH:
+            self._finish(data)
+        elif kind == XFER:
+            self._landed(data)
+        elif kind == TICK:
+            self.core.expire_leases()
+            if self.programs.arrived < len(self.trace.requests) or self._queue:
+                self._push(self.clock.now + self.config.tick_s, TICK, None)
+        elif kind == FREE:
+            self._busy -= 1
+            self._dispatch()
+        elif kind == ANNOUNCE:
+            req, at = data
+            self._announce(req, at - self.clock.now)
+        elif kind == END:
+            self._session_event(data, SessionEvent.SESSION_END, list(data.hash_ids))
+
+    def result(self, wall_s: float) -> PolicyResult:
+        """What this node measured; session completions are every node's."""
         return PolicyResult(
             policy=self.policy_name,
-            requests=served,
+            requests=self.served,
             prompt_tokens=self.prompt_tokens,
             hit_tokens=self.hit_tokens,
             hit_tokens_by_tier=self.hit_by_tier,
             recomputed_tokens=self.prompt_tokens - self.hit_tokens,
             compulsory_tokens=self.compulsory,
             ttft_s=self.ttft,
-            session_completion_s=self.session_done,
+            session_completion_s=self.programs.session_done,
             bytes_moved=self.bytes_moved,
             unstored_requests=self.unstored,
-            wall_s=time.perf_counter() - started,
+            wall_s=wall_s,
             problems=self.core.check(),
             kv_transfer_s=self.kv_transfer,
             queue_s=self.queued if self.config.engines else None,
@@ -246,7 +315,7 @@ class Replay:
         )
 
     def _push(self, t: float, kind: int, data: object) -> None:
-        heapq.heappush(self._events, (t, next(self._order), kind, data))
+        self.clock.push(t, kind, data, self)
 
     # -- a request ------------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
@@ -254,7 +323,7 @@ class Replay:
         learns its hashes while it waits)."""
         self._arrived[req.index] = self.clock.now
         if req.session_id is not None:
-            self._session_start.setdefault(req.session_id, self.clock.now)
+            self.programs.session_start.setdefault(req.session_id, self.clock.now)
         if not self.config.engines:
             self._serve(req)
             return
@@ -271,23 +340,24 @@ class Replay:
     def _serve(self, req: TraceRequest) -> None:
         core, now = self.core, self.clock.now
         queued = now - self._arrived[req.index]
-        if self.future is not None:
-            self.future.serve(self._rank[req.index])
+        programs = self.programs
+        if programs.futures:
+            programs.serve(req)
         hashes = list(req.hash_ids)
         bs = req.block_size
         last_partial = len(hashes) * bs > req.input_length
         if req.session_id is not None:
-            self._latest[req.session_id] = req.index
+            programs.latest[req.session_id] = req.index
             self._session_event(req, SessionEvent.TURN_START, hashes, last_partial=last_partial)
         codes = core.lookup_codes(NAMESPACE, hashes)
         held = len(codes)
+        found = [TIER_NAMES[code - 1] for code in codes] + self._beyond(hashes, held)
         load_s = 0.0
         hit_tokens = 0
-        for i, code in enumerate(codes):
+        for i, tier in enumerate(found):
             tokens = min(bs, req.input_length - i * bs)
             if tokens <= 0:
                 break
-            tier = TIER_NAMES[code - 1]
             hit_tokens += tokens
             self.hit_by_tier[tier] += tokens
             load_s += self.block_bytes * self.cost.load_s_per_byte(tier, core.top)
@@ -296,7 +366,10 @@ class Replay:
         self.hit_tokens += hit_tokens
         if held:
             self._load(hashes[:held])
-        self._store(req, hashes, last_partial)
+        if len(found) > held:
+            self._bring_in(req, hashes[: len(found)])
+        if not self._store(req, hashes, last_partial):
+            self.unstored += 1
         prefill = load_s + (req.input_length - hit_tokens) / self.cost.prefill_tokens_per_s
         self.ttft.append(queued + prefill)
         self.kv_transfer.append(load_s)
@@ -305,24 +378,24 @@ class Replay:
             self._push(now + prefill, FREE, None)
         finish = now + prefill + req.output_length * self.cost.decode_s_per_token
         self._push(finish, FINISH, req)
-        nxt = self._next_turn.get(req.index)
-        if self.future is not None and nxt is not None and nxt.pause_s is not None and not req.last:
-            self.future.schedule(self._rank[nxt.index], finish + nxt.pause_s)  # settled now
+        nxt = programs.next_turn.get(req.index)
+        if programs.futures and nxt is not None and nxt.pause_s is not None and not req.last:
+            programs.expect(nxt, finish + nxt.pause_s)  # settled now
 
     def _finish(self, req: TraceRequest) -> None:
-        now = self.clock.now
-        if req.index in self._ends:
+        now, programs = self.clock.now, self.programs
+        if req.index in programs.ends:
             self._push(now + self.config.session_end_after_s, END, req)
         if req.session_id is None:
-            self.session_done.append(now - self._arrived[req.index])  # a request alone is its own program
+            programs.session_done.append(now - self._arrived[req.index])  # a request alone is its own program
             return
-        nxt = self._next_turn.get(req.index)
-        if self._latest.get(req.session_id) != req.index:
+        nxt = programs.next_turn.get(req.index)
+        if programs.latest.get(req.session_id) != req.index:
             return  # a later turn of the session has started: it carries on
         self._session_event(req, SessionEvent.TURN_END)
         if nxt is None or req.last:
             self._session_event(req, SessionEvent.SESSION_END)
-            self.session_done.append(now - self._session_start.pop(req.session_id))
+            programs.session_done.append(now - programs.session_start.pop(req.session_id))
             return
         if nxt.tool:
             # A pause of 0 or of more than a day is no hint a session event can carry.
@@ -354,7 +427,7 @@ class Replay:
 
     def _account_compulsory(self, hashes: list[int], req: TraceRequest) -> None:
         """Tokens an infinite cache would miss: from the first never-seen block on."""
-        seen = self._seen
+        seen = self.programs.seen
         possible = 0
         for i, h in enumerate(hashes):
             if h not in seen:
@@ -385,7 +458,17 @@ class Replay:
                     self._land_now(transfer)
             core.complete_load(grant.lease_id)
 
-    def _store(self, req: TraceRequest, hashes: list[int], last_partial: bool) -> None:
+    def _beyond(self, hashes: list[int], held: int) -> list[TierName]:
+        """Per block after the node's own prefix of ``hashes`` (its first ``held`` blocks), for
+        as long as the chain goes on, the tier outside the node that holds it. A node alone
+        reads nothing outside itself: none."""
+        return []
+
+    def _bring_in(self, req: TraceRequest, hashes: list[int]) -> None:
+        """Copy into the node the blocks of ``hashes`` that :meth:`_beyond` found outside it.
+        A node alone finds none, so there is nothing to copy."""
+
+    def _store(self, req: TraceRequest, hashes: list[int], last_partial: bool, share: bool = True) -> bool:
         """Store the prompt as a client batches it: in parts of at most the top tier, each
         its own lease, so a prompt bigger than the top tier is stored whole — its earlier
         blocks move down to make room for the later ones. Two cases keep one part:
@@ -400,7 +483,8 @@ class Replay:
         A part that does not fit (the tier full of leased blocks) keeps its head, and what
         follows it is not stored. A part whose room-making dropped the block it continues
         is written nothing (the core's answer). Either way, and when a later part's room
-        took an earlier part, the prompt counts in ``unstored_requests``."""
+        took an earlier part, the prompt is not held whole: returns False (True when it is).
+        ``share``: the commits offer the blocks to the cluster tier (not blocks read from it)."""
         specs = [
             BlockSpec(h, hashes[i - 1] if i else None, self.block_bytes) for i, h in enumerate(hashes)
         ]
@@ -411,13 +495,12 @@ class Replay:
         step = max(1, self._top_blocks if named else len(specs))
         for lo in range(0, len(specs), step):
             part = specs[lo : lo + step]
-            if self._store_part(req, part, last_partial and lo + step >= len(specs)) < len(part):
+            if self._store_part(req, part, last_partial and lo + step >= len(specs), share) < len(part):
                 whole = False
                 break
-        if not whole or len(self.core.lookup_codes(NAMESPACE, hashes)) < len(hashes):
-            self.unstored += 1
+        return whole and len(self.core.lookup_codes(NAMESPACE, hashes)) == len(hashes)
 
-    def _store_part(self, req: TraceRequest, specs: list[BlockSpec], last_partial: bool) -> int:
+    def _store_part(self, req: TraceRequest, specs: list[BlockSpec], last_partial: bool, share: bool = True) -> int:
         """Store a part of a prompt under one lease; returns how many of its blocks (a
         prefix) were stored."""
         core = self.core
@@ -434,7 +517,7 @@ class Replay:
                 specs = specs[: len(specs) // 2]
                 last_partial = False
                 continue
-            core.commit_store(grant.lease_id)
+            core.commit_store(grant.lease_id, share=share)
             return len(specs)
         return 0
 
@@ -459,7 +542,9 @@ class Replay:
         link = f"{transfer.src_tier}->{transfer.dst_tier}"
         self.bytes_moved[link] = self.bytes_moved.get(link, 0) + transfer.nbytes
 
-    def _pump(self) -> None:
+    def pump(self) -> None:
+        """The simulated mover's round after every event: planned demotions land at once;
+        write-behind and (every ``prefetch_interval_s``) prefetches start on their links."""
         core = self.core
         for transfer in core.take_demotions():
             self._land_now(transfer)
