@@ -186,11 +186,12 @@ class Node(Replay):
             return []
         return [CLUSTER] * self.cluster.prefix(hashes, held)
 
-    def _bring_in(self, req: TraceRequest, hashes: list[int]) -> None:
-        """Read the cluster's blocks of ``hashes`` (those after the node's own prefix) and
-        store the prefix in the node, not offered back to the cluster (the turn's own store
-        then finds them held). Their read time is already in the turn's TTFT."""
-        held = len(self.core.lookup_codes(NAMESPACE, hashes))
+    def _bring_in(self, req: TraceRequest, hashes: list[int], held: int) -> None:
+        """Read the cluster's blocks of ``hashes`` (those after the node's own first ``held``)
+        and store the prefix in the node, not offered back to the cluster (the turn's own
+        store then finds them held). Their read time is already in the turn's TTFT. (A block
+        of the node's own prefix that its load's room-making dropped meanwhile is stored
+        again here: the engine has read it.)"""
         nbytes = self.cluster.read(hashes[held:])
         self.read_bytes += nbytes
         self.bytes_moved["cluster->dram"] = self.bytes_moved.get("cluster->dram", 0) + nbytes

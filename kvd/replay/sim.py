@@ -367,7 +367,7 @@ class Replay:
         if held:
             self._load(hashes[:held])
         if len(found) > held:
-            self._bring_in(req, hashes[: len(found)])
+            self._bring_in(req, hashes[: len(found)], held)
         if not self._store(req, hashes, last_partial):
             self.unstored += 1
         prefill = load_s + (req.input_length - hit_tokens) / self.cost.prefill_tokens_per_s
@@ -464,9 +464,10 @@ class Replay:
         reads nothing outside itself: none."""
         return []
 
-    def _bring_in(self, req: TraceRequest, hashes: list[int]) -> None:
-        """Copy into the node the blocks of ``hashes`` that :meth:`_beyond` found outside it.
-        A node alone finds none, so there is nothing to copy."""
+    def _bring_in(self, req: TraceRequest, hashes: list[int], held: int) -> None:
+        """Copy into the node the blocks of ``hashes`` after its first ``held`` (what its
+        lookup found in its own tiers), which :meth:`_beyond` found outside it. A node alone
+        finds none, so there is nothing to copy."""
 
     def _store(self, req: TraceRequest, hashes: list[int], last_partial: bool, share: bool = True) -> bool:
         """Store the prompt as a client batches it: in parts of at most the top tier, each
