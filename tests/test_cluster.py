@@ -4,11 +4,12 @@ other, through a node's kill -9 and the master's."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import pytest
-from conftest import wait_until
+from conftest import run_kvctl, wait_until
 
 from kvd.cluster.local_master import LocalMaster, master_binary
 
@@ -70,6 +71,9 @@ def test_a_session_stored_through_one_node_loads_byte_exact_through_another(daem
         assert st.cluster.read_blocks == 12 and st.cluster.corrupt_blocks == 0
         assert st.cluster.published_blocks == 0  # B does not put back what it read
         assert c.check() == []
+    shown = json.loads(run_kvctl(a.address, "status", "-o", "json").stdout)["cluster"]
+    assert shown[0]["state"] == "up" and shown[0]["published_blocks"] == 12 and shown[0]["master"] == master.master
+    assert "cluster:" in run_kvctl(a.address, "status").stdout
 
 
 def test_after_kill_9_of_the_storing_node_the_other_still_loads(daemon_factory, master):

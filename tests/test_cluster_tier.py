@@ -173,6 +173,25 @@ def test_blocks_put_by_one_node_are_found_and_read_byte_exact_by_another(two_nod
     assert all(addr and n for addr, n in cluster.registered)
 
 
+def test_a_load_split_in_parts_reads_each_part_whose_first_parent_it_does_not_name(two_nodes):
+    a, b = two_nodes
+    cluster = FakeCluster()
+    hashes, data = blocks_of(9, 6)
+
+    async def go():
+        ta, tb = ClusterTier(cluster.connect, a, FAST), ClusterTier(cluster.connect, b, FAST)
+        ta.start(), tb.start()
+        await until(lambda: ta.up and tb.up)
+        store(a, hashes, data)
+        await until(lambda: len(a.core.exports.published) == 6)
+        assert await tb.fetch(NS, hashes[3:], direct_store(b)) == 3  # the second part first
+        assert await tb.fetch(NS, hashes[:3], direct_store(b)) == 3
+        assert read(b, hashes) == data and b.core.check() == []
+        await ta.stop(), await tb.stop()
+
+    run(go())
+
+
 def test_a_corrupt_value_is_a_miss_and_cuts_the_chain_there(two_nodes, caplog):
     a, b = two_nodes
     cluster = FakeCluster()

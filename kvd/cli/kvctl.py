@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvd.cli import render
 from kvd.cli.parsing import ArgumentParser
-from kvd.client import BlockInfo, Client, ClientError, NamespaceInfo, Status, TlsFiles, default_address
+from kvd.client import BlockInfo, Client, ClientError, ClusterInfo, NamespaceInfo, Status, TlsFiles, default_address
 from kvd.client.channel import listening, open_channel
 from kvd.media import TIER_BY_CODE
 from kvd.v1 import view_pb2, view_pb2_grpc
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 TIER_KEYS = ("name", "capacity_bytes", "used_bytes", "used_pct", "blocks", "degraded", "faults", "location", "direct_io")
 NAMESPACE_KEYS = tuple(f.name for f in fields(NamespaceInfo))
+CLUSTER_KEYS = tuple(f.name for f in fields(ClusterInfo))
 BLOCK_KEYS = tuple(f.name for f in fields(BlockInfo))
 SESSION_KEYS = (
     "namespace", "session_id", "state", "tool", "expected_pause_s", "inferred", "turns", "held_blocks", "chain_blocks",
@@ -167,7 +168,8 @@ def status_data(st: Status, serving: bool) -> dict:
         for t in st.tiers
     }
     data["namespaces"] = [asdict(n) for n in st.namespaces]
-    data["cluster"] = asdict(st.cluster) if st.cluster is not None else None
+    if st.cluster is not None:  # a listing of one, so that the table shows it as a section
+        data["cluster"] = [asdict(st.cluster)]
     return data
 
 
@@ -179,8 +181,8 @@ def cmd_status(client: Client, output: str) -> int:
         "tiers:\n" + render.columns(list(data["tiers"].values()), TIER_KEYS, {"faults": _faults}),
         "namespaces:\n" + render.columns(data["namespaces"], NAMESPACE_KEYS),
     ]
-    if data["cluster"] is not None:
-        parts.append("cluster:\n" + render.record(data["cluster"]))
+    if "cluster" in data:
+        parts.append("cluster:\n" + render.columns(data["cluster"], CLUSTER_KEYS))
     table = "\n\n".join(parts)
     render.emit(output, data, table)
     if not data["serving"]:

@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         _size,
     )
 
+    from kvd.bench.cluster import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(
+        bench_sub.add_parser("cluster", help="the cluster tier vs Mooncake Store's own put/get, two real nodes"), _size
+    )
     from kvd.bench.e2e.bench import add_arguments as add_e2e_arguments
 
     add_e2e_arguments(
@@ -200,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvd.bench.soak import run_cli as run_soak
 
         return run_soak(args)
+    if args.command == "bench" and args.bench == "cluster":
+        from kvd.bench.cluster import run_cli as run_cluster
+
+        return run_cluster(args)
     if args.command == "bench" and args.bench == "e2e":
         from kvd.bench.e2e.bench import run_cli as run_e2e
 

@@ -255,12 +255,21 @@ class ClusterTier:
         if batch is None:
             return False
         landed = [False] * len(batch.items)
+        future = asyncio.get_running_loop().run_in_executor(self._bg, self._put, batch)
         try:
-            landed = await self._call(self._bg, self.settings.put_timeout_s, self._put, batch)
-        except TimeoutError:
-            self._signal(Signal.FAILED, f"a put of {len(batch.items)} blocks took over {self.settings.put_timeout_s:g} s")
+            try:
+                landed = await asyncio.wait_for(asyncio.shield(future), self.settings.put_timeout_s)
+            except TimeoutError:
+                self.counters.timeouts += 1
+                self._signal(Signal.FAILED, f"a put of {len(batch.items)} blocks took over {self.settings.put_timeout_s:g} s")
+                landed = await future  # the slots stay pinned until the thread is done with them
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
+        except Exception as exc:  # noqa: BLE001 - the cluster is a cache: degrade, never fail
+            self._signal(Signal.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
-            # The slots stay pinned until the put's thread is done with them.
             core.complete_export(batch.id, landed)
             self.s.after_core()
         return True
@@ -313,8 +322,8 @@ class ClusterTier:
     async def extend(self, namespace: str, hashes: Sequence[int], held: int) -> int:
         """How many blocks after the node's ``held`` first ones the cluster holds, in a run
         (0 while the tier is not up, or when the cluster does not answer in time)."""
-        if not self.up or held >= len(hashes):
-            return 0
+        if not self.up or held >= len(hashes) or self.s.core.top != DRAM:
+            return 0  # loads read the cluster into DRAM on top only: a lookup says no more
         rest = hashes[held : held + self.settings.max_lookup]
         codes = await self._exists(namespace, rest)
         n = 0
@@ -358,20 +367,26 @@ class ClusterTier:
         if n == 0:
             return 0
         block_bytes = core.namespace(namespace).block_bytes
+        # A load of a chain's later part (a client splits a long load) starts at a block
+        # whose parent the request does not name: it is stored as the head of what arrives.
         parents = [hashes[held - 1] if held else None, *rest[: n - 1]]
         specs = [BlockSpec(h, p, block_bytes) for h, p in zip(rest[:n], parents, strict=True)]
         self._loads += 1
         try:
             grant = await prepare_store(namespace, specs, IMPORT_LEASE_S)
-            return await self._read_into(namespace, specs, grant)
+            return await self._read_into(namespace, specs, grant, first_parent_known=held > 0)
         finally:
             self._loads -= 1
 
-    async def _read_into(self, namespace: str, specs: list[BlockSpec], grant: StoreGrant) -> int:
+    async def _read_into(
+        self, namespace: str, specs: list[BlockSpec], grant: StoreGrant, first_parent_known: bool
+    ) -> int:
         core = self.s.core
         wanted = [i for i, slot in enumerate(grant.slots) if slot is not None]
         region = await self._free_get_headers.get()
-        future = asyncio.get_running_loop().run_in_executor(self._fg, self._get, namespace, specs, grant, wanted, region)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._fg, self._get, namespace, specs, grant, wanted, region, first_parent_known
+        )
         future.add_done_callback(lambda _: self._free_get_headers.put_nowait(region))
         try:
             ok = await asyncio.wait_for(asyncio.shield(future), self.settings.timeout_s)
@@ -395,7 +410,10 @@ class ClusterTier:
             self.s.core.commit_store(lease_id, abort=True)
             self.s.after_core()
 
-    def _get(self, namespace: str, specs: list[BlockSpec], grant: StoreGrant, wanted: list[int], region: int) -> list[bool]:
+    def _get(
+        self, namespace: str, specs: list[BlockSpec], grant: StoreGrant, wanted: list[int], region: int,
+        first_parent_known: bool,
+    ) -> list[bool]:
         """On a foreground thread: one batched get into the store's slots, then the checks."""
         headers = self._get_headers[region]
         keys, parts = [], []
@@ -415,7 +433,8 @@ class ClusterTier:
                 continue
             view = self.s.arena.view(grant.slots[i])
             try:
-                why = verify(headers[j].tobytes(), view, spec.hash, spec.parent, spec.nbytes)
+                known = first_parent_known or i > 0
+                why = verify(headers[j].tobytes(), view, spec.hash, spec.parent, spec.nbytes, parent_known=known)
             finally:
                 view.release()
             if why is not None:

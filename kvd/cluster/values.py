@@ -62,14 +62,14 @@ class Header:
         return cls(h, None if flags & NO_PARENT else parent, nbytes, checksum)
 
 
-def verify(raw_header, data, h: int, parent: int | None, nbytes: int) -> str | None:
+def verify(raw_header, data, h: int, parent: int | None, nbytes: int, parent_known: bool = True) -> str | None:
     """Why the value read for block ``h`` (``raw_header`` and then ``data``) must not be
-    served, or None when it is the block: its header names another block, parent or size,
-    or its bytes fail the checksum."""
+    served, or None when it is the block: its header names another block, parent (unless
+    the reader does not know it: ``parent_known``) or size, or its bytes fail the checksum."""
     header = Header.unpack(raw_header)
     if header is None:
         return "not a kvd value"
-    if (header.hash, header.parent, header.nbytes) != (h, parent, nbytes):
+    if (header.hash, header.nbytes) != (h, nbytes) or (parent_known and header.parent != parent):
         return "its header names another block"
     if xxhash.xxh3_64_intdigest(memoryview(data)[:nbytes]) != header.checksum:
         return "checksum mismatch"
