@@ -117,3 +117,32 @@ def test_a_master_down_degrades_to_local_and_its_return_resumes_cluster_reads(da
         store_session(a, fresh, fresh_blocks, "s4")
         assert cb.lookup(NS, fresh) == ["cluster"] * 6
         assert cb.load(NS, fresh) == fresh_blocks
+
+
+def test_the_global_view_counts_a_cluster_block_for_every_node(daemon_factory, master):
+    from kvd.router import GlobalView
+
+    a, b = node(daemon_factory, master), node(daemon_factory, master)
+    with b.client() as c:
+        c.register_namespace(NS, 16, BLOCK)
+    watching = GlobalView([a.address, b.address])  # from the Watch stream's events
+    try:
+        assert watching.wait_connected(30)
+        hashes, blocks = chain(6, 5)
+        store_session(a, hashes, blocks, "s5")
+        wait_until(
+            lambda: watching.score(NS, hashes).nodes.get(b.address) is not None, timeout=30,
+            what="the view learns of the cluster copies",
+        )
+        late = GlobalView([a.address, b.address])  # from a Snapshot taken after the puts
+        try:
+            assert late.wait_connected(30)
+            for view in (watching, late):
+                route = view.score(NS, hashes)
+                assert route.nodes[b.address].tokens_by_tier == {"cluster": 5 * 16}
+                assert route.nodes[a.address].tokens_by_tier == {"dram": 5 * 16}
+                assert route.best == a.address  # its own copies outrank the cluster's
+        finally:
+            late.close()
+    finally:
+        watching.close()

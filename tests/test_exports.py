@@ -44,7 +44,7 @@ def test_committed_blocks_are_pinned_root_first_and_published_when_they_land():
     core.take_events()
     assert core.complete_export(batch.id, [True, False]) == 1
     assert cluster_events(core.take_events()) == [("BlockStored", 1, None)]
-    assert core.exports.published == {(NS, 1): PAGE}
+    assert core.exports.published == {(NS, 1): (None, PAGE)}
     assert all(c.readers == 0 for r in core.blocks(NS) for c in r.copies.values()) and core.check() == []
     # 2 failed: it is not offered again by itself; 3 is still a candidate.
     assert [i.hash for i in core.prepare_export(8).items] == [3]

@@ -64,7 +64,7 @@ class Exports:
         self.events = events
         self.enabled = False  # the daemon joined a cluster: commits are offered
         self.candidates: deque[BlockRecord] = deque(maxlen=max_candidates)
-        self.published: dict[BlockKey, int] = {}  # key -> nbytes
+        self.published: dict[BlockKey, tuple[int | None, int]] = {}  # key -> (parent, nbytes)
         self.inflight: dict[int, list[tuple[BlockRecord, Copy]]] = {}
         self.skipped = 0  # candidates dropped without a DRAM copy to read
         self._ids = itertools.count(1)
@@ -121,7 +121,7 @@ class Exports:
         for (record, src), ok in zip(batch, landed, strict=True):
             src.readers -= 1
             if ok:
-                self.published[record.key] = record.nbytes
+                self.published[record.key] = (record.parent, record.nbytes)
                 self.events.stored(record.namespace, record.hash, record.parent, CLUSTER, record.nbytes, now)
                 published += 1
         if batch:
