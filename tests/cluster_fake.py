@@ -21,6 +21,7 @@ class FakeCluster:
         self.refuse_join = False  # connecting raises OSError
         self.fail_puts = False  # puts answer RPC_FAIL while healthy() stays True
         self.hold_gets: threading.Event | None = None  # gets wait for it to be set (a hung peer)
+        self.hold_close: threading.Event | None = None  # close waits for it (a client stuck leaving)
         self.removed: list[str] = []
         self.registered: list[tuple[int, int]] = []
 
@@ -83,4 +84,6 @@ class FakeBackend:
         return not self.c.down
 
     def close(self) -> None:
+        if self.c.hold_close is not None:
+            self.c.hold_close.wait(30)
         self.closed = True

@@ -375,3 +375,41 @@ def test_bad_cluster_flags_are_one_line_naming_the_flag(tmp_path, flags, flag):
     r = serve(tmp_path, *flags)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"kvd serve: {flag}"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_idle_tier_notices_the_master_gone_without_a_request(two_nodes):
+    a, _ = two_nodes
+    cluster = FakeCluster()
+
+    async def go():
+        ta = ClusterTier(cluster.connect, a, FAST)
+        ta.start()
+        await until(lambda: ta.up)
+        cluster.down = True
+        await until(lambda: ta.health.state is ClusterState.DOWN, what="the idle probe")
+        assert "does not answer" in ta.health.reason
+        cluster.down = False
+        await until(lambda: ta.up, what="the recovery")
+        await ta.stop()
+
+    run(go())
+
+
+def test_stop_is_bounded_when_the_backend_does_not_close(two_nodes, monkeypatch, caplog):
+    import kvd.cluster.tier as tier_module
+
+    a, _ = two_nodes
+    cluster = FakeCluster()
+    monkeypatch.setattr(tier_module, "CLOSE_TIMEOUT_S", 0.2)
+
+    async def go():
+        ta = ClusterTier(cluster.connect, a, FAST)
+        ta.start()
+        await until(lambda: ta.up)
+        cluster.hold_close = threading.Event()
+        with caplog.at_level(logging.WARNING, "kvd.cluster"):
+            await ta.stop()
+        assert "did not close within 0.2 s" in caplog.text
+        cluster.hold_close.set()
+
+    run(go())

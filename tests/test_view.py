@@ -242,9 +242,14 @@ def test_score_weighs_a_run_of_cluster_blocks_at_the_clusters_cost():
             return SimpleNamespace(block_bytes=1000, block_tokens=16)
 
         def lookup_codes(self, namespace, hashes):
-            return [2, 2, 3, 4, 4, 4][: len(hashes)]  # two in DRAM, one on NVMe, three in the cluster
+            return [2, 2, 3][: len(hashes)]  # two in DRAM, one on NVMe
 
-    state = SimpleNamespace(core=Core(), after_core=lambda: None)
+    class Cluster:
+        async def extend(self, namespace, hashes, held):
+            assert held == 3
+            return 3  # the cluster holds the next three
+
+    state = SimpleNamespace(core=Core(), cluster=Cluster(), after_core=lambda: None)
     service = ViewService(state, 25.0, 6.0, cluster_get_gbps=2.0)
     context = SimpleNamespace(invocation_metadata=lambda: ())
     got = asyncio.run(service.Score(view_pb2.ScoreRequest(namespace=NS, hashes=range(1, 8)), context))

@@ -1,4 +1,7 @@
-"""A mooncake_master on loopback ports, for tests and ``kvd bench cluster``.
+"""A mooncake_master on free ports of this machine, for tests and ``kvd bench cluster``.
+
+Its clients reach it at 127.0.0.1; Mooncake 0.3.13 binds its RPC and metadata ports on every
+interface whatever the host flag says, so run it where those ports are not exposed.
 
 Its HTTP metadata server runs in the same process (``--enable_http_metadata_server``), so one
 process is the whole control plane of a cluster on one machine. The binary comes with the

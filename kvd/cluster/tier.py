@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvd.cluster")
 
 IMPORT_LEASE_S = 60.0  # a load's store lease for blocks on their way from the cluster
+CLOSE_TIMEOUT_S = 10.0  # stop() waits this long for the backend to leave the cluster
+PROBE_KEY = "kvd/.probe"  # an idle tier asks whether it exists: any answer but an error will do
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,11 @@ class ClusterTier:
         )
         backend, self.backend = self.backend, None
         if backend is not None:
-            await asyncio.get_running_loop().run_in_executor(self._bg, backend.close)
+            try:
+                # Its own thread: the put thread may be stuck in a call that never returns.
+                await asyncio.wait_for(asyncio.to_thread(backend.close), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("the cluster backend did not close within %g s; leaving without it", CLOSE_TIMEOUT_S)
         self._fg.shutdown(wait=False, cancel_futures=True)
         self._bg.shutdown(wait=False, cancel_futures=True)
 
@@ -204,6 +210,8 @@ class ClusterTier:
                         worked = True
                     if not worked:
                         await self._idle(self.settings.probe_s)
+                        if not self._wake.is_set():
+                            await self._check_master()  # idle: a master lost shows now, not at the next request
                     continue
             except asyncio.CancelledError:
                 raise
@@ -243,6 +251,11 @@ class ClusterTier:
         ok = await self._call(self._bg, self.settings.timeout_s, self.backend.healthy)
         if ok:
             self._signal(Signal.ANSWERED)
+
+    async def _check_master(self) -> None:
+        codes = await self._call(self._bg, self.settings.timeout_s, self.backend.exists, [PROBE_KEY])
+        if codes and codes[0] < 0:
+            self._signal(Signal.FAILED, f"the master does not answer (code {codes[0]})")
 
     async def _put_batch(self) -> bool:
         """Put one batch of candidates; False when there was none. Waits while loads read

@@ -152,6 +152,9 @@ class ViewService(view_pb2_grpc.ViewServicer):
     async def Score(self, request, context):
         ns = self.s.core.namespace(request.namespace)
         codes = self.s.core.lookup_codes(request.namespace, request.hashes)
+        if self.s.cluster is not None and len(codes) < len(request.hashes):
+            more = await self.s.cluster.extend(request.namespace, request.hashes, len(codes))
+            codes += [TIER_CODES[CLUSTER]] * more
         counts = {code: codes.count(code) for code in set(codes)}
         load_s = sum(n * ns.block_bytes * self._load_s_per_byte[TIER_BY_CODE[c]] for c, n in counts.items())
         return view_pb2.ScoreResponse(
