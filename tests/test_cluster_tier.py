@@ -14,7 +14,7 @@ from cluster_fake import FakeCluster
 
 from kvd.cluster.health import TRANSITIONS, ClusterHealth, ClusterState, Signal
 from kvd.cluster.tier import ClusterSettings, ClusterTier
-from kvd.cluster.values import HEADER_BYTES, Header, cluster_key, parse_cluster_key, verify
+from kvd.cluster.values import HEADER_BYTES, Header, cluster_key, cluster_keys, parse_cluster_key, verify
 from kvd.core.events import BlockRemoved, BlockStored
 from kvd.core.manager import StoreGrant
 from kvd.server.config import ServeConfig
@@ -114,6 +114,7 @@ def two_nodes(tmp_path):
 
 def test_keys_carry_the_namespace_and_parse_back():
     assert cluster_key("tenant-a/llama", 0xABC) == "kvd/tenant-a/llama/0000000000000abc"
+    assert cluster_keys("n", [0xABC, 2**64 - 1]) == [cluster_key("n", 0xABC), "kvd/n/ffffffffffffffff"]
     assert parse_cluster_key("kvd/tenant-a/llama/0000000000000abc") == ("tenant-a/llama", 0xABC)
     for bad in ("other/x/0000000000000abc", "kvd/0000000000000abc", "kvd/x/abc"):
         with pytest.raises(ValueError):

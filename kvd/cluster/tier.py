@@ -29,7 +29,7 @@ import numpy as np
 
 from kvd.cluster.backend import ClusterBackend
 from kvd.cluster.health import JOINING_REASON, ClusterHealth, ClusterState, Signal
-from kvd.cluster.values import HEADER_BYTES, Header, cluster_key, verify
+from kvd.cluster.values import HEADER_BYTES, Header, cluster_key, cluster_keys, verify
 from kvd.core.exports import ExportBatch
 from kvd.core.manager import BlockSpec, StoreGrant
 from kvd.media import DRAM
@@ -348,7 +348,7 @@ class ClusterTier:
         return n
 
     async def _exists(self, namespace: str, hashes: Sequence[int]) -> list[int]:
-        keys = [cluster_key(namespace, h) for h in hashes]
+        keys = cluster_keys(namespace, hashes)
         try:
             codes = await self._call(self._fg, self.settings.timeout_s, self.backend.exists, keys)
         except TimeoutError:

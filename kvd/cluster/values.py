@@ -25,6 +25,12 @@ def cluster_key(namespace: str, h: int) -> str:
     return f"{KEY_PREFIX}{namespace}/{h:016x}"
 
 
+def cluster_keys(namespace: str, hashes) -> list[str]:
+    """``cluster_key`` of each hash (a lookup's 10,000 keys: bytes.hex is twice an f-string's speed)."""
+    prefix = f"{KEY_PREFIX}{namespace}/"
+    return [prefix + h.to_bytes(8, "big").hex() for h in hashes]
+
+
 def parse_cluster_key(key: str) -> tuple[str, int]:
     """(namespace, hash) of a key; ValueError for anything else."""
     if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + 18 or key[-17] != "/":
