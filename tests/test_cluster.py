@@ -74,6 +74,10 @@ def test_a_session_stored_through_one_node_loads_byte_exact_through_another(daem
     shown = json.loads(run_kvctl(a.address, "status", "-o", "json").stdout)["cluster"]
     assert shown[0]["state"] == "up" and shown[0]["published_blocks"] == 12 and shown[0]["master"] == master.master
     assert "cluster:" in run_kvctl(a.address, "status").stdout
+    a.stop()  # SIGTERM: the drain and the stop say what stays in the cluster
+    assert a.proc.returncode == 0
+    assert "cluster tier up: 12 blocks this node put stay there" in a.log()
+    assert "leaving the cluster at" in a.log() and "12 blocks this node put stay there as replicas" in a.log()
 
 
 def test_after_kill_9_of_the_storing_node_the_other_still_loads(daemon_factory, master):

@@ -62,6 +62,13 @@ async def drain(state: DaemonState, timeout_s: float) -> DrainResult:
         "drained: %d blocks queued for NVMe, %d written, %d still pending, %d leases open",
         queued, result.written, result.pending, result.leases,
     )
+    if state.cluster is not None:
+        s = state.cluster.status()
+        log.info(
+            "cluster tier %s: %d blocks this node put stay there (replicas on other nodes survive it), "
+            "%d still queued for a put",
+            s.state, s.published_blocks, s.pending_blocks,
+        )
     return result
 
 
