@@ -86,6 +86,21 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition"):
         await asyncio.sleep(0.01)  # polling the tier's loop, not a race fix
 
 
+async def started(cluster: FakeCluster, *states) -> list[ClusterTier]:
+    """A tier on each node's state, started and joined."""
+    tiers = [ClusterTier(cluster.connect, s, FAST) for s in states]
+    for tier in tiers:
+        tier.start()
+    await until(lambda: all(tier.up for tier in tiers), what="the tiers join")
+    return tiers
+
+
+async def put(state, hashes, data) -> None:
+    """Store a chain on a node and wait until its puts have landed."""
+    store(state, hashes, data)
+    await until(lambda: all((NS, h) in state.core.exports.published for h in hashes), what="the puts")
+
+
 def cluster_events(state):
     """The cluster-tier events published since the last call."""
     state.after_core()
@@ -180,11 +195,8 @@ def test_a_load_split_in_parts_reads_each_part_whose_first_parent_it_does_not_na
     hashes, data = blocks_of(9, 6)
 
     async def go():
-        ta, tb = ClusterTier(cluster.connect, a, FAST), ClusterTier(cluster.connect, b, FAST)
-        ta.start(), tb.start()
-        await until(lambda: ta.up and tb.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 6)
+        ta, tb = await started(cluster, a, b)
+        await put(a, hashes, data)
         assert await tb.fetch(NS, hashes[3:], direct_store(b)) == 3  # the second part first
         assert await tb.fetch(NS, hashes[:3], direct_store(b)) == 3
         assert read(b, hashes) == data and b.core.check() == []
@@ -199,11 +211,8 @@ def test_a_corrupt_value_is_a_miss_and_cuts_the_chain_there(two_nodes, caplog):
     hashes, data = blocks_of(2, 5)
 
     async def go():
-        ta, tb = ClusterTier(cluster.connect, a, FAST), ClusterTier(cluster.connect, b, FAST)
-        ta.start(), tb.start()
-        await until(lambda: ta.up and tb.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 5)
+        ta, tb = await started(cluster, a, b)
+        await put(a, hashes, data)
         cluster.corrupt(cluster_key(NS, hashes[2]))
         with caplog.at_level(logging.WARNING, "kvd.cluster"):
             assert await tb.fetch(NS, hashes, direct_store(b)) == 2
@@ -222,11 +231,8 @@ def test_a_value_stored_under_another_blocks_key_is_a_miss(two_nodes):
     hashes, data = blocks_of(3, 2)
 
     async def go():
-        ta, tb = ClusterTier(cluster.connect, a, FAST), ClusterTier(cluster.connect, b, FAST)
-        ta.start(), tb.start()
-        await until(lambda: ta.up and tb.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 2)
+        ta, tb = await started(cluster, a, b)
+        await put(a, hashes, data)
         k0, k1 = cluster_key(NS, hashes[0]), cluster_key(NS, hashes[1])
         cluster.values[k0] = cluster.values[k1]  # right size, right checksum, wrong block
         assert await tb.fetch(NS, hashes, direct_store(b)) == 0
@@ -242,11 +248,8 @@ def test_a_master_down_answers_from_local_tiers_then_recovers_and_audits(two_nod
     hashes, data = blocks_of(4, 3)
 
     async def go():
-        ta = ClusterTier(cluster.connect, a, FAST)
-        ta.start()
-        await until(lambda: ta.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 3)
+        (ta,) = await started(cluster, a)
+        await put(a, hashes, data)
         cluster_events(a)
         cluster.down = True
         with caplog.at_level(logging.INFO, "kvd.cluster"):
@@ -273,11 +276,8 @@ def test_a_hung_read_answers_without_it_and_frees_its_slots_only_once_the_thread
     hashes, data = blocks_of(5, 4)
 
     async def go():
-        ta, tb = ClusterTier(cluster.connect, a, FAST), ClusterTier(cluster.connect, b, FAST)
-        ta.start(), tb.start()
-        await until(lambda: ta.up and tb.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 4)
+        ta, tb = await started(cluster, a, b)
+        await put(a, hashes, data)
         cluster.hold_gets = threading.Event()
         assert await tb.fetch(NS, hashes, direct_store(b)) == 0
         assert tb.health.state is ClusterState.DOWN and tb.counters.timeouts == 1
@@ -324,8 +324,7 @@ def test_clearing_a_namespace_removes_what_this_node_published(two_nodes):
         a.cluster = ta
         ta.start()
         await until(lambda: ta.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 3)
+        await put(a, hashes, data)
         a.core.clear_namespace(NS)
         a.after_core()
         await until(lambda: len(cluster.removed) == 3, what="the removal")
@@ -344,8 +343,7 @@ def test_stop_says_what_stays_in_the_cluster(two_nodes, caplog):
         ta = ClusterTier(cluster.connect, a, FAST, master="m:1", segment_bytes=1 << 20)
         ta.start()
         await until(lambda: ta.up)
-        store(a, hashes, data)
-        await until(lambda: len(a.core.exports.published) == 2)
+        await put(a, hashes, data)
         with caplog.at_level(logging.INFO, "kvd.cluster"):
             await ta.stop()
         assert "2 blocks this node put stay there" in caplog.text and "1048576 bytes leaves with it" in caplog.text
@@ -383,9 +381,7 @@ def test_an_idle_tier_notices_the_master_gone_without_a_request(two_nodes):
     cluster = FakeCluster()
 
     async def go():
-        ta = ClusterTier(cluster.connect, a, FAST)
-        ta.start()
-        await until(lambda: ta.up)
+        (ta,) = await started(cluster, a)
         cluster.down = True
         await until(lambda: ta.health.state is ClusterState.DOWN, what="the idle probe")
         assert "does not answer" in ta.health.reason
@@ -404,9 +400,7 @@ def test_stop_is_bounded_when_the_backend_does_not_close(two_nodes, monkeypatch,
     monkeypatch.setattr(tier_module, "CLOSE_TIMEOUT_S", 0.2)
 
     async def go():
-        ta = ClusterTier(cluster.connect, a, FAST)
-        ta.start()
-        await until(lambda: ta.up)
+        (ta,) = await started(cluster, a)
         cluster.hold_close = threading.Event()
         with caplog.at_level(logging.WARNING, "kvd.cluster"):
             await ta.stop()
