@@ -248,8 +248,12 @@ class ClusterTier:
         self._signal(Signal.JOINED)
 
     async def _probe(self) -> None:
-        ok = await self._call(self._bg, self.settings.timeout_s, self.backend.healthy)
-        if ok:
+        """A down tier is up again when the master answers a call (its client's own health
+        flag lags a master that just died, so it is not enough alone)."""
+        if not await self._call(self._bg, self.settings.timeout_s, self.backend.healthy):
+            return
+        codes = await self._call(self._bg, self.settings.timeout_s, self.backend.exists, [PROBE_KEY])
+        if codes and codes[0] >= 0:
             self._signal(Signal.ANSWERED)
 
     async def _check_master(self) -> None:
