@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from kvd.client import Client, ClientError
-from kvd.client.client import SessionState
+from kvd.client.results import SessionState
 from kvd.v1 import engine_pb2, engine_pb2_grpc
 
 NS = "llama"

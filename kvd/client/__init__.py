@@ -1,10 +1,9 @@
 """The Python client of a kvd daemon: ``kvd.client.Client(address)``."""
 
 from kvd.client.channel import TlsFiles
-from kvd.client.client import (
+from kvd.client.client import Client, ClientError, default_address
+from kvd.client.results import (
     BlockInfo,
-    Client,
-    ClientError,
     ClusterInfo,
     DrainResult,
     NamespaceInfo,
@@ -17,7 +16,6 @@ from kvd.client.client import (
     TierInfo,
     ViewEvent,
     WatchBatch,
-    default_address,
 )
 
 __all__ = [
